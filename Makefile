@@ -1,0 +1,32 @@
+# One-command entry points. Every target installs what it needs into .venv first.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup simulate test lint table clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip uv
+
+setup: $(BIN)/python
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+
+# The main job: FedRecon on the embedded synthetic data (no download), outputs in runs/latest/.
+simulate: setup
+	$(BIN)/fedrecon simulate --data synthetic --rounds 200 --out runs/latest
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+
+# The MovieLens table (needs a MovieLens folder: make table DATA=path/to/ml-1m).
+DATA ?= ../shared/data/movielens/ml-1m-2998u
+table: setup
+	$(BIN)/python benchmarks/movielens_table.py --data $(DATA) --out benchmarks/results/movielens_table.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The embeddable client library (transport over the shared client step)."""

@@ -1,0 +1,144 @@
+"""Packing the examples of a group of clients into step-major, padded arrays.
+
+The client step runs many clients in lock-step: at step ``s`` every client processes the ``s``-th batch of
+its own schedule. Clients differ in how many examples and steps they have, so batches are padded to a
+common size and carry a mask; a padded example has mask 0 and contributes neither loss nor gradient, and a
+client that has run out of steps sees an all-zero mask (an exact no-op under SGD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedrecon.core.config import FedReconConfig
+from fedrecon.core.data_split import build_batch_schedule
+from fedrecon.core.model import ClientViews, ReconstructionModel
+
+
+@dataclass(frozen=True)
+class ClientExamples:
+    """One client's examples in a fixed order: features ``x`` (``[n, ...]``) and targets ``y`` (``[n]``)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` and ``mask`` ``[S, C, B]``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class PackedClients:
+    """Everything a client step needs for a group of clients, as numpy arrays."""
+
+    views: ClientViews
+    locals: list[np.ndarray]  # each [C, *shape]: freshly initialised local variables
+    reconstruction: StepBatches
+    post_reconstruction: StepBatches
+
+
+def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: Sequence[Sequence[int]],
+                batch_size: int) -> StepBatches:
+    num_clients = len(xs)
+    num_steps = max((len(s) for s in schedules), default=0)
+    feature_shape = xs[0].shape[1:] if num_clients else ()
+    dtype = xs[0].dtype if num_clients else np.int32
+    x = np.zeros((num_steps, num_clients, batch_size, *feature_shape), dtype)
+    y = np.zeros((num_steps, num_clients, batch_size), np.float32)
+    mask = np.zeros((num_steps, num_clients, batch_size), np.float32)
+    offsets = np.arange(batch_size)
+    for c, (cx, cy, steps) in enumerate(zip(xs, ys, schedules, strict=True)):
+        if len(cx):
+            # Padding repeats one of the client's own features: a padded slot then reads only this client's
+            # view, so a client whose values went non-finite cannot leak NaN (NaN·0) into another's rows.
+            x[:, c] = cx[0]
+        if not len(steps):
+            continue
+        positions = np.asarray(steps)[:, None] * batch_size + offsets  # [S_c, B]
+        valid = positions < len(cy)
+        positions = np.minimum(positions, len(cy) - 1)
+        x[: len(steps), c] = cx[positions]
+        y[: len(steps), c] = np.where(valid, cy[positions], 0.0)
+        mask[: len(steps), c] = valid
+    return StepBatches(x=x, y=y, mask=mask)
+
+
+def pack_clients(
+    model: ReconstructionModel,
+    clients: Sequence[ClientExamples],
+    config: FedReconConfig,
+    *,
+    batch_size: int,
+    local_rngs: Sequence[np.random.Generator],
+    evaluation: bool = False,
+) -> PackedClients:
+    """Views, fresh locals and padded step batches for ``clients`` under ``config``'s batch schedule.
+
+    With ``evaluation=True`` the reconstruction phase uses the evaluation reconstruction settings and the
+    second phase visits the evaluation batches once, in one padded batch per client (nothing is trained
+    there, so the step order does not matter).
+    """
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    if len(local_rngs) != len(clients):
+        raise ValueError("one random generator per client is required")
+    views = model.build_views([c.x for c in clients])
+    ys = [np.asarray(c.y, np.float32) for c in clients]
+    recon_epochs = config.recon_epochs
+    recon_cap = config.recon_steps_max
+    if evaluation:
+        recon_epochs = config.eval_recon_epochs if config.eval_recon_epochs is not None else recon_epochs
+        recon_cap = config.eval_recon_steps_max if config.eval_recon_steps_max is not None else recon_cap
+    recon_schedules, post_schedules = [], []
+    for client in clients:
+        schedule = build_batch_schedule(
+            -(-len(client) // batch_size),
+            split_dataset=config.split_dataset,
+            recon_epochs=recon_epochs if model.local_variables else 0,
+            recon_steps_max=recon_cap,
+            post_recon_epochs=1 if evaluation else config.post_recon_epochs,
+            post_recon_steps_max=None if evaluation else config.post_recon_steps_max,
+        )
+        recon_schedules.append(schedule.reconstruction)
+        post_schedules.append(schedule.post_reconstruction)
+    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size)
+    if evaluation:
+        # One wide batch per client holding all its evaluation batches.
+        widths = [len(s) * batch_size for s in post_schedules]
+        wide = max(widths, default=0) or batch_size
+        flat = [tuple(range(len(s))) for s in post_schedules]
+        eval_x, eval_y = [], []
+        for cx, cy, steps in zip(views.x, ys, post_schedules, strict=True):
+            idx = (np.asarray(steps, np.int64)[:, None] * batch_size + np.arange(batch_size)).reshape(-1)
+            idx = idx[idx < len(cy)]
+            eval_x.append(cx[idx])
+            eval_y.append(cy[idx])
+        post = _pack_steps(eval_x, eval_y, [(0,) if len(f) else () for f in flat], wide)
+    else:
+        post = _pack_steps(views.x, ys, post_schedules, batch_size)
+    per_client = [model.initial_locals(rng) for rng in local_rngs]
+    locals_ = [
+        np.stack([p[i] for p in per_client]) if per_client else np.zeros((0, *spec.shape), np.float32)
+        for i, spec in enumerate(model.local_variables)
+    ]
+    return PackedClients(views=views, locals=locals_, reconstruction=reconstruction,
+                         post_reconstruction=post)

@@ -1,0 +1,235 @@
+"""The FedRecon client step, written once for every transport.
+
+For each client, with the server's global variables g (Singhal et al., 2021, Algorithm 1):
+
+1. Initialise the local variables l afresh (clients keep no state between rounds).
+2. Reconstruction: freeze g; run the reconstruction optimizer on l over the reconstruction batches
+   (``recon_epochs`` passes, at most ``recon_steps_max`` steps).
+3. Global update: freeze l (unless ``jointly_train_variables``); run the client optimizer on a copy of g over
+   the post-reconstruction batches (``post_recon_epochs`` passes, at most ``post_recon_steps_max`` steps).
+4. Report Δ = g' - g for the *global trainable* variables, a weight (post-reconstruction examples, or 1) and
+   metrics. An update with a non-finite value is zeroed and given weight 0. Local variables are dropped.
+
+Evaluation of an unseen user is steps 1-2 followed by metrics on the held-out batches.
+
+``ClientStep`` runs these steps for C clients at once inside one TensorFlow graph (a ``tf.while_loop`` per
+phase, all clients advancing in lock-step), so the simulator is fast; a device runs the very same graph
+with C = 1 through ``client_update``. Gradients come from ``tf.GradientTape`` on the model's forward pass;
+sparse gradients (``tf.IndexedSlices``) are applied as scatter updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from fedrecon.core.batching import ClientExamples, PackedClients, pack_clients
+from fedrecon.core.config import ClientWeighting, FedReconConfig
+from fedrecon.core.model import ReconstructionModel, masked_squared_error
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client uploads. There is deliberately no field that could hold a local variable."""
+
+    delta: list[np.ndarray]  # one per global *trainable* variable, in model order
+    weight: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientGroupResult:
+    """A client step over many clients: their deltas already reduced to a weighted sum."""
+
+    weighted_delta_sum: list[np.ndarray]  # Σ_c w_c Δ_c per global trainable variable
+    weights: np.ndarray  # [C] after the non-finite guard
+    post_examples: np.ndarray  # [C] examples seen in the global update
+    loss_sum: np.ndarray  # [C] Σ squared error over the post-reconstruction examples (before each step)
+    finite: np.ndarray  # [C] bool: the update was finite
+
+
+@dataclass(frozen=True)
+class EvaluationSums:
+    """Example-weighted evaluation sums over a group of clients."""
+
+    squared_error: float
+    num_correct: float
+    num_examples: float
+
+    def __add__(self, other: EvaluationSums) -> EvaluationSums:
+        return EvaluationSums(self.squared_error + other.squared_error,
+                              self.num_correct + other.num_correct,
+                              self.num_examples + other.num_examples)
+
+    def metrics(self) -> dict[str, float]:
+        """MSE, RMSE and rating accuracy (|y - ŷ| ≤ 0.5), weighted by examples over all users."""
+        n = max(self.num_examples, 1.0)
+        mse = self.squared_error / n
+        return {"mse": mse, "rmse": float(np.sqrt(mse)), "accuracy": self.num_correct / n,
+                "num_examples": self.num_examples}
+
+
+def _sgd(value: tf.Tensor, grad: tf.Tensor | tf.IndexedSlices | None, lr: tf.Tensor) -> tf.Tensor:
+    if grad is None:
+        return value
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.tensor_scatter_nd_sub(value, grad.indices[:, None], lr * grad.values)
+    return value - lr * grad
+
+
+def _per_client_finite(t: tf.Tensor, num_clients: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_all(tf.math.is_finite(tf.reshape(t, [num_clients, -1])), axis=1)
+
+
+def _per_client_where(ok: tf.Tensor, t: tf.Tensor, num_clients: tf.Tensor) -> tf.Tensor:
+    shaped = tf.reshape(t, [num_clients, -1])
+    return tf.reshape(tf.where(ok[:, None], shaped, tf.zeros_like(shaped)), tf.shape(t))
+
+
+class ClientStep:
+    """Compiled FedRecon client work and evaluation for one model and one configuration."""
+
+    def __init__(self, model: ReconstructionModel, config: FedReconConfig) -> None:
+        self.model = model
+        self.config = config
+        self._recon_lr = float(config.reconstruction_optimizer.learning_rate)
+        self._client_lr = float(config.client_optimizer.learning_rate)
+        self._train_fn = tf.function(self._train, reduce_retracing=True)
+        self._eval_fn = tf.function(self._evaluate, reduce_retracing=True)
+
+    # ----- graph pieces --------------------------------------------------------------------------------
+    def _run_phase(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
+                   mask: tf.Tensor, lr: float, train_globals: bool, train_locals: bool
+                   ) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+        """SGD over the step-major batches; returns new views, new locals and Σ squared error per client."""
+        model = self.model
+        g_idx = list(model.global_trainable) if train_globals else []
+        l_idx = list(model.local_trainable) if train_locals else []
+        num_clients = tf.shape(y)[1]
+        se0 = tf.zeros([num_clients], tf.float32)
+        if not g_idx and not l_idx:
+            return gviews, locals_, se0
+
+        def body(s: tf.Tensor, gv: list[tf.Tensor], lv: list[tf.Tensor], se: tf.Tensor):
+            xb, yb, mb = x[s], y[s], mask[s]
+            with tf.GradientTape() as tape:
+                watched = [gv[i] for i in g_idx] + [lv[i] for i in l_idx]
+                tape.watch(watched)
+                pred = model.predict(gv, lv, xb)
+                loss = tf.reduce_sum(masked_squared_error(yb, pred, mb))
+            grads = tape.gradient(loss, watched)
+            gv, lv = list(gv), list(lv)
+            for k, i in enumerate(g_idx):
+                gv[i] = _sgd(gv[i], grads[k], lr)
+            for k, i in enumerate(l_idx):
+                lv[i] = _sgd(lv[i], grads[len(g_idx) + k], lr)
+            se = se + tf.reduce_sum(tf.square(pred - yb) * mb, axis=1)
+            return s + 1, gv, lv, se
+
+        _, gviews, locals_, se = tf.while_loop(
+            lambda s, *_: s < tf.shape(y)[0], body, (tf.constant(0), gviews, locals_, se0))
+        return gviews, locals_, se
+
+    def _train(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
+               rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor, pm: tf.Tensor,
+               weighted: bool):
+        model = self.model
+        num_clients = tf.shape(py)[1]
+        gviews = model.gather_views(globals_, view_index, num_clients)
+        # Reconstruction: globals frozen, locals trained.
+        _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
+                                        train_globals=False, train_locals=True)
+        # Global update: locals frozen (or trained jointly), global views trained.
+        new_views, _, se = self._run_phase(gviews, locals_, px, py, pm, self._client_lr, train_globals=True,
+                                           train_locals=self.config.jointly_train_variables)
+        deltas = [new_views[i] - gviews[i] for i in model.global_trainable]
+        finite = tf.ones([num_clients], tf.bool)
+        for d in deltas:
+            finite = tf.logical_and(finite, _per_client_finite(d, num_clients))
+        deltas = [_per_client_where(finite, d, num_clients) for d in deltas]
+        examples = tf.reduce_sum(pm, axis=[0, 2])
+        if self.config.client_weighting == ClientWeighting.NUM_EXAMPLES:
+            weights = examples
+        else:
+            weights = tf.ones([num_clients], tf.float32)
+        weights = tf.where(finite, weights, 0.0)
+        reduce_with = weights if weighted else tf.cast(finite, tf.float32)
+        sums = model.reduce_views(deltas, reduce_with, view_index)
+        return sums, weights, examples, tf.where(finite, se, 0.0), finite
+
+    def _evaluate(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
+                  rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, ex: tf.Tensor, ey: tf.Tensor, em: tf.Tensor,
+                  clip_min: tf.Tensor, clip_max: tf.Tensor):
+        num_clients = tf.shape(ey)[1]
+        gviews = self.model.gather_views(globals_, view_index, num_clients)
+        _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
+                                        train_globals=False, train_locals=True)
+        pred = tf.clip_by_value(self.model.predict(gviews, locals_, ex[0]), clip_min, clip_max)
+        err = (pred - ey[0]) * em[0]
+        correct = tf.cast(tf.abs(pred - ey[0]) <= 0.5, tf.float32) * em[0]
+        return (tf.reduce_sum(tf.square(err), axis=1), tf.reduce_sum(correct, axis=1),
+                tf.reduce_sum(em[0], axis=1))
+
+    # ----- numpy entry points --------------------------------------------------------------------------
+    def _common_args(self, globals_: Sequence[np.ndarray], packed: PackedClients) -> list:
+        g = [tf.convert_to_tensor(v, tf.float32) for v in globals_]
+        index = packed.views.index
+        index_t = tf.convert_to_tensor(index) if index is not None else tf.zeros([0], tf.int32)
+        loc = [tf.convert_to_tensor(v, tf.float32) for v in packed.locals]
+        r = packed.reconstruction
+        return [g, index_t, loc, tf.convert_to_tensor(r.x), tf.convert_to_tensor(r.y),
+                tf.convert_to_tensor(r.mask)]
+
+    def train(self, globals_: Sequence[np.ndarray], packed: PackedClients, *, weighted: bool = True
+              ) -> ClientGroupResult:
+        """Run steps 1-4 for a packed group of clients; deltas come back as one (weighted) sum."""
+        p = packed.post_reconstruction
+        sums, weights, examples, se, finite = self._train_fn(
+            *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
+            tf.convert_to_tensor(p.mask), weighted)
+        return ClientGroupResult(weighted_delta_sum=[s.numpy() for s in sums], weights=weights.numpy(),
+                                 post_examples=examples.numpy(), loss_sum=se.numpy(), finite=finite.numpy())
+
+    def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
+                 clip: tuple[float, float] | None = None) -> EvaluationSums:
+        """Reconstruct each client's locals, then score its held-out batches."""
+        p = packed.post_reconstruction
+        if p.num_steps == 0:
+            return EvaluationSums(0.0, 0.0, 0.0)
+        lo, hi = clip if clip is not None else (-np.inf, np.inf)
+        se, correct, count = self._eval_fn(
+            *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
+            tf.convert_to_tensor(p.mask), tf.constant(lo, tf.float32), tf.constant(hi, tf.float32))
+        return EvaluationSums(float(tf.reduce_sum(se)), float(tf.reduce_sum(correct)),
+                              float(tf.reduce_sum(count)))
+
+    def reconstruct(self, globals_: Sequence[np.ndarray], examples: ClientExamples, *, batch_size: int,
+                    rng: np.random.Generator, use_all_batches: bool = True) -> list[np.ndarray]:
+        """Local variables of one user reconstructed from its examples (personalized inference).
+
+        For serving, every batch reconstructs (``use_all_batches``): there is nothing to hold out.
+        """
+        config = self.config.replace(split_dataset=False) if use_all_batches else self.config
+        packed = pack_clients(self.model, [examples], config, batch_size=batch_size, local_rngs=[rng],
+                              evaluation=True)
+        args = self._common_args(globals_, packed)
+        num_clients = tf.constant(1)
+        gviews = self.model.gather_views(args[0], args[1], num_clients)
+        _, locals_, _ = self._run_phase(gviews, args[2], args[3], args[4], args[5], self._recon_lr,
+                                        train_globals=False, train_locals=True)
+        return [v.numpy()[0] for v in locals_]
+
+
+def client_update(step: ClientStep, globals_: Sequence[np.ndarray], examples: ClientExamples, *,
+                  batch_size: int, rng: np.random.Generator) -> ClientUpdate:
+    """One device's FedRecon work: the same graph as the simulator, with one client."""
+    packed = pack_clients(step.model, [examples], step.config, batch_size=batch_size, local_rngs=[rng])
+    result = step.train(globals_, packed, weighted=False)
+    examples_seen = float(result.post_examples[0])
+    metrics = {"post_recon_examples": examples_seen,
+               "loss": float(result.loss_sum[0]) / max(examples_seen, 1.0),
+               "finite": float(result.finite[0])}
+    return ClientUpdate(delta=result.weighted_delta_sum, weight=float(result.weights[0]), metrics=metrics)

@@ -1,0 +1,51 @@
+"""Which of a client's batches reconstruct, which train, and in what order.
+
+FedRecon's client step reads a client's (already batched) data twice: once to reconstruct the local
+variables and once to update the global ones. The reference split (``split_dataset=True``) gives even-indexed
+batches to reconstruction and odd-indexed batches to the global update or to evaluation, so the two phases
+never see the same example; without the split both phases read every batch. Each phase repeats its batches
+for a number of epochs and stops at a step cap. This module is that rule, written once as plain integers so
+the simulator, the device and the tests agree on it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Batch indices (into the client's batch list) that each phase visits, in order."""
+
+    reconstruction: tuple[int, ...]
+    post_reconstruction: tuple[int, ...]
+
+
+def _repeat_capped(batches: list[int], epochs: int, steps_max: int | None) -> tuple[int, ...]:
+    steps = batches * epochs
+    if steps_max is not None:
+        steps = steps[:steps_max]
+    return tuple(steps)
+
+
+def build_batch_schedule(
+    num_batches: int,
+    *,
+    split_dataset: bool,
+    recon_epochs: int,
+    recon_steps_max: int | None,
+    post_recon_epochs: int,
+    post_recon_steps_max: int | None,
+) -> BatchSchedule:
+    """The reconstruction and post-reconstruction batch order of a client with ``num_batches`` batches."""
+    if num_batches < 0:
+        raise ValueError("num_batches must be non-negative")
+    all_batches = list(range(num_batches))
+    if split_dataset:
+        recon_batches, post_batches = all_batches[0::2], all_batches[1::2]
+    else:
+        recon_batches = post_batches = all_batches
+    return BatchSchedule(
+        reconstruction=_repeat_capped(recon_batches, recon_epochs, recon_steps_max),
+        post_reconstruction=_repeat_capped(post_batches, post_recon_epochs, post_recon_steps_max),
+    )

@@ -1,0 +1,139 @@
+"""The ``fedrecon`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Federated Reconstruction: simulate, serve and take part in federated training.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console()
+
+
+class Algorithm(StrEnum):
+    fedrecon = "fedrecon"
+    fedavg = "fedavg"
+    centralized = "centralized"
+
+
+class ServerOpt(StrEnum):
+    sgd = "sgd"
+    momentum = "momentum"
+    adam = "adam"
+    adagrad = "adagrad"
+    yogi = "yogi"
+
+
+@app.callback()
+def _root() -> None:
+    """Federated Reconstruction: simulate, serve and take part in federated training."""
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@app.command()
+def simulate(
+    data: Annotated[str, typer.Option(help="'synthetic' (embedded, no download) or a MovieLens folder/file")]
+    = "synthetic",
+    algorithm: Annotated[Algorithm, typer.Option(help="what to train")] = Algorithm.fedrecon,
+    rounds: Annotated[int, typer.Option(min=1, help="training rounds (centralized: ignored)")] = 100,
+    clients_per_round: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 5,
+    factors: Annotated[int, typer.Option(min=1, help="embedding size")] = 50,
+    biases: Annotated[bool, typer.Option(help="add item/user biases and a global offset")] = False,
+    recon_lr: Annotated[float, typer.Option(help="reconstruction SGD learning rate")] = 0.1,
+    client_lr: Annotated[float, typer.Option(help="client SGD learning rate")] = 0.5,
+    server_optimizer: Annotated[ServerOpt, typer.Option()] = ServerOpt.sgd,
+    server_lr: Annotated[float, typer.Option()] = 1.0,
+    server_momentum: Annotated[float, typer.Option(help="for --server-optimizer momentum")] = 0.9,
+    recon_epochs: Annotated[int, typer.Option(min=0)] = 5,
+    recon_steps_max: Annotated[int, typer.Option(min=0)] = 50,
+    post_recon_epochs: Annotated[int, typer.Option(min=0)] = 1,
+    post_recon_steps_max: Annotated[int, typer.Option(min=0)] = 50,
+    split: Annotated[bool, typer.Option(help="even batches reconstruct, odd batches train/evaluate")] = True,
+    joint: Annotated[bool, typer.Option(help="train local variables in the global update too")] = False,
+    uniform_weights: Annotated[bool, typer.Option(help="weight clients equally, not by examples")] = False,
+    clip: Annotated[bool, typer.Option(help="clip predictions to the rating range at evaluation")] = False,
+    centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
+    eval_every: Annotated[int, typer.Option(min=1)] = 25,
+    seed: Annotated[int, typer.Option()] = 0,
+    split_seed: Annotated[int, typer.Option(help="seed of the train/validation/test user split")] = 42,
+    out: Annotated[Path, typer.Option(help="folder for metrics.json and learning_curves.png")]
+    = Path("runs/latest"),
+) -> None:
+    """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end."""
+    _quiet_tensorflow()
+    from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
+    from fedrecon.simulations.baselines import CentralizedSettings
+    from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
+    from fedrecon.simulations.plotting import plot_learning_curves
+    from fedrecon.simulations.ratings import load_dataset
+    from fedrecon.simulations.runner import SimulationSettings
+
+    config = FedReconConfig(
+        reconstruction_optimizer=OptimizerSpec("sgd", recon_lr),
+        client_optimizer=OptimizerSpec("sgd", client_lr),
+        server_optimizer=OptimizerSpec(server_optimizer.value, server_lr,
+                                       momentum=server_momentum if server_optimizer == ServerOpt.momentum
+                                       else 0.0),
+        recon_epochs=recon_epochs, recon_steps_max=recon_steps_max, post_recon_epochs=post_recon_epochs,
+        post_recon_steps_max=post_recon_steps_max, split_dataset=split, jointly_train_variables=joint,
+        client_weighting=ClientWeighting.UNIFORM if uniform_weights else ClientWeighting.NUM_EXAMPLES)
+    settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
+                                  eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
+    spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases, config=config,
+                          settings=settings,
+                          centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
+    with console.status(f"loading {data}"):
+        dataset = load_dataset(data, seed=split_seed)
+    console.print(f"[bold]{data}[/]: {len(dataset.train)} training, {len(dataset.validation)} validation, "
+                  f"{len(dataset.test)} unseen test users; {dataset.num_items} items")
+
+    total = centralized_epochs if algorithm == Algorithm.centralized else rounds
+    unit = "epoch" if algorithm == Algorithm.centralized else "round"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(f"{algorithm.value} {unit}s", total=total, info="")
+
+        def on_round(record, metrics):  # type: ignore[no-untyped-def]
+            progress.update(task, advance=1, info=f"loss {record.train_loss:.3f}")
+            if metrics is not None:
+                progress.console.print(f"round {record.round_num:5d}  validation RMSE {metrics['rmse']:.4f}"
+                                       f"  accuracy {metrics['accuracy']:.4f}")
+
+        def on_epoch(epoch, rmse):  # type: ignore[no-untyped-def]
+            progress.update(task, advance=1, info=f"validation RMSE {rmse:.4f}")
+
+        result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch)
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"data": data, "spec": spec.to_dict(), **result.summary()}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    plot_learning_curves(summary, out / "learning_curves.png")
+    table = Table(title=f"{algorithm.value} on unseen test users (selected {unit} "
+                        f"{int(result.selected.get('round', 0))} on validation)")
+    for col in ("RMSE", "accuracy", "examples", "s/round"):
+        table.add_column(col, justify="right")
+    spr = f"{result.seconds_per_round:.3f}" if result.seconds_per_round is not None else "-"
+    table.add_row(f"{result.test['rmse']:.4f}", f"{result.test['accuracy']:.4f}",
+                  f"{int(result.test['num_examples'])}", spr)
+    console.print(table)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'learning_curves.png'}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

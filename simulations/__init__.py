@@ -1,0 +1,1 @@
+"""Local simulation: data sources, the in-process runner and the baselines."""

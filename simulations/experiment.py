@@ -1,0 +1,118 @@
+"""One experiment = one algorithm trained on a federated dataset, selected on validation users and scored
+once on unseen test users. Shared by ``fedrecon simulate`` and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.config import FedReconConfig
+from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.simulations.baselines import (
+    CentralizedSettings,
+    fedavg_configs,
+    fedavg_model,
+    train_centralized,
+)
+from fedrecon.simulations.ratings import FederatedRatings
+from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings
+
+ALGORITHMS = ("fedrecon", "fedavg", "centralized")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    algorithm: str = "fedrecon"
+    num_factors: int = 50
+    use_biases: bool = False
+    config: FedReconConfig = field(default_factory=FedReconConfig)
+    settings: SimulationSettings = field(default_factory=SimulationSettings)
+    centralized: CentralizedSettings = field(default_factory=CentralizedSettings)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {ALGORITHMS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "num_factors": self.num_factors, "use_biases": self.use_biases,
+                "config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings),
+                "centralized": dataclasses.asdict(self.centralized)}
+
+
+@dataclass
+class ExperimentResult:
+    algorithm: str
+    test: dict[str, float]
+    validation: list[dict[str, float]]
+    train_loss: list[float]
+    selected: dict[str, float]  # the round/epoch picked on validation users, with its validation metrics
+    seconds_per_round: float | None
+    globals: list[np.ndarray]
+    model: MatrixFactorization
+
+    def summary(self) -> dict[str, Any]:
+        return {"algorithm": self.algorithm, "test": self.test, "selected": self.selected,
+                "seconds_per_round": self.seconds_per_round, "validation": self.validation,
+                "train_loss": self.train_loss}
+
+
+def _model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
+    offset = data.mean_rating if spec.use_biases else 0.0
+    return MatrixFactorization(data.num_items, spec.num_factors, use_biases=spec.use_biases,
+                               shared_user=shared_user, initial_offset=offset)
+
+
+def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
+                   on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,
+                   on_epoch: Callable[[int, float], None] | None = None) -> ExperimentResult:
+    """Train ``spec.algorithm``; keep the validation-best round/epoch; evaluate it on all test users."""
+    if spec.algorithm == "centralized":
+        return _run_centralized(spec, data, on_epoch)
+    if spec.algorithm == "fedavg":
+        model = fedavg_model(data.num_items, spec.num_factors, use_biases=spec.use_biases,
+                             initial_offset=data.mean_rating if spec.use_biases else 0.0)
+        train_config, eval_config = fedavg_configs(spec.config)
+    else:
+        model = _model(spec, data, shared_user=False)
+        train_config = eval_config = spec.config
+    algorithm = FedRecon(model, train_config)
+    sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config)
+    state = algorithm.initial_state(spec.settings.seed)
+    best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
+    selected = min(history.validation, key=lambda m: m["rmse"]) if history.validation else {}
+    test = sim.evaluate(best_state, data.test)
+    times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
+    return ExperimentResult(
+        algorithm=spec.algorithm, test=test, validation=history.validation,
+        train_loss=[r.train_loss for r in history.rounds], selected=selected,
+        seconds_per_round=statistics.median(times) if times else None, globals=best_state.globals,
+        model=model)
+
+
+def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
+                     on_epoch: Callable[[int, float], None] | None) -> ExperimentResult:
+    model = _model(spec, data, shared_user=False)
+    algorithm = FedRecon(model, spec.config)
+    sim = Simulation(algorithm, data.train, spec.settings)
+    validation: list[dict[str, float]] = []
+
+    def score(epoch: int, globals_: list[np.ndarray]) -> float:
+        state = ServerState(globals_, algorithm.server_optimizer.init([]), epoch)
+        metrics = {"round": float(epoch), **sim.evaluate(state, data.validation)}
+        validation.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics["rmse"])
+        return metrics["rmse"]
+
+    best, history = train_centralized(model, data.train, spec.centralized, on_epoch=score)
+    selected = min(validation, key=lambda m: m["rmse"]) if validation else {}
+    test = sim.evaluate(ServerState(best, algorithm.server_optimizer.init([]), 0), data.test)
+    return ExperimentResult(algorithm="centralized", test=test, validation=validation,
+                            train_loss=[h["train_mse"] for h in history], selected=selected,
+                            seconds_per_round=None, globals=best, model=model)

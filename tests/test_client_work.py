@@ -1,0 +1,174 @@
+"""FedRecon client step and round: invariants, and equality with an independent numpy computation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedrecon.core.algorithm import FedRecon
+from fedrecon.core.batching import ClientExamples, pack_clients
+from fedrecon.core.client_work import ClientUpdate, client_update
+from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
+from fedrecon.core.matrix_factorization import MatrixFactorization
+
+NUM_ITEMS, FACTORS, BATCH = 12, 3, 2
+
+
+def _clients() -> list[ClientExamples]:
+    rng = np.random.default_rng(3)
+    clients = []
+    for n in (9, 4, 6):
+        x = rng.choice(NUM_ITEMS, size=n, replace=False).astype(np.int32)
+        clients.append(ClientExamples(x=x, y=rng.integers(1, 6, n).astype(np.float32)))
+    return clients
+
+
+def _config(**changes: object) -> FedReconConfig:
+    base = FedReconConfig(reconstruction_optimizer=OptimizerSpec("sgd", 0.1),
+                          client_optimizer=OptimizerSpec("sgd", 0.2),
+                          server_optimizer=OptimizerSpec("sgd", 1.0),
+                          recon_epochs=2, recon_steps_max=3, post_recon_epochs=2, post_recon_steps_max=3)
+    return dataclasses.replace(base, **changes)
+
+
+def _numpy_round(items: np.ndarray, clients: list[ClientExamples], user_inits: list[np.ndarray],
+                 config: FedReconConfig) -> np.ndarray:
+    """FedRecon for matrix factorization written out by hand, one client and one example at a time."""
+    lr_r = config.reconstruction_optimizer.learning_rate
+    lr_c = config.client_optimizer.learning_rate
+    weighted_sum = np.zeros_like(items, dtype=np.float64)
+    total = 0.0
+    for client, u0 in zip(clients, user_inits, strict=True):
+        batches = [list(range(s, min(s + BATCH, len(client)))) for s in range(0, len(client), BATCH)]
+        recon = (batches[0::2] * config.recon_epochs)[: config.recon_steps_max]
+        post = (batches[1::2] * config.post_recon_epochs)[: config.post_recon_steps_max]
+        u = u0.astype(np.float64).copy()
+        v = items.astype(np.float64)
+        for batch in recon:  # item factors frozen
+            grad = np.zeros_like(u)
+            for e in batch:
+                i, y = client.x[e], client.y[e]
+                grad += 2.0 * (v[i] @ u - y) * v[i] / len(batch)
+            u -= lr_r * grad
+        v_client = v.copy()
+        seen = 0
+        for batch in post:  # user factors frozen
+            grad = np.zeros_like(v_client)
+            for e in batch:
+                i, y = client.x[e], client.y[e]
+                grad[i] += 2.0 * (v_client[i] @ u - y) * u / len(batch)
+            v_client -= lr_c * grad
+            seen += len(batch)
+        weight = float(seen) if config.client_weighting == ClientWeighting.NUM_EXAMPLES else 1.0
+        weighted_sum += weight * (v_client - v)
+        total += weight
+    return items + config.server_optimizer.learning_rate * weighted_sum / total
+
+
+def _engine_round(config: FedReconConfig, clients: list[ClientExamples]) -> tuple[np.ndarray, np.ndarray,
+                                                                                    list[np.ndarray]]:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS)
+    algorithm = FedRecon(model, config)
+    state = algorithm.initial_state(seed=11)
+    rngs = [np.random.default_rng(100 + c) for c in range(len(clients))]
+    packed = pack_clients(model, clients, config, batch_size=BATCH, local_rngs=rngs)
+    result = algorithm.client_step.train(state.globals, packed)
+    aggregate = algorithm.new_aggregate()
+    aggregate.add_sum(result.weighted_delta_sum, float(result.weights.sum()), count=len(clients))
+    new_state = algorithm.server_update(state, aggregate)
+    return state.globals[0], new_state.globals[0], [packed.locals[0][c] for c in range(len(clients))]
+
+
+@pytest.mark.parametrize("weighting", list(ClientWeighting))
+def test_one_round_equals_hand_written_numpy(weighting: ClientWeighting) -> None:
+    config = _config(client_weighting=weighting)
+    clients = _clients()
+    before, after, inits = _engine_round(config, clients)
+    expected = _numpy_round(before, clients, inits, config)
+    assert np.abs(after - before).max() > 1e-3  # the round really moved the model
+    np.testing.assert_allclose(after, expected, atol=2e-6)
+
+
+def test_server_momentum_round_matches_formula() -> None:
+    config = _config(server_optimizer=OptimizerSpec("momentum", 0.7, momentum=0.9))
+    clients = _clients()
+    before, after, inits = _engine_round(config, clients)
+    mean_delta = _numpy_round(before, clients, inits, _config()) - before  # server SGD 1.0 = mean delta
+    np.testing.assert_allclose(after, before + 0.7 * mean_delta, atol=2e-6)
+
+
+def test_upload_holds_only_global_trainable_variables() -> None:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS, use_biases=True)
+    algorithm = FedRecon(model, _config())
+    globals_ = model.initial_globals(0)
+    update = client_update(algorithm.client_step, globals_, _clients()[0], batch_size=BATCH,
+                           rng=np.random.default_rng(0))
+    assert [f.name for f in dataclasses.fields(ClientUpdate)] == ["delta", "weight", "metrics"]
+    assert [d.shape for d in update.delta] == [globals_[i].shape for i in model.global_trainable]
+    assert {v.name for v in model.local_variables} == {"user_embedding", "user_bias"}
+    assert not {v.name for v in model.local_variables} & {v.name for v in model.global_variables}
+    # 9 examples in batches of 2: odd batches 1 and 3 (2 examples each), 2 epochs capped at 3 steps → 6
+    assert update.weight == 6.0
+    assert np.abs(update.delta[0]).sum() > 0
+
+
+def test_locals_are_fresh_every_run_and_the_step_keeps_no_state() -> None:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS)
+    algorithm = FedRecon(model, _config())
+    globals_ = model.initial_globals(0)
+    client = _clients()[0]
+    first = client_update(algorithm.client_step, globals_, client, batch_size=BATCH,
+                          rng=np.random.default_rng(5))
+    client_update(algorithm.client_step, globals_, _clients()[1], batch_size=BATCH,
+                  rng=np.random.default_rng(6))
+    again = client_update(algorithm.client_step, globals_, client, batch_size=BATCH,
+                          rng=np.random.default_rng(5))
+    other_init = client_update(algorithm.client_step, globals_, client, batch_size=BATCH,
+                               rng=np.random.default_rng(8))
+    # Same fresh initialisation → identical update, whatever ran in between (no carried-over locals).
+    np.testing.assert_array_equal(first.delta[0], again.delta[0])
+    # A different fresh initialisation changes the reconstruction and hence the update.
+    assert np.abs(first.delta[0] - other_init.delta[0]).max() > 0
+
+
+def test_reconstruction_and_training_batches_are_disjoint() -> None:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS)
+    clients = _clients()
+    packed = pack_clients(model, clients, _config(recon_steps_max=None, post_recon_steps_max=None),
+                          batch_size=BATCH, local_rngs=[np.random.default_rng(c) for c in range(3)])
+    for c in range(len(clients)):
+        flat = packed.views.x[c]
+        recon = packed.reconstruction
+        post = packed.post_reconstruction
+        recon_ids = set(recon.x[:, c][recon.mask[:, c] > 0].tolist())
+        post_ids = set(post.x[:, c][post.mask[:, c] > 0].tolist())
+        assert recon_ids and post_ids
+        assert not recon_ids & post_ids
+        assert recon_ids | post_ids == set(flat.tolist())
+
+
+def test_non_finite_update_gets_weight_zero_and_does_not_touch_the_model() -> None:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS)
+    algorithm = FedRecon(model, _config())
+    state = algorithm.initial_state(seed=1)
+    clients = _clients()
+    bad = ClientExamples(x=clients[1].x, y=np.full(len(clients[1]), np.inf, np.float32))
+    packed = pack_clients(model, [clients[0], bad], algorithm.config, batch_size=BATCH,
+                          local_rngs=[np.random.default_rng(0), np.random.default_rng(1)])
+    result = algorithm.client_step.train(state.globals, packed)
+    assert result.finite.tolist() == [True, False]
+    assert result.weights[1] == 0.0 and result.weights[0] > 0
+    assert all(np.isfinite(s).all() for s in result.weighted_delta_sum)
+    # Only the good client contributes: the bad one's items outside the good one's are untouched.
+    only_bad = sorted(set(bad.x.tolist()) - set(clients[0].x.tolist()))
+    assert only_bad and np.all(result.weighted_delta_sum[0][only_bad] == 0)
+
+
+def test_jointly_trained_locals_still_never_leave() -> None:
+    model = MatrixFactorization(NUM_ITEMS, FACTORS)
+    algorithm = FedRecon(model, _config(jointly_train_variables=True))
+    update = client_update(algorithm.client_step, model.initial_globals(0), _clients()[0],
+                           batch_size=BATCH, rng=np.random.default_rng(0))
+    assert len(update.delta) == 1 and update.delta[0].shape == (NUM_ITEMS, FACTORS)
