@@ -102,8 +102,8 @@ class ClientStep:
 
     # ----- graph pieces --------------------------------------------------------------------------------
     def _run_phase(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
-                   mask: tf.Tensor, lr: float, train_globals: bool, train_locals: bool
-                   ) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
+                   mask: tf.Tensor, lr: float, train_globals: bool, train_locals: bool,
+                   local_l2: float = 0.0) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
         """SGD over the step-major batches; returns new views, new locals and Σ squared error per client."""
         model = self.model
         g_idx = list(model.global_trainable) if train_globals else []
@@ -120,6 +120,12 @@ class ClientStep:
                 tape.watch(watched)
                 pred = model.predict(gv, lv, xb)
                 loss = tf.reduce_sum(masked_squared_error(yb, pred, mb))
+                if local_l2:
+                    # Counted once per step that has data, like a per-batch regulariser in Keras.
+                    has_data = tf.cast(tf.reduce_sum(mb, axis=1) > 0, tf.float32)
+                    for i in l_idx:
+                        norms = tf.reduce_sum(tf.reshape(tf.square(lv[i]), [num_clients, -1]), axis=1)
+                        loss += local_l2 * tf.reduce_sum(has_data * norms)
             grads = tape.gradient(loss, watched)
             gv, lv = list(gv), list(lv)
             for k, i in enumerate(g_idx):
@@ -141,7 +147,8 @@ class ClientStep:
         gviews = model.gather_views(globals_, view_index, num_clients)
         # Reconstruction: globals frozen, locals trained.
         _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
-                                        train_globals=False, train_locals=True)
+                                        train_globals=False, train_locals=True,
+                                        local_l2=self.config.reconstruction_l2)
         # Global update: locals frozen (or trained jointly), global views trained.
         new_views, _, se = self._run_phase(gviews, locals_, px, py, pm, self._client_lr, train_globals=True,
                                            train_locals=self.config.jointly_train_variables)
@@ -166,7 +173,8 @@ class ClientStep:
         num_clients = tf.shape(ey)[1]
         gviews = self.model.gather_views(globals_, view_index, num_clients)
         _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
-                                        train_globals=False, train_locals=True)
+                                        train_globals=False, train_locals=True,
+                                        local_l2=self.config.reconstruction_l2)
         pred = tf.clip_by_value(self.model.predict(gviews, locals_, ex[0]), clip_min, clip_max)
         err = (pred - ey[0]) * em[0]
         correct = tf.cast(tf.abs(pred - ey[0]) <= 0.5, tf.float32) * em[0]
@@ -219,7 +227,8 @@ class ClientStep:
         num_clients = tf.constant(1)
         gviews = self.model.gather_views(args[0], args[1], num_clients)
         _, locals_, _ = self._run_phase(gviews, args[2], args[3], args[4], args[5], self._recon_lr,
-                                        train_globals=False, train_locals=True)
+                                        train_globals=False, train_locals=True,
+                                        local_l2=self.config.reconstruction_l2)
         return [v.numpy()[0] for v in locals_]
 
 

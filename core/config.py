@@ -61,6 +61,9 @@ class FedReconConfig:
     post_recon_epochs: int = 1
     post_recon_steps_max: int | None = 50
     split_dataset: bool = True
+    # L2 penalty λ·‖l‖² on the local trainable variables while reconstructing (a Gaussian prior on a
+    # user's factors: with few ratings, unregularised reconstruction overfits). 0 = reference behaviour.
+    reconstruction_l2: float = 0.0
     jointly_train_variables: bool = False
     client_weighting: ClientWeighting = ClientWeighting.NUM_EXAMPLES
     # Evaluation of unseen users reconstructs with these settings (defaults: same as training).
@@ -74,6 +77,8 @@ class FedReconConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be non-negative or None")
+        if self.reconstruction_l2 < 0:
+            raise ValueError("reconstruction_l2 must be non-negative")
         if self.reconstruction_optimizer.name != "sgd" or self.client_optimizer.name != "sgd":
             raise ValueError("client-side optimizers support 'sgd' only (the reference setting)")
 

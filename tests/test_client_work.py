@@ -47,7 +47,7 @@ def _numpy_round(items: np.ndarray, clients: list[ClientExamples], user_inits: l
         u = u0.astype(np.float64).copy()
         v = items.astype(np.float64)
         for batch in recon:  # item factors frozen
-            grad = np.zeros_like(u)
+            grad = 2.0 * config.reconstruction_l2 * u
             for e in batch:
                 i, y = client.x[e], client.y[e]
                 grad += 2.0 * (v[i] @ u - y) * v[i] / len(batch)
@@ -81,9 +81,11 @@ def _engine_round(config: FedReconConfig, clients: list[ClientExamples]) -> tupl
     return state.globals[0], new_state.globals[0], [packed.locals[0][c] for c in range(len(clients))]
 
 
-@pytest.mark.parametrize("weighting", list(ClientWeighting))
-def test_one_round_equals_hand_written_numpy(weighting: ClientWeighting) -> None:
-    config = _config(client_weighting=weighting)
+@pytest.mark.parametrize(("weighting", "l2"), [(ClientWeighting.NUM_EXAMPLES, 0.0),
+                                               (ClientWeighting.UNIFORM, 0.0),
+                                               (ClientWeighting.NUM_EXAMPLES, 0.5)])
+def test_one_round_equals_hand_written_numpy(weighting: ClientWeighting, l2: float) -> None:
+    config = _config(client_weighting=weighting, reconstruction_l2=l2)
     clients = _clients()
     before, after, inits = _engine_round(config, clients)
     expected = _numpy_round(before, clients, inits, config)
@@ -172,3 +174,11 @@ def test_jointly_trained_locals_still_never_leave() -> None:
     update = client_update(algorithm.client_step, model.initial_globals(0), _clients()[0],
                            batch_size=BATCH, rng=np.random.default_rng(0))
     assert len(update.delta) == 1 and update.delta[0].shape == (NUM_ITEMS, FACTORS)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = _config(server_optimizer=OptimizerSpec("yogi", 0.01, epsilon=1e-3), reconstruction_l2=0.1,
+                     client_weighting=ClientWeighting.UNIFORM)
+    assert FedReconConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="sgd"):
+        _config(client_optimizer=OptimizerSpec("adam", 0.1))
