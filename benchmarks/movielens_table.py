@@ -27,14 +27,14 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from fedrecon.core.config import FedReconConfig, OptimizerSpec  # noqa: E402
-from fedrecon.simulations.baselines import CentralizedSettings  # noqa: E402
-from fedrecon.simulations.experiment import ExperimentSpec, run_experiment  # noqa: E402
-from fedrecon.simulations.ratings import load_dataset  # noqa: E402
-from fedrecon.simulations.runner import SimulationSettings  # noqa: E402
+from fedrecon.core.config import FedReconConfig
+from fedrecon.simulations.baselines import CentralizedSettings
+from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
+from fedrecon.simulations.ratings import load_dataset
+from fedrecon.simulations.runner import SimulationSettings
 
 PAPER = {"fedrecon": {"rmse": 0.907, "accuracy": 0.433}, "fedavg": {"rmse": 0.934, "accuracy": 0.400},
          "centralized": {"rmse": 1.36, "accuracy": 0.408}}
@@ -69,7 +69,8 @@ def tuned_spec() -> ExperimentSpec:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="MovieLens folder or ratings file")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--rounds", type=int, default=500)

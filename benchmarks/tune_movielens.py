@@ -18,10 +18,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from fedrecon.core.config import FedReconConfig, OptimizerSpec  # noqa: E402
-from fedrecon.simulations.experiment import ExperimentSpec  # noqa: E402
-from fedrecon.simulations.ratings import load_dataset  # noqa: E402
-from fedrecon.simulations.runner import SimulationSettings  # noqa: E402
+from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.simulations.experiment import ExperimentSpec
+from fedrecon.simulations.ratings import load_dataset
+from fedrecon.simulations.runner import SimulationSettings
 
 REF = FedReconConfig()
 
@@ -73,7 +73,8 @@ def variants(rounds: int) -> dict[str, ExperimentSpec]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
