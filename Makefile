@@ -14,7 +14,7 @@ setup: $(BIN)/python
 
 # The main job: FedRecon on the embedded synthetic data (no download), outputs in runs/latest/.
 simulate: setup
-	$(BIN)/fedrecon simulate --data synthetic --rounds 200 --out runs/latest
+	$(BIN)/fedrecon simulate --data synthetic --rounds 200 --biases --clip --out runs/latest
 
 test: setup
 	$(BIN)/ruff check .

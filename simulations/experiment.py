@@ -62,6 +62,11 @@ class ExperimentResult:
                 "train_loss": self.train_loss}
 
 
+def _rmse_or_inf(metrics: dict[str, float]) -> float:
+    """Selection key: a diverged (NaN) evaluation must never be selected."""
+    return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
+
+
 def _model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
     offset = data.mean_rating if spec.use_biases else 0.0
     return MatrixFactorization(data.num_items, spec.num_factors, use_biases=spec.use_biases,
@@ -85,7 +90,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config)
     state = algorithm.initial_state(spec.settings.seed)
     best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
-    selected = min(history.validation, key=lambda m: m["rmse"]) if history.validation else {}
+    selected = min(history.validation, key=_rmse_or_inf) if history.validation else {}
     test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
     return ExperimentResult(
@@ -111,7 +116,7 @@ def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
         return metrics["rmse"]
 
     best, history = train_centralized(model, data.train, spec.centralized, on_epoch=score)
-    selected = min(validation, key=lambda m: m["rmse"]) if validation else {}
+    selected = min(validation, key=_rmse_or_inf) if validation else {}
     test = sim.evaluate(ServerState(best, algorithm.server_optimizer.init([]), 0), data.test)
     return ExperimentResult(algorithm="centralized", test=test, validation=validation,
                             train_loss=[h["train_mse"] for h in history], selected=selected,
