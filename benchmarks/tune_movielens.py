@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
-from fedrecon.simulations.experiment import ExperimentSpec
+from fedrecon.simulations.experiment import ExperimentSpec, build_model
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.simulations.runner import SimulationSettings
 
@@ -90,9 +90,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:
         spec = table[name]
-        from fedrecon.simulations.experiment import _model
-
-        model = _model(spec, data, shared_user=False)
+        model = build_model(spec, data, shared_user=False)
         algorithm = FedRecon(model, spec.config)
         sim = Simulation(algorithm, data.train, spec.settings)
         t0 = time.perf_counter()

@@ -92,9 +92,6 @@ class MatrixFactorization(ReconstructionModel):
             remapped.append((np.searchsorted(uniq, x) + c * width).astype(np.int32))
         return ClientViews(num_clients=len(client_x), index=rows, x=remapped)
 
-    def view_index_signature(self) -> tf.TensorSpec:
-        return tf.TensorSpec([None, None], tf.int32)
-
     def gather_views(self, globals_: Sequence[tf.Tensor], views_index: tf.Tensor, num_clients: tf.Tensor
                      ) -> list[tf.Tensor]:
         flat_rows = tf.reshape(views_index, [-1])

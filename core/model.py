@@ -96,22 +96,11 @@ class ReconstructionModel(abc.ABC):
         """Weighted sum over clients of per-client deltas, mapped back to global shapes."""
         return [tf.tensordot(weights, d, axes=1) for d in view_deltas]
 
-    def view_index_signature(self) -> Any:
-        """``tf.TensorSpec`` (or None) of ``ClientViews.index`` for tracing the client step once."""
-        return None
-
     # ----- forward pass ----------------------------------------------------------------------------
     @abc.abstractmethod
     def predict(self, global_views: Sequence[tf.Tensor], locals_: Sequence[tf.Tensor], x: tf.Tensor
                 ) -> tf.Tensor:
         """Predictions of shape ``[C, B]`` for a client-batched input ``x`` of shape ``[C, B, ...]``."""
-
-    def x_signature(self) -> tf.TensorSpec:
-        """Shape/dtype of one step's features ``[C, B, ...]`` (client and batch axes left free)."""
-        return tf.TensorSpec([None, None], tf.int32)
-
-    def global_shapes(self) -> list[tuple[int, ...]]:
-        return [v.shape for v in self.global_variables]
 
 
 def masked_squared_error(y: tf.Tensor, pred: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

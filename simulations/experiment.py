@@ -67,7 +67,7 @@ def _rmse_or_inf(metrics: dict[str, float]) -> float:
     return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
 
 
-def _model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
+def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
     offset = data.mean_rating if spec.use_biases else 0.0
     return MatrixFactorization(data.num_items, spec.num_factors, use_biases=spec.use_biases,
                                shared_user=shared_user, initial_offset=offset)
@@ -84,7 +84,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                              initial_offset=data.mean_rating if spec.use_biases else 0.0)
         train_config, eval_config = fedavg_configs(spec.config)
     else:
-        model = _model(spec, data, shared_user=False)
+        model = build_model(spec, data, shared_user=False)
         train_config = eval_config = spec.config
     algorithm = FedRecon(model, train_config)
     sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config)
@@ -102,7 +102,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
 
 def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
                      on_epoch: Callable[[int, float], None] | None) -> ExperimentResult:
-    model = _model(spec, data, shared_user=False)
+    model = build_model(spec, data, shared_user=False)
     algorithm = FedRecon(model, spec.config)
     sim = Simulation(algorithm, data.train, spec.settings)
     validation: list[dict[str, float]] = []

@@ -182,3 +182,22 @@ def test_config_round_trips_through_a_dict() -> None:
     assert FedReconConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="sgd"):
         _config(client_optimizer=OptimizerSpec("adam", 0.1))
+
+
+def test_personalized_recommendation_for_an_unseen_user() -> None:
+    """Reconstruct a new user's factors from its ratings, then rank the items it has not rated."""
+    model = MatrixFactorization(NUM_ITEMS, FACTORS, use_biases=True, initial_offset=3.0)
+    algorithm = FedRecon(model, _config(recon_epochs=20, recon_steps_max=None))
+    globals_ = model.initial_globals(0)
+    globals_[1] = np.linspace(-1.0, 1.0, NUM_ITEMS).astype(np.float32)  # item biases: item 11 best
+    user = ClientExamples(x=np.array([0, 1, 2, 3], np.int32), y=np.array([5.0, 5.0, 4.0, 5.0], np.float32))
+    rng = np.random.default_rng(0)
+    fresh = model.initial_locals(np.random.default_rng(0))
+    locals_ = algorithm.client_step.reconstruct(globals_, user, batch_size=BATCH, rng=rng)
+    assert locals_[1] > fresh[1] + 0.5  # a generous rater: the reconstructed user bias rises
+    top = model.recommend(globals_, locals_, k=3, exclude=user.x)
+    assert len(top) == 3 and not {i for i, _ in top} & set(user.x.tolist())
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    assert top[0][0] == NUM_ITEMS - 1
+    scores = model.score_items(globals_, locals_)
+    assert top[0][1] == pytest.approx(float(scores[NUM_ITEMS - 1]))
