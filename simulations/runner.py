@@ -115,7 +115,7 @@ class Simulation:
             state, record = self.run_round(state)
             history.rounds.append(record)
             metrics = None
-            last = record.round_num == state.round_num and len(history.rounds) == self.settings.rounds
+            last = len(history.rounds) == self.settings.rounds
             if validation and (record.round_num % self.settings.eval_every == 0 or last):
                 metrics = {"round": record.round_num, **self.evaluate(state, validation)}
                 history.validation.append(metrics)
