@@ -32,7 +32,7 @@ from rich.table import Table
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.simulations.baselines import CentralizedSettings
-from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
+from fedrecon.simulations.experiment import ExperimentResult, ExperimentSpec, run_experiment
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.simulations.runner import SimulationSettings
 
@@ -72,9 +72,11 @@ def tuned_spec() -> ExperimentSpec:
     return spec
 
 
-def _ablation_figures(row: dict) -> dict:
-    return {"validation_rmse": row["validation_rmse"], "validation_accuracy": row["validation_accuracy"],
-            "rmse": row["rmse"], "accuracy": row["accuracy"]}
+def _figures(result: ExperimentResult) -> dict:
+    """Test figures and the validation figures of the selected round, for a row or an ablation step."""
+    return {"rmse": result.test["rmse"], "accuracy": result.test["accuracy"],
+            "validation_rmse": result.selected.get("rmse"),
+            "validation_accuracy": result.selected.get("accuracy")}
 
 
 def main() -> None:
@@ -107,16 +109,14 @@ def main() -> None:
         "centralized": dataclasses.replace(tuned, algorithm="centralized"),
     }
     rows: dict[str, dict] = {}
+    results: dict[str, ExperimentResult] = {}
     seconds: dict[str, float] = {}
     for name, spec in runs.items():
         t0 = time.perf_counter()
         with console.status(f"training {name}"):
-            result = run_experiment(spec, data)
-        rows[name] = {"rmse": result.test["rmse"], "accuracy": result.test["accuracy"],
-                      "test_examples": result.test["num_examples"],
+            result = results[name] = run_experiment(spec, data)
+        rows[name] = {**_figures(result), "test_examples": result.test["num_examples"],
                       "selected_round": result.selected.get("round"),
-                      "validation_rmse": result.selected.get("rmse"),
-                      "validation_accuracy": result.selected.get("accuracy"),
                       "wall_seconds": time.perf_counter() - t0, "spec": spec.to_dict()}
         if result.seconds_per_round is not None:
             seconds[name] = result.seconds_per_round
@@ -124,18 +124,14 @@ def main() -> None:
                       f"(selected {rows[name]['selected_round']})")
 
     # Cumulative ablation: reference, then each change added on top of the previous ones.
-    ablation = [{"change": "reference", **_ablation_figures(rows["fedrecon_reference"])}]
+    ablation = [{"change": "reference", **_figures(results["fedrecon_reference"])}]
     if not args.no_ablation:
         spec = REFERENCE
         for k, (label, change) in enumerate(TUNED_CHANGES):
             spec = apply_changes(spec, change)
-            if k == len(TUNED_CHANGES) - 1:
-                figures = _ablation_figures(rows["fedrecon"])  # the full configuration: already trained
-            else:
-                result = run_experiment(with_rounds(spec), data)
-                figures = {"validation_rmse": result.selected["rmse"],
-                           "validation_accuracy": result.selected["accuracy"],
-                           "rmse": result.test["rmse"], "accuracy": result.test["accuracy"]}
+            # The full configuration is the `fedrecon` row, already trained.
+            last = k == len(TUNED_CHANGES) - 1
+            figures = _figures(results["fedrecon"] if last else run_experiment(with_rounds(spec), data))
             ablation.append({"change": f"+ {label}", **figures})
             console.print(f"+ {label}: validation RMSE {figures['validation_rmse']:.4f}, "
                           f"test RMSE {figures['rmse']:.4f}")

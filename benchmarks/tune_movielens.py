@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
-from fedrecon.simulations.experiment import ExperimentSpec, build_model
+from fedrecon.simulations.experiment import ExperimentSpec, build_model, selection_key
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.simulations.runner import SimulationSettings
 
@@ -95,7 +95,7 @@ def main() -> None:
         sim = Simulation(algorithm, data.train, spec.settings)
         t0 = time.perf_counter()
         _, history = sim.run(algorithm.initial_state(spec.settings.seed), validation=data.validation)
-        best = min(history.validation, key=lambda m: m["rmse"])
+        best = min(history.validation, key=selection_key)
         times = sorted(r.seconds for r in history.rounds[1:])
         row = {"variant": name, "rounds": args.rounds, "best_round": best["round"],
                "val_rmse": round(best["rmse"], 4), "val_accuracy": round(best["accuracy"], 4),

@@ -139,16 +139,21 @@ class ClientStep:
             lambda s, *_: s < tf.shape(y)[0], body, (tf.constant(0), gviews, locals_, se0))
         return gviews, locals_, se
 
+    def _reconstruct(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
+                     mask: tf.Tensor) -> list[tf.Tensor]:
+        """Step 2: train the fresh locals with the global views frozen."""
+        _, locals_, _ = self._run_phase(gviews, list(locals_), x, y, mask, self._recon_lr,
+                                        train_globals=False, train_locals=True,
+                                        local_l2=self.config.reconstruction_l2)
+        return locals_
+
     def _train(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor, pm: tf.Tensor,
                weighted: bool):
         model = self.model
         num_clients = tf.shape(py)[1]
         gviews = model.gather_views(globals_, view_index, num_clients)
-        # Reconstruction: globals frozen, locals trained.
-        _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
-                                        train_globals=False, train_locals=True,
-                                        local_l2=self.config.reconstruction_l2)
+        locals_ = self._reconstruct(gviews, locals_, rx, ry, rm)
         # Global update: locals frozen (or trained jointly), global views trained.
         new_views, _, se = self._run_phase(gviews, locals_, px, py, pm, self._client_lr, train_globals=True,
                                            train_locals=self.config.jointly_train_variables)
@@ -172,9 +177,7 @@ class ClientStep:
                   clip_min: tf.Tensor, clip_max: tf.Tensor):
         num_clients = tf.shape(ey)[1]
         gviews = self.model.gather_views(globals_, view_index, num_clients)
-        _, locals_, _ = self._run_phase(gviews, list(locals_), rx, ry, rm, self._recon_lr,
-                                        train_globals=False, train_locals=True,
-                                        local_l2=self.config.reconstruction_l2)
+        locals_ = self._reconstruct(gviews, locals_, rx, ry, rm)
         pred = tf.clip_by_value(self.model.predict(gviews, locals_, ex[0]), clip_min, clip_max)
         err = (pred - ey[0]) * em[0]
         correct = tf.cast(tf.abs(pred - ey[0]) <= 0.5, tf.float32) * em[0]
@@ -226,9 +229,7 @@ class ClientStep:
         args = self._common_args(globals_, packed)
         num_clients = tf.constant(1)
         gviews = self.model.gather_views(args[0], args[1], num_clients)
-        _, locals_, _ = self._run_phase(gviews, args[2], args[3], args[4], args[5], self._recon_lr,
-                                        train_globals=False, train_locals=True,
-                                        local_l2=self.config.reconstruction_l2)
+        locals_ = self._reconstruct(gviews, args[2], args[3], args[4], args[5])
         return [v.numpy()[0] for v in locals_]
 
 

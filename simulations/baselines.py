@@ -20,12 +20,6 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import INIT_SCALE, MatrixFactorization
 
 
-def fedavg_model(num_items: int, num_factors: int, *, use_biases: bool = False, initial_offset: float = 0.0
-                 ) -> MatrixFactorization:
-    return MatrixFactorization(num_items, num_factors, use_biases=use_biases, shared_user=True,
-                               initial_offset=initial_offset)
-
-
 def fedavg_configs(config: FedReconConfig) -> tuple[FedReconConfig, FedReconConfig]:
     """(training, evaluation) settings: train on every batch; score the same held-out batches as FedRecon."""
     return config.replace(split_dataset=False), config.replace(split_dataset=True)

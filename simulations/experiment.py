@@ -17,7 +17,6 @@ from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.baselines import (
     CentralizedSettings,
     fedavg_configs,
-    fedavg_model,
     train_centralized,
 )
 from fedrecon.simulations.ratings import FederatedRatings
@@ -62,7 +61,7 @@ class ExperimentResult:
                 "train_loss": self.train_loss}
 
 
-def _rmse_or_inf(metrics: dict[str, float]) -> float:
+def selection_key(metrics: dict[str, float]) -> float:
     """Selection key: a diverged (NaN) evaluation must never be selected."""
     return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
 
@@ -80,8 +79,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     if spec.algorithm == "centralized":
         return _run_centralized(spec, data, on_epoch)
     if spec.algorithm == "fedavg":
-        model = fedavg_model(data.num_items, spec.num_factors, use_biases=spec.use_biases,
-                             initial_offset=data.mean_rating if spec.use_biases else 0.0)
+        model = build_model(spec, data, shared_user=True)
         train_config, eval_config = fedavg_configs(spec.config)
     else:
         model = build_model(spec, data, shared_user=False)
@@ -90,7 +88,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config)
     state = algorithm.initial_state(spec.settings.seed)
     best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
-    selected = min(history.validation, key=_rmse_or_inf) if history.validation else {}
+    selected = min(history.validation, key=selection_key) if history.validation else {}
     test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
     return ExperimentResult(
@@ -116,7 +114,7 @@ def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
         return metrics["rmse"]
 
     best, history = train_centralized(model, data.train, spec.centralized, on_epoch=score)
-    selected = min(validation, key=_rmse_or_inf) if validation else {}
+    selected = min(validation, key=selection_key) if validation else {}
     test = sim.evaluate(ServerState(best, algorithm.server_optimizer.init([]), 0), data.test)
     return ExperimentResult(algorithm="centralized", test=test, validation=validation,
                             train_loss=[h["train_mse"] for h in history], selected=selected,
