@@ -6,10 +6,11 @@ Every algorithm is trained on the training users; the round (or epoch) is select
 only; the selected model is then scored once on *all* unseen test users (reconstruct on even batches,
 evaluate on odd batches). Rows:
 
-- ``fedrecon``: our configuration (chosen with ``tune_movielens.py`` on validation users; see ``TUNED``).
+- ``fedrecon``: our configuration (chosen with ``tune_movielens.py`` on validation users; see
+  ``TUNED_CHANGES``).
 - ``fedrecon_reference``: the paper's reference configuration, unchanged.
 - ``fedavg`` / ``centralized``: the baselines with the same model features as ``fedrecon``.
-- ``ablation``: the reference configuration with one change of ``TUNED`` added at a time.
+- ``ablation``: the reference configuration, then each of ``TUNED_CHANGES`` added on top of the previous.
 
 ``seconds_per_round.fedrecon`` is the median wall time of a simulator round (round 2 onwards) with the
 reference configuration, measured in this run on this machine.
