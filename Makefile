@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip uv
 
 setup: $(BIN)/python
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[server,dev]'
 
 # The main job: FedRecon on the embedded synthetic data (no download), outputs in runs/latest/.
 simulate: setup
