@@ -56,11 +56,15 @@ def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_num, user_id, 0x10CA1])
 
 
+RoundRunner = Callable[[ServerState], tuple[ServerState, RoundRecord]]
+
+
 class Simulation:
     """Runs ``algorithm`` over ``train`` users and evaluates on held-out users."""
 
     def __init__(self, algorithm: FedRecon, train: Mapping[int, ClientExamples],
-                 settings: SimulationSettings, *, eval_config: FedReconConfig | None = None) -> None:
+                 settings: SimulationSettings, *, eval_config: FedReconConfig | None = None,
+                 round_runner: RoundRunner | None = None) -> None:
         self.algorithm = algorithm
         self.train = train
         self.settings = settings
@@ -68,6 +72,9 @@ class Simulation:
         # Evaluation may split data differently from training (the FedAvg baseline trains on every batch
         # but is scored on the same held-out batches as FedRecon).
         self.eval_config = eval_config or algorithm.config
+        # How a training round is carried out: in this process by default, or through a real coordinator
+        # (``simulations.grpc_transport``); evaluation and model selection are the same either way.
+        self.round_runner: RoundRunner = round_runner or self.run_round
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
@@ -112,7 +119,7 @@ class Simulation:
         history = History()
         best_state, best_rmse = state, float("inf")
         for _ in range(self.settings.rounds):
-            state, record = self.run_round(state)
+            state, record = self.round_runner(state)
             history.rounds.append(record)
             metrics = None
             last = len(history.rounds) == self.settings.rounds

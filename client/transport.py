@@ -1,0 +1,124 @@
+"""The client side of the wire: typed calls to the coordinator, with retries for transient failures.
+
+Each call is one RPC; a call that fails with UNAVAILABLE (coordinator restarting, connection refused) or a
+transport-level DEADLINE_EXCEEDED is retried with exponential backoff and full jitter (tenacity), so a fleet
+of devices does not hammer a coordinator that has just come back. Refusals (INVALID_ARGUMENT, ABORTED, ...)
+are not retried: they are answers.
+
+Traffic is counted in ``bytes_downloaded`` / ``bytes_uploaded`` (serialized message sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, manifest
+from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
+
+PROTOCOL_VERSION = 1
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient failures: random delays growing from ``initial_s`` up to ``max_s`` each,
+    giving up after ``give_up_after_s`` in total."""
+
+    initial_s: float = 0.2
+    max_s: float = 10.0
+    give_up_after_s: float = 120.0
+    rpc_timeout_s: float = 60.0
+
+
+def _transient(err: BaseException) -> bool:
+    return isinstance(err, grpc.RpcError) and err.code() in TRANSIENT  # type: ignore[attr-defined]
+
+
+class CoordinatorChannel:
+    """Typed access to one coordinator over one gRPC channel."""
+
+    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
+                 retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES) -> None:
+        if channel is None:
+            if target is None:
+                raise ValueError("give a target address or a channel")
+            channel = grpc.insecure_channel(target, options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)])
+        self.channel = channel
+        self.stub = pb_grpc.CoordinatorStub(channel)
+        self.retry = retry or RetryPolicy()
+        self.bytes_downloaded = 0
+        self.bytes_uploaded = 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        p = self.retry
+        for attempt in Retrying(retry=retry_if_exception(_transient),
+                                wait=wait_random_exponential(multiplier=p.initial_s, max=p.max_s),
+                                stop=stop_after_delay(p.give_up_after_s), reraise=True):
+            with attempt:
+                return fn(*args, timeout=p.rpc_timeout_s, **kwargs)
+        raise AssertionError("unreachable")
+
+    # ----- calls ---------------------------------------------------------------------------------------
+    def check_in(self, task: str, client_id: str, capabilities: Mapping[str, str] | None = None
+                 ) -> pb.CheckInResponse:
+        request = pb.CheckInRequest(task_name=task, client_id=client_id, protocol_version=PROTOCOL_VERSION,
+                                    capabilities=dict(capabilities or {}))
+        self.bytes_uploaded += request.ByteSize()
+        response = self._call(self.stub.CheckIn, request)
+        self.bytes_downloaded += response.ByteSize()
+        return response
+
+    def download(self, task: str, version: int, client_id: str = "") -> tuple[list[str], list[np.ndarray]]:
+        request = pb.DownloadModelRequest(task_name=task, model_version=version, client_id=client_id)
+        self.bytes_uploaded += request.ByteSize()
+
+        def fetch(timeout: float) -> tuple[list[str], list[np.ndarray]]:
+            return decode_tensor_stream(self._counted(self.stub.DownloadModel(request, timeout=timeout)))
+
+        return self._call(fetch)
+
+    def _counted(self, stream: Iterator[pb.TensorStreamMessage]) -> Iterator[pb.TensorStreamMessage]:
+        for message in stream:
+            self.bytes_downloaded += message.ByteSize()
+            yield message
+
+    def report(self, assignment: pb.Assignment, client_id: str, names: Sequence[str],
+               delta: Sequence[np.ndarray], weight: float, metrics: Mapping[str, float]
+               ) -> pb.ReportUpdateResponse:
+        header = pb.ReportHeader(task_name=assignment.task_name, client_id=client_id,
+                                 round_id=assignment.round_id, assignment_token=assignment.assignment_token,
+                                 weight=weight, metrics=dict(metrics), manifest=manifest(names, delta))
+
+        def messages() -> Iterator[pb.ReportUpdateRequest]:
+            first = pb.ReportUpdateRequest(header=header)
+            self.bytes_uploaded += first.ByteSize()
+            yield first
+            for chunk in chunks(delta):
+                message = pb.ReportUpdateRequest(chunk=chunk)
+                self.bytes_uploaded += message.ByteSize()
+                yield message
+
+        # A fresh stream per attempt; the coordinator answers a repeated identical report idempotently.
+        return self._call(lambda timeout: self.stub.ReportUpdate(messages(), timeout=timeout))
+
+    def report_evaluation(self, task: str, client_id: str, version: int, squared_error: float,
+                          num_correct: float, num_examples: float) -> None:
+        request = pb.ReportEvaluationRequest(task_name=task, client_id=client_id, model_version=version,
+                                             squared_error=squared_error, num_correct=num_correct,
+                                             num_examples=num_examples)
+        self.bytes_uploaded += request.ByteSize()
+        self._call(self.stub.ReportEvaluation, request)
+
+    def latest_model(self, task: str) -> pb.GetLatestModelResponse:
+        return self._call(self.stub.GetLatestModel, pb.GetLatestModelRequest(task_name=task))

@@ -1,0 +1,204 @@
+"""Tensors on the wire and at rest: the one place where arrays become bytes and back.
+
+On the wire a list of named tensors travels as a ``TensorManifest`` (name, dtype, shape of each) followed by
+``TensorChunk`` messages holding the raw little-endian bytes in order, at most ``chunk_bytes`` each, so a
+model larger than gRPC's message limit streams fine. Decoding is strict: ``TensorAssembler`` checks the
+manifest against what the receiver expects (names, dtypes, shapes) and every chunk against the manifest
+(index, offset, length), and says exactly what was wrong; nothing reaches the caller until every byte of
+every tensor has arrived.
+
+At rest (the store, exported model files) tensors are an ``.npz`` archive written without pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedrecon.v1 import coordinator_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
+
+_TO_NUMPY = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+}
+_FROM_NUMPY = {v.newbyteorder("="): k for k, v in _TO_NUMPY.items()}
+
+
+class TensorDecodeError(ValueError):
+    """A tensor message that does not match its manifest or what the receiver expects."""
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Name, numpy dtype and shape of one expected tensor."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def num_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def wire_dtype(dtype: np.dtype) -> int:
+    try:
+        return _FROM_NUMPY[np.dtype(dtype).newbyteorder("=")]
+    except KeyError:
+        raise TensorDecodeError(f"dtype {dtype} cannot travel (float32, float64, int32, int64)") from None
+
+
+def manifest(names: Sequence[str], arrays: Sequence[np.ndarray]) -> pb.TensorManifest:
+    if len(names) != len(arrays):
+        raise ValueError(f"{len(names)} names for {len(arrays)} arrays")
+    return pb.TensorManifest(tensors=[
+        pb.TensorSpec(name=n, dtype=wire_dtype(np.asarray(a).dtype), shape=list(np.shape(a)))
+        for n, a in zip(names, arrays, strict=True)])
+
+
+def chunks(arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Raw bytes of each array in order, split at ``chunk_bytes``; an empty tensor sends no chunk."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    for index, array in enumerate(arrays):
+        little = np.asarray(array).dtype.newbyteorder("<")
+        raw = memoryview(np.ascontiguousarray(array, dtype=little).tobytes())
+        for offset in range(0, len(raw), chunk_bytes):
+            piece = bytes(raw[offset:offset + chunk_bytes])
+            yield pb.TensorChunk(tensor_index=index, offset=offset, data=piece)
+
+
+def tensor_stream(names: Sequence[str], arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                  ) -> Iterator[pb.TensorStreamMessage]:
+    """A manifest message, then the chunk messages: what ``DownloadModel`` streams."""
+    yield pb.TensorStreamMessage(manifest=manifest(names, arrays))
+    for chunk in chunks(arrays, chunk_bytes):
+        yield pb.TensorStreamMessage(chunk=chunk)
+
+
+def layouts_from_manifest(m: pb.TensorManifest, *, max_bytes: int | None = None) -> list[TensorLayout]:
+    """The manifest as layouts; refuses unknown dtypes, negative dims and totals above ``max_bytes``."""
+    layouts = []
+    total = 0
+    for spec in m.tensors:
+        if spec.dtype not in _TO_NUMPY:
+            raise TensorDecodeError(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
+        if any(d < 0 for d in spec.shape):
+            raise TensorDecodeError(f"tensor {spec.name!r}: negative dimension in shape {list(spec.shape)}")
+        layout = TensorLayout(spec.name, _TO_NUMPY[spec.dtype], tuple(int(d) for d in spec.shape))
+        total += layout.num_bytes
+        if max_bytes is not None and total > max_bytes:
+            raise TensorDecodeError(f"tensors add up to more than the {max_bytes}-byte limit")
+        layouts.append(layout)
+    return layouts
+
+
+def check_layouts(received: Sequence[TensorLayout], expected: Sequence[TensorLayout]) -> None:
+    """Raise unless ``received`` names exactly the ``expected`` tensors, in order, dtypes and shapes."""
+    got = [r.name for r in received]
+    want = [e.name for e in expected]
+    if got != want:
+        unknown = sorted(set(got) - set(want))
+        detail = f"; unknown: {unknown}" if unknown else ""
+        raise TensorDecodeError(f"expected tensors {want}, got {got}{detail}")
+    for r, e in zip(received, expected, strict=True):
+        if r.dtype != e.dtype:
+            raise TensorDecodeError(f"tensor {r.name!r}: dtype {r.dtype} where {e.dtype} is expected")
+        if r.shape != e.shape:
+            raise TensorDecodeError(f"tensor {r.name!r}: shape {list(r.shape)} where {list(e.shape)} "
+                                    "is expected")
+
+
+class TensorAssembler:
+    """Rebuilds the tensors of one manifest from its chunks, refusing anything out of place."""
+
+    def __init__(self, layouts: Sequence[TensorLayout]) -> None:
+        self.layouts = list(layouts)
+        self._buffers = [bytearray(layout.num_bytes) for layout in self.layouts]
+        self._filled = [0] * len(self.layouts)
+        self._current = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        i = chunk.tensor_index
+        if i >= len(self.layouts):
+            raise TensorDecodeError(f"chunk for tensor {i}, but the manifest has {len(self.layouts)}")
+        # Skip past tensors already complete (including empty ones) to find the one being filled.
+        while self._current < len(self.layouts) and self._filled[self._current] == len(
+                self._buffers[self._current]):
+            self._current += 1
+        if i != self._current:
+            raise TensorDecodeError(f"chunk for tensor {i} while tensor {self._current} is incomplete "
+                                    "or already received (chunks must arrive in order)")
+        if chunk.offset != self._filled[i]:
+            raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk at offset {chunk.offset}, "
+                                    f"expected {self._filled[i]}")
+        end = self._filled[i] + len(chunk.data)
+        if not chunk.data or end > len(self._buffers[i]):
+            raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk of {len(chunk.data)} bytes at "
+                                    f"offset {chunk.offset} does not fit its {len(self._buffers[i])} bytes")
+        self._buffers[i][self._filled[i]:end] = chunk.data
+        self._filled[i] = end
+
+    def finish(self) -> list[np.ndarray]:
+        for layout, buf, filled in zip(self.layouts, self._buffers, self._filled, strict=True):
+            if filled != len(buf):
+                raise TensorDecodeError(f"tensor {layout.name!r}: stream ended after {filled} of "
+                                        f"{len(buf)} bytes")
+        return [np.frombuffer(bytes(buf), dtype=layout.dtype).reshape(layout.shape).astype(
+            layout.dtype.newbyteorder("="), copy=False)
+            for layout, buf in zip(self.layouts, self._buffers, strict=True)]
+
+
+def decode_tensor_stream(messages: Iterable[pb.TensorStreamMessage], *, max_bytes: int | None = None
+                         ) -> tuple[list[str], list[np.ndarray]]:
+    """Names and arrays from a ``DownloadModel`` stream (manifest first)."""
+    assembler: TensorAssembler | None = None
+    for message in messages:
+        kind = message.WhichOneof("kind")
+        if kind == "manifest":
+            if assembler is not None:
+                raise TensorDecodeError("a second manifest in one stream")
+            assembler = TensorAssembler(layouts_from_manifest(message.manifest, max_bytes=max_bytes))
+        elif kind == "chunk":
+            if assembler is None:
+                raise TensorDecodeError("a chunk before the manifest")
+            assembler.add(message.chunk)
+        else:
+            raise TensorDecodeError("an empty stream message")
+    if assembler is None:
+        raise TensorDecodeError("the stream ended before its manifest")
+    return [layout.name for layout in assembler.layouts], assembler.finish()
+
+
+# ----- at rest ------------------------------------------------------------------------------------------
+
+_META_KEY = "__meta__"
+
+
+def arrays_to_bytes(named: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytes:
+    """An ``.npz`` archive of ``named`` arrays (order kept), with an optional JSON ``meta`` object."""
+    if _META_KEY in named:
+        raise ValueError(f"{_META_KEY!r} is reserved")
+    payload = {k: np.asarray(v) for k, v in named.items()}
+    if meta is not None:
+        payload[_META_KEY] = np.asarray(json.dumps(dict(meta), sort_keys=True))
+    buffer = io.BytesIO()
+    np.savez(buffer, **payload)
+    return buffer.getvalue()
+
+
+def arrays_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and JSON meta of ``arrays_to_bytes``; never unpickles anything."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        named = {k: archive[k] for k in archive.files if k != _META_KEY}
+        meta = json.loads(str(archive[_META_KEY])) if _META_KEY in archive.files else {}
+    return named, meta

@@ -1,0 +1,71 @@
+"""Starting and stopping a coordinator: a gRPC server around one ``Coordinator`` and a timer for deadlines."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.servicer import CoordinatorServicer
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
+
+
+@dataclass
+class RunningServer:
+    """A started coordinator; ``stop`` shuts it down cleanly (open round committed or failed)."""
+
+    server: grpc.Server
+    coordinator: Coordinator
+    port: int
+    address: str
+    _ticker: threading.Thread
+    _stopped: threading.Event
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.server.stop(grace_s).wait()  # refuse new calls, let running ones finish
+        self._ticker.join()
+        self.coordinator.shut_down()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2) -> RunningServer:
+    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one) without TLS."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.so_reuseport", 0)])
+    pb_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorServicer(coordinator, max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2)),
+        server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    server.start()
+    stopped = threading.Event()
+
+    def tick() -> None:
+        while not stopped.wait(tick_s):
+            coordinator.tick()
+
+    ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
+    ticker.start()
+    return RunningServer(server, coordinator, bound, f"{host}:{bound}", ticker, stopped)

@@ -1,0 +1,485 @@
+"""The round coordinator of one task: selection, configuration, reporting, commit (no transport here).
+
+A round (after Bonawitz et al., MLSys 2019), with ``RoundSettings`` giving the numbers:
+
+1. Selection. The first check-in opens a round on the latest model version (persisted as ``open``). The
+   coordinator assigns clients first come, first served, up to the over-selected goal, while the selection
+   window lasts; anyone else gets a retry window. Too few assignments when the window closes fail the
+   round.
+2. Configuration. An assigned client downloads the round's global variables (never local ones: the
+   model's local variables do not exist on the server).
+3. Reporting. Each accepted report is validated and folded into a running weighted sum at once
+   (``RunningWeightedSum``: memory is one model whatever the number of clients). The round commits as soon
+   as ``clients_per_round`` reports are in (later reporters are told ABORTED), or when every assigned client
+   has answered, or at the deadline with at least ``min_reports``; otherwise it fails and the model is
+   unchanged.
+4. Commit. ``FedRecon.server_update`` (the simulator's own server step) makes the next model version, and
+   the store writes it with the round's outcome and participations in one transaction.
+
+In-flight round state lives in memory only: a coordinator that dies mid-round loses at most that round,
+which the next start marks failed, and no partial aggregate is ever written. Clients are known to the store
+only by a keyed hash of their id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.model_spec import model_from_config
+from fedrecon.server.checkpoints import (
+    globals_from_bytes,
+    globals_to_bytes,
+    optimizer_state_from_bytes,
+    optimizer_state_to_bytes,
+)
+from fedrecon.server.refusals import Refusal, Status
+from fedrecon.server.store import (
+    Outcome,
+    Participation,
+    RoundSummary,
+    SqlStore,
+    StoreError,
+    UnknownTask,
+    UnknownVersion,
+)
+from fedrecon.server.task import TaskSpec
+from fedrecon.tensors import TensorLayout
+
+PROTOCOL_VERSION = 1
+SALT_KEY = "pseudonym_salt"  # stored with the task; keys client pseudonyms, never shown by status
+MAX_WEIGHT = 1e9  # a client weight above this is absurd (examples on one device)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    task_name: str
+    round_id: int
+    round_num: int
+    model_version: int
+    token: str
+    deadline: datetime
+    model_spec_json: str
+    training_config_json: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    delay_min_s: float
+    delay_max_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    accepted: bool  # False: the very same update had already been accepted (an idempotent retry)
+    message: str
+
+
+@dataclass
+class _Round:
+    """A round in flight (memory only)."""
+
+    round_id: int
+    round_num: int
+    base_version: int
+    opened: float
+    selection_ends: float
+    deadline: float
+    aggregate: object
+    selecting: bool = True
+    assigned: dict[str, str] = field(default_factory=dict)  # client key -> assignment token
+    accepted: dict[str, str] = field(default_factory=dict)  # client key -> digest of the accepted update
+    weights: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # client key -> reason
+    loss_sum: float = 0.0
+    examples: float = 0.0
+
+    def answered(self) -> int:
+        return len(self.accepted) + len(self.refused)
+
+
+@dataclass(frozen=True)
+class _ClosedRound:
+    state: str  # "committed" or "failed"
+    why: str  # "goal", "all answered", "deadline" or a failure reason
+    accepted: dict[str, str]
+
+
+class Coordinator:
+    """Runs the rounds of one task against a store. Thread-safe: gRPC workers call it concurrently."""
+
+    def __init__(self, store: SqlStore, task: TaskSpec, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.task = task
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._version_changed = threading.Condition(self._lock)
+        self.model = model_from_config(task.model)
+        self.algorithm = FedRecon(self.model, task.training)
+        self._names = [v.name for v in self.model.global_variables]
+        self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
+                                            tuple(self.model.global_variables[i].shape))
+                               for i in self.model.global_trainable]
+        self._model_spec_json = json.dumps(task.model, sort_keys=True)
+        self._training_json = json.dumps(task.training.to_dict(), sort_keys=True)
+        self._salt = self._load_or_create_task()
+        self.interrupted_rounds = [r.round_id for r in store.fail_unfinished_rounds(
+            task.name, "coordinator restarted before the round committed")]
+        latest = store.latest_version(task.name)
+        self._version = latest.version
+        self._state = ServerState(globals_from_bytes(latest.parameters, self._names),
+                                  optimizer_state_from_bytes(latest.optimizer_state), latest.version)
+        self._round: _Round | None = None
+        self._closed: OrderedDict[int, _ClosedRound] = OrderedDict()
+        self._committed_rounds = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
+        self.refusals: Counter[str] = Counter()
+        self.reports_accepted = 0
+        self._stopping = False
+
+    # ----- setup ---------------------------------------------------------------------------------------
+    def _load_or_create_task(self) -> bytes:
+        spec = self.task.to_dict()
+        try:
+            stored = dict(self.store.get_task(self.task.name).spec)
+        except UnknownTask:
+            salt = secrets.token_hex(32)
+            state = self.algorithm.initial_state(self.task.seed)
+            self.store.create_task(
+                self.task.name, {**spec, SALT_KEY: salt},
+                initial_parameters=globals_to_bytes(self._names, state.globals),
+                optimizer_state=optimizer_state_to_bytes(state.optimizer_state))
+            return bytes.fromhex(salt)
+        salt = stored.pop(SALT_KEY)
+        if stored != json.loads(json.dumps(spec)):
+            raise ValueError(f"task {self.task.name!r} exists in the store with a different description; "
+                             "use a new task name to change the model or hyper-parameters")
+        return bytes.fromhex(salt)
+
+    # ----- identity ------------------------------------------------------------------------------------
+    def client_key(self, client_id: str) -> str:
+        """A pseudonym: HMAC-SHA256 of the client id under the task's secret salt (raw ids are never kept)."""
+        if not client_id or len(client_id) > 256:
+            raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
+        return hmac.new(self._salt, client_id.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def _check_task(self, task_name: str) -> None:
+        if task_name != self.task.name:
+            raise Refusal(Status.NOT_FOUND, "unknown_task",
+                          f"unknown task {task_name!r}; this coordinator serves {self.task.name!r}")
+
+    # ----- views ---------------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    @property
+    def delta_layouts(self) -> list[TensorLayout]:
+        """What a report must carry: the global trainable variables, float32, in model order."""
+        return list(self._delta_layouts)
+
+    @property
+    def model_spec_json(self) -> str:
+        return self._model_spec_json
+
+    @property
+    def training_config_json(self) -> str:
+        return self._training_json
+
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until the model reaches ``version`` (or ``timeout`` seconds pass); True if it did."""
+        with self._version_changed:
+            return self._version_changed.wait_for(lambda: self._version >= version, timeout)
+
+    def model_arrays(self, task_name: str, version: int) -> tuple[list[str], list[np.ndarray]]:
+        """The global variables of a committed version (names, arrays)."""
+        self._check_task(task_name)
+        with self._lock:
+            if version == self._version:
+                return list(self._names), list(self._state.globals)
+        try:
+            record = self.store.get_version(self.task.name, version)
+        except UnknownVersion:
+            raise Refusal(Status.NOT_FOUND, "unknown_version",
+                          f"task {task_name!r} has no model version {version}") from None
+        return list(self._names), globals_from_bytes(record.parameters, self._names)
+
+    # ----- selection -----------------------------------------------------------------------------------
+    def check_in(self, task_name: str, client_id: str, protocol_version: int,
+                 capabilities: Mapping[str, str] | None = None) -> Assignment | RetryLater:
+        if protocol_version != PROTOCOL_VERSION:
+            self.refusals["protocol_version"] += 1
+            raise Refusal(Status.FAILED_PRECONDITION, "protocol_version",
+                          f"protocol version {protocol_version} is not supported; this coordinator speaks "
+                          f"{PROTOCOL_VERSION}")
+        self._check_task(task_name)
+        key = self.client_key(client_id)
+        rounds = self.task.rounds
+        with self._lock:
+            now = self._clock()
+            self._advance(now)
+            if self._stopping:
+                return RetryLater(*rounds.retry_delay_s, reason="the coordinator is shutting down")
+            if rounds.max_rounds is not None and self._committed_rounds >= rounds.max_rounds:
+                return RetryLater(*rounds.retry_delay_s,
+                                  reason=f"training finished after {self._committed_rounds} rounds")
+            r = self._round or self._open_round(now)
+            if key in r.assigned:
+                if key in r.accepted or key in r.refused:
+                    return RetryLater(*rounds.retry_delay_s,
+                                      reason=f"already reported in round {r.round_num}")
+                return self._assignment(r, key)  # a retried check-in gets the same assignment
+            if not r.selecting:
+                return RetryLater(*rounds.retry_delay_s,
+                                  reason=f"round {r.round_num} has selected its clients")
+            r.assigned[key] = secrets.token_urlsafe(18)
+            if len(r.assigned) >= rounds.selection_goal:
+                r.selecting = False
+            return self._assignment(r, key)
+
+    def _assignment(self, r: _Round, key: str) -> Assignment:
+        return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, r.assigned[key],
+                          datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
+                          self.task.batch_size)
+
+    def _open_round(self, now: float) -> _Round:
+        s = self.task.rounds
+        deadline = now + s.selection_timeout_s + s.reporting_timeout_s
+        record = self.store.open_round(self.task.name, base_version=self._version, target=s.clients_per_round,
+                                       min_reports=s.minimum, deadline=datetime.fromtimestamp(deadline, UTC))
+        self._round = _Round(record.round_id, record.round_num, self._version, now,
+                             now + s.selection_timeout_s, deadline, self.algorithm.new_aggregate())
+        return self._round
+
+    # ----- reporting -----------------------------------------------------------------------------------
+    def check_report(self, task_name: str, client_id: str, round_id: int, token: str) -> str:
+        """Refuse early (before any tensor bytes are read) a report that cannot be accepted; the client key.
+        """
+        self._check_task(task_name)
+        key = self.client_key(client_id)
+        with self._lock:
+            self._advance(self._clock())
+            r = self._round
+            if r is not None and r.round_id == round_id and r.assigned.get(key) != token:
+                self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
+                             f"this client holds no assignment to round {r.round_num}", record=False)
+        return key
+
+    def report(self, task_name: str, client_id: str, round_id: int, token: str, weight: float,
+               metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
+        """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise."""
+        key = self.check_report(task_name, client_id, round_id, token)
+        digest = _digest(weight, delta)
+        problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
+        with self._lock:
+            self._advance(self._clock())
+            r = self._round
+            if r is None or r.round_id != round_id:
+                return self._report_to_closed_round(round_id, key, digest)
+            if r.assigned.get(key) != token:
+                self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
+                             f"this client holds no assignment to round {r.round_num}", record=False)
+            if key in r.accepted:
+                if r.accepted[key] == digest:
+                    return ReportOutcome(False, f"this update was already accepted in round {r.round_num}")
+                self._refuse(r, key, Status.ALREADY_EXISTS, "duplicate",
+                             f"a different update from this client was already accepted in round "
+                             f"{r.round_num}; one update per client per round", record=False)
+            if problem is not None:
+                self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
+            r.aggregate.add(delta, weight)  # type: ignore[attr-defined]
+            r.accepted[key] = digest
+            r.weights[key] = float(weight)
+            r.metrics[key] = {k: float(v) for k, v in metrics.items()}
+            seen = float(metrics.get("post_recon_examples", 0.0))
+            r.loss_sum += float(metrics.get("loss", 0.0)) * seen
+            r.examples += seen
+            self.reports_accepted += 1
+            num = r.round_num
+            if len(r.accepted) >= self.task.rounds.clients_per_round:
+                self._commit(r, "goal")
+            elif not r.selecting and r.answered() == len(r.assigned):
+                self._close_when_all_answered(r)
+            return ReportOutcome(True, f"accepted in round {num}")
+
+    def _report_to_closed_round(self, round_id: int, key: str, digest: str) -> ReportOutcome:
+        closed = self._closed.get(round_id)
+        if closed is None:
+            current = f"round id {self._round.round_id} is open" if self._round else "no round is open"
+            self.refusals["wrong_round"] += 1
+            raise Refusal(Status.FAILED_PRECONDITION, "wrong_round",
+                          f"round id {round_id} is not open ({current})")
+        if closed.accepted.get(key) == digest:
+            return ReportOutcome(False, f"this update was already accepted in round id {round_id} "
+                                        f"({closed.state})")
+        if closed.why == "deadline":
+            self.refusals["late"] += 1
+            raise Refusal(Status.DEADLINE_EXCEEDED, "late",
+                          f"round id {round_id} passed its reporting deadline ({closed.state})")
+        self.refusals["round_over"] += 1
+        raise Refusal(Status.ABORTED, "round_over",
+                      f"round id {round_id} is over ({closed.state}: {closed.why})")
+
+    def _refuse(self, r: _Round, key: str, status: Status, reason: str, message: str, *,
+                record: bool) -> None:
+        self.refusals[reason] += 1
+        if record and key in r.assigned and key not in r.accepted:
+            r.refused[key] = reason
+            if not r.selecting and r.answered() == len(r.assigned):
+                self._close_when_all_answered(r)
+        raise Refusal(status, reason, message)
+
+    # ----- evaluation ----------------------------------------------------------------------------------
+    def report_evaluation(self, task_name: str, client_id: str, version: int, squared_error: float,
+                          num_correct: float, num_examples: float) -> None:
+        self._check_task(task_name)
+        key = self.client_key(client_id)
+        values = (squared_error, num_correct, num_examples)
+        if not all(math.isfinite(v) and v >= 0 for v in values) or num_correct > num_examples:
+            self.refusals["bad_evaluation"] += 1
+            raise Refusal(Status.INVALID_ARGUMENT, "bad_evaluation",
+                          "evaluation sums must be finite, non-negative, with num_correct <= num_examples")
+        if not 0 <= version <= self.version:
+            raise Refusal(Status.NOT_FOUND, "unknown_version", f"no model version {version}")
+        self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
+                                     num_correct=num_correct, num_examples=num_examples)
+
+    # ----- time ----------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Apply timeouts; called periodically by the server so a silent round still ends on time."""
+        with self._lock:
+            self._advance(self._clock())
+
+    def _advance(self, now: float) -> None:
+        r = self._round
+        if r is None:
+            return
+        s = self.task.rounds
+        if r.selecting and now >= r.selection_ends:
+            r.selecting = False
+            if len(r.assigned) < s.minimum:
+                self._fail(r, f"only {len(r.assigned)} clients checked in within "
+                              f"{s.selection_timeout_s:g} s; the minimum is {s.minimum}")
+                return
+            if r.answered() == len(r.assigned):
+                self._close_when_all_answered(r)
+                return
+        if now >= r.deadline:
+            if len(r.accepted) >= s.minimum:
+                self._commit(r, "deadline")
+            else:
+                self._fail(r, f"only {len(r.accepted)} reports by the deadline; the minimum is {s.minimum}",
+                           why="deadline")
+
+    def _close_when_all_answered(self, r: _Round) -> None:
+        if len(r.accepted) >= self.task.rounds.minimum:
+            self._commit(r, "all answered")
+        else:
+            self._fail(r, f"every assigned client answered but only {len(r.accepted)} reports were accepted; "
+                          f"the minimum is {self.task.rounds.minimum}")
+
+    # ----- commit --------------------------------------------------------------------------------------
+    def _summary(self, r: _Round) -> tuple[RoundSummary, list[Participation]]:
+        participations = []
+        for key in r.assigned:
+            if key in r.accepted:
+                participations.append(Participation(key, Outcome.ACCEPTED, r.weights[key], r.metrics[key]))
+            elif key in r.refused:
+                participations.append(Participation(key, Outcome.REFUSED, 0.0, {}, r.refused[key]))
+            else:
+                participations.append(Participation(key, Outcome.DROPPED, 0.0, {}, "no report"))
+        metrics = {"train_loss": r.loss_sum / r.examples if r.examples else float("nan"),
+                   "train_examples": r.examples,
+                   "seconds": self._clock() - r.opened}
+        summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
+                               num_accepted=len(r.accepted), num_refused=len(r.refused),
+                               total_weight=float(sum(r.weights.values())),
+                               metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
+        return summary, participations
+
+    def _commit(self, r: _Round, why: str) -> None:
+        summary, participations = self._summary(r)
+        try:
+            self.store.mark_aggregating(r.round_id)
+            new_state = self.algorithm.server_update(self._state, r.aggregate)  # type: ignore[arg-type]
+            self.store.commit_round(r.round_id,
+                                    parameters=globals_to_bytes(self._names, new_state.globals),
+                                    optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state),
+                                    summary=summary, participations=participations)
+        except StoreError as err:
+            self._fail(r, f"commit failed: {err}")
+            return
+        self._state = new_state
+        self._version += 1
+        self._committed_rounds += 1
+        self._forget(r, _ClosedRound("committed", why, dict(r.accepted)))
+        self._version_changed.notify_all()
+
+    def _fail(self, r: _Round, reason: str, *, why: str | None = None) -> None:
+        summary, participations = self._summary(r)
+        # The round is abandoned either way; if the store cannot record it now, a restart marks it failed.
+        with contextlib.suppress(StoreError):
+            self.store.fail_round(r.round_id, reason, summary=summary, participations=participations)
+        self._forget(r, _ClosedRound("failed", why or reason, {}))
+
+    def _forget(self, r: _Round, closed: _ClosedRound) -> None:
+        self._closed[r.round_id] = closed
+        while len(self._closed) > 8:
+            self._closed.popitem(last=False)
+        self._round = None
+
+    # ----- shutdown ------------------------------------------------------------------------------------
+    def shut_down(self) -> None:
+        """Stop assigning; commit the open round if it has enough reports, else fail it."""
+        with self._lock:
+            self._stopping = True
+            r = self._round
+            if r is None:
+                return
+            if len(r.accepted) >= self.task.rounds.minimum:
+                self._commit(r, "shutdown")
+            else:
+                self._fail(r, "the coordinator shut down before the round had enough reports")
+
+
+def _digest(weight: float, delta: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256(np.float64(weight).tobytes())
+    for d in delta:
+        h.update(np.ascontiguousarray(d).tobytes())
+    return h.hexdigest()
+
+
+def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[np.ndarray],
+                    layouts: Sequence[TensorLayout]) -> tuple[str, str] | None:
+    """(reason, message) if the update must be refused; shapes were checked when its manifest arrived."""
+    if not math.isfinite(weight) or weight < 0:
+        return "bad_weight", f"weight must be finite and non-negative, got {weight}"
+    if weight > MAX_WEIGHT:
+        return "bad_weight", f"weight {weight:g} is above the limit {MAX_WEIGHT:g}"
+    if len(delta) != len(layouts):
+        return "bad_tensors", f"expected {len(layouts)} tensors, got {len(delta)}"
+    for d, layout in zip(delta, layouts, strict=True):
+        if d.shape != layout.shape or d.dtype != layout.dtype:
+            return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
+        if not np.isfinite(d).all():
+            return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        return "bad_metrics", f"metrics {bad} are not finite"
+    return None

@@ -1,0 +1,115 @@
+"""The gRPC face of the coordinator: decode, call the coordinator, encode; refusals become gRPC statuses.
+
+Kept thin on purpose (as Flower does): every rule lives in ``Coordinator``; here only the stream handling
+(reading a report's header before its bytes, assembling chunks strictly) and the mapping of
+``Refusal``/``TensorDecodeError`` to ``context.abort``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.server.refusals import Refusal
+from fedrecon.tensors import (
+    DEFAULT_CHUNK_BYTES,
+    TensorAssembler,
+    TensorDecodeError,
+    check_layouts,
+    layouts_from_manifest,
+    tensor_stream,
+)
+from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
+    context.abort(getattr(grpc.StatusCode, refusal.status.value), refusal.message)
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.coordinator = coordinator
+        self.max_chunk_bytes = max_chunk_bytes
+
+    def CheckIn(self, request: pb.CheckInRequest, context: grpc.ServicerContext) -> pb.CheckInResponse:
+        try:
+            result = self.coordinator.check_in(request.task_name, request.client_id, request.protocol_version,
+                                               dict(request.capabilities))
+        except Refusal as refusal:
+            _abort(context, refusal)
+        if isinstance(result, Assignment):
+            deadline = Timestamp()
+            deadline.FromDatetime(result.deadline)
+            return pb.CheckInResponse(assignment=pb.Assignment(
+                task_name=result.task_name, round_id=result.round_id, round_num=result.round_num,
+                model_version=result.model_version, assignment_token=result.token,
+                reporting_deadline=deadline, model_spec_json=result.model_spec_json,
+                training_config_json=result.training_config_json, batch_size=result.batch_size))
+        lo, hi = Duration(), Duration()
+        lo.FromNanoseconds(int(result.delay_min_s * 1e9))
+        hi.FromNanoseconds(int(result.delay_max_s * 1e9))
+        return pb.CheckInResponse(retry=pb.RetryWindow(delay_min=lo, delay_max=hi, reason=result.reason))
+
+    def DownloadModel(self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
+                      ) -> Iterator[pb.TensorStreamMessage]:
+        try:
+            names, arrays = self.coordinator.model_arrays(request.task_name, request.model_version)
+        except Refusal as refusal:
+            _abort(context, refusal)
+        chunk = min(request.max_chunk_bytes or self.max_chunk_bytes, self.max_chunk_bytes)
+        yield from tensor_stream(names, arrays, chunk)
+
+    def ReportUpdate(self, request_iterator: Iterator[pb.ReportUpdateRequest], context: grpc.ServicerContext
+                     ) -> pb.ReportUpdateResponse:
+        coordinator = self.coordinator
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a report stream must start with its header")
+        header = first.header
+        try:
+            coordinator.check_report(header.task_name, header.client_id, header.round_id,
+                                     header.assignment_token)
+            expected = coordinator.delta_layouts
+            layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
+            check_layouts(layouts, expected)
+            assembler = TensorAssembler(layouts)
+            for message in request_iterator:
+                if message.WhichOneof("kind") != "chunk":
+                    raise TensorDecodeError("only tensor chunks may follow the header")
+                assembler.add(message.chunk)
+            delta = assembler.finish()
+            outcome = coordinator.report(header.task_name, header.client_id, header.round_id,
+                                         header.assignment_token, header.weight, dict(header.metrics), delta)
+        except Refusal as refusal:
+            _abort(context, refusal)
+        except TensorDecodeError as err:
+            coordinator.refusals["bad_tensors"] += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return pb.ReportUpdateResponse(accepted=outcome.accepted, message=outcome.message)
+
+    def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+                         ) -> pb.ReportEvaluationResponse:
+        try:
+            self.coordinator.report_evaluation(request.task_name, request.client_id, request.model_version,
+                                               request.squared_error, request.num_correct,
+                                               request.num_examples)
+        except Refusal as refusal:
+            _abort(context, refusal)
+        return pb.ReportEvaluationResponse()
+
+    def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.ServicerContext
+                       ) -> pb.GetLatestModelResponse:
+        c = self.coordinator
+        if request.task_name != c.task.name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task {request.task_name!r}")
+        return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
+                                         training_config_json=c.training_config_json,
+                                         batch_size=c.task.batch_size)

@@ -1,0 +1,129 @@
+"""A task: what the coordinator trains (model, FedRecon hyper-parameters) and how it runs rounds.
+
+Written by people as TOML (or JSON), for example::
+
+    name = "movielens"
+    batch_size = 5
+    seed = 0
+
+    [model]
+    kind = "matrix_factorization"
+    num_items = 3706
+    num_factors = 50
+
+    [training]                       # FedReconConfig fields; omitted ones keep the reference defaults
+    recon_epochs = 5
+    server_optimizer = { name = "sgd", learning_rate = 1.0 }
+
+    [rounds]
+    clients_per_round = 100
+    over_selection = 1.3
+
+The whole description is stored with the task, so ``fedrecon status`` and a restarted coordinator see what
+was run; a coordinator refuses to serve a task whose stored description differs from the one it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedrecon.core.config import FedReconConfig
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """How rounds are run (after Bonawitz et al., 2019: selection, configuration, reporting).
+
+    A round opens when the first client checks in. It assigns up to ``ceil(clients_per_round ·
+    over_selection)`` clients during ``selection_timeout_s``; with fewer than ``min_reports`` assigned by
+    then it fails. It commits as soon as ``clients_per_round`` reports are accepted (later ones are told the
+    round is over), or once every assigned client has answered, or at the reporting deadline
+    (``selection_timeout_s + reporting_timeout_s`` after opening) if at least ``min_reports`` were
+    accepted; otherwise it fails and the model stays as it was.
+    """
+
+    clients_per_round: int = 100
+    over_selection: float = 1.3
+    min_reports: int | None = None  # default: 80% of clients_per_round
+    selection_timeout_s: float = 30.0
+    reporting_timeout_s: float = 120.0
+    retry_delay_s: tuple[float, float] = (1.0, 10.0)  # the window a refused client waits in
+    max_rounds: int | None = None  # stop assigning work after this many committed rounds
+
+    def __post_init__(self) -> None:
+        if self.clients_per_round < 1:
+            raise ValueError("clients_per_round must be at least 1")
+        if self.over_selection < 1.0:
+            raise ValueError("over_selection must be at least 1.0")
+        if not 1 <= self.minimum <= self.clients_per_round:
+            raise ValueError("min_reports must be between 1 and clients_per_round")
+        if self.selection_timeout_s <= 0 or self.reporting_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        lo, hi = self.retry_delay_s
+        if not 0 <= lo <= hi:
+            raise ValueError("retry_delay_s must be (min, max) with 0 <= min <= max")
+
+    @property
+    def minimum(self) -> int:
+        if self.min_reports is not None:
+            return self.min_reports
+        return max(1, math.ceil(0.8 * self.clients_per_round))
+
+    @property
+    def selection_goal(self) -> int:
+        return math.ceil(self.clients_per_round * self.over_selection)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    model: dict[str, Any]
+    training: FedReconConfig = field(default_factory=FedReconConfig)
+    rounds: RoundSettings = field(default_factory=RoundSettings)
+    batch_size: int = 5
+    seed: int = 0  # initial global variables
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"task name {self.name!r} must be letters, digits, '-' or '_'")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        rounds = dataclasses.asdict(self.rounds)
+        rounds["retry_delay_s"] = list(self.rounds.retry_delay_s)
+        return {"name": self.name, "model": dict(self.model), "training": self.training.to_dict(),
+                "rounds": rounds, "batch_size": self.batch_size, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
+        known = {"name", "model", "training", "rounds", "batch_size", "seed"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown task fields {sorted(unknown)}; known: {sorted(known)}")
+        if "name" not in data or "model" not in data:
+            raise ValueError("a task needs at least 'name' and [model]")
+        rounds = dict(data.get("rounds", {}))
+        if "retry_delay_s" in rounds:
+            rounds["retry_delay_s"] = tuple(rounds["retry_delay_s"])
+        try:
+            return cls(name=data["name"], model=dict(data["model"]),
+                       training=FedReconConfig.from_dict(dict(data.get("training", {}))),
+                       rounds=RoundSettings(**rounds), batch_size=int(data.get("batch_size", 5)),
+                       seed=int(data.get("seed", 0)))
+        except TypeError as err:  # an unknown field in a sub-table
+            raise ValueError(f"bad task description: {err}") from err
+
+    @classmethod
+    def load(cls, path: Path) -> TaskSpec:
+        """Read a ``.toml`` or ``.json`` task description."""
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return cls.from_dict(data)
