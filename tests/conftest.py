@@ -7,6 +7,7 @@ always runs every test.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,12 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("FEDRECON_REQUIRE_ALL") == "1":
         pytest.fail(f"required by CI (FEDRECON_REQUIRE_ALL=1): {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", name="require")
+def require_fixture() -> Callable[[bool, str], None]:
+    """`require` for test modules, which cannot import conftest under ``--import-mode=importlib``."""
+    return require
 
 
 @pytest.fixture(scope="session")

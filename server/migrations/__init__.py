@@ -1,1 +1,28 @@
-"""Placeholder."""
+"""The history of the coordinator's schema, as Alembic revisions shipped inside the package.
+
+The coordinator migrates its own database on start (`upgrade_to_head`), so an operator never runs Alembic
+by hand; the script location comes from the installed package, not from the working directory, so this
+works from a wheel as well as from a checkout. Developers adding a revision use the CLI:
+``alembic -c server/migrations/alembic.ini revision --autogenerate --rev-id 0002 -m "..."``.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import as_file, files
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection
+
+
+def upgrade_to_head(connection: Connection) -> None:
+    """Bring the database behind ``connection`` to the newest revision (a no-op when it is already there).
+
+    The caller owns the transaction: run this inside ``engine.begin()`` so that a failed migration leaves
+    the schema as it was on backends with transactional DDL (PostgreSQL, and SQLite under `SqlStore`).
+    """
+    with as_file(files(__name__)) as script_location:
+        config = Config()
+        config.set_main_option("script_location", str(script_location))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

@@ -1,1 +1,55 @@
-"""Placeholder."""
+"""The coordinator's durable state: tasks, model versions, rounds, participations and evaluations.
+
+Design:
+
+* All state sits behind one interface, `SqlStore`, whose methods are domain verbs (`open_round`,
+  `commit_round`, ...) rather than tables and queries, so the coordinator holds no SQL and the storage can
+  change without touching it.
+* Out come plain frozen dataclasses (`records`), never ORM objects: they are safe to pass between threads
+  and to keep after the transaction that produced them.
+* Refusals are typed errors (`UnknownTask`, `InvalidTransition`, `StaleRound`, ... all `StoreError`), so the
+  coordinator reacts to what happened instead of parsing messages.
+* A round is closed and its model version written in ONE transaction: a crash or a lost race never leaves a
+  committed round without its version, or a version without its round.
+* SQLite is the default (a file next to the coordinator, nothing to operate); any SQLAlchemy URL works, and
+  the test suite runs the same contract against PostgreSQL. The schema is migrated by Alembic on start
+  (`fedrecon.server.migrations`).
+"""
+
+from .records import (
+    DuplicateTask,
+    EvaluationSummary,
+    InvalidTransition,
+    Outcome,
+    Participation,
+    RoundRecord,
+    RoundState,
+    RoundSummary,
+    StaleRound,
+    StoreError,
+    TaskRecord,
+    UnknownRound,
+    UnknownTask,
+    UnknownVersion,
+    VersionRecord,
+)
+from .sql_store import SqlStore
+
+__all__ = [
+    "DuplicateTask",
+    "EvaluationSummary",
+    "InvalidTransition",
+    "Outcome",
+    "Participation",
+    "RoundRecord",
+    "RoundState",
+    "RoundSummary",
+    "SqlStore",
+    "StaleRound",
+    "StoreError",
+    "TaskRecord",
+    "UnknownRound",
+    "UnknownTask",
+    "UnknownVersion",
+    "VersionRecord",
+]

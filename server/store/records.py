@@ -1,0 +1,210 @@
+"""What the store hands out and what it raises.
+
+The store returns frozen dataclasses of plain values, never ORM objects: a record can cross threads, outlive
+its session and be logged or serialised without touching the database again (no lazy loads, no detached
+instance errors). The errors are typed so that the coordinator can tell "this round lost the race"
+(`StaleRound`) from "the caller asked for something that does not exist" (`UnknownTask`, ...) without
+parsing messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+
+class RoundState(StrEnum):
+    """Where a round is in its life; only `OPEN` and `AGGREGATING` are unfinished.
+
+    Legal transitions: open -> aggregating, open -> failed, aggregating -> committed, aggregating -> failed.
+    A round is never committed straight from open: `SqlStore.commit_round` on an open round passes through
+    aggregating inside its own transaction, so the rule holds for every committed round.
+    """
+
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+    def can_become(self, target: RoundState) -> bool:
+        """Whether ``self -> target`` is a legal transition."""
+        return target in _TRANSITIONS[self]
+
+    @property
+    def is_finished(self) -> bool:
+        """Committed and failed rounds are final: nothing may change them any more."""
+        return not _TRANSITIONS[self]
+
+
+_TRANSITIONS: MappingProxyType[RoundState, frozenset[RoundState]] = MappingProxyType({
+    RoundState.OPEN: frozenset({RoundState.AGGREGATING, RoundState.FAILED}),
+    RoundState.AGGREGATING: frozenset({RoundState.COMMITTED, RoundState.FAILED}),
+    RoundState.COMMITTED: frozenset(),
+    RoundState.FAILED: frozenset(),
+})
+
+UNFINISHED_STATES: frozenset[RoundState] = frozenset(s for s in RoundState if not s.is_finished)
+"""Rounds in these states are still in flight (and are failed when a coordinator restarts)."""
+
+
+class Outcome(StrEnum):
+    """How one selected client's participation in a round ended."""
+
+    ACCEPTED = "accepted"  # its update went into the aggregate
+    REFUSED = "refused"  # it reported, but the update was rejected (malformed, non-finite, ...)
+    LATE = "late"  # it reported after the round's deadline
+    ABORTED = "aborted"  # it reported after the round had reached its goal; not needed any more
+    DROPPED = "dropped"  # it was assigned work and never reported
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A federated task: a name and its spec (model definition, hyper-parameters, round settings)."""
+
+    name: str
+    spec: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRecord:
+    """One global model version; ``parent`` is None only for version 0, ``round_id`` None unless a round
+    produced it. The payloads are None when the caller did not ask for them (they can be megabytes)."""
+
+    task: str
+    version: int
+    parent: int | None
+    round_id: int | None
+    created_at: datetime
+    parameters: bytes | None = field(default=None, repr=False)
+    optimizer_state: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """A round as stored: its settings, its state and, once closed, what came of it."""
+
+    round_id: int
+    task: str
+    round_num: int
+    state: RoundState
+    base_version: int
+    target: int
+    min_reports: int
+    opened_at: datetime
+    deadline: datetime
+    closed_at: datetime | None
+    num_selected: int
+    num_reported: int
+    num_accepted: int
+    num_refused: int
+    total_weight: float
+    new_version: int | None
+    failure_reason: str | None
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Participation:
+    """One client's part in a round. ``client_key`` is a pseudonymous hash (at most 64 characters), never a
+    raw client id: the store must not be able to link rounds to people."""
+
+    client_key: str
+    outcome: Outcome
+    weight: float
+    metrics: dict[str, float]
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoundSummary:
+    """The counts and aggregated metrics of a closed round, as computed by the coordinator."""
+
+    num_selected: int
+    num_reported: int
+    num_accepted: int
+    num_refused: int
+    total_weight: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationSummary:
+    """Evaluation of one model version summed over clients, so that metrics are example-weighted: a client
+    with 1000 ratings counts 100 times as much as one with 10, as if the data were pooled."""
+
+    version: int
+    num_clients: int
+    squared_error: float
+    num_correct: int
+    num_examples: int
+
+    def metrics(self) -> dict[str, float]:
+        """mse, rmse and accuracy over all examples (NaN when there are none)."""
+        if self.num_examples <= 0:
+            return {"mse": math.nan, "rmse": math.nan, "accuracy": math.nan}
+        mse = self.squared_error / self.num_examples
+        return {"mse": mse, "rmse": math.sqrt(mse), "accuracy": self.num_correct / self.num_examples}
+
+
+class StoreError(Exception):
+    """Base of every error the store raises on purpose; also wraps constraint violations."""
+
+
+class UnknownTask(StoreError):
+    def __init__(self, task: str) -> None:
+        super().__init__(f"unknown task {task!r}")
+        self.task = task
+
+
+class UnknownVersion(StoreError):
+    def __init__(self, task: str, version: int) -> None:
+        super().__init__(f"task {task!r} has no model version {version}")
+        self.task = task
+        self.version = version
+
+
+class UnknownRound(StoreError):
+    def __init__(self, round_id: int) -> None:
+        super().__init__(f"unknown round id {round_id}")
+        self.round_id = round_id
+
+
+class DuplicateTask(StoreError):
+    def __init__(self, task: str) -> None:
+        super().__init__(f"task {task!r} already exists")
+        self.task = task
+
+
+class InvalidTransition(StoreError):
+    """The round is not in a state that allows the operation (e.g. committing a failed round)."""
+
+    def __init__(
+        self, round_id: int, task: str, state: RoundState, operation: str, allowed: Iterable[RoundState]
+    ) -> None:
+        when = " or ".join(s.value for s in RoundState if s in set(allowed))
+        super().__init__(
+            f"cannot {operation} round {round_id} of task {task!r}: it is {state} (allowed only when {when})"
+        )
+        self.round_id = round_id
+        self.task = task
+        self.state = state
+
+
+class StaleRound(StoreError):
+    """The round was opened on a version that is no longer the task's latest: its update is outdated."""
+
+    def __init__(self, round_id: int, task: str, base_version: int, latest_version: int) -> None:
+        super().__init__(
+            f"round {round_id} of task {task!r} was opened on version {base_version} but the latest version "
+            f"is {latest_version}; its update is stale and was not committed"
+        )
+        self.round_id = round_id
+        self.task = task
+        self.base_version = base_version
+        self.latest_version = latest_version

@@ -1,0 +1,179 @@
+"""The coordinator's tables, as SQLAlchemy 2 typed declarative models.
+
+This module is the single source of truth for the schema: the Alembic revisions in
+`fedrecon.server.migrations` are written to equal `Base.metadata` exactly, and a test compares the migrated
+database against it. Constraint names come from a naming convention so that migrations can refer to them
+and autogenerate is deterministic on every backend.
+
+These classes never leave the store: `sql_store` converts rows into the plain records of `records`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from .records import Outcome, RoundState
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CLIENT_KEY_LENGTH = 64
+"""A client key is a hex digest (SHA-256 is 64 characters), never a raw client id."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that only accepts aware datetimes and always returns aware UTC ones.
+
+    SQLite has no time zone type and hands back naive values; PostgreSQL hands them back in the session's
+    zone. Normalising here means no caller ever compares a naive datetime with an aware one.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only accepts timezone-aware datetimes")
+        value = value.astimezone(UTC)
+        # SQLite's DATETIME storage would silently drop the offset; store naive UTC explicitly instead.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _string_enum(enum: type[RoundState] | type[Outcome], name: str) -> Enum:
+    """A VARCHAR plus CHECK constraint storing the enum's *values*, so the column reads well in plain SQL and
+    adding a state never needs a PostgreSQL ``ALTER TYPE``."""
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads this class attribute)
+        datetime: UtcDateTime(),
+        dict[str, Any]: JSON(),
+        bytes: LargeBinary(),
+    }
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    spec: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (
+        UniqueConstraint("task_id", "round_num"),
+        Index(None, "task_id", "state"),  # fail_unfinished_rounds
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    round_num: Mapped[int]
+    state: Mapped[RoundState] = mapped_column(_string_enum(RoundState, "round_state"))
+    base_version: Mapped[int]
+    target: Mapped[int]
+    min_reports: Mapped[int]
+    opened_at: Mapped[datetime]
+    deadline: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+    num_selected: Mapped[int] = mapped_column(default=0)
+    num_reported: Mapped[int] = mapped_column(default=0)
+    num_accepted: Mapped[int] = mapped_column(default=0)
+    num_refused: Mapped[int] = mapped_column(default=0)
+    total_weight: Mapped[float] = mapped_column(Float, default=0.0)
+    new_version: Mapped[int | None]
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]]
+
+
+class ModelVersion(Base):
+    """A global model. The payloads are deferred: listing versions must not load megabytes of weights."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("task_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    version: Mapped[int]
+    parent_version: Mapped[int | None]
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    created_at: Mapped[datetime]
+    parameters: Mapped[bytes] = mapped_column(deferred=True)
+    optimizer_state: Mapped[bytes] = mapped_column(deferred=True)
+
+
+class ParticipationRow(Base):
+    __tablename__ = "participations"
+    __table_args__ = (UniqueConstraint("round_id", "client_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    client_key: Mapped[str] = mapped_column(String(CLIENT_KEY_LENGTH))
+    outcome: Mapped[Outcome] = mapped_column(_string_enum(Outcome, "outcome"))
+    weight: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]]
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class Evaluation(Base):
+    """One client's evaluation of one model version; the composite foreign key makes evaluating a version
+    that does not exist impossible at the database level."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        ForeignKeyConstraint(["task_id", "version"], ["model_versions.task_id", "model_versions.version"]),
+        Index(None, "task_id", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int]
+    version: Mapped[int]
+    client_key: Mapped[str] = mapped_column(String(CLIENT_KEY_LENGTH))
+    squared_error: Mapped[float] = mapped_column(Float)
+    num_correct: Mapped[int]
+    num_examples: Mapped[int]
+    created_at: Mapped[datetime]

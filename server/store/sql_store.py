@@ -1,0 +1,549 @@
+"""`SqlStore`: the coordinator's whole state behind domain verbs, on any SQLAlchemy database.
+
+Every public method is one short transaction on its own session, so the store can be shared by the
+coordinator's gRPC worker threads. Methods that decide something from what they read (commit a round only if
+its base is still the latest version, number a new round after the highest one) lock the rows they decide
+on: ``SELECT ... FOR NO KEY UPDATE`` on PostgreSQL, and on SQLite (which ignores FOR UPDATE) a write
+transaction started with ``BEGIN IMMEDIATE``, which takes the database's single write lock up front. Rows are
+always locked task first, then round, so two transactions cannot deadlock on them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import Engine, create_engine, distinct, event, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session, sessionmaker, undefer
+from sqlalchemy.pool import StaticPool
+
+from fedrecon.server.migrations import upgrade_to_head
+
+from .records import (
+    UNFINISHED_STATES,
+    DuplicateTask,
+    EvaluationSummary,
+    InvalidTransition,
+    Outcome,
+    Participation,
+    RoundRecord,
+    RoundState,
+    RoundSummary,
+    StaleRound,
+    StoreError,
+    TaskRecord,
+    UnknownRound,
+    UnknownTask,
+    UnknownVersion,
+    VersionRecord,
+)
+from .schema import CLIENT_KEY_LENGTH, Evaluation, ModelVersion, ParticipationRow, Round, Task
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+"""How long a SQLite transaction waits for another's write lock before failing with "database is locked"."""
+
+_READ_ONLY = "fedrecon_read_only"  # execution option: this transaction only reads
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlStore:
+    """The coordinator's state: tasks, model versions, rounds, participations and evaluations.
+
+    Contracts every method keeps:
+
+    * it runs in one transaction: it either does all it says or raises and changes nothing;
+    * it returns plain records (`records`), never ORM objects, and datetimes are timezone-aware UTC;
+    * it raises a `StoreError` subclass for every refusal (unknown names, illegal transitions, stale rounds,
+      constraint violations), and `ValueError` for arguments that could never be valid.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Connect to ``url`` (e.g. ``sqlite:///coordinator.db``, ``postgresql+psycopg://user@host/db``).
+
+        With ``migrate`` the schema is brought to the newest Alembic revision first, so a fresh database is
+        created and an older one upgraded; on an up-to-date database this changes nothing.
+        """
+        self._engine = _create_engine(url)
+        # An in-memory SQLite database lives in one connection shared by every thread; its transactions
+        # must not interleave, so they take turns.
+        self._turns: AbstractContextManager[Any] = (
+            threading.Lock() if _is_memory_sqlite(url) else nullcontext()
+        )
+        if migrate:
+            with self._engine.begin() as connection:
+                upgrade_to_head(connection)
+        self._writes = sessionmaker(self._engine, expire_on_commit=False)
+        self._reads = sessionmaker(
+            self._engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
+        )
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked, safe to log."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        """Close every pooled connection; the store must not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqlStore({self.url!r})"
+
+    # -- tasks ------------------------------------------------------------------------------------------
+
+    def create_task(
+        self, name: str, spec: Mapping[str, Any], *, initial_parameters: bytes, optimizer_state: bytes
+    ) -> TaskRecord:
+        """Create task ``name`` together with its version 0 (parent None, no round), in one transaction, so
+        that a task without a model can never be observed. Raises `DuplicateTask` if the name is taken."""
+        if not name:
+            raise ValueError("a task needs a non-empty name")
+        now = utc_now()
+        with self._write() as s:
+            if s.scalar(select(Task.id).where(Task.name == name)) is not None:
+                raise DuplicateTask(name)
+            task = Task(name=name, spec=dict(spec), created_at=now)
+            s.add(task)
+            try:
+                s.flush()
+            except IntegrityError as exc:  # another writer created it after our check (PostgreSQL)
+                raise DuplicateTask(name) from exc
+            s.add(ModelVersion(
+                task_id=task.id, version=0, parent_version=None, round_id=None, created_at=now,
+                parameters=bytes(initial_parameters), optimizer_state=bytes(optimizer_state),
+            ))
+            return _task_record(task)
+
+    def get_task(self, name: str) -> TaskRecord:
+        """Task ``name``; raises `UnknownTask`."""
+        with self._read() as s:
+            return _task_record(_task(s, name))
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """Every task, by name."""
+        with self._read() as s:
+            return [_task_record(t) for t in s.scalars(select(Task).order_by(Task.name))]
+
+    # -- model versions ---------------------------------------------------------------------------------
+
+    def latest_version(self, task: str, *, with_payload: bool = True) -> VersionRecord:
+        """The task's newest model version (every task has at least version 0); raises `UnknownTask`."""
+        with self._read() as s:
+            task_row = _task(s, task)
+            stmt = (select(ModelVersion).where(ModelVersion.task_id == task_row.id)
+                    .order_by(ModelVersion.version.desc()).limit(1))
+            row = s.scalars(_with_payload(stmt, with_payload)).one_or_none()
+            if row is None:
+                raise StoreError(f"task {task!r} has no model version at all (the database was altered)")
+            return _version_record(row, task, with_payload)
+
+    def get_version(self, task: str, version: int, *, with_payload: bool = True) -> VersionRecord:
+        """Version ``version`` of the task; raises `UnknownTask` or `UnknownVersion`."""
+        with self._read() as s:
+            task_row = _task(s, task)
+            stmt = select(ModelVersion).where(ModelVersion.task_id == task_row.id,
+                                              ModelVersion.version == version)
+            row = s.scalars(_with_payload(stmt, with_payload)).one_or_none()
+            if row is None:
+                raise UnknownVersion(task, version)
+            return _version_record(row, task, with_payload)
+
+    def list_versions(self, task: str) -> list[VersionRecord]:
+        """Every version of the task, oldest first, without payloads."""
+        with self._read() as s:
+            task_row = _task(s, task)
+            rows = s.scalars(select(ModelVersion).where(ModelVersion.task_id == task_row.id)
+                             .order_by(ModelVersion.version))
+            return [_version_record(r, task, with_payload=False) for r in rows]
+
+    # -- rounds -----------------------------------------------------------------------------------------
+
+    def open_round(
+        self, task: str, *, base_version: int, target: int, min_reports: int, deadline: datetime
+    ) -> RoundRecord:
+        """Open a round training on ``base_version``, numbered one past the task's highest round (failed
+        rounds count, so numbers are never reused). Raises `UnknownTask`, or `UnknownVersion` if the base
+        does not exist; ``deadline`` must be timezone-aware and ``1 <= min_reports <= target``."""
+        _require_aware(deadline, "deadline")
+        if not 1 <= min_reports <= target:
+            raise ValueError(
+                f"need 1 <= min_reports <= target, got min_reports={min_reports}, target={target}"
+            )
+        with self._write() as s:
+            task_row = _task(s, task, lock=True)  # serialises round numbering per task
+            if _version_id(s, task_row.id, base_version) is None:
+                raise UnknownVersion(task, base_version)
+            highest = s.scalar(select(func.max(Round.round_num)).where(Round.task_id == task_row.id))
+            row = Round(
+                task_id=task_row.id, round_num=(highest or 0) + 1, state=RoundState.OPEN,
+                base_version=base_version, target=target, min_reports=min_reports, opened_at=utc_now(),
+                deadline=deadline.astimezone(UTC), metrics={},
+            )
+            s.add(row)
+            s.flush()
+            return _round_record(row, task)
+
+    def mark_aggregating(self, round_id: int) -> RoundRecord:
+        """open -> aggregating (the round stops accepting work); raises `InvalidTransition` from any other
+        state and `UnknownRound`."""
+        with self._write() as s:
+            row, task = _round(s, round_id, lock=True)
+            _transition(row, task, RoundState.AGGREGATING, "start aggregating")
+            return _round_record(row, task)
+
+    def commit_round(
+        self,
+        round_id: int,
+        *,
+        parameters: bytes,
+        optimizer_state: bytes,
+        summary: RoundSummary,
+        participations: Sequence[Participation],
+    ) -> VersionRecord:
+        """Commit the round's aggregate as version ``base_version + 1`` and close the round, atomically.
+
+        In one transaction: the round must be open or aggregating (else `InvalidTransition`; an open round
+        passes through aggregating here), its base version MUST still be the task's latest (else
+        `StaleRound`), then the new version (parent = base, round_id = this round) is written, the round
+        becomes committed with its counts, metrics, new version and closed_at, and the participations are
+        recorded (a non-finite metric is stored as null: JSON has no NaN). If anything fails — a refusal
+        above or a constraint violation such as a client key listed twice (`StoreError`) — nothing is
+        written and the round keeps its state. The task row is locked, so of two coordinators committing
+        rounds on the same base exactly one succeeds.
+        """
+        rows = [_participation_row(round_id, p) for p in participations]
+        with self._write() as s:
+            task_id = s.scalar(select(Round.task_id).where(Round.id == round_id))
+            if task_id is None:
+                raise UnknownRound(round_id)
+            s.scalars(select(Task).where(Task.id == task_id).with_for_update(key_share=True)).one()
+            row, task = _round(s, round_id, lock=True)
+            if row.state is RoundState.OPEN:
+                _transition(row, task, RoundState.AGGREGATING, "commit")
+            _check_transition(row, task, RoundState.COMMITTED, "commit", allowed=UNFINISHED_STATES)
+            latest = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.task_id == task_id))
+            if latest != row.base_version:
+                raise StaleRound(round_id, task, row.base_version, -1 if latest is None else latest)
+            now = utc_now()
+            version = ModelVersion(
+                task_id=task_id, version=row.base_version + 1, parent_version=row.base_version,
+                round_id=round_id, created_at=now,
+                parameters=bytes(parameters), optimizer_state=bytes(optimizer_state),
+            )
+            s.add(version)
+            row.state = RoundState.COMMITTED
+            row.closed_at = now
+            row.new_version = version.version
+            _apply_summary(row, summary)
+            s.add_all(rows)
+            s.flush()
+            return _version_record(version, task, with_payload=True)
+
+    def fail_round(
+        self,
+        round_id: int,
+        reason: str,
+        *,
+        summary: RoundSummary | None = None,
+        participations: Sequence[Participation] = (),
+    ) -> RoundRecord:
+        """open/aggregating -> failed with ``reason`` and closed_at; the counts, metrics and participations
+        are recorded when given. No model version is written and nothing else changes. Raises
+        `InvalidTransition` for a round already committed or failed, and `UnknownRound`."""
+        rows = [_participation_row(round_id, p) for p in participations]
+        with self._write() as s:
+            row, task = _round(s, round_id, lock=True)
+            _transition(row, task, RoundState.FAILED, "fail")
+            row.closed_at = utc_now()
+            row.failure_reason = reason
+            if summary is not None:
+                _apply_summary(row, summary)
+            s.add_all(rows)
+            s.flush()
+            return _round_record(row, task)
+
+    def fail_unfinished_rounds(self, task: str, reason: str) -> list[RoundRecord]:
+        """Fail every open or aggregating round of the task, for a coordinator that restarts and cannot
+        resume them (their clients and in-memory aggregates are gone). Returns them by round number."""
+        with self._write() as s:
+            task_row = _task(s, task, lock=True)
+            rows = s.scalars(
+                select(Round).where(Round.task_id == task_row.id, Round.state.in_(UNFINISHED_STATES))
+                .order_by(Round.round_num).with_for_update(key_share=True)
+            ).all()
+            now = utc_now()
+            for row in rows:
+                _transition(row, task, RoundState.FAILED, "fail")
+                row.closed_at = now
+                row.failure_reason = reason
+            s.flush()
+            return [_round_record(row, task) for row in rows]
+
+    def get_round(self, round_id: int) -> RoundRecord:
+        """Round ``round_id``; raises `UnknownRound`."""
+        with self._read() as s:
+            row, task = _round(s, round_id)
+            return _round_record(row, task)
+
+    def list_rounds(self, task: str, *, limit: int | None = None) -> list[RoundRecord]:
+        """The task's rounds by round number; with ``limit``, only the ``limit`` most recent ones (still
+        oldest first)."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        with self._read() as s:
+            task_row = _task(s, task)
+            stmt = select(Round).where(Round.task_id == task_row.id).order_by(Round.round_num.desc())
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            return [_round_record(r, task) for r in reversed(s.scalars(stmt).all())]
+
+    def participations(self, round_id: int) -> list[Participation]:
+        """The participations recorded when the round closed, in the order given; raises `UnknownRound`."""
+        with self._read() as s:
+            _round(s, round_id)
+            rows = s.scalars(select(ParticipationRow).where(ParticipationRow.round_id == round_id)
+                             .order_by(ParticipationRow.id))
+            return [
+                Participation(r.client_key, r.outcome, r.weight, dict(r.metrics), r.reason) for r in rows
+            ]
+
+    # -- evaluation -------------------------------------------------------------------------------------
+
+    def record_evaluation(
+        self,
+        task: str,
+        version: int,
+        client_key: str,
+        *,
+        squared_error: float,
+        num_correct: int,
+        num_examples: int,
+    ) -> None:
+        """Record one client's evaluation of a version: sums over its examples, so that summaries can be
+        example-weighted. Raises `UnknownTask` or `UnknownVersion`."""
+        _require_client_key(client_key)
+        if num_examples < 0 or not 0 <= num_correct <= num_examples:
+            raise ValueError(f"need 0 <= num_correct <= num_examples, got {num_correct} and {num_examples}")
+        if not math.isfinite(squared_error) or squared_error < 0:
+            raise ValueError(f"squared_error must be finite and >= 0, got {squared_error}")
+        with self._write() as s:
+            task_row = _task(s, task)
+            if _version_id(s, task_row.id, version) is None:
+                raise UnknownVersion(task, version)
+            s.add(Evaluation(
+                task_id=task_row.id, version=version, client_key=client_key, squared_error=squared_error,
+                num_correct=num_correct, num_examples=num_examples, created_at=utc_now(),
+            ))
+
+    def evaluation_summaries(self, task: str) -> list[EvaluationSummary]:
+        """Per evaluated version (oldest first): distinct clients and the sums of squared error, correct
+        predictions and examples. Raises `UnknownTask`."""
+        with self._read() as s:
+            task_row = _task(s, task)
+            stmt = (
+                select(
+                    Evaluation.version,
+                    func.count(distinct(Evaluation.client_key)),
+                    func.sum(Evaluation.squared_error),
+                    func.sum(Evaluation.num_correct),
+                    func.sum(Evaluation.num_examples),
+                )
+                .where(Evaluation.task_id == task_row.id)
+                .group_by(Evaluation.version)
+                .order_by(Evaluation.version)
+            )
+            return [
+                EvaluationSummary(int(v), int(clients), float(se), int(correct), int(n))
+                for v, clients, se, correct, n in s.execute(stmt)
+            ]
+
+    # -- transactions -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A transaction that may write; commits on success, rolls back on any exception."""
+        with self._turns, _refusals_as_store_errors(), self._writes.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A read-only transaction; on SQLite it does not take the write lock."""
+        with self._turns, self._reads.begin() as session:
+            yield session
+
+
+# -- engine ---------------------------------------------------------------------------------------------
+
+
+def _is_memory_sqlite(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
+def _create_engine(url: str) -> Engine:
+    """An engine with the settings the store relies on; on SQLite: enforced foreign keys, WAL for file
+    databases (readers do not block the writer), a busy timeout, and BEGIN issued by SQLAlchemy so that
+    transactions (and DDL) are real transactions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    memory = _is_memory_sqlite(url)
+    extra: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+    engine = create_engine(
+        parsed, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S}, **extra
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver must not BEGIN on its own: see _begin below
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if not memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # IMMEDIATE takes the write lock now: a read-check-write transaction cannot be overtaken between
+        # its check and its write (SQLite's stand-in for SELECT ... FOR UPDATE). Reads need no lock.
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def _refusals_as_store_errors() -> Iterator[None]:
+    """The database refusing a change (a constraint, a value it cannot hold) becomes a `StoreError`, so
+    that callers handle one family of errors and never import SQLAlchemy."""
+    try:
+        yield
+    except (IntegrityError, DataError) as exc:
+        raise StoreError(f"the database refused the change: {exc.orig}") from exc
+
+
+# -- row access -----------------------------------------------------------------------------------------
+
+
+def _task(s: Session, name: str, *, lock: bool = False) -> Task:
+    stmt = select(Task).where(Task.name == name)
+    if lock:
+        stmt = stmt.with_for_update(key_share=True)
+    row = s.scalars(stmt).one_or_none()
+    if row is None:
+        raise UnknownTask(name)
+    return row
+
+
+def _round(s: Session, round_id: int, *, lock: bool = False) -> tuple[Round, str]:
+    stmt = select(Round, Task.name).join(Task, Round.task_id == Task.id).where(Round.id == round_id)
+    if lock:
+        stmt = stmt.with_for_update(of=Round, key_share=True)
+    found = s.execute(stmt).one_or_none()
+    if found is None:
+        raise UnknownRound(round_id)
+    return found[0], found[1]
+
+
+def _version_id(s: Session, task_id: int, version: int) -> int | None:
+    return s.scalar(select(ModelVersion.id).where(ModelVersion.task_id == task_id,
+                                                  ModelVersion.version == version))
+
+
+def _with_payload(stmt: Any, with_payload: bool) -> Any:
+    return stmt.options(undefer(ModelVersion.parameters), undefer(ModelVersion.optimizer_state)) \
+        if with_payload else stmt
+
+
+def _check_transition(
+    row: Round, task: str, target: RoundState, operation: str, *, allowed: Iterable[RoundState]
+) -> None:
+    if not row.state.can_become(target):
+        raise InvalidTransition(row.id, task, row.state, operation, allowed)
+
+
+def _transition(row: Round, task: str, target: RoundState, operation: str) -> None:
+    _check_transition(row, task, target, operation, allowed=(s for s in RoundState if s.can_become(target)))
+    row.state = target
+
+
+def _apply_summary(row: Round, summary: RoundSummary) -> None:
+    row.num_selected = summary.num_selected
+    row.num_reported = summary.num_reported
+    row.num_accepted = summary.num_accepted
+    row.num_refused = summary.num_refused
+    row.total_weight = float(summary.total_weight)
+    row.metrics = _json_metrics(summary.metrics)
+
+
+def _participation_row(round_id: int, p: Participation) -> ParticipationRow:
+    _require_client_key(p.client_key)
+    return ParticipationRow(
+        round_id=round_id, client_key=p.client_key, outcome=Outcome(p.outcome), weight=float(p.weight),
+        metrics=_json_metrics(p.metrics), reason=p.reason,
+    )
+
+
+def _json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """JSON has no NaN or infinity (PostgreSQL rejects them): a non-finite metric is stored as null."""
+    return {str(k): (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def _require_client_key(client_key: str) -> None:
+    if not client_key or len(client_key) > CLIENT_KEY_LENGTH:
+        raise ValueError(
+            f"client_key must be a pseudonymous key of 1..{CLIENT_KEY_LENGTH} characters, "
+            f"got {len(client_key)} characters"
+        )
+
+
+def _require_aware(value: datetime, name: str) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, got naive {value!r}")
+
+
+# -- records --------------------------------------------------------------------------------------------
+
+
+def _task_record(row: Task) -> TaskRecord:
+    return TaskRecord(name=row.name, spec=dict(row.spec), created_at=row.created_at)
+
+
+def _version_record(row: ModelVersion, task: str, with_payload: bool) -> VersionRecord:
+    return VersionRecord(
+        task=task, version=row.version, parent=row.parent_version, round_id=row.round_id,
+        created_at=row.created_at,
+        parameters=row.parameters if with_payload else None,
+        optimizer_state=row.optimizer_state if with_payload else None,
+    )
+
+
+def _round_record(row: Round, task: str) -> RoundRecord:
+    return RoundRecord(
+        round_id=row.id, task=task, round_num=row.round_num, state=RoundState(row.state),
+        base_version=row.base_version, target=row.target, min_reports=row.min_reports,
+        opened_at=row.opened_at, deadline=row.deadline, closed_at=row.closed_at,
+        num_selected=row.num_selected, num_reported=row.num_reported, num_accepted=row.num_accepted,
+        num_refused=row.num_refused, total_weight=row.total_weight, new_version=row.new_version,
+        failure_reason=row.failure_reason, metrics=dict(row.metrics),
+    )

@@ -1,0 +1,433 @@
+"""The store's contract, run unchanged against SQLite (a file) and PostgreSQL (127.0.0.1:5432).
+
+PostgreSQL gets one throw-away database per module (``fedrecon_test_<hex>``), emptied after every test; when
+the server is unreachable these cases skip (or fail under CI, see conftest.require).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from psycopg import sql
+from sqlalchemy import MetaData, create_engine
+from sqlalchemy.pool import NullPool
+
+from fedrecon.server.store import (
+    DuplicateTask,
+    InvalidTransition,
+    Outcome,
+    Participation,
+    RoundState,
+    RoundSummary,
+    SqlStore,
+    StaleRound,
+    StoreError,
+    UnknownRound,
+    UnknownTask,
+    UnknownVersion,
+)
+from fedrecon.server.store.schema import Base
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+PAYLOAD = bytes(range(256)) * 64  # every byte value, NULs included
+KEY_A, KEY_B, KEY_C = ("a" * 64, "b" * 64, "c" * 64)
+SUMMARY = RoundSummary(num_selected=4, num_reported=3, num_accepted=2, num_refused=1, total_weight=30.0,
+                       metrics={"loss": 0.5})
+PARTICIPATIONS = (
+    Participation(KEY_A, Outcome.ACCEPTED, 10.0, {"loss": 0.25}),
+    Participation(KEY_B, Outcome.ACCEPTED, 20.0, {"loss": 0.75}),
+    Participation(KEY_C, Outcome.REFUSED, 0.0, {}, reason="non-finite update"),
+)
+
+
+# -- backends -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres_url(require: Callable[[bool, str], None]) -> Iterator[str]:
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        require(False, f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
+        raise  # unreachable: require skipped or failed
+    name = f"fedrecon_test_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _drop_everything(url: str) -> None:
+    """Empty the module's PostgreSQL database so the next test starts from nothing (and migrates again)."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        existing = MetaData()
+        existing.reflect(engine)
+        existing.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('store') / 'coordinator.db'}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    _drop_everything(url)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[SqlStore]:
+    with SqlStore(db_url) as s:
+        yield s
+
+
+def _deadline() -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=5)
+
+
+def _task(store: SqlStore, name: str = "movies") -> str:
+    store.create_task(name, {"model": {"dim": 8}, "rounds": {"clients": 4}},
+                      initial_parameters=PAYLOAD, optimizer_state=b"opt0")
+    return name
+
+
+def _open(store: SqlStore, task: str = "movies", base: int = 0) -> int:
+    return store.open_round(task, base_version=base, target=4, min_reports=2, deadline=_deadline()).round_id
+
+
+def _commit(
+    store: SqlStore, round_id: int, participations: tuple[Participation, ...] = PARTICIPATIONS
+) -> int:
+    return store.commit_round(round_id, parameters=b"p", optimizer_state=b"o", summary=SUMMARY,
+                              participations=participations).version
+
+
+def _open_until(store: SqlStore, deadline: datetime) -> int:
+    return store.open_round("movies", base_version=0, target=2, min_reports=1, deadline=deadline).round_id
+
+
+def _versions(store: SqlStore, task: str = "movies") -> list[int]:
+    return [v.version for v in store.list_versions(task)]
+
+
+# -- tasks and versions ---------------------------------------------------------------------------------
+
+
+def test_create_get_list_and_refuse_duplicate_or_unknown_tasks(store: SqlStore) -> None:
+    created = store.create_task("movies", {"model": {"dim": 8}, "lr": 0.1},
+                                initial_parameters=b"w", optimizer_state=b"o")
+    assert created.name == "movies" and created.spec == {"model": {"dim": 8}, "lr": 0.1}
+    assert store.get_task("movies") == created
+    _task(store, "books")
+    assert [t.name for t in store.list_tasks()] == ["books", "movies"]
+    with pytest.raises(DuplicateTask, match="'movies' already exists"):
+        store.create_task("movies", {}, initial_parameters=b"x", optimizer_state=b"y")
+    assert store.get_task("movies").spec == {"model": {"dim": 8}, "lr": 0.1}  # the duplicate changed nothing
+    with pytest.raises(UnknownTask, match="'music'"):
+        store.get_task("music")
+    with pytest.raises(UnknownTask):
+        store.latest_version("music")
+
+
+def test_version_zero_is_written_with_the_task_and_payloads_round_trip(store: SqlStore) -> None:
+    _task(store)
+    v0 = store.latest_version("movies")
+    assert (v0.version, v0.parent, v0.round_id) == (0, None, None)
+    assert v0.parameters == PAYLOAD and v0.optimizer_state == b"opt0"
+    assert store.get_version("movies", 0).parameters == PAYLOAD
+    light = store.get_version("movies", 0, with_payload=False)
+    assert light.parameters is None and light.optimizer_state is None
+    assert store.latest_version("movies", with_payload=False).parameters is None
+    assert [(v.version, v.parameters) for v in store.list_versions("movies")] == [(0, None)]
+    with pytest.raises(UnknownVersion, match="'movies' has no model version 1"):
+        store.get_version("movies", 1)
+
+
+# -- rounds ---------------------------------------------------------------------------------------------
+
+
+def test_commit_writes_the_next_version_and_closes_the_round(store: SqlStore) -> None:
+    _task(store)
+    opened = store.open_round("movies", base_version=0, target=4, min_reports=2, deadline=_deadline())
+    assert (opened.state, opened.round_num, opened.base_version) == (RoundState.OPEN, 1, 0)
+    assert opened.closed_at is None
+
+    v1 = store.commit_round(opened.round_id, parameters=b"params-1", optimizer_state=b"opt-1",
+                            summary=SUMMARY, participations=PARTICIPATIONS)
+
+    assert (v1.version, v1.parent, v1.round_id) == (1, 0, opened.round_id)
+    latest = store.latest_version("movies")
+    assert (latest.version, latest.parameters, latest.optimizer_state) == (1, b"params-1", b"opt-1")
+    assert store.get_version("movies", 0).parameters == PAYLOAD  # the base is kept
+    closed = store.get_round(opened.round_id)
+    assert closed.state is RoundState.COMMITTED and closed.new_version == 1
+    assert (closed.num_selected, closed.num_reported, closed.num_accepted, closed.num_refused) == (4, 3, 2, 1)
+    assert closed.total_weight == 30.0 and closed.metrics == {"loss": 0.5}
+    assert closed.closed_at is not None and closed.closed_at >= closed.opened_at
+    assert closed.failure_reason is None
+    assert store.participations(opened.round_id) == list(PARTICIPATIONS)
+
+
+def test_mark_aggregating_only_from_open(store: SqlStore) -> None:
+    _task(store)
+    rid = _open(store)
+    assert store.mark_aggregating(rid).state is RoundState.AGGREGATING
+    with pytest.raises(InvalidTransition, match=f"round {rid} of task 'movies': it is aggregating"):
+        store.mark_aggregating(rid)
+    assert _commit(store, rid) == 1  # aggregating -> committed
+
+
+@pytest.mark.parametrize("finish", ["commit", "fail"])
+def test_commit_of_a_finished_round_is_refused_and_writes_nothing(store: SqlStore, finish: str) -> None:
+    _task(store)
+    rid = _open(store)
+    if finish == "commit":
+        _commit(store, rid)
+    else:
+        store.fail_round(rid, "too few reports")
+    before = store.get_round(rid)
+
+    refusal = rf"cannot commit round {rid} of task 'movies': it is {before.state}"
+    with pytest.raises(InvalidTransition, match=refusal):
+        _commit(store, rid, participations=(Participation("d" * 64, Outcome.ACCEPTED, 1.0, {}),))
+
+    assert _versions(store) == ([0, 1] if finish == "commit" else [0])
+    assert store.get_round(rid) == before
+    assert len(store.participations(rid)) == (3 if finish == "commit" else 0)
+    with pytest.raises(InvalidTransition):
+        store.fail_round(rid, "again")
+
+
+def test_commit_on_an_outdated_base_raises_stale_round(store: SqlStore) -> None:
+    _task(store)
+    first, second = _open(store), _open(store)
+    assert _commit(store, first) == 1
+    with pytest.raises(StaleRound, match=f"round {second} .* on version 0 but the latest version is 1"):
+        _commit(store, second)
+    assert _versions(store) == [0, 1]
+    assert store.get_round(second).state is RoundState.OPEN  # unchanged: the coordinator decides what next
+    assert store.participations(second) == []
+
+
+def test_a_commit_failing_midway_leaves_no_trace(store: SqlStore) -> None:
+    _task(store)
+    rid = _open(store)
+    twice = (Participation(KEY_A, Outcome.ACCEPTED, 1.0, {}), Participation(KEY_A, Outcome.LATE, 0.0, {}))
+    with pytest.raises(StoreError, match="refused the change") as raised:
+        _commit(store, rid, participations=twice)
+    assert type(raised.value) is StoreError
+    assert _versions(store) == [0]
+    assert store.get_round(rid).state is RoundState.OPEN and store.participations(rid) == []
+    assert _commit(store, rid) == 1  # the round is still committable
+
+
+def test_fail_round_closes_it_without_a_version(store: SqlStore) -> None:
+    _task(store)
+    rid = _open(store)
+    failed = store.fail_round(rid, "only 1 report, minimum 2", summary=SUMMARY,
+                              participations=PARTICIPATIONS[:1])
+    assert failed.state is RoundState.FAILED and failed.failure_reason == "only 1 report, minimum 2"
+    assert failed.closed_at is not None and failed.new_version is None
+    assert (failed.num_selected, failed.num_accepted, failed.metrics) == (4, 2, {"loss": 0.5})
+    assert store.get_round(rid) == failed
+    assert store.participations(rid) == [PARTICIPATIONS[0]]
+    assert _versions(store) == [0]
+    bare = store.fail_round(_open(store), "deadline")
+    assert (bare.num_selected, bare.total_weight, bare.metrics) == (0, 0.0, {})
+
+
+def test_fail_unfinished_rounds_fails_open_and_aggregating_rounds_of_that_task_only(store: SqlStore) -> None:
+    _task(store)
+    _task(store, "books")
+    done = _open(store)
+    _commit(store, done)
+    still_open = _open(store, base=1)
+    aggregating = _open(store, base=1)
+    store.mark_aggregating(aggregating)
+    other_task = _open(store, "books")
+
+    failed = store.fail_unfinished_rounds("movies", "coordinator restarted")
+
+    assert [r.round_id for r in failed] == [still_open, aggregating]
+    assert all(r.state is RoundState.FAILED and r.failure_reason == "coordinator restarted" for r in failed)
+    assert store.get_round(done).state is RoundState.COMMITTED
+    assert store.get_round(other_task).state is RoundState.OPEN
+    assert store.fail_unfinished_rounds("movies", "again") == []
+
+
+def test_round_numbers_count_failed_rounds_and_list_in_order(store: SqlStore) -> None:
+    _task(store)
+    store.fail_round(_open(store), "deadline")
+    _commit(store, _open(store))
+    third = store.open_round("movies", base_version=1, target=4, min_reports=2, deadline=_deadline())
+    assert third.round_num == 3
+    rounds = store.list_rounds("movies")
+    assert [(r.round_num, r.state) for r in rounds] == [
+        (1, RoundState.FAILED), (2, RoundState.COMMITTED), (3, RoundState.OPEN)]
+    assert [r.round_num for r in store.list_rounds("movies", limit=2)] == [2, 3]
+    assert store.list_rounds("movies", limit=0) == []
+
+
+def test_unknown_rounds_and_versions_are_refused(store: SqlStore) -> None:
+    _task(store)
+    with pytest.raises(UnknownRound, match="unknown round id 999"):
+        store.get_round(999)
+    with pytest.raises(UnknownRound):
+        _commit(store, 999)
+    with pytest.raises(UnknownRound):
+        store.participations(999)
+    with pytest.raises(UnknownVersion, match="no model version 7"):
+        _open(store, base=7)
+    assert store.list_rounds("movies") == []
+
+
+def test_round_states_allow_only_the_documented_transitions() -> None:
+    legal = {(a, b) for a in RoundState for b in RoundState if a.can_become(b)}
+    assert legal == {
+        (RoundState.OPEN, RoundState.AGGREGATING), (RoundState.OPEN, RoundState.FAILED),
+        (RoundState.AGGREGATING, RoundState.COMMITTED), (RoundState.AGGREGATING, RoundState.FAILED),
+    }
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+
+def test_evaluation_summaries_are_example_weighted(store: SqlStore) -> None:
+    _task(store)
+    _commit(store, _open(store))
+    # Version 0: A has mse 1.0 over 4 examples, B mse 2.0 over 1: pooled mse = (4 + 2) / 5 = 1.2, not 1.5.
+    store.record_evaluation("movies", 0, KEY_A, squared_error=4.0, num_correct=3, num_examples=4)
+    store.record_evaluation("movies", 0, KEY_B, squared_error=2.0, num_correct=1, num_examples=1)
+    store.record_evaluation("movies", 1, KEY_C, squared_error=0.5, num_correct=2, num_examples=2)
+
+    v0, v1 = store.evaluation_summaries("movies")
+
+    assert (v0.version, v0.num_clients) == (0, 2)
+    assert (v0.squared_error, v0.num_correct, v0.num_examples) == (6.0, 4, 5)
+    assert v0.metrics() == pytest.approx({"mse": 1.2, "rmse": math.sqrt(1.2), "accuracy": 0.8})
+    assert (v1.version, v1.num_clients) == (1, 1)
+    assert v1.metrics() == pytest.approx({"mse": 0.25, "rmse": 0.5, "accuracy": 1.0})
+    with pytest.raises(UnknownVersion):
+        store.record_evaluation("movies", 2, KEY_A, squared_error=1.0, num_correct=0, num_examples=1)
+    assert len(store.evaluation_summaries("movies")) == 2
+
+
+# -- time -----------------------------------------------------------------------------------------------
+
+
+def test_timestamps_come_back_timezone_aware_utc(store: SqlStore) -> None:
+    created = store.create_task("movies", {}, initial_parameters=b"w", optimizer_state=b"o")
+    local_deadline = datetime(2030, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    rid = _open_until(store, local_deadline)
+    _commit(store, rid)
+    r = store.get_round(rid)
+    stamps = [created.created_at, store.get_task("movies").created_at,
+              store.latest_version("movies").created_at, r.opened_at, r.deadline, r.closed_at]
+    assert all(t is not None and t.tzinfo is not None and t.utcoffset() == timedelta(0) for t in stamps)
+    assert r.deadline == datetime(2030, 1, 1, 10, 0, tzinfo=UTC)
+    assert abs(r.opened_at - datetime.now(UTC)) < timedelta(minutes=1)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.open_round("movies", base_version=1, target=2, min_reports=1, deadline=datetime(2030, 1, 1))
+
+
+# -- concurrency ----------------------------------------------------------------------------------------
+
+
+def test_racing_commits_on_one_base_let_exactly_one_win(store: SqlStore) -> None:
+    _task(store)
+    threads, steps = 8, 3
+    barrier = threading.Barrier(threads)
+    wins: Counter[int] = Counter()
+    stale: Counter[int] = Counter()
+    errors: list[BaseException] = []
+    tally = threading.Lock()
+
+    def race() -> None:
+        try:
+            for _ in range(steps):
+                barrier.wait()  # everyone sees the same latest version
+                base = store.latest_version("movies", with_payload=False).version
+                rid = _open(store, base=base)
+                barrier.wait()  # every round is open before anyone commits
+                try:
+                    _commit(store, rid, participations=())
+                except StaleRound:
+                    store.fail_round(rid, "stale")
+                    with tally:
+                        stale[base] += 1
+                else:
+                    with tally:
+                        wins[base] += 1
+        except BaseException as exc:  # surfaced below; a dead thread would hang the barrier otherwise
+            errors.append(exc)
+            barrier.abort()
+
+    workers = [threading.Thread(target=race) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not errors, errors
+    assert wins == {0: 1, 1: 1, 2: 1} and stale == {0: 7, 1: 7, 2: 7}
+    assert _versions(store) == [0, 1, 2, 3]
+    assert [r.round_num for r in store.list_rounds("movies")] == list(range(1, threads * steps + 1))
+
+
+def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
+    with SqlStore("sqlite://") as store:
+        _task(store)
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.append(store.get_task("movies").name))
+        reader.start()
+        reader.join()
+        assert seen == ["movies"]
+
+
+# -- migrations -----------------------------------------------------------------------------------------
+
+
+def _schema_diff(url: str) -> list[object]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return [context.get_current_revision(), *compare_metadata(context, Base.metadata)]
+    finally:
+        engine.dispose()
+
+
+def test_migrated_schema_equals_the_metadata(db_url: str) -> None:
+    SqlStore(db_url).close()
+    assert _schema_diff(db_url) == ["0001"]
+
+
+def test_reopening_a_database_keeps_its_data_and_schema(db_url: str) -> None:
+    with SqlStore(db_url) as store:
+        _task(store)
+        _commit(store, _open(store))
+    with SqlStore(db_url) as again:
+        assert _versions(again) == [0, 1]
+        assert again.latest_version("movies").parameters == b"p"
+        assert again.get_task("movies").spec["model"] == {"dim": 8}
+    assert _schema_diff(db_url) == ["0001"]
+
+
+def test_url_hides_the_password() -> None:
+    store = SqlStore("postgresql+psycopg://coordinator:s3cret@127.0.0.1:5432/fed", migrate=False)
+    assert "s3cret" not in store.url and "s3cret" not in repr(store)
+    assert store.url.startswith("postgresql+psycopg://coordinator:")
+    store.close()
