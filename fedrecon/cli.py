@@ -13,6 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedrecon import cli_coordinator
+
+# TensorFlow's C++ start-up chatter says nothing a user of these commands can act on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 app = typer.Typer(help="Federated Reconstruction: simulate, serve and take part in federated training.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
@@ -32,13 +36,14 @@ class ServerOpt(StrEnum):
     yogi = "yogi"
 
 
+class Transport(StrEnum):
+    inprocess = "inprocess"
+    grpc = "grpc"
+
+
 @app.callback()
 def _root() -> None:
     """Federated Reconstruction: simulate, serve and take part in federated training."""
-
-
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 @app.command()
@@ -70,9 +75,16 @@ def simulate(
     split_seed: Annotated[int, typer.Option(help="seed of the train/validation/test user split")] = 42,
     out: Annotated[Path, typer.Option(help="folder for metrics.json and learning_curves.png")]
     = Path("runs/latest"),
+    transport: Annotated[Transport, typer.Option(
+        help="inprocess: the lock-step simulator; grpc: every round through a real coordinator on "
+             "loopback with the client library")] = Transport.inprocess,
+    store: Annotated[str | None, typer.Option(help="with --transport grpc: the coordinator's store URL "
+                                                   "(default: a temporary SQLite file)")] = None,
+    init_model: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
+                                                    help="start from an exported model (fedrecon export)")]
+    = None,
 ) -> None:
     """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end."""
-    _quiet_tensorflow()
     from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
     from fedrecon.simulations.baselines import CentralizedSettings
     from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
@@ -94,6 +106,11 @@ def simulate(
     spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases, config=config,
                           settings=settings,
                           centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
+    initial = None
+    if init_model is not None:
+        from fedrecon.client.model_file import ModelFile
+
+        initial = ModelFile.load(init_model).arrays
     with console.status(f"loading {data}"):
         dataset = load_dataset(data, seed=split_seed)
     console.print(f"[bold]{data}[/]: {len(dataset.train)} training, {len(dataset.validation)} validation, "
@@ -114,10 +131,11 @@ def simulate(
         def on_epoch(epoch, rmse):  # type: ignore[no-untyped-def]
             progress.update(task, advance=1, info=f"validation RMSE {rmse:.4f}")
 
-        result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch)
+        result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch,
+                                transport=transport.value, store_url=store, initial_globals=initial)
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"data": data, "spec": spec.to_dict(), **result.summary()}
+    summary = {"data": data, "transport": transport.value, "spec": spec.to_dict(), **result.summary()}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plot_learning_curves(summary, out / "learning_curves.png")
     table = Table(title=f"{algorithm.value} on unseen test users (selected {unit} "
@@ -129,6 +147,12 @@ def simulate(
                   f"{int(result.test['num_examples'])}", spr)
     console.print(table)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'learning_curves.png'}")
+
+
+app.command()(cli_coordinator.serve)
+app.command()(cli_coordinator.status)
+app.command()(cli_coordinator.export)
+app.command()(cli_coordinator.client)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ once on unseen test users. Shared by ``fedrecon simulate`` and the benchmarks.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from fedrecon.simulations.baselines import (
     fedavg_configs,
     train_centralized,
 )
+from fedrecon.simulations.grpc_transport import GrpcRounds
 from fedrecon.simulations.ratings import FederatedRatings
 from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings
 
@@ -74,8 +76,19 @@ def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bo
 
 def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                    on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,
-                   on_epoch: Callable[[int, float], None] | None = None) -> ExperimentResult:
-    """Train ``spec.algorithm``; keep the validation-best round/epoch; evaluate it on all test users."""
+                   on_epoch: Callable[[int, float], None] | None = None,
+                   transport: str = "inprocess", store_url: str | None = None,
+                   initial_globals: list[np.ndarray] | None = None) -> ExperimentResult:
+    """Train ``spec.algorithm``; keep the validation-best round/epoch; evaluate it on all test users.
+
+    ``transport="grpc"`` plays every training round through a real coordinator on loopback (store at
+    ``store_url``, default a temporary SQLite file) with the client library; evaluation is unchanged.
+    ``initial_globals`` starts from given global variables (an exported model) instead of a fresh init.
+    """
+    if transport not in ("inprocess", "grpc"):
+        raise ValueError(f"unknown transport {transport!r}; choose 'inprocess' or 'grpc'")
+    if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
+        raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
     if spec.algorithm == "centralized":
         return _run_centralized(spec, data, on_epoch)
     if spec.algorithm == "fedavg":
@@ -84,10 +97,20 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     else:
         model = build_model(spec, data, shared_user=False)
         train_config = eval_config = spec.config
+    if initial_globals is not None:
+        want = [tuple(v.shape) for v in model.global_variables]
+        got = [tuple(np.shape(a)) for a in initial_globals]
+        if got != want:
+            raise ValueError(f"the initial model has shapes {got}; this experiment's model needs {want}")
     algorithm = FedRecon(model, train_config)
-    sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config)
-    state = algorithm.initial_state(spec.settings.seed)
-    best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
+    state = algorithm.initial_state(spec.settings.seed, initial_globals)
+    with contextlib.ExitStack() as stack:
+        runner = None
+        if transport == "grpc":
+            runner = stack.enter_context(GrpcRounds(model, train_config, data.train, spec.settings,
+                                                    store_url=store_url))
+        sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config, round_runner=runner)
+        best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
     selected = min(history.validation, key=selection_key) if history.validation else {}
     test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]

@@ -1,0 +1,214 @@
+"""The coordinator's commands: ``serve``, ``status``, ``export`` and ``client`` (registered in ``cli``).
+
+Heavy imports (TensorFlow, SQLAlchemy, gRPC) happen inside each command so ``fedrecon --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+DEFAULT_STORE = "sqlite:///fedrecon.db"
+StoreOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the store (SQLite file by default)")]
+
+
+def serve(
+    task: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="task description, .toml or .json")],
+    store: StoreOption = DEFAULT_STORE,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
+    max_workers: Annotated[int, typer.Option(min=1, help="concurrent RPCs")] = 32,
+    max_message_mb: Annotated[float, typer.Option(help="largest gRPC message accepted or sent")] = 4.0,
+    port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
+) -> None:
+    """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE."""
+    from fedrecon.server.app import start_server
+    from fedrecon.server.coordinator import Coordinator
+    from fedrecon.server.store import SqlStore
+    from fedrecon.server.task import TaskSpec
+
+    spec = TaskSpec.load(task)
+    sql = SqlStore(store)
+    coordinator = Coordinator(sql, spec)
+    running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
+                           max_message_bytes=int(max_message_mb * (1 << 20)))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if coordinator.interrupted_rounds:
+        console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
+                      f"{coordinator.interrupted_rounds}")
+    console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
+                  f"model version {coordinator.version}; store {sql.url}")
+    if port_file is not None:
+        port_file.write_text(str(running.port))
+    sys.stdout.flush()
+    stop.wait()
+    console.print("shutting down: no new calls; the open round commits if it has enough reports")
+    running.stop()
+    sql.close()
+    console.print(f"stopped at model version {coordinator.version}")
+
+
+def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
+    from fedrecon.server.coordinator import SALT_KEY
+
+    task = sql.get_task(name)
+    versions = sql.list_versions(name)
+    all_rounds = sql.list_rounds(name)
+    states = Counter(str(r.state) for r in all_rounds)
+    return {
+        "name": task.name,
+        "created_at": task.created_at.isoformat(),
+        "spec": {k: v for k, v in task.spec.items() if k != SALT_KEY},
+        "latest_version": versions[-1].version if versions else None,
+        "versions": [{"version": v.version, "parent": v.parent, "round_id": v.round_id,
+                      "created_at": v.created_at.isoformat()} for v in versions],
+        "rounds": {s: states.get(s, 0) for s in ("open", "aggregating", "committed", "failed")},
+        "recent_rounds": [{
+            "round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
+            "base_version": r.base_version, "new_version": r.new_version, "selected": r.num_selected,
+            "reported": r.num_reported, "accepted": r.num_accepted, "refused": r.num_refused,
+            "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
+            "closed_at": r.closed_at.isoformat() if r.closed_at else None,
+            "failure_reason": r.failure_reason, "metrics": r.metrics} for r in all_rounds[-rounds:]],
+        "evaluations": [{"version": e.version, "clients": e.num_clients, **e.metrics()}
+                        for e in sql.evaluation_summaries(name)],
+    }
+
+
+def status(
+    store: StoreOption = DEFAULT_STORE,
+    task: Annotated[str | None, typer.Option(help="one task (default: all)")] = None,
+    rounds: Annotated[int, typer.Option(min=0, help="how many recent rounds to list")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+) -> None:
+    """Show tasks, model versions, rounds and evaluation metrics held in STORE."""
+    from fedrecon.server.store import SqlStore, StoreError
+
+    sql = SqlStore(store)
+    try:
+        names = [task] if task else [t.name for t in sql.list_tasks()]
+        report = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
+    except StoreError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    finally:
+        sql.close()
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    if not report["tasks"]:
+        console.print(f"no tasks in {report['store']}")
+    for t in report["tasks"]:
+        r = t["rounds"]
+        console.print(f"[bold]{t['name']}[/]: model version {t['latest_version']}; rounds committed "
+                      f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
+        table = Table(title=f"recent rounds of {t['name']}")
+        for col in ("round", "state", "version", "selected", "accepted", "refused", "train loss", "note"):
+            table.add_column(col, justify="right" if col not in ("state", "note") else "left")
+        for x in t["recent_rounds"]:
+            loss = x["metrics"].get("train_loss")
+            table.add_row(str(x["round_num"]), x["state"],
+                          f"{x['base_version']}->{x['new_version']}" if x["new_version"] is not None
+                          else str(x["base_version"]), str(x["selected"]), str(x["accepted"]),
+                          str(x["refused"]), f"{loss:.4f}" if loss is not None else "-",
+                          x["failure_reason"] or "")
+        console.print(table)
+        for e in t["evaluations"][-5:]:
+            console.print(f"  evaluation of version {e['version']}: {e['clients']} clients, "
+                          f"RMSE {e['rmse']:.4f}, accuracy {e['accuracy']:.4f}")
+
+
+def export(
+    out: Annotated[Path, typer.Option(help="file to write (.npz)")],
+    task: Annotated[str, typer.Option(help="task name")],
+    store: StoreOption = DEFAULT_STORE,
+    version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
+) -> None:
+    """Write a model version to a file the client library (personalize) and the simulator can load."""
+    from fedrecon.client.model_file import ModelFile
+    from fedrecon.server.checkpoints import globals_from_bytes
+    from fedrecon.server.store import SqlStore, StoreError
+
+    sql = SqlStore(store)
+    try:
+        spec = sql.get_task(task).spec
+        record = sql.latest_version(task) if version is None else sql.get_version(task, version)
+    except StoreError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    finally:
+        sql.close()
+    from fedrecon.core.model_spec import model_from_config
+
+    names = [v.name for v in model_from_config(spec["model"]).global_variables]
+    ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
+              arrays=globals_from_bytes(record.parameters, names), training=spec["training"],
+              batch_size=spec["batch_size"]).save(out)
+    console.print(f"wrote version {record.version} of {task} to {out}")
+
+
+def client(
+    task: Annotated[str, typer.Option(help="task name")],
+    data: Annotated[str, typer.Option(help="'synthetic' or a MovieLens folder/file: one client per user")],
+    coordinator: Annotated[str, typer.Option(help="host:port of the coordinator")] = "127.0.0.1:50051",
+    users: Annotated[int, typer.Option(min=1, help="how many users of the split take part")] = 20,
+    split: Annotated[str, typer.Option(help="train, validation or test users")] = "train",
+    rounds: Annotated[int, typer.Option(min=1, help="rounds each client takes part in")] = 1,
+    threads: Annotated[int, typer.Option(min=0, help="clients running at once (0: all of them, as real "
+                                                     "devices would; fewer may starve a round)")] = 0,
+    evaluate: Annotated[bool, typer.Option(help="report reconstruct-then-evaluate metrics instead")] = False,
+    max_wait: Annotated[float, typer.Option(help="seconds a client waits for an assignment")] = 600.0,
+    split_seed: Annotated[int, typer.Option(help="seed of the user split (as in simulate)")] = 42,
+) -> None:
+    """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient."""
+    from fedrecon.client import FederatedClient, NoAssignment
+    from fedrecon.simulations.ratings import load_dataset
+
+    dataset = load_dataset(data, seed=split_seed)
+    if split not in ("train", "validation", "test"):
+        raise typer.BadParameter("split must be train, validation or test")
+    population = getattr(dataset, split)
+    chosen = sorted(population)[:users]
+    outcomes: Counter[str] = Counter()
+    total = len(chosen) * (1 if evaluate else rounds)
+
+    def run_one(user: int) -> list[str]:
+        with FederatedClient(coordinator, task, f"user-{user}", population[user]) as c:
+            if evaluate:
+                c.evaluate()
+                return ["evaluated"]
+            results = []
+            for _ in range(rounds):
+                try:
+                    report = c.participate(max_wait_s=max_wait)
+                    results.append("accepted" if report.accepted else "already accepted")
+                except NoAssignment:
+                    results.append("no assignment")
+                    break
+                except Exception as err:  # a refusal is an answer: count it and go on
+                    results.append(type(err).__name__ if not hasattr(err, "code") else str(err.code()))
+            return results
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("client rounds", total=total, info="")
+        with ThreadPoolExecutor(max_workers=threads or len(chosen)) as pool:
+            for future in as_completed([pool.submit(run_one, u) for u in chosen]):
+                for outcome in future.result():
+                    outcomes[outcome] += 1
+                    progress.update(bar, advance=1, info=", ".join(f"{k} {v}" for k, v in outcomes.items()))
+    console.print(f"{len(chosen)} clients: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
