@@ -301,6 +301,10 @@ class Coordinator:
                 self._refuse(r, key, Status.ALREADY_EXISTS, "duplicate",
                              f"a different update from this client was already accepted in round "
                              f"{r.round_num}; one update per client per round", record=False)
+            if key in r.refused:
+                self._refuse(r, key, Status.FAILED_PRECONDITION, "already_refused",
+                             f"this client's report in round {r.round_num} was refused ({r.refused[key]}); "
+                             "a refused report is its answer for the round", record=False)
             if problem is not None:
                 self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
             r.aggregate.add(delta, weight)  # type: ignore[attr-defined]

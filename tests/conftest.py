@@ -7,16 +7,20 @@ always runs every test.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 ML_2998 = SHARED_DATA / "movielens" / "ml-1m-2998u"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 
 
 def require(condition: bool, reason: str) -> None:
@@ -39,3 +43,20 @@ def ml_2998_dir() -> Path:
     require((ML_2998 / "ratings.dat.gz").is_file(),
             f"MovieLens subset not found at {ML_2998} (see ../shared/data/README.md)")
     return ML_2998
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL database on 127.0.0.1:5432 for one test module, dropped afterwards."""
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        require(False, f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
+        raise  # unreachable: require skipped or failed
+    name = f"fedrecon_test_{secrets.token_hex(6)}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -7,17 +7,14 @@ the server is unreachable these cases skip (or fail under CI, see conftest.requi
 from __future__ import annotations
 
 import math
-import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from psycopg import sql
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy.pool import NullPool
 
@@ -37,7 +34,6 @@ from fedrecon.server.store import (
 )
 from fedrecon.server.store.schema import Base
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 PAYLOAD = bytes(range(256)) * 64  # every byte value, NULs included
 KEY_A, KEY_B, KEY_C = ("a" * 64, "b" * 64, "c" * 64)
 SUMMARY = RoundSummary(num_selected=4, num_reported=3, num_accepted=2, num_refused=1, total_weight=30.0,
@@ -50,22 +46,6 @@ PARTICIPATIONS = (
 
 
 # -- backends -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres_url(require: Callable[[bool, str], None]) -> Iterator[str]:
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as exc:
-        require(False, f"PostgreSQL not reachable at 127.0.0.1:5432: {exc}")
-        raise  # unreachable: require skipped or failed
-    name = f"fedrecon_test_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _drop_everything(url: str) -> None:
