@@ -104,7 +104,7 @@ class CoordinatorChannel:
             first = pb.ReportUpdateRequest(header=header)
             self.bytes_uploaded += first.ByteSize()
             yield first
-            for chunk in chunks(delta):
+            for chunk in chunks(delta, assignment.max_chunk_bytes or DEFAULT_CHUNK_BYTES):
                 message = pb.ReportUpdateRequest(chunk=chunk)
                 self.bytes_uploaded += message.ByteSize()
                 yield message

@@ -52,7 +52,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 task_name=result.task_name, round_id=result.round_id, round_num=result.round_num,
                 model_version=result.model_version, assignment_token=result.token,
                 reporting_deadline=deadline, model_spec_json=result.model_spec_json,
-                training_config_json=result.training_config_json, batch_size=result.batch_size))
+                training_config_json=result.training_config_json, batch_size=result.batch_size,
+                max_chunk_bytes=self.max_chunk_bytes))
         lo, hi = Duration(), Duration()
         lo.FromNanoseconds(int(result.delay_min_s * 1e9))
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
