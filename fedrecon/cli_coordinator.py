@@ -39,9 +39,18 @@ def serve(
     from fedrecon.server.store import SqlStore
     from fedrecon.server.task import TaskSpec
 
-    spec = TaskSpec.load(task)
+    try:
+        spec = TaskSpec.load(task)
+    except (ValueError, OSError) as err:
+        console.print(f"[red]cannot load task {task}: {err}[/]")
+        raise typer.Exit(2) from err
     sql = SqlStore(store)
-    coordinator = Coordinator(sql, spec)
+    try:
+        coordinator = Coordinator(sql, spec)
+    except ValueError as err:
+        sql.close()
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from err
     running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
                            max_message_bytes=int(max_message_mb * (1 << 20)))
     stop = threading.Event()
