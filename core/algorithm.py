@@ -15,16 +15,20 @@ federated learning, so the coordinator reuses ``server_update`` exactly as the s
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedrecon.core.aggregation import RunningWeightedSum
-from fedrecon.core.client_work import ClientStep
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.optimizers import OptimizerState, ServerOptimizer
+
+if TYPE_CHECKING:
+    from fedrecon.core.client_work import ClientStep
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,15 @@ class FedRecon:
     def __init__(self, model: ReconstructionModel, config: FedReconConfig) -> None:
         self.model = model
         self.config = config
-        self.client_step = ClientStep(model, config)
         self.server_optimizer = ServerOptimizer(config.server_optimizer)
+
+    @functools.cached_property
+    def client_step(self) -> ClientStep:
+        """The compiled client step, built on first use: the coordinator only ever runs the server step
+        and so never imports TensorFlow."""
+        from fedrecon.core.client_work import ClientStep
+
+        return ClientStep(self.model, self.config)
 
     def initial_state(self, seed: int, globals_: Sequence[np.ndarray] | None = None) -> ServerState:
         weights = list(globals_) if globals_ is not None else self.model.initial_globals(seed)

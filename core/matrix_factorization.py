@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 
+from fedrecon.core.lazy_tensorflow import tf
 from fedrecon.core.model import ClientViews, ReconstructionModel, VariableSpec, uniform_init
 
 INIT_SCALE = 0.05

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
+
+from fedrecon.core.lazy_tensorflow import tf
 
 
 @dataclass(frozen=True)
