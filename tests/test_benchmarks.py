@@ -24,3 +24,25 @@ def test_movielens_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path:
         assert row["test_examples"] > 10_000  # all 300 unseen test users are scored
     assert table["seconds_per_round"]["fedrecon"] > 0
     assert table["config"]["rounds"] == 2
+
+
+def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> None:
+    """Five clients, one round, on the embedded synthetic data: a real coordinator process and store."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "coordinator_load.py"), "--data", "synthetic",
+         "--clients", "5", "--rounds", "1", "--factors", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert {"clients", "rounds", "reports_per_s", "seconds_per_round", "download_bytes_per_client",
+            "upload_bytes_per_client", "whole_model_bytes", "peak_rss_mb"} <= set(run)
+    assert run["clients"] == 5 and run["rounds"] == 1 and run["rounds_committed"] == 1
+    assert run["reports_per_s"] > 0 and run["seconds_per_round"] > 0
+    globals_bytes = (600 * 9 + 1) * 4  # 600 synthetic items, 8 factors + item bias, global offset
+    assert run["global_bytes"] == globals_bytes
+    assert run["whole_model_bytes"] == globals_bytes + 960 * 9 * 4  # + every training user's locals
+    # Each way a client moves the global variables plus framing, never the whole model.
+    for moved in (run["download_bytes_per_client"], run["upload_bytes_per_client"]):
+        assert globals_bytes <= moved < globals_bytes + 2000
+    assert run["peak_rss_mb"] >= run["startup_rss_mb"] > 10

@@ -1,0 +1,396 @@
+"""Coordinator load: N simulated clients over loopback for a few FedRecon rounds with the MovieLens model.
+
+    python benchmarks/coordinator_load.py --data ../shared/data/movielens/ml-1m-2998u \
+        --clients 100 1000 --rounds 3 --out benchmarks/results/coordinator_load.json
+
+For each N a fresh coordinator is started as its own process (``python -m fedrecon.cli serve`` on
+127.0.0.1, port 0, the default 32 gRPC worker threads, a new SQLite store in a temporary folder), so the
+memory and CPU measured are the coordinator's alone. The task is matrix factorization over the dataset's
+items (``--factors`` factors, user/item biases, initial offset = mean training rating) with the paper's
+reference FedRecon configuration; each round wants exactly N reports (``clients_per_round = min_reports =
+N``, no over-selection, generous timeouts, ``max_rounds = R``). The first N training users
+(``sorted(train)``) are N ``FederatedClient`` objects in this process, sharing a few gRPC channels; every
+round all N ``participate()`` at once on a thread pool of N threads (every selected client must report for
+the round to commit), and the next round starts when all have returned (the last report commits
+synchronously, before its RPC returns).
+
+Figures per N:
+
+- ``seconds_per_round``: wall time from submitting the round's N check-ins to the last report's answer
+  (the commit), median over rounds 2..R when R > 1 (round 1 includes the clients' TensorFlow tracing in the
+  first run, and is excluded in every run for comparability); over all rounds when R = 1.
+  ``coordinator_seconds_per_round`` is the coordinator's own figure (first check-in to commit, from the
+  store), same rounds.
+- ``reports_per_s``: accepted reports of those rounds / their total wall time. Clients and coordinator
+  share this machine's cores, so this is bounded by their CPU together, not by the coordinator alone:
+  ``coordinator_cpu_ms_per_report`` (user + system CPU of the coordinator process) and
+  ``client_cpu_ms_per_report`` (this process: the clients' FedRecon work in TensorFlow and their side of
+  gRPC) give the split, over the same rounds.
+- ``download_bytes_per_client`` / ``upload_bytes_per_client``: serialized bytes per client per round, from
+  the client library's transport counters (check-in, model download, report; protobuf framing included).
+- ``global_bytes``: float32 bytes of the global variables (item embeddings and biases, global offset):
+  ``(num_items·(F+1) + 1)·4``, what FedRecon moves each way per client and round, plus framing.
+- ``whole_model_bytes``: float32 bytes of the whole model that a protocol without local parameters (every
+  parameter on the server, e.g. FedAvg over the full matrix factorization) would ship each way per client
+  and round: the global variables plus every training user's embedding and bias,
+  ``(num_items·(F+1) + 1 + num_train_users·(F+1))·4``.
+- ``startup_rss_mb``: the coordinator's resident memory once it listens, before any client;
+  ``peak_rss_mb``: its peak resident memory (VmHWM from ``/proc/<pid>/status``, Linux) read just before it
+  is stopped; ``peak_growth_mb`` = peak - startup.
+
+After each run the store is checked: R committed rounds with N accepted reports each (else the script
+fails). The last lines compare peak_rss of the largest N with the smallest (flat: within 25%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc
+import numpy as np
+
+from fedrecon.client import FederatedClient
+from fedrecon.client.transport import CoordinatorChannel
+from fedrecon.core.config import FedReconConfig
+from fedrecon.server.store import SqlStore
+from fedrecon.server.task import TaskSpec
+from fedrecon.simulations.ratings import FederatedRatings, load_dataset
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES
+
+TASK_NAME = "movielens-load"
+CLIENTS_PER_CHANNEL = 100
+MAX_CHANNELS = 16
+FLAT_TOLERANCE = 0.25
+
+TASK_TOML = """\
+# Written by benchmarks/coordinator_load.py (N = {n} clients, R = {rounds} rounds).
+name = "{name}"
+batch_size = 5
+seed = 0
+
+[model]
+kind = "matrix_factorization"
+num_items = {num_items}
+num_factors = {factors}
+use_biases = true
+initial_offset = {offset!r}  # mean training rating
+
+[training]  # the paper's reference configuration (the FedReconConfig defaults), spelled out
+reconstruction_optimizer = {{ name = "sgd", learning_rate = 0.1 }}
+client_optimizer = {{ name = "sgd", learning_rate = 0.5 }}
+server_optimizer = {{ name = "sgd", learning_rate = 1.0 }}
+recon_epochs = 5
+recon_steps_max = 50
+post_recon_epochs = 1
+post_recon_steps_max = 50
+
+[rounds]  # every one of the N clients reports in every round
+clients_per_round = {n}
+over_selection = 1.0
+min_reports = {n}
+selection_timeout_s = 600.0
+reporting_timeout_s = 1200.0
+retry_delay_s = [0.05, 0.5]
+max_rounds = {rounds}
+"""
+
+
+# ----- the coordinator process -----------------------------------------------------------------------------
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in kB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+class CoordinatorProcess:
+    """``fedrecon serve`` in a child Python process (its pid is the serving process, not a wrapper)."""
+
+    def __init__(self, task_file: Path, store_url: str, workdir: Path, timeout_s: float = 180.0) -> None:
+        port_file = workdir / "port"
+        self.log_path = workdir / "coordinator.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(task_file), "--store", store_url,
+             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        give_up = time.monotonic() + timeout_s
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > give_up:
+                self.stop()
+                raise RuntimeError(f"the coordinator did not start:\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")
+        if b"serve" not in cmdline:
+            raise RuntimeError(f"pid {self.proc.pid} is not the serving process: {cmdline}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-chars:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+# ----- one run ---------------------------------------------------------------------------------------------
+def global_bytes(num_items: int, factors: int) -> int:
+    return (num_items * (factors + 1) + 1) * 4
+
+
+def whole_model_bytes(num_items: int, factors: int, num_train_users: int) -> int:
+    return global_bytes(num_items, factors) + num_train_users * (factors + 1) * 4
+
+
+def write_task(path: Path, data: FederatedRatings, n: int, rounds: int, factors: int) -> TaskSpec:
+    path.write_text(TASK_TOML.format(n=n, rounds=rounds, name=TASK_NAME, num_items=data.num_items,
+                                     factors=factors, offset=float(data.mean_rating)))
+    spec = TaskSpec.load(path)
+    if spec.training != FedReconConfig():
+        raise AssertionError("the task's training section is not the reference configuration")
+    return spec
+
+
+def run_clients(n: int, rounds: int, factors: int, data: FederatedRatings, workdir: Path) -> dict[str, Any]:
+    users = sorted(data.train)[:n]
+    if len(users) < n:
+        raise SystemExit(f"the dataset has only {len(users)} training users; asked for {n} clients")
+    task_file = workdir / "task.toml"
+    write_task(task_file, data, n, rounds, factors)
+    store_url = f"sqlite:///{workdir / 'coordinator.db'}"
+
+    coordinator = CoordinatorProcess(task_file, store_url, workdir)
+    pid = coordinator.proc.pid
+    try:
+        time.sleep(1.0)  # let start-up settle before the baseline reading
+        startup = proc_memory_kb(pid)
+        options = [("grpc.max_receive_message_length", 4 * DEFAULT_CHUNK_BYTES),
+                   ("grpc.max_send_message_length", 4 * DEFAULT_CHUNK_BYTES)]
+        num_channels = min(MAX_CHANNELS, max(1, math.ceil(n / CLIENTS_PER_CHANNEL)))
+        # Distinct channel arguments keep gRPC from folding the channels into one shared connection.
+        channels = [grpc.insecure_channel(coordinator.address,
+                                          options=[*options, ("fedrecon.load.channel", i)])
+                    for i in range(num_channels)]
+        retries = [0]
+        retries_lock = threading.Lock()
+
+        def counting_sleep(seconds: float) -> None:
+            with retries_lock:
+                retries[0] += 1
+            time.sleep(seconds)
+
+        clients = [FederatedClient(None, TASK_NAME, f"user-{u}", data.train[u],
+                                   channel=channels[i % num_channels], sleep=counting_sleep)
+                   for i, u in enumerate(users)]
+        observer = CoordinatorChannel(channel=channels[0])
+        round_wall: list[float] = []
+        round_cpu: list[tuple[float, float]] = []  # (coordinator, this process) CPU seconds per round
+        rss_after_round_mb: list[float] = []
+
+        def play(client: FederatedClient, user: int) -> bool:
+            report = client.participate(
+                rng_for=lambda a: np.random.default_rng([user, a.round_num]), max_wait_s=600.0)
+            return report.accepted
+
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="load-client") as pool:
+            for k in range(1, rounds + 1):
+                cpu0 = proc_cpu_s(pid), time.process_time()
+                t0 = time.perf_counter()
+                accepted = list(pool.map(play, clients, users))
+                round_wall.append(time.perf_counter() - t0)
+                round_cpu.append((proc_cpu_s(pid) - cpu0[0], time.process_time() - cpu0[1]))
+                if not all(accepted):
+                    raise RuntimeError(f"round {k}: {accepted.count(False)} reports were not accepted")
+                version = observer.latest_model(TASK_NAME).model_version
+                if version != k:
+                    raise RuntimeError(f"after round {k} the coordinator is at model version {version}")
+                rss_after_round_mb.append(proc_memory_kb(pid)["VmRSS"] / 1024)
+                print(f"  N={n} round {k}/{rounds}: {round_wall[-1]:.2f} s, coordinator RSS "
+                      f"{rss_after_round_mb[-1]:.0f} MB", flush=True)
+        peak = proc_memory_kb(pid)
+        loads_tensorflow = "tensorflow" in Path(f"/proc/{pid}/maps").read_text()
+        downloaded = sum(c.transport.bytes_downloaded for c in clients)
+        uploaded = sum(c.transport.bytes_uploaded for c in clients)
+        for channel in channels:
+            channel.close()
+    except BaseException:
+        print(coordinator.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        code = coordinator.stop()
+    if code != 0:
+        raise RuntimeError(f"the coordinator exited with status {code}:\n{coordinator.log_tail()}")
+
+    # The store must hold R committed rounds of N accepted reports each.
+    store = SqlStore(store_url)
+    try:
+        stored = store.list_rounds(TASK_NAME)
+        latest = store.latest_version(TASK_NAME, with_payload=False).version
+    finally:
+        store.close()
+    committed = sorted((r for r in stored if str(r.state) == "committed"), key=lambda r: r.round_num)
+    bad = [(r.round_num, str(r.state), r.num_accepted) for r in stored
+           if str(r.state) != "committed" or r.num_accepted != n]
+    if len(committed) != rounds or bad or latest != rounds:
+        raise RuntimeError(f"store check failed for N={n}: {len(committed)} of {rounds} rounds committed, "
+                           f"latest version {latest}, unexpected rounds {bad}")
+
+    measured = slice(1, None) if rounds > 1 else slice(None)
+    wall = round_wall[measured]
+    coordinator_seconds = [float(r.metrics["seconds"]) for r in committed][measured]
+    reports = n * len(wall)
+    coordinator_cpu = sum(c for c, _ in round_cpu[measured])
+    client_cpu = sum(c for _, c in round_cpu[measured])
+    return {
+        "clients": n,
+        "rounds": rounds,
+        "rounds_committed": len(committed),
+        "measured_rounds": f"{2 if rounds > 1 else 1}..{rounds}",
+        "reports_per_s": reports / sum(wall),
+        "seconds_per_round": statistics.median(wall),
+        "coordinator_seconds_per_round": statistics.median(coordinator_seconds),
+        "round_seconds": round_wall,
+        "download_bytes_per_client": downloaded / (n * rounds),
+        "upload_bytes_per_client": uploaded / (n * rounds),
+        "global_bytes": global_bytes(data.num_items, factors),
+        "whole_model_bytes": whole_model_bytes(data.num_items, factors, len(data.train)),
+        "startup_rss_mb": startup["VmRSS"] / 1024,
+        "peak_rss_mb": peak["VmHWM"] / 1024,
+        "peak_growth_mb": (peak["VmHWM"] - startup["VmRSS"]) / 1024,
+        "rss_after_round_mb": rss_after_round_mb,
+        "coordinator_cpu_ms_per_report": 1000 * coordinator_cpu / reports,
+        "client_cpu_ms_per_report": 1000 * client_cpu / reports,
+        "client_retry_waits": retries[0],
+        "coordinator_loads_tensorflow": loads_tensorflow,
+        "grpc_channels": num_channels,
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and which product files differed from it (uncommitted work is measured too)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "core", "server", "client",
+                                         "fedrecon", "protos").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted_changes": changed}
+
+
+# ----- report ----------------------------------------------------------------------------------------------
+def print_table(runs: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="coordinator load (loopback, coordinator in its own process)")
+    columns = ("clients", "rounds", "reports/s", "s/round", "coord s/round", "down B/client/round",
+               "up B/client/round", "whole-model B", "global B", "startup RSS MB", "peak RSS MB",
+               "coord CPU ms/report", "client CPU ms/report")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in runs:
+        table.add_row(str(r["clients"]), str(r["rounds"]), f"{r['reports_per_s']:.1f}",
+                      f"{r['seconds_per_round']:.2f}", f"{r['coordinator_seconds_per_round']:.2f}",
+                      f"{r['download_bytes_per_client']:,.0f}", f"{r['upload_bytes_per_client']:,.0f}",
+                      f"{r['whole_model_bytes']:,}", f"{r['global_bytes']:,}", f"{r['startup_rss_mb']:.1f}",
+                      f"{r['peak_rss_mb']:.1f}", f"{r['coordinator_cpu_ms_per_report']:.2f}",
+                      f"{r['client_cpu_ms_per_report']:.2f}")
+    Console(width=250).print(table)
+    for r in runs:
+        down, up, whole = r["download_bytes_per_client"], r["upload_bytes_per_client"], r["whole_model_bytes"]
+        print(f"N={r['clients']}: per client and round FedRecon moved {down:,.0f} B down / {up:,.0f} B up; "
+              f"a whole-model protocol would move {whole:,} B each way ({whole / down:.2f}x down, "
+              f"{whole / up:.2f}x up); round times "
+              f"{', '.join(f'{s:.2f}' for s in r['round_seconds'])} s (median over rounds "
+              f"{r['measured_rounds']}); coordinator RSS {r['startup_rss_mb']:.1f} MB at start, peak "
+              f"{r['peak_rss_mb']:.1f} MB (+{r['peak_growth_mb']:.1f} MB); client retry waits "
+              f"{r['client_retry_waits']}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/movielens/ml-1m-2998u",
+                        help="a MovieLens folder or 'synthetic'")
+    parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[3],
+                        help="rounds per run: one number for every N, or one per N")
+    parser.add_argument("--factors", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/coordinator_load.json"))
+    args = parser.parse_args(argv)
+    if len(args.rounds) not in (1, len(args.clients)):
+        parser.error("--rounds takes one number, or one per --clients value")
+    rounds = args.rounds * len(args.clients) if len(args.rounds) == 1 else args.rounds
+
+    t_start = time.perf_counter()
+    data = load_dataset(args.data)
+    whole = whole_model_bytes(data.num_items, args.factors, len(data.train))
+    print(f"{args.data}: {len(data.train)} training users, {data.num_items} items, mean rating "
+          f"{data.mean_rating:.4f}; whole model {whole:,} B, global variables "
+          f"{global_bytes(data.num_items, args.factors):,} B", flush=True)
+    runs = []
+    for n, r in zip(args.clients, rounds, strict=True):
+        with tempfile.TemporaryDirectory(prefix="fedrecon-load-") as tmp:
+            t0 = time.perf_counter()
+            runs.append(run_clients(n, r, args.factors, data, Path(tmp)))
+            runs[-1]["wall_s"] = time.perf_counter() - t0
+    print_table(runs)
+    result: dict[str, Any] = {"runs": runs}
+    if len(runs) > 1:
+        small, large = min(runs, key=lambda x: x["clients"]), max(runs, key=lambda x: x["clients"])
+        ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+        flat = abs(ratio - 1.0) <= FLAT_TOLERANCE
+        print(f"coordinator peak RSS ratio N={large['clients']} / N={small['clients']}: {ratio:.3f} -> "
+              f"{'flat' if flat else 'NOT flat'} (tolerance {FLAT_TOLERANCE:.0%}); growth above start-up "
+              f"{small['peak_growth_mb']:.1f} MB -> {large['peak_growth_mb']:.1f} MB")
+        result["peak_rss_ratio"] = ratio
+        result["memory_flat"] = flat
+    result["setup"] = {"data": Path(args.data).name, "train_users": len(data.train), "items": data.num_items,
+                       "factors": args.factors,
+                       "coordinator_max_workers": 32,  # the `fedrecon serve` default, used here
+                       "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "code": code_version(), "wall_s": time.perf_counter() - t_start}
+    print(f"total wall time {result['setup']['wall_s']:.1f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
