@@ -25,7 +25,16 @@ class RunningWeightedSum:
         """Fold one client's delta with its weight (the caller has validated both)."""
         if not np.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be finite and non-negative, got {weight}")
-        self.add_sum([np.asarray(d, np.float64) * weight for d in delta], weight, count=1)
+        if len(delta) != len(self._sums):
+            raise ValueError(f"expected {len(self._sums)} tensors, got {len(delta)}")
+        for acc, d in zip(self._sums, delta, strict=True):
+            if acc.shape != np.shape(d):
+                raise ValueError(f"shape {np.shape(d)} does not match {acc.shape}")
+        w = np.float64(weight)
+        for acc, d in zip(self._sums, delta, strict=True):
+            acc += w * np.asarray(d)  # one float64 temporary per tensor, folded in place
+        self.total_weight += float(weight)
+        self.num_updates += 1
 
     def add_sum(self, weighted_sum: Sequence[np.ndarray], total_weight: float, *, count: int) -> None:
         """Fold an already weighted sum of ``count`` updates."""

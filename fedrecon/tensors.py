@@ -153,7 +153,8 @@ class TensorAssembler:
             if filled != len(buf):
                 raise TensorDecodeError(f"tensor {layout.name!r}: stream ended after {filled} of "
                                         f"{len(buf)} bytes")
-        return [np.frombuffer(bytes(buf), dtype=layout.dtype).reshape(layout.shape).astype(
+        # The arrays share the assembled buffers (no copy); byte order is fixed only on big-endian hosts.
+        return [np.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape).astype(
             layout.dtype.newbyteorder("="), copy=False)
             for layout, buf in zip(self.layouts, self._buffers, strict=True)]
 

@@ -8,6 +8,8 @@ Kept thin on purpose (as Flower does): every rule lives in ``Coordinator``; here
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import grpc
@@ -38,6 +40,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.coordinator = coordinator
         self.max_chunk_bytes = max_chunk_bytes
+        # Every client of a round downloads the same version: encode it once, not once per client.
+        self._downloads: OrderedDict[tuple[int, int], list[pb.TensorStreamMessage]] = OrderedDict()
+        self._downloads_lock = threading.Lock()
+
+    def _download_messages(self, task: str, version: int, chunk: int) -> list[pb.TensorStreamMessage]:
+        key = (version, chunk)
+        with self._downloads_lock:
+            if key in self._downloads:
+                self._downloads.move_to_end(key)
+                return self._downloads[key]
+        names, arrays = self.coordinator.model_arrays(task, version)
+        messages = list(tensor_stream(names, arrays, chunk))
+        with self._downloads_lock:
+            self._downloads[key] = messages
+            while len(self._downloads) > 2:  # the current version and perhaps the one before
+                self._downloads.popitem(last=False)
+        return messages
 
     def CheckIn(self, request: pb.CheckInRequest, context: grpc.ServicerContext) -> pb.CheckInResponse:
         try:
@@ -61,12 +80,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def DownloadModel(self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
                       ) -> Iterator[pb.TensorStreamMessage]:
+        chunk = min(request.max_chunk_bytes or self.max_chunk_bytes, self.max_chunk_bytes)
         try:
-            names, arrays = self.coordinator.model_arrays(request.task_name, request.model_version)
+            messages = self._download_messages(request.task_name, request.model_version, chunk)
         except Refusal as refusal:
             _abort(context, refusal)
-        chunk = min(request.max_chunk_bytes or self.max_chunk_bytes, self.max_chunk_bytes)
-        yield from tensor_stream(names, arrays, chunk)
+        yield from messages
 
     def ReportUpdate(self, request_iterator: Iterator[pb.ReportUpdateRequest], context: grpc.ServicerContext
                      ) -> pb.ReportUpdateResponse:
