@@ -22,12 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 import numpy as np
 
 from fedrecon.client.personalization import Personalization
-from fedrecon.client.transport import CoordinatorChannel, RetryPolicy
+from fedrecon.client.transport import TRANSIENT, CoordinatorChannel, RetryPolicy
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import ClientStep, ClientUpdate, EvaluationSums, client_update
 from fedrecon.core.config import FedReconConfig
@@ -44,10 +45,16 @@ class RoundReport:
     round_id: int
     round_num: int
     model_version: int
-    accepted: bool
+    accepted: bool  # this call folded the update into the round
     weight: float
     metrics: dict[str, float]
     message: str
+    status: str = "OK"  # the gRPC status of the report: OK, or why it was refused (ABORTED, ...)
+
+    @property
+    def in_round(self) -> bool:
+        """The update is in the round's aggregate (now, or by an earlier identical attempt)."""
+        return self.status == "OK"
 
 
 class NoAssignment(Exception):
@@ -135,14 +142,21 @@ class FederatedClient:
         """Take part in one round: check in, download, reconstruct and train, report."""
         assignment = self.check_in(max_wait_s=max_wait_s)
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
-        response = self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
-                                         update.metrics)
-        return RoundReport(assignment.round_id, assignment.round_num, assignment.model_version,
-                           response.accepted, update.weight, dict(update.metrics), response.message)
+        result = partial(RoundReport, assignment.round_id, assignment.round_num, assignment.model_version)
+        try:
+            response = self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
+                                             update.metrics)
+        except grpc.RpcError as err:
+            if err.code() in TRANSIENT:  # type: ignore[attr-defined]
+                raise  # retries ran out: the coordinator is unreachable, not refusing
+            # A refusal (round already over, late, ...) is the round's answer, not a failure of the app.
+            return result(False, update.weight, dict(update.metrics), err.details(),  # type: ignore[attr-defined]
+                          err.code().name)  # type: ignore[attr-defined]
+        return result(response.accepted, update.weight, dict(update.metrics), response.message)
 
     def run(self, rounds: int, *, stop: threading.Event | None = None, max_wait_s: float = 600.0
             ) -> list[RoundReport]:
-        """Take part in up to ``rounds`` rounds (each refusal of a report is logged in the result)."""
+        """Take part in up to ``rounds`` rounds; a refused report is a ``RoundReport`` with its status."""
         reports = []
         for _ in range(rounds):
             if stop is not None and stop.is_set():

@@ -204,12 +204,13 @@ def client(
             for _ in range(rounds):
                 try:
                     report = c.participate(max_wait_s=max_wait)
-                    results.append("accepted" if report.accepted else "already accepted")
+                    results.append(("accepted" if report.accepted else "already accepted") if report.in_round
+                                   else f"refused ({report.status})")
                 except NoAssignment:
                     results.append("no assignment")
                     break
-                except Exception as err:  # a refusal is an answer: count it and go on
-                    results.append(type(err).__name__ if not hasattr(err, "code") else str(err.code()))
+                except Exception as err:  # an unreachable coordinator or a refused check-in: count it, go on
+                    results.append(err.code().name if hasattr(err, "code") else type(err).__name__)
             return results
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -153,10 +153,14 @@ class TensorAssembler:
             if filled != len(buf):
                 raise TensorDecodeError(f"tensor {layout.name!r}: stream ended after {filled} of "
                                         f"{len(buf)} bytes")
-        # The arrays share the assembled buffers (no copy); byte order is fixed only on big-endian hosts.
-        return [np.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape).astype(
-            layout.dtype.newbyteorder("="), copy=False)
-            for layout, buf in zip(self.layouts, self._buffers, strict=True)]
+        arrays = []
+        for layout, buf in zip(self.layouts, self._buffers, strict=True):
+            # Shares the assembled buffer (no copy), read-only so that no reader can alter what others see.
+            array = np.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape)
+            array = array.astype(layout.dtype.newbyteorder("="), copy=False)
+            array.flags.writeable = False
+            arrays.append(array)
+        return arrays
 
 
 def decode_tensor_stream(messages: Iterable[pb.TensorStreamMessage], *, max_bytes: int | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from fedrecon.tensors import DEFAULT_CHUNK_BYTES
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +75,10 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
 
     def tick() -> None:
         while not stopped.wait(tick_s):
-            coordinator.tick()
+            try:
+                coordinator.tick()
+            except Exception:  # the timer must outlive any one failure (a store outage, say)
+                log.exception("coordinator tick failed; trying again in %.1f s", tick_s)
 
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()

@@ -23,7 +23,6 @@ only by a keyed hash of their id.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -53,6 +52,7 @@ from fedrecon.server.store import (
     RoundSummary,
     SqlStore,
     StoreError,
+    StoreUnavailable,
     UnknownTask,
     UnknownVersion,
 )
@@ -109,6 +109,8 @@ class _Round:
     refused: dict[str, str] = field(default_factory=dict)  # client key -> reason
     loss_sum: float = 0.0
     examples: float = 0.0
+    aggregating: bool = False  # the store has the round as "aggregating"
+    commit_due: str | None = None  # why the round must commit; set while the store is unavailable
 
     def answered(self) -> int:
         return len(self.accepted) + len(self.refused)
@@ -151,6 +153,7 @@ class Coordinator:
         self.refusals: Counter[str] = Counter()
         self.reports_accepted = 0
         self._stopping = False
+        self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
 
     # ----- setup ---------------------------------------------------------------------------------------
     def _load_or_create_task(self) -> bytes:
@@ -170,6 +173,14 @@ class Coordinator:
             raise ValueError(f"task {self.task.name!r} exists in the store with a different description; "
                              "use a new task name to change the model or hyper-parameters")
         return bytes.fromhex(salt)
+
+    def count_refusal(self, reason: str) -> None:
+        """Count a refusal decided outside the coordinator (the servicer's stream decoding)."""
+        self._count(reason)
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.refusals[reason] += 1
 
     # ----- identity ------------------------------------------------------------------------------------
     def client_key(self, client_id: str) -> str:
@@ -218,13 +229,15 @@ class Coordinator:
         except UnknownVersion:
             raise Refusal(Status.NOT_FOUND, "unknown_version",
                           f"task {task_name!r} has no model version {version}") from None
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
         return list(self._names), globals_from_bytes(record.parameters, self._names)
 
     # ----- selection -----------------------------------------------------------------------------------
     def check_in(self, task_name: str, client_id: str, protocol_version: int,
                  capabilities: Mapping[str, str] | None = None) -> Assignment | RetryLater:
         if protocol_version != PROTOCOL_VERSION:
-            self.refusals["protocol_version"] += 1
+            self._count("protocol_version")
             raise Refusal(Status.FAILED_PRECONDITION, "protocol_version",
                           f"protocol version {protocol_version} is not supported; this coordinator speaks "
                           f"{PROTOCOL_VERSION}")
@@ -261,8 +274,12 @@ class Coordinator:
     def _open_round(self, now: float) -> _Round:
         s = self.task.rounds
         deadline = now + s.selection_timeout_s + s.reporting_timeout_s
-        record = self.store.open_round(self.task.name, base_version=self._version, target=s.clients_per_round,
-                                       min_reports=s.minimum, deadline=datetime.fromtimestamp(deadline, UTC))
+        try:
+            record = self.store.open_round(self.task.name, base_version=self._version,
+                                           target=s.clients_per_round, min_reports=s.minimum,
+                                           deadline=datetime.fromtimestamp(deadline, UTC))
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
         self._round = _Round(record.round_id, record.round_num, self._version, now,
                              now + s.selection_timeout_s, deadline, self.algorithm.new_aggregate())
         return self._round
@@ -276,10 +293,21 @@ class Coordinator:
         with self._lock:
             self._advance(self._clock())
             r = self._round
-            if r is not None and r.round_id == round_id and r.assigned.get(key) != token:
+            if r is None or r.round_id != round_id or r.commit_due is not None:
+                closed = self._closed.get(round_id)
+                if closed is None or key not in closed.accepted:  # only a retry of an accepted report
+                    self._report_to_closed_round(round_id, key, None)
+            elif r.assigned.get(key) != token:
                 self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
                              f"this client holds no assignment to round {r.round_num}", record=False)
+            elif key in r.refused:
+                self._refuse_refused(r, key)
         return key
+
+    def _refuse_refused(self, r: _Round, key: str) -> None:
+        self._refuse(r, key, Status.FAILED_PRECONDITION, "already_refused",
+                     f"this client's report in round {r.round_num} was refused ({r.refused[key]}); "
+                     "a refused report is its answer for the round", record=False)
 
     def report(self, task_name: str, client_id: str, round_id: int, token: str, weight: float,
                metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
@@ -290,7 +318,7 @@ class Coordinator:
         with self._lock:
             self._advance(self._clock())
             r = self._round
-            if r is None or r.round_id != round_id:
+            if r is None or r.round_id != round_id or r.commit_due is not None:
                 return self._report_to_closed_round(round_id, key, digest)
             if r.assigned.get(key) != token:
                 self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
@@ -302,9 +330,7 @@ class Coordinator:
                              f"a different update from this client was already accepted in round "
                              f"{r.round_num}; one update per client per round", record=False)
             if key in r.refused:
-                self._refuse(r, key, Status.FAILED_PRECONDITION, "already_refused",
-                             f"this client's report in round {r.round_num} was refused ({r.refused[key]}); "
-                             "a refused report is its answer for the round", record=False)
+                self._refuse_refused(r, key)
             if problem is not None:
                 self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
             r.aggregate.add(delta, weight)  # type: ignore[attr-defined]
@@ -320,29 +346,45 @@ class Coordinator:
                 self._commit(r, "goal")
             elif not r.selecting and r.answered() == len(r.assigned):
                 self._close_when_all_answered(r)
+            closed = self._closed.get(r.round_id)
+            if closed is not None and closed.state == "failed":
+                self._count("commit_failed")
+                raise Refusal(Status.ABORTED, "commit_failed",
+                              f"round {num} failed when it closed ({closed.why}); "
+                              "this update is not in the model")
+            if r.commit_due is not None:
+                return ReportOutcome(True, f"accepted in round {num}; the commit waits for the store")
             return ReportOutcome(True, f"accepted in round {num}")
 
-    def _report_to_closed_round(self, round_id: int, key: str, digest: str) -> ReportOutcome:
+    def _report_to_closed_round(self, round_id: int, key: str, digest: str | None) -> ReportOutcome:
+        """Answer a report for a round that is not taking reports: an idempotent retry, or a refusal.
+
+        A late report is ABORTED rather than DEADLINE_EXCEEDED, so that no client confuses the answer with
+        its own call timing out (which it may retry)."""
         closed = self._closed.get(round_id)
+        r = self._round
         if closed is None:
-            current = f"round id {self._round.round_id} is open" if self._round else "no round is open"
-            self.refusals["wrong_round"] += 1
+            if r is not None and r.round_id == round_id:  # goal reached, commit waiting for the store
+                self._count("round_over")
+                raise Refusal(Status.ABORTED, "round_over", f"round {r.round_num} has all its reports")
+            current = f"round id {r.round_id} is open" if r else "no round is open"
+            self._count("wrong_round")
             raise Refusal(Status.FAILED_PRECONDITION, "wrong_round",
                           f"round id {round_id} is not open ({current})")
-        if closed.accepted.get(key) == digest:
+        if digest is not None and closed.accepted.get(key) == digest:
             return ReportOutcome(False, f"this update was already accepted in round id {round_id} "
                                         f"({closed.state})")
         if closed.why == "deadline":
-            self.refusals["late"] += 1
-            raise Refusal(Status.DEADLINE_EXCEEDED, "late",
+            self._count("late")
+            raise Refusal(Status.ABORTED, "late",
                           f"round id {round_id} passed its reporting deadline ({closed.state})")
-        self.refusals["round_over"] += 1
+        self._count("round_over")
         raise Refusal(Status.ABORTED, "round_over",
                       f"round id {round_id} is over ({closed.state}: {closed.why})")
 
     def _refuse(self, r: _Round, key: str, status: Status, reason: str, message: str, *,
                 record: bool) -> None:
-        self.refusals[reason] += 1
+        self._count(reason)
         if record and key in r.assigned and key not in r.accepted:
             r.refused[key] = reason
             if not r.selecting and r.answered() == len(r.assigned):
@@ -356,13 +398,16 @@ class Coordinator:
         key = self.client_key(client_id)
         values = (squared_error, num_correct, num_examples)
         if not all(math.isfinite(v) and v >= 0 for v in values) or num_correct > num_examples:
-            self.refusals["bad_evaluation"] += 1
+            self._count("bad_evaluation")
             raise Refusal(Status.INVALID_ARGUMENT, "bad_evaluation",
                           "evaluation sums must be finite, non-negative, with num_correct <= num_examples")
         if not 0 <= version <= self.version:
             raise Refusal(Status.NOT_FOUND, "unknown_version", f"no model version {version}")
-        self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
-                                     num_correct=num_correct, num_examples=num_examples)
+        try:
+            self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
+                                         num_correct=num_correct, num_examples=num_examples)
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
 
     # ----- time ----------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -371,8 +416,12 @@ class Coordinator:
             self._advance(self._clock())
 
     def _advance(self, now: float) -> None:
+        self._record_failures()
         r = self._round
         if r is None:
+            return
+        if r.commit_due is not None:  # the store was unavailable at commit time: try again
+            self._commit(r, r.commit_due)
             return
         s = self.task.rounds
         if r.selecting and now >= r.selection_ends:
@@ -418,15 +467,23 @@ class Coordinator:
         return summary, participations
 
     def _commit(self, r: _Round, why: str) -> None:
+        """Commit ``r``; if the store is unavailable the round waits (``commit_due``) and every tick tries
+        again until the store answers, so accepted updates are not thrown away over a database hiccup."""
         summary, participations = self._summary(r)
         try:
-            self.store.mark_aggregating(r.round_id)
+            if not r.aggregating:
+                self.store.mark_aggregating(r.round_id)
+                r.aggregating = True
             new_state = self.algorithm.server_update(self._state, r.aggregate)  # type: ignore[arg-type]
             self.store.commit_round(r.round_id,
                                     parameters=globals_to_bytes(self._names, new_state.globals),
                                     optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state),
                                     summary=summary, participations=participations)
-        except StoreError as err:
+        except StoreUnavailable:
+            r.commit_due = why
+            r.selecting = False
+            return
+        except StoreError as err:  # another writer moved the task on (StaleRound), or the round was closed
             self._fail(r, f"commit failed: {err}")
             return
         self._state = new_state
@@ -437,10 +494,22 @@ class Coordinator:
 
     def _fail(self, r: _Round, reason: str, *, why: str | None = None) -> None:
         summary, participations = self._summary(r)
-        # The round is abandoned either way; if the store cannot record it now, a restart marks it failed.
-        with contextlib.suppress(StoreError):
-            self.store.fail_round(r.round_id, reason, summary=summary, participations=participations)
+        # The round is abandoned either way; a failure the store cannot record now is recorded by a later
+        # tick (or, if the process dies first, by the next start).
+        self._unrecorded_failures.append((r.round_id, reason, summary, participations))
+        self._record_failures()
         self._forget(r, _ClosedRound("failed", why or reason, {}))
+
+    def _record_failures(self) -> None:
+        while self._unrecorded_failures:
+            round_id, reason, summary, participations = self._unrecorded_failures[0]
+            try:
+                self.store.fail_round(round_id, reason, summary=summary, participations=participations)
+            except StoreUnavailable:
+                return
+            except StoreError:
+                pass  # already closed by someone else (a restart): nothing left to record
+            self._unrecorded_failures.pop(0)
 
     def _forget(self, r: _Round, closed: _ClosedRound) -> None:
         self._closed[r.round_id] = closed
@@ -460,6 +529,11 @@ class Coordinator:
                 self._commit(r, "shutdown")
             else:
                 self._fail(r, "the coordinator shut down before the round had enough reports")
+
+
+def _store_unavailable(err: StoreError) -> Refusal:
+    return Refusal(Status.UNAVAILABLE, "store_unavailable",
+                   f"the coordinator's store is unavailable ({err}); retry later")
 
 
 def _digest(weight: float, delta: Sequence[np.ndarray]) -> str:

@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedrecon.server.coordinator import Assignment, Coordinator
 from fedrecon.server.refusals import Refusal
+from fedrecon.server.store import StoreUnavailable
 from fedrecon.tensors import (
     DEFAULT_CHUNK_BYTES,
     TensorAssembler,
@@ -30,10 +31,19 @@ from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+MIN_CHUNK_BYTES = 64 * 1024
 
 
-def _abort(context: grpc.ServicerContext, refusal: Refusal) -> None:
-    context.abort(getattr(grpc.StatusCode, refusal.status.value), refusal.message)
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    """End the call with the status ``err`` stands for; unexpected errors are logged, never echoed."""
+    if isinstance(err, Refusal):
+        context.abort(getattr(grpc.StatusCode, err.status.value), err.message)
+    if isinstance(err, TensorDecodeError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    if isinstance(err, StoreUnavailable):
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator's store is unavailable; retry later")
+    log.error("internal error while serving a call", exc_info=err)
+    context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator")
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -45,13 +55,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._downloads_lock = threading.Lock()
 
     def _download_messages(self, task: str, version: int, chunk: int) -> list[pb.TensorStreamMessage]:
+        """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
+        fill the cache with odd encodings."""
+        names, arrays = self.coordinator.model_arrays(task, version)  # refuses unknown tasks and versions
         key = (version, chunk)
         with self._downloads_lock:
             if key in self._downloads:
                 self._downloads.move_to_end(key)
                 return self._downloads[key]
-        names, arrays = self.coordinator.model_arrays(task, version)
         messages = list(tensor_stream(names, arrays, chunk))
+        if chunk != self.max_chunk_bytes:
+            return messages
         with self._downloads_lock:
             self._downloads[key] = messages
             while len(self._downloads) > 2:  # the current version and perhaps the one before
@@ -62,8 +76,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             result = self.coordinator.check_in(request.task_name, request.client_id, request.protocol_version,
                                                dict(request.capabilities))
-        except Refusal as refusal:
-            _abort(context, refusal)
+        except Exception as err:  # every error becomes a status (see _abort)
+            _abort(context, err)
         if isinstance(result, Assignment):
             deadline = Timestamp()
             deadline.FromDatetime(result.deadline)
@@ -80,11 +94,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def DownloadModel(self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
                       ) -> Iterator[pb.TensorStreamMessage]:
-        chunk = min(request.max_chunk_bytes or self.max_chunk_bytes, self.max_chunk_bytes)
+        # A client may ask for smaller chunks, but not absurdly small ones (a message per byte).
+        asked = request.max_chunk_bytes or self.max_chunk_bytes
+        chunk = max(min(asked, self.max_chunk_bytes), min(MIN_CHUNK_BYTES, self.max_chunk_bytes))
         try:
             messages = self._download_messages(request.task_name, request.model_version, chunk)
-        except Refusal as refusal:
-            _abort(context, refusal)
+        except Exception as err:  # every error becomes a status (see _abort)
+            _abort(context, err)
         yield from messages
 
     def ReportUpdate(self, request_iterator: Iterator[pb.ReportUpdateRequest], context: grpc.ServicerContext
@@ -108,11 +124,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             delta = assembler.finish()
             outcome = coordinator.report(header.task_name, header.client_id, header.round_id,
                                          header.assignment_token, header.weight, dict(header.metrics), delta)
-        except Refusal as refusal:
-            _abort(context, refusal)
-        except TensorDecodeError as err:
-            coordinator.refusals["bad_tensors"] += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:  # every error becomes a status (see _abort)
+            if isinstance(err, TensorDecodeError):
+                coordinator.count_refusal("bad_tensors")
+            _abort(context, err)
         return pb.ReportUpdateResponse(accepted=outcome.accepted, message=outcome.message)
 
     def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
@@ -121,8 +136,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.coordinator.report_evaluation(request.task_name, request.client_id, request.model_version,
                                                request.squared_error, request.num_correct,
                                                request.num_examples)
-        except Refusal as refusal:
-            _abort(context, refusal)
+        except Exception as err:  # every error becomes a status (see _abort)
+            _abort(context, err)
         return pb.ReportEvaluationResponse()
 
     def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.ServicerContext

@@ -81,8 +81,9 @@ class GrpcRounds:
         client = FederatedClient(None, self.task.name, f"user-{user}", self.train[user], channel=self.channel)
         report = client.participate(rng_for=lambda _a: local_rng(self.settings.seed, round_num, user),
                                     max_wait_s=60.0)
-        if not report.accepted:
-            raise RuntimeError(f"user {user}: report not accepted in round {round_num}: {report.message}")
+        if not report.in_round:
+            raise RuntimeError(f"user {user}: report refused in round {round_num}: {report.status} "
+                               f"{report.message}")
         seen = report.metrics["post_recon_examples"]
         return report.metrics["loss"] * seen, seen, report.weight
 

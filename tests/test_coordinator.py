@@ -84,6 +84,8 @@ def test_round_commits_at_goal_with_the_weighted_mean(store: SqlStore) -> None:
     # server SGD with lr 1 adds the weighted mean delta: (1*1 + 3*5) / 4 = 4
     np.testing.assert_allclose(_stored_globals(store, 1), g0 + 4.0, rtol=1e-6)
     _refused(lambda: _report(c, d, "dora", 2.0, 1.0), Status.ABORTED, "round_over")
+    # Refused from the header alone, before the servicer reads any tensor bytes:
+    _refused(lambda: c.check_report("movies", "dora", d.round_id, d.token), Status.ABORTED, "round_over")
 
     (record,) = store.list_rounds("movies")
     assert (record.state, record.new_version, record.num_selected, record.num_accepted) == (
@@ -105,7 +107,7 @@ def test_round_below_minimum_fails_at_deadline_and_leaves_the_model(store: SqlSt
     (failed,) = store.list_rounds("movies")
     assert failed.state == RoundState.FAILED and "only 1 reports by the deadline" in failed.failure_reason
     assert c.version == 0 and [v.version for v in store.list_versions("movies")] == [0]
-    late = _refused(lambda: _report(c, a, "bob", 1.0, 1.0), Status.DEADLINE_EXCEEDED, "late")
+    late = _refused(lambda: _report(c, a, "bob", 1.0, 1.0), Status.ABORTED, "late")
     assert "deadline" in late.message
     nxt = _assign(c, "carol")  # the next check-in opens a new round on the unchanged model
     assert (nxt.round_num, nxt.model_version) == (2, 0)

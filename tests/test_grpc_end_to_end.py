@@ -241,6 +241,47 @@ def test_refusals_arrive_as_grpc_statuses_and_change_nothing(movielens: Federate
         assert coordinator.version == 0
 
 
+def test_over_selected_clients_get_a_refused_round_report(movielens: FederatedRatings, tmp_path: Path
+                                                           ) -> None:
+    task = movielens_task(movielens, clients_per_round=2, min_reports=2, over_selection=1.5)
+    users = sorted(movielens.train)[:3]
+    with serving(task, tmp_path) as server:
+        clients = [FederatedClient(server.address, "movielens", f"u{u}", movielens.train[u]) for u in users]
+        assignments = [c.check_in() for c in clients]  # goal ceil(2 * 1.5) = 3: all three are assigned
+        assert len({a.round_id for a in assignments}) == 1
+        reports = []
+        for client, assignment in zip(clients, assignments, strict=True):
+            names, update = client.train(assignment)
+            try:
+                response = client.transport.report(assignment, client.client_id, names, update.delta,
+                                                   update.weight, update.metrics)
+                reports.append(("OK", response.accepted))
+            except grpc.RpcError as err:
+                reports.append((err.code().name, False))
+        assert reports == [("OK", True), ("OK", True), ("ABORTED", False)]
+        # Through participate() the same refusal is a RoundReport, not an exception that loses the round.
+        third = clients[2]
+        third.check_in = lambda **_: assignments[2]  # type: ignore[method-assign]
+        refused = third.participate()
+        assert (refused.status, refused.accepted, refused.in_round) == ("ABORTED", False, False)
+        assert "is over" in refused.message
+
+
+def test_download_refuses_unknown_tasks_and_tiny_chunks(movielens: FederatedRatings, tmp_path: Path) -> None:
+    with serving(movielens_task(movielens), tmp_path) as server:
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(server.address))
+        good = list(stub.DownloadModel(pb.DownloadModelRequest(task_name="movielens", model_version=0)))
+        assert good[0].HasField("manifest")
+        tiny = list(stub.DownloadModel(pb.DownloadModelRequest(task_name="movielens", model_version=0,
+                                                               max_chunk_bytes=1)))
+        assert max(len(m.chunk.data) for m in tiny[1:]) == 64 * 1024  # clamped up from 1 byte
+        for task, version, code in (("books", 0, grpc.StatusCode.NOT_FOUND),
+                                    ("movielens", 7, grpc.StatusCode.NOT_FOUND)):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.DownloadModel(pb.DownloadModelRequest(task_name=task, model_version=version)))
+            assert caught.value.code() == code
+
+
 def test_client_honours_the_retry_window(movielens: FederatedRatings, tmp_path: Path) -> None:
     task = movielens_task(movielens, clients_per_round=1, min_reports=1, retry_delay_s=(0.3, 0.6))
     slept: list[float] = []

@@ -18,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine
 from sqlalchemy.pool import NullPool
 
+from fedrecon.server.migrations import upgrade_to_head
 from fedrecon.server.store import (
     DuplicateTask,
     InvalidTransition,
@@ -306,6 +307,35 @@ def test_evaluation_summaries_are_example_weighted(store: SqlStore) -> None:
     assert len(store.evaluation_summaries("movies")) == 2
 
 
+def test_a_repeated_evaluation_replaces_the_first(store: SqlStore) -> None:
+    _task(store)
+    store.record_evaluation("movies", 0, KEY_A, squared_error=4.0, num_correct=3, num_examples=4)
+    store.record_evaluation("movies", 0, KEY_A, squared_error=4.0, num_correct=3, num_examples=4)  # a retry
+    store.record_evaluation("movies", 0, KEY_B, squared_error=1.0, num_correct=1, num_examples=1)
+    (v0,) = store.evaluation_summaries("movies")
+    assert (v0.num_clients, v0.squared_error, v0.num_correct, v0.num_examples) == (2, 5.0, 4, 5)
+
+
+def test_migration_0002_keeps_the_newest_of_duplicate_evaluations(db_url: str) -> None:
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            upgrade_to_head(connection, revision="0001")  # the schema as the first release left it
+        with SqlStore(db_url, migrate=False) as old:
+            _task(old)
+        evaluations = Base.metadata.tables["evaluations"]
+        with engine.begin() as connection:
+            for squared_error in (9.0, 1.0):  # the same client twice: allowed before 0002
+                connection.execute(evaluations.insert().values(
+                    task_id=1, version=0, client_key=KEY_A, squared_error=squared_error, num_correct=1,
+                    num_examples=2, created_at=datetime.now(UTC)))
+    finally:
+        engine.dispose()
+    with SqlStore(db_url) as store:  # migrates to head
+        (v0,) = store.evaluation_summaries("movies")
+        assert (v0.num_clients, v0.squared_error, v0.num_examples) == (1, 1.0, 2)
+
+
 # -- time -----------------------------------------------------------------------------------------------
 
 
@@ -380,6 +410,9 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
+HEAD = "0002"  # the newest revision in server/migrations/versions
+
+
 def _schema_diff(url: str) -> list[object]:
     engine = create_engine(url, poolclass=NullPool)
     try:
@@ -392,7 +425,7 @@ def _schema_diff(url: str) -> list[object]:
 
 def test_migrated_schema_equals_the_metadata(db_url: str) -> None:
     SqlStore(db_url).close()
-    assert _schema_diff(db_url) == ["0001"]
+    assert _schema_diff(db_url) == [HEAD]
 
 
 def test_reopening_a_database_keeps_its_data_and_schema(db_url: str) -> None:
@@ -403,7 +436,7 @@ def test_reopening_a_database_keeps_its_data_and_schema(db_url: str) -> None:
         assert _versions(again) == [0, 1]
         assert again.latest_version("movies").parameters == b"p"
         assert again.get_task("movies").spec["model"] == {"dim": 8}
-    assert _schema_diff(db_url) == ["0001"]
+    assert _schema_diff(db_url) == [HEAD]
 
 
 def test_url_hides_the_password() -> None:

@@ -41,6 +41,12 @@ def test_stream_round_trip_is_exact_and_chunked() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_decoded_arrays_are_read_only() -> None:
+    _, (array,) = decode_tensor_stream(list(tensor_stream(["x"], [np.ones(3, np.float32)])))
+    with pytest.raises(ValueError, match="read-only"):
+        array[0] = 5.0
+
+
 def test_empty_tensor_sends_no_chunk_and_decodes() -> None:
     messages = list(tensor_stream(["e", "x"], [np.zeros((0, 3), np.float32), np.ones(2, np.float32)]))
     assert len(messages) == 2  # manifest + one chunk for "x"

@@ -15,8 +15,9 @@ from alembic.config import Config
 from sqlalchemy import Connection
 
 
-def upgrade_to_head(connection: Connection) -> None:
-    """Bring the database behind ``connection`` to the newest revision (a no-op when it is already there).
+def upgrade_to_head(connection: Connection, *, revision: str = "head") -> None:
+    """Bring the database behind ``connection`` to the newest revision (a no-op when it is already there);
+    tests pass an older ``revision`` to build a database as an earlier release left it.
 
     The caller owns the transaction: run this inside ``engine.begin()`` so that a failed migration leaves
     the schema as it was on backends with transactional DDL (PostgreSQL, and SQLite under `SqlStore`).
@@ -25,4 +26,4 @@ def upgrade_to_head(connection: Connection) -> None:
         config = Config()
         config.set_main_option("script_location", str(script_location))
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)

@@ -156,6 +156,11 @@ class StoreError(Exception):
     """Base of every error the store raises on purpose; also wraps constraint violations."""
 
 
+class StoreUnavailable(StoreError):
+    """The database could not be reached or did not answer in time (locked, restarting, network). Nothing
+    was written; the same call may succeed later."""
+
+
 class UnknownTask(StoreError):
     def __init__(self, task: str) -> None:
         super().__init__(f"unknown task {task!r}")

@@ -167,6 +167,7 @@ class Evaluation(Base):
     __table_args__ = (
         ForeignKeyConstraint(["task_id", "version"], ["model_versions.task_id", "model_versions.version"]),
         Index(None, "task_id", "version"),
+        UniqueConstraint("task_id", "version", "client_key"),  # a retried report replaces (migration 0002)
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from sqlalchemy import Engine, create_engine, distinct, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.pool import StaticPool
 
@@ -38,6 +38,7 @@ from .records import (
     RoundSummary,
     StaleRound,
     StoreError,
+    StoreUnavailable,
     TaskRecord,
     UnknownRound,
     UnknownTask,
@@ -338,7 +339,8 @@ class SqlStore:
         num_examples: int,
     ) -> None:
         """Record one client's evaluation of a version: sums over its examples, so that summaries can be
-        example-weighted. Raises `UnknownTask` or `UnknownVersion`."""
+        example-weighted. A client's second evaluation of the same version replaces its first, so a retried
+        report is counted once. Raises `UnknownTask` or `UnknownVersion`."""
         _require_client_key(client_key)
         if num_examples < 0 or not 0 <= num_correct <= num_examples:
             raise ValueError(f"need 0 <= num_correct <= num_examples, got {num_correct} and {num_examples}")
@@ -348,10 +350,19 @@ class SqlStore:
             task_row = _task(s, task)
             if _version_id(s, task_row.id, version) is None:
                 raise UnknownVersion(task, version)
-            s.add(Evaluation(
-                task_id=task_row.id, version=version, client_key=client_key, squared_error=squared_error,
-                num_correct=num_correct, num_examples=num_examples, created_at=utc_now(),
-            ))
+            existing = s.scalars(select(Evaluation).where(
+                Evaluation.task_id == task_row.id, Evaluation.version == version,
+                Evaluation.client_key == client_key)).one_or_none()
+            if existing is None:
+                s.add(Evaluation(
+                    task_id=task_row.id, version=version, client_key=client_key, squared_error=squared_error,
+                    num_correct=num_correct, num_examples=num_examples, created_at=utc_now(),
+                ))
+            else:
+                existing.squared_error = squared_error
+                existing.num_correct = num_correct
+                existing.num_examples = num_examples
+                existing.created_at = utc_now()
 
     def evaluation_summaries(self, task: str) -> list[EvaluationSummary]:
         """Per evaluated version (oldest first): distinct clients and the sums of squared error, correct
@@ -386,7 +397,7 @@ class SqlStore:
     @contextmanager
     def _read(self) -> Iterator[Session]:
         """A read-only transaction; on SQLite it does not take the write lock."""
-        with self._turns, self._reads.begin() as session:
+        with self._turns, _refusals_as_store_errors(), self._reads.begin() as session:
             yield session
 
 
@@ -440,6 +451,8 @@ def _refusals_as_store_errors() -> Iterator[None]:
         yield
     except (IntegrityError, DataError) as exc:
         raise StoreError(f"the database refused the change: {exc.orig}") from exc
+    except (OperationalError, SQLAlchemyError) as exc:
+        raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
 
 
 # -- row access -----------------------------------------------------------------------------------------
