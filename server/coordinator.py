@@ -333,6 +333,7 @@ class Coordinator:
                 self._refuse_refused(r, key)
             if problem is not None:
                 self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
+            delta = self._bounded(r, key, delta)
             r.aggregate.add(delta, weight)  # type: ignore[attr-defined]
             r.accepted[key] = digest
             r.weights[key] = float(weight)
@@ -355,6 +356,21 @@ class Coordinator:
             if r.commit_due is not None:
                 return ReportOutcome(True, f"accepted in round {num}; the commit waits for the store")
             return ReportOutcome(True, f"accepted in round {num}")
+
+    def _bounded(self, r: _Round, key: str, delta: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+        """Apply the task's bound on the update norm: refuse, or scale down to the bound."""
+        bound = self.task.rounds.max_update_norm
+        if bound is None:
+            return delta
+        norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
+        if norm <= bound:
+            return delta
+        if self.task.rounds.norm_policy == "clip":
+            self._count("clipped")
+            return [d * np.float32(bound / norm) for d in delta]
+        self._refuse(r, key, Status.INVALID_ARGUMENT, "norm_too_large",
+                     f"the update's L2 norm {norm:.4g} exceeds the bound {bound:g}", record=True)
+        raise AssertionError("unreachable")
 
     def _report_to_closed_round(self, round_id: int, key: str, digest: str | None) -> ReportOutcome:
         """Answer a report for a round that is not taking reports: an idempotent retry, or a refusal.

@@ -56,6 +56,10 @@ class RoundSettings:
     reporting_timeout_s: float = 120.0
     retry_delay_s: tuple[float, float] = (1.0, 10.0)  # the window a refused client waits in
     max_rounds: int | None = None  # stop assigning work after this many committed rounds
+    # A bound on the L2 norm of one client's delta (all tensors together): "reject" refuses a larger update,
+    # "clip" scales it down to the bound (as in DP-FedAvg's clipping); None accepts any finite update.
+    max_update_norm: float | None = None
+    norm_policy: str = "reject"
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 1:
@@ -66,6 +70,10 @@ class RoundSettings:
             raise ValueError("min_reports must be between 1 and clients_per_round")
         if self.selection_timeout_s <= 0 or self.reporting_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError("max_update_norm must be positive (or absent)")
+        if self.norm_policy not in ("reject", "clip"):
+            raise ValueError("norm_policy must be 'reject' or 'clip'")
         lo, hi = self.retry_delay_s
         if not 0 <= lo <= hi:
             raise ValueError("retry_delay_s must be (min, max) with 0 <= min <= max")

@@ -225,3 +225,24 @@ def test_shutdown_commits_a_round_that_has_its_minimum(store: SqlStore) -> None:
     c.shut_down()
     assert c.version == 1 and store.list_rounds("movies")[0].state == RoundState.COMMITTED
     assert isinstance(c.check_in("movies", "carol", 1), RetryLater)
+
+
+def test_update_norm_bound_rejects_or_clips(store: SqlStore, tmp_path: Path) -> None:
+    # item_embedding is 6x2: a delta of all 1.0 has L2 norm sqrt(12) ≈ 3.46.
+    rejecting = Coordinator(store, _task(clients_per_round=1, min_reports=1, over_selection=1.0,
+                                         max_update_norm=2.0), clock=Clock())
+    a = _assign(rejecting, "alice")
+    refusal = _refused(lambda: _report(rejecting, a, "alice", 1.0, 1.0), Status.INVALID_ARGUMENT,
+                       "norm_too_large")
+    assert "3.464" in refusal.message and rejecting.version == 0
+
+    with SqlStore(f"sqlite:///{tmp_path / 'clip.db'}") as clip_store:
+        clipping = Coordinator(clip_store, _task(clients_per_round=1, min_reports=1, over_selection=1.0,
+                                                 max_update_norm=2.0, norm_policy="clip"), clock=Clock())
+        g0 = _stored_globals(clip_store, 0)
+        b = _assign(clipping, "bob")
+        assert _report(clipping, b, "bob", 1.0, 1.0).accepted
+        step = _stored_globals(clip_store, 1) - g0
+        np.testing.assert_allclose(np.linalg.norm(step), 2.0, rtol=1e-5)  # scaled down to the bound
+        np.testing.assert_allclose(step, 2.0 / np.sqrt(12.0), rtol=1e-5)
+        assert clipping.refusals["clipped"] == 1
