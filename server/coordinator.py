@@ -475,6 +475,7 @@ class Coordinator:
                 participations.append(Participation(key, Outcome.DROPPED, 0.0, {}, "no report"))
         metrics = {"train_loss": r.loss_sum / r.examples if r.examples else float("nan"),
                    "train_examples": r.examples,
+                   "updates_folded": float(r.aggregate.num_updates),  # type: ignore[attr-defined]
                    "seconds": self._clock() - r.opened}
         summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
                                num_accepted=len(r.accepted), num_refused=len(r.refused),
