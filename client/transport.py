@@ -44,7 +44,8 @@ class CoordinatorChannel:
     """Typed access to one coordinator over one gRPC channel."""
 
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
-                 retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES) -> None:
+                 retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
+                 token: str | None = None) -> None:
         if channel is None:
             if target is None:
                 raise ValueError("give a target address or a channel")
@@ -56,6 +57,8 @@ class CoordinatorChannel:
         self.retry = retry or RetryPolicy()
         self.bytes_downloaded = 0
         self.bytes_uploaded = 0
+        # The client token (``fedrecon token issue``), sent as call metadata on every RPC.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def close(self) -> None:
         self.channel.close()
@@ -66,7 +69,7 @@ class CoordinatorChannel:
                                 wait=wait_random_exponential(multiplier=p.initial_s, max=p.max_s),
                                 stop=stop_after_delay(p.give_up_after_s), reraise=True):
             with attempt:
-                return fn(*args, timeout=p.rpc_timeout_s, **kwargs)
+                return fn(*args, timeout=p.rpc_timeout_s, metadata=self._metadata, **kwargs)
         raise AssertionError("unreachable")
 
     # ----- calls ---------------------------------------------------------------------------------------
@@ -83,8 +86,9 @@ class CoordinatorChannel:
         request = pb.DownloadModelRequest(task_name=task, model_version=version, client_id=client_id)
         self.bytes_uploaded += request.ByteSize()
 
-        def fetch(timeout: float) -> tuple[list[str], list[np.ndarray]]:
-            return decode_tensor_stream(self._counted(self.stub.DownloadModel(request, timeout=timeout)))
+        def fetch(timeout: float, metadata: object) -> tuple[list[str], list[np.ndarray]]:
+            return decode_tensor_stream(self._counted(self.stub.DownloadModel(request, timeout=timeout,
+                                                                              metadata=metadata)))
 
         return self._call(fetch)
 
@@ -110,7 +114,8 @@ class CoordinatorChannel:
                 yield message
 
         # A fresh stream per attempt; the coordinator answers a repeated identical report idempotently.
-        return self._call(lambda timeout: self.stub.ReportUpdate(messages(), timeout=timeout))
+        return self._call(lambda timeout, metadata: self.stub.ReportUpdate(messages(), timeout=timeout,
+                                                                           metadata=metadata))
 
     def report_evaluation(self, task: str, client_id: str, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:

@@ -153,6 +153,7 @@ app.command()(cli_coordinator.serve)
 app.command()(cli_coordinator.status)
 app.command()(cli_coordinator.export)
 app.command()(cli_coordinator.client)
+app.add_typer(cli_coordinator.token_app, name="token")
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ def serve(
     max_workers: Annotated[int, typer.Option(min=1, help="concurrent RPCs")] = 32,
     max_message_mb: Annotated[float, typer.Option(help="largest gRPC message accepted or sent")] = 4.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
+    require_token: Annotated[bool, typer.Option(help="refuse calls without a valid client token "
+                                                     "(fedrecon token issue)")] = False,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE."""
     from fedrecon.server.app import start_server
@@ -51,8 +53,11 @@ def serve(
         sql.close()
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from err
+    from fedrecon.server.auth import TokenAuthInterceptor
+
     running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
-                           max_message_bytes=int(max_message_mb * (1 << 20)))
+                           max_message_bytes=int(max_message_mb * (1 << 20)),
+                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [])
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -60,7 +65,8 @@ def serve(
         console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
                       f"{coordinator.interrupted_rounds}")
     console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
-                  f"model version {coordinator.version}; store {sql.url}")
+                  f"model version {coordinator.version}; store {sql.url}"
+                  + ("; client tokens required" if require_token else ""))
     if port_file is not None:
         port_file.write_text(str(running.port))
     sys.stdout.flush()
@@ -182,6 +188,8 @@ def client(
     evaluate: Annotated[bool, typer.Option(help="report reconstruct-then-evaluate metrics instead")] = False,
     max_wait: Annotated[float, typer.Option(help="seconds a client waits for an assignment")] = 600.0,
     split_seed: Annotated[int, typer.Option(help="seed of the user split (as in simulate)")] = 42,
+    token: Annotated[str | None, typer.Option(envvar="FEDRECON_TOKEN", help="client token, if the "
+                                              "coordinator requires one")] = None,
 ) -> None:
     """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient."""
     from fedrecon.client import FederatedClient, NoAssignment
@@ -196,7 +204,7 @@ def client(
     total = len(chosen) * (1 if evaluate else rounds)
 
     def run_one(user: int) -> list[str]:
-        with FederatedClient(coordinator, task, f"user-{user}", population[user]) as c:
+        with FederatedClient(coordinator, task, f"user-{user}", population[user], token=token) as c:
             if evaluate:
                 c.evaluate()
                 return ["evaluated"]
@@ -222,3 +230,55 @@ def client(
                     outcomes[outcome] += 1
                     progress.update(bar, advance=1, info=", ".join(f"{k} {v}" for k, v in outcomes.items()))
     console.print(f"{len(chosen)} clients: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+
+
+token_app = typer.Typer(help="Client tokens: issue, revoke, list (kept in the store as salted hashes).",
+                        no_args_is_help=True)
+
+
+@token_app.command("issue")
+def token_issue(
+    label: Annotated[str, typer.Option(help="who or what the token is for (shown by 'token list')")],
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Issue a client token; it is printed once and cannot be recovered later."""
+    from fedrecon.server.auth import issue_token
+    from fedrecon.server.store import SqlStore
+
+    with SqlStore(store) as sql:
+        credential_id, token = issue_token(sql, label)
+    console.print(f"credential {credential_id} ({label}); the token, shown only now:", highlight=False)
+    typer.echo(token)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    credential_id: Annotated[int, typer.Argument(help="the credential id ('token list')")],
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Revoke a client token: calls with it are refused from then on."""
+    from fedrecon.server.store import SqlStore, UnknownCredential
+
+    with SqlStore(store) as sql:
+        try:
+            record = sql.revoke_credential(credential_id)
+        except UnknownCredential as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(1) from err
+    console.print(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}")
+
+
+@token_app.command("list")
+def token_list(store: StoreOption = DEFAULT_STORE) -> None:
+    """List credentials (ids, labels, state); secrets are not stored and cannot be shown."""
+    from fedrecon.server.store import SqlStore
+
+    with SqlStore(store) as sql:
+        records = sql.list_credentials()
+    table = Table(title="client credentials")
+    for col in ("id", "label", "created", "state"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(str(r.credential_id), r.label, r.created_at.isoformat(timespec="seconds"),
+                      "active" if r.active else f"revoked {r.revoked_at:%Y-%m-%d %H:%M}")
+    console.print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -48,7 +49,8 @@ class RunningServer:
 
 
 def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2) -> RunningServer:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2,
+                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one) without TLS.
 
     Memory must not grow with the number of clients reporting at once. gRPC accepts and buffers the data of
@@ -60,6 +62,7 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
+        interceptors=list(interceptors),
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.http2.bdp_probe", 0),

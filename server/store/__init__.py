@@ -17,6 +17,7 @@ Design:
 """
 
 from .records import (
+    CredentialRecord,
     DuplicateTask,
     EvaluationSummary,
     InvalidTransition,
@@ -29,6 +30,7 @@ from .records import (
     StoreError,
     StoreUnavailable,
     TaskRecord,
+    UnknownCredential,
     UnknownRound,
     UnknownTask,
     UnknownVersion,
@@ -37,6 +39,7 @@ from .records import (
 from .sql_store import SqlStore
 
 __all__ = [
+    "CredentialRecord",
     "DuplicateTask",
     "EvaluationSummary",
     "InvalidTransition",
@@ -50,6 +53,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TaskRecord",
+    "UnknownCredential",
     "UnknownRound",
     "UnknownTask",
     "UnknownVersion",

@@ -63,6 +63,22 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    """A client credential as stored: its salted hash, never the secret."""
+
+    credential_id: int
+    label: str
+    salt: str
+    secret_hash: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRecord:
     """A federated task: a name and its spec (model definition, hyper-parameters, round settings)."""
 
@@ -159,6 +175,12 @@ class StoreError(Exception):
 class StoreUnavailable(StoreError):
     """The database could not be reached or did not answer in time (locked, restarting, network). Nothing
     was written; the same call may succeed later."""
+
+
+class UnknownCredential(StoreError):
+    def __init__(self, credential_id: int) -> None:
+        super().__init__(f"no credential {credential_id}")
+        self.credential_id = credential_id
 
 
 class UnknownTask(StoreError):

@@ -178,3 +178,16 @@ class Evaluation(Base):
     num_correct: Mapped[int]
     num_examples: Mapped[int]
     created_at: Mapped[datetime]
+
+
+class Credential(Base):
+    """A client credential: only a salted SHA-256 of the secret is kept, never the secret itself."""
+
+    __tablename__ = "credentials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(String(200))
+    salt: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]

@@ -28,6 +28,7 @@ from fedrecon.server.migrations import upgrade_to_head
 
 from .records import (
     UNFINISHED_STATES,
+    CredentialRecord,
     DuplicateTask,
     EvaluationSummary,
     InvalidTransition,
@@ -40,12 +41,13 @@ from .records import (
     StoreError,
     StoreUnavailable,
     TaskRecord,
+    UnknownCredential,
     UnknownRound,
     UnknownTask,
     UnknownVersion,
     VersionRecord,
 )
-from .schema import CLIENT_KEY_LENGTH, Evaluation, ModelVersion, ParticipationRow, Round, Task
+from .schema import CLIENT_KEY_LENGTH, Credential, Evaluation, ModelVersion, ParticipationRow, Round, Task
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite transaction waits for another's write lock before failing with "database is locked"."""
@@ -142,6 +144,39 @@ class SqlStore:
         """Every task, by name."""
         with self._read() as s:
             return [_task_record(t) for t in s.scalars(select(Task).order_by(Task.name))]
+
+    # -- credentials ------------------------------------------------------------------------------------
+
+    def add_credential(self, label: str, *, salt: str, secret_hash: str) -> CredentialRecord:
+        """Store a new client credential (its salted hash only); the caller generated the secret."""
+        with self._write() as s:
+            row = Credential(label=label, salt=salt, secret_hash=secret_hash, created_at=utc_now(),
+                             revoked_at=None)
+            s.add(row)
+            s.flush()
+            return _credential_record(row)
+
+    def get_credential(self, credential_id: int) -> CredentialRecord:
+        """Raises `UnknownCredential`."""
+        with self._read() as s:
+            row = s.get(Credential, credential_id)
+            if row is None:
+                raise UnknownCredential(credential_id)
+            return _credential_record(row)
+
+    def revoke_credential(self, credential_id: int) -> CredentialRecord:
+        """Mark a credential revoked (idempotent: the first revocation time is kept)."""
+        with self._write() as s:
+            row = s.get(Credential, credential_id)
+            if row is None:
+                raise UnknownCredential(credential_id)
+            if row.revoked_at is None:
+                row.revoked_at = utc_now()
+            return _credential_record(row)
+
+    def list_credentials(self) -> list[CredentialRecord]:
+        with self._read() as s:
+            return [_credential_record(r) for r in s.scalars(select(Credential).order_by(Credential.id))]
 
     # -- model versions ---------------------------------------------------------------------------------
 
@@ -560,3 +595,8 @@ def _round_record(row: Round, task: str) -> RoundRecord:
         num_refused=row.num_refused, total_weight=row.total_weight, new_version=row.new_version,
         failure_reason=row.failure_reason, metrics=dict(row.metrics),
     )
+
+
+def _credential_record(row: Credential) -> CredentialRecord:
+    return CredentialRecord(credential_id=row.id, label=row.label, salt=row.salt, secret_hash=row.secret_hash,
+                            created_at=row.created_at, revoked_at=row.revoked_at)
