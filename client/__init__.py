@@ -11,7 +11,7 @@ It needs the engine (``fedrecon.core``), grpcio and protobuf; it never imports t
 from fedrecon.client.model_file import ModelFile
 from fedrecon.client.participant import FederatedClient, NoAssignment, RoundReport
 from fedrecon.client.personalization import Personalization
-from fedrecon.client.transport import CoordinatorChannel, RetryPolicy
+from fedrecon.client.transport import CoordinatorChannel, RetryPolicy, tls_credentials
 
 __all__ = ["CoordinatorChannel", "FederatedClient", "ModelFile", "NoAssignment", "Personalization",
-           "RetryPolicy", "RoundReport"]
+           "RetryPolicy", "RoundReport", "tls_credentials"]

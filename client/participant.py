@@ -82,11 +82,12 @@ class FederatedClient:
     def __init__(self, target: str | None, task: str, client_id: str,
                  data: ClientExamples | Callable[[], ClientExamples], *,
                  channel: grpc.Channel | None = None, retry: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep, token: str | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, token: str | None = None,
+                 tls: grpc.ChannelCredentials | None = None) -> None:
         self.task = task
         self.client_id = client_id
         self._data = data
-        self.transport = CoordinatorChannel(target, channel=channel, retry=retry, token=token)
+        self.transport = CoordinatorChannel(target, channel=channel, retry=retry, token=token, tls=tls)
         self._sleep = sleep
         self._cache: tuple[int, list[str], list[np.ndarray]] | None = None
 

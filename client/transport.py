@@ -40,18 +40,26 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, grpc.RpcError) and err.code() in TRANSIENT  # type: ignore[attr-defined]
 
 
+def tls_credentials(ca: bytes, *, cert_chain: bytes | None = None, private_key: bytes | None = None
+                    ) -> grpc.ChannelCredentials:
+    """Channel credentials trusting ``ca`` (PEM); with a certificate and key, for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=private_key,
+                                        certificate_chain=cert_chain)
+
+
 class CoordinatorChannel:
-    """Typed access to one coordinator over one gRPC channel."""
+    """Typed access to one coordinator over one gRPC channel (TLS when ``tls`` credentials are given)."""
 
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
         if channel is None:
             if target is None:
                 raise ValueError("give a target address or a channel")
-            channel = grpc.insecure_channel(target, options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)])
+            options = [("grpc.max_receive_message_length", max_message_bytes),
+                       ("grpc.max_send_message_length", max_message_bytes)]
+            channel = (grpc.secure_channel(target, tls, options=options) if tls is not None
+                       else grpc.insecure_channel(target, options=options))
         self.channel = channel
         self.stub = pb_grpc.CoordinatorStub(channel)
         self.retry = retry or RetryPolicy()

@@ -34,6 +34,10 @@ def serve(
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
     require_token: Annotated[bool, typer.Option(help="refuse calls without a valid client token "
                                                      "(fedrecon token issue)")] = False,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve over TLS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: demand client certificates it signed "
+                                                            "(mutual TLS)")] = None,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE."""
     from fedrecon.server.app import start_server
@@ -53,11 +57,17 @@ def serve(
         sql.close()
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from err
+    from fedrecon.server.app import TlsFiles
     from fedrecon.server.auth import TokenAuthInterceptor
 
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        sql.close()
+        console.print("[red]TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)[/]")
+        raise typer.Exit(2)
+    tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
     running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
                            max_message_bytes=int(max_message_mb * (1 << 20)),
-                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [])
+                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [], tls=tls)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -66,7 +76,8 @@ def serve(
                       f"{coordinator.interrupted_rounds}")
     console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
                   f"model version {coordinator.version}; store {sql.url}"
-                  + ("; client tokens required" if require_token else ""))
+                  + ("; client tokens required" if require_token else "")
+                  + ("; TLS" + (" with client certificates" if tls_client_ca else "") if tls else ""))
     if port_file is not None:
         port_file.write_text(str(running.port))
     sys.stdout.flush()
@@ -190,11 +201,14 @@ def client(
     split_seed: Annotated[int, typer.Option(help="seed of the user split (as in simulate)")] = 42,
     token: Annotated[str | None, typer.Option(envvar="FEDRECON_TOKEN", help="client token, if the "
                                               "coordinator requires one")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="PEM CA that signed the coordinator's certificate: "
+                                                     "connect over TLS")] = None,
 ) -> None:
     """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient."""
-    from fedrecon.client import FederatedClient, NoAssignment
+    from fedrecon.client import FederatedClient, NoAssignment, tls_credentials
     from fedrecon.simulations.ratings import load_dataset
 
+    credentials = tls_credentials(tls_ca.read_bytes()) if tls_ca else None
     dataset = load_dataset(data, seed=split_seed)
     if split not in ("train", "validation", "test"):
         raise typer.BadParameter("split must be train, validation or test")
@@ -204,7 +218,8 @@ def client(
     total = len(chosen) * (1 if evaluate else rounds)
 
     def run_one(user: int) -> list[str]:
-        with FederatedClient(coordinator, task, f"user-{user}", population[user], token=token) as c:
+        with FederatedClient(coordinator, task, f"user-{user}", population[user], token=token,
+                             tls=credentials) as c:
             if evaluate:
                 c.evaluate()
                 return ["evaluated"]

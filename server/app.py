@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -17,6 +18,22 @@ from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS. With ``client_ca`` the server also demands a client certificate signed by it
+    (mutual TLS)."""
+
+    cert_chain: Path
+    private_key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.private_key.read_bytes(), self.cert_chain.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            require_client_auth=self.client_ca is not None)
 
 
 @dataclass
@@ -50,8 +67,9 @@ class RunningServer:
 
 def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2,
-                 interceptors: Sequence[grpc.ServerInterceptor] = ()) -> RunningServer:
-    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one) without TLS.
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: TlsFiles | None = None
+                 ) -> RunningServer:
+    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
 
     Memory must not grow with the number of clients reporting at once. gRPC accepts and buffers the data of
     every open stream even while all ``max_workers`` handlers are busy, and its bandwidth-delay probing
@@ -70,7 +88,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     pb_grpc.add_CoordinatorServicer_to_server(
         CoordinatorServicer(coordinator, max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2)),
         server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     server.start()
