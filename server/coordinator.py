@@ -154,6 +154,8 @@ class Coordinator:
         self.reports_accepted = 0
         self._stopping = False
         self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
+        self._check_ins = _TokenBuckets(task.rounds.max_check_ins_per_minute / 60.0,
+                                        burst=max(1.0, task.rounds.max_check_ins_per_minute / 6.0))
 
     # ----- setup ---------------------------------------------------------------------------------------
     def _load_or_create_task(self) -> bytes:
@@ -246,6 +248,11 @@ class Coordinator:
         rounds = self.task.rounds
         with self._lock:
             now = self._clock()
+            if not self._check_ins.allow(key, now):
+                self._count("check_in_rate")
+                raise Refusal(Status.RESOURCE_EXHAUSTED, "check_in_rate",
+                              f"more than {rounds.max_check_ins_per_minute:g} check-ins per minute from this "
+                              "client; wait for the retry window")
             self._advance(now)
             if self._stopping:
                 return RetryLater(*rounds.retry_delay_s, reason="the coordinator is shutting down")
@@ -546,6 +553,28 @@ class Coordinator:
                 self._commit(r, "shutdown")
             else:
                 self._fail(r, "the coordinator shut down before the round had enough reports")
+
+
+class _TokenBuckets:
+    """Per-client token buckets: ``rate`` tokens a second, at most ``burst`` saved up. Clients idle long
+    enough to be full again are forgotten, so memory follows active clients only."""
+
+    def __init__(self, rate: float, *, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time)
+        self._last_sweep = 0.0
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, then = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if now - self._last_sweep > 60.0:
+            full_after = self.burst / self.rate
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+            self._last_sweep = now
+        return allowed
 
 
 def _store_unavailable(err: StoreError) -> Refusal:

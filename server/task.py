@@ -60,6 +60,9 @@ class RoundSettings:
     # "clip" scales it down to the bound (as in DP-FedAvg's clipping); None accepts any finite update.
     max_update_norm: float | None = None
     norm_policy: str = "reject"
+    # At most this many check-ins per client per minute (a token bucket); more are RESOURCE_EXHAUSTED, so
+    # one misbehaving device cannot keep the coordinator busy. Retry windows keep honest clients far below.
+    max_check_ins_per_minute: float = 60.0
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 1:
@@ -72,6 +75,8 @@ class RoundSettings:
             raise ValueError("timeouts must be positive")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ValueError("max_update_norm must be positive (or absent)")
+        if self.max_check_ins_per_minute <= 0:
+            raise ValueError("max_check_ins_per_minute must be positive")
         if self.norm_policy not in ("reject", "clip"):
             raise ValueError("norm_policy must be 'reject' or 'clip'")
         lo, hi = self.retry_delay_s

@@ -34,7 +34,8 @@ def simulation_task(name: str, model: ReconstructionModel, config: FedReconConfi
     per_round = min(settings.clients_per_round, num_users)
     rounds = RoundSettings(clients_per_round=per_round, over_selection=1.0, min_reports=per_round,
                            selection_timeout_s=600.0, reporting_timeout_s=600.0, retry_delay_s=(0.05, 0.2),
-                           max_rounds=settings.rounds)
+                           max_rounds=settings.rounds,
+                           max_check_ins_per_minute=1e6)  # simulated clients check in back to back
     return TaskSpec(name=name, model=model.config(), training=config,  # type: ignore[attr-defined]
                     rounds=rounds, batch_size=settings.batch_size, seed=settings.seed)
 

@@ -1,0 +1,61 @@
+"""A flood of check-ins from one client is refused (RESOURCE_EXHAUSTED) while others are served promptly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from fedrecon.server.app import start_server
+from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.store import SqlStore
+from fedrecon.server.task import RoundSettings, TaskSpec
+from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
+
+
+def test_a_check_in_flood_is_refused_and_the_coordinator_stays_responsive(tmp_path: Path) -> None:
+    task = TaskSpec(name="limits", model={"kind": "matrix_factorization", "num_items": 50, "num_factors": 4},
+                    rounds=RoundSettings(clients_per_round=5, min_reports=1, max_check_ins_per_minute=60))
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store, \
+            start_server(Coordinator(store, task)) as server:
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(server.address))
+        flood = pb.CheckInRequest(task_name="limits", client_id="flooder", protocol_version=1)
+        outcomes: Counter[str] = Counter()
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    stub.CheckIn(flood, timeout=5)
+                    result = "answered"
+                except grpc.RpcError as err:
+                    result = err.code().name
+                with lock:
+                    outcomes[result] += 1
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        latencies = []
+        for i in range(5):  # honest clients during the flood
+            t0 = time.monotonic()
+            answer = stub.CheckIn(pb.CheckInRequest(task_name="limits", client_id=f"honest-{i}",
+                                                    protocol_version=1), timeout=5)
+            latencies.append(time.monotonic() - t0)
+            assert answer.WhichOneof("outcome") in ("assignment", "retry")
+        stop.set()
+        for t in threads:
+            t.join(10)
+        elapsed = time.monotonic() - started
+    assert outcomes["RESOURCE_EXHAUSTED"] > 100
+    # Burst of 10, then one a second: the flooder got at most that many answers.
+    assert outcomes["answered"] <= 10 + elapsed + 1
+    assert max(latencies) < 1.0, latencies
+    assert server.coordinator.refusals["check_in_rate"] == outcomes["RESOURCE_EXHAUSTED"]
