@@ -289,7 +289,11 @@ def test_client_honours_the_retry_window(movielens: FederatedRatings, tmp_path: 
         u0, u1 = sorted(movielens.train)[:2]
         first = FederatedClient(server.address, "movielens", "first", movielens.train[u0])
         first.check_in()  # takes the only seat of round 1 and keeps it
-        late = FederatedClient(server.address, "movielens", "late", movielens.train[u1], sleep=slept.append)
+        def sleep(seconds: float) -> None:  # really waits: honest clients stay under the check-in rate limit
+            slept.append(seconds)
+            time.sleep(seconds)
+
+        late = FederatedClient(server.address, "movielens", "late", movielens.train[u1], sleep=sleep)
         with pytest.raises(NoAssignment, match="has selected its clients"):
             late.check_in(max_wait_s=3.0)
     assert len(slept) >= 4 and all(0.3 <= s <= 0.6 for s in slept)
