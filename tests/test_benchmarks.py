@@ -46,3 +46,22 @@ def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> No
     for moved in (run["download_bytes_per_client"], run["upload_bytes_per_client"]):
         assert globals_bytes <= moved < globals_bytes + 2000
     assert run["peak_rss_mb"] >= run["startup_rss_mb"] > 10
+
+
+def test_fault_drill_loses_nothing(tmp_path: Path) -> None:
+    """The scripted drill (kill, dropouts, hostile messages, late reports) against a live coordinator."""
+    out = tmp_path / "drill.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_drill.py"), "--bad-messages",
+                           "30", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drill = json.loads(out.read_text())
+    assert drill["updates_lost"] == 0 and drill["versions_verified"] is True
+    # 2 normal + dropouts + the round after the flood + late + the round after the kill commit; the killed
+    # round fails, and so does mallory's round if the flood outlasts its selection window (timing).
+    assert drill["rounds_committed"] == 6 and drill["rounds_failed"] in (1, 2)
+    # At least the 4 reports acknowledged in the killed round are in no committed version.
+    assert drill["reports_folded_in_committed_rounds"] <= drill["reports_accepted"] - 4
+    refused = drill["reports_refused"]
+    assert not [k for k in refused if k.startswith("NOT REFUSED")]
+    assert refused["late"] == 3 and refused["oversized: RESOURCE_EXHAUSTED"] == 3
+    assert refused["local variable: INVALID_ARGUMENT"] == 3
