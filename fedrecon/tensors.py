@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,9 @@ import numpy as np
 from fedrecon.v1 import coordinator_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
+MAX_TENSOR_BYTES = 1 << 32  # no manifest may announce more than 4 GiB, whatever the caller's own limit
+MAX_DIMS = 32  # numpy holds at most 64; no model here needs more than a handful
+MAX_DIM = 1 << 31
 
 _TO_NUMPY = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -47,7 +51,7 @@ class TensorLayout:
 
     @property
     def num_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize  # Python ints: no silent int64 wrap-around
 
 
 def wire_dtype(dtype: np.dtype) -> int:
@@ -86,18 +90,22 @@ def tensor_stream(names: Sequence[str], arrays: Sequence[np.ndarray], chunk_byte
 
 
 def layouts_from_manifest(m: pb.TensorManifest, *, max_bytes: int | None = None) -> list[TensorLayout]:
-    """The manifest as layouts; refuses unknown dtypes, negative dims and totals above ``max_bytes``."""
+    """The manifest as layouts; refuses unknown dtypes, impossible shapes and totals above ``max_bytes``
+    (and above ``MAX_TENSOR_BYTES`` in any case, so a hostile peer cannot make the receiver allocate)."""
     layouts = []
     total = 0
+    limit = MAX_TENSOR_BYTES if max_bytes is None else min(max_bytes, MAX_TENSOR_BYTES)
     for spec in m.tensors:
         if spec.dtype not in _TO_NUMPY:
             raise TensorDecodeError(f"tensor {spec.name!r}: unknown dtype {spec.dtype}")
-        if any(d < 0 for d in spec.shape):
-            raise TensorDecodeError(f"tensor {spec.name!r}: negative dimension in shape {list(spec.shape)}")
+        if len(spec.shape) > MAX_DIMS or any(not 0 <= d < MAX_DIM for d in spec.shape):
+            shown = list(spec.shape)[:MAX_DIMS + 1]
+            raise TensorDecodeError(f"tensor {spec.name!r}: impossible shape {shown} "
+                                    f"(at most {MAX_DIMS} dimensions, each 0 to {MAX_DIM - 1})")
         layout = TensorLayout(spec.name, _TO_NUMPY[spec.dtype], tuple(int(d) for d in spec.shape))
         total += layout.num_bytes
-        if max_bytes is not None and total > max_bytes:
-            raise TensorDecodeError(f"tensors add up to more than the {max_bytes}-byte limit")
+        if total > limit:
+            raise TensorDecodeError(f"tensors add up to more than the {limit}-byte limit")
         layouts.append(layout)
     return layouts
 

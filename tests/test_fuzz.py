@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from hypothesis import assume, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -52,18 +52,6 @@ ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT64: 8, pb.DTYPE_INT32: 4, pb.DTYP
 
 
 # ----- tensor decoding ----------------------------------------------------------------------------------
-
-def _known_bug(spec: pb.TensorSpec) -> bool:
-    """A spec numpy cannot make an array of (more than 64 dims, or non-zero dims' bytes >= 2**63).
-
-    This is the known bug documented by the xfail tests below: ``layouts_from_manifest`` lets such specs
-    through (``np.prod`` wraps around in int64), and decoding then fails with ValueError/OverflowError
-    instead of TensorDecodeError. The properties leave this one class out and hold for everything else.
-    """
-    if spec.dtype not in ITEMSIZE or any(d < 0 for d in spec.shape):
-        return False  # refused (correctly) as an unknown dtype or a negative dimension
-    return len(spec.shape) > 64 or math.prod(d for d in spec.shape if d != 0) * ITEMSIZE[spec.dtype] >= 2**63
-
 
 def _dims() -> st.SearchStrategy[int]:
     return st.one_of(
@@ -145,7 +133,6 @@ def _named_arrays(draw: st.DrawFn, max_tensors: int = 4) -> tuple[list[str], lis
 @given(_random_manifests(), st.integers(0, 10**6), _random_chunks())
 def test_random_manifests_only_raise_decode_errors(m: pb.TensorManifest, max_bytes: int,
                                                    stream: list[pb.TensorChunk]) -> None:
-    assume(not any(_known_bug(s) for s in m.tensors))
     messages = [pb.TensorStreamMessage(manifest=m), *(pb.TensorStreamMessage(chunk=c) for c in stream)]
     try:
         layouts = layouts_from_manifest(m, max_bytes=max_bytes)
@@ -170,7 +157,6 @@ def test_random_manifests_only_raise_decode_errors(m: pb.TensorManifest, max_byt
 ), max_size=6))
 def test_random_message_sequences_only_raise_decode_errors(messages: list[pb.TensorStreamMessage]) -> None:
     manifests = [m.manifest for m in messages if m.WhichOneof("kind") == "manifest"]
-    assume(not any(_known_bug(s) for m in manifests for s in m.tensors))
     try:
         decode_tensor_stream(messages, max_bytes=4096)
     except TensorDecodeError:
@@ -265,27 +251,19 @@ def _decode_single(shape: list[int], max_bytes: int = 1 << 20) -> None:
     decode_tensor_stream([pb.TensorStreamMessage(manifest=m)], max_bytes=max_bytes)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError), reason=(
-    "bug: TensorLayout.num_bytes uses np.prod(shape, dtype=np.int64), which wraps silently; "
-    "[2**32, 2**32] counts as 0 bytes, passes max_bytes, and finish() fails in reshape with ValueError"))
-def test_bug_shape_whose_element_count_overflows_int64_is_refused() -> None:
+# Regressions found by the properties above: element counts used to wrap around in int64.
+def test_shape_whose_element_count_overflows_int64_is_refused() -> None:
     with pytest.raises(TensorDecodeError):
         _decode_single([2**32, 2**32])
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError), reason=(
-    "bug: [2**62, 2] wraps to -2**63 elements, a negative total passes even max_bytes=0, and "
-    "TensorAssembler's bytearray(-2**65) raises OverflowError"))
-def test_bug_shape_whose_element_count_wraps_negative_is_refused() -> None:
+def test_shape_whose_element_count_wraps_negative_is_refused() -> None:
     with pytest.raises(TensorDecodeError):
         _decode_single([2**62, 2], max_bytes=0)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "bug: an empty tensor with huge other dims ([2**40, 0, 2**40]) or more than 64 dims passes "
-    "layouts_from_manifest, but numpy cannot make such an array: finish() raises ValueError"))
 @pytest.mark.parametrize("shape", [[2**40, 0, 2**40], [1] * 65], ids=["zero-size-huge", "65-dims"])
-def test_bug_shape_numpy_cannot_hold_is_refused(shape: list[int]) -> None:
+def test_shape_numpy_cannot_hold_is_refused(shape: list[int]) -> None:
     m = pb.TensorManifest(tensors=[pb.TensorSpec(name="x", dtype=pb.DTYPE_FLOAT32, shape=shape)])
     stream = [pb.TensorStreamMessage(manifest=m)]
     if 0 not in shape:
