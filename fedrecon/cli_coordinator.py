@@ -29,7 +29,10 @@ def serve(
     store: StoreOption = DEFAULT_STORE,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
-    max_workers: Annotated[int, typer.Option(min=1, help="concurrent RPCs")] = 32,
+    max_workers: Annotated[int, typer.Option(min=1, help="RPCs handled at once")] = 32,
+    max_concurrent_rpcs: Annotated[int | None, typer.Option(
+        min=1, help="RPCs in progress (handled or queued) beyond which calls are refused with "
+                    "RESOURCE_EXHAUSTED; default: no limit")] = None,
     max_message_mb: Annotated[float, typer.Option(help="largest gRPC message accepted or sent")] = 4.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
     require_token: Annotated[bool, typer.Option(help="refuse calls without a valid client token "
@@ -67,7 +70,8 @@ def serve(
     tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
     running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
                            max_message_bytes=int(max_message_mb * (1 << 20)),
-                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [], tls=tls)
+                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [], tls=tls,
+                           max_concurrent_rpcs=max_concurrent_rpcs)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -67,8 +67,8 @@ class RunningServer:
 
 def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: TlsFiles | None = None
-                 ) -> RunningServer:
+                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: TlsFiles | None = None,
+                 max_concurrent_rpcs: int | None = None) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
 
     Memory must not grow with the number of clients reporting at once. gRPC accepts and buffers the data of
@@ -81,6 +81,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
         interceptors=list(interceptors),
+        # Calls beyond this many in progress are refused at once with RESOURCE_EXHAUSTED (None: no limit).
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.http2.bdp_probe", 0),

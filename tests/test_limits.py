@@ -8,11 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pytest
 
 from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
+from fedrecon.tensors import manifest
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -59,3 +62,50 @@ def test_a_check_in_flood_is_refused_and_the_coordinator_stays_responsive(tmp_pa
     assert outcomes["answered"] <= 10 + elapsed + 1
     assert max(latencies) < 1.0, latencies
     assert server.coordinator.refusals["check_in_rate"] == outcomes["RESOURCE_EXHAUSTED"]
+
+
+def test_calls_beyond_the_concurrency_limit_are_refused(tmp_path: Path) -> None:
+    task = TaskSpec(name="limits", model={"kind": "matrix_factorization", "num_items": 50, "num_factors": 4},
+                    rounds=RoundSettings(clients_per_round=5, min_reports=1))
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store, \
+            start_server(Coordinator(store, task), max_concurrent_rpcs=2) as server:
+        stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(server.address))
+
+        assigned = {c: stub.CheckIn(pb.CheckInRequest(task_name="limits", client_id=c, protocol_version=1),
+                                    timeout=5).assignment for c in ("slow-0", "slow-1")}
+
+        def stalled(client: str) -> object:  # a valid report that stops before its bytes, holding its call
+            a = assigned[client]
+            yield pb.ReportUpdateRequest(header=pb.ReportHeader(
+                task_name="limits", client_id=client, round_id=a.round_id,
+                assignment_token=a.assignment_token, weight=1.0,
+                manifest=manifest(["item_embedding"], [np.zeros((50, 4), np.float32)])))
+            release.wait(10)
+
+        release = threading.Event()
+        held = [stub.ReportUpdate.future(stalled(f"slow-{i}"), timeout=20) for i in range(2)]
+        time.sleep(0.5)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            release.set()
+        for call in held:
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result()
+            assert "stream ended" in ended.value.details()  # the bytes never came
+        assert stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5).model_version == 0
+
+
+def test_no_rpc_hands_out_another_clients_data() -> None:
+    """The service has exactly these calls, and none of their answers carries a report or an update."""
+    service = pb.DESCRIPTOR.services_by_name["Coordinator"]
+    answers = {m.name: m.output_type.name for m in service.methods}
+    assert answers == {"CheckIn": "CheckInResponse", "DownloadModel": "TensorStreamMessage",
+                       "ReportUpdate": "ReportUpdateResponse", "ReportEvaluation": "ReportEvaluationResponse",
+                       "GetLatestModel": "GetLatestModelResponse"}
+    report_fields = {f.name for f in pb.ReportUpdateResponse.DESCRIPTOR.fields}
+    assert report_fields == {"accepted", "message"}
+    evaluation_fields = {f.name for f in pb.ReportEvaluationResponse.DESCRIPTOR.fields}
+    assert evaluation_fields == set()
