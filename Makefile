@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup simulate test lint table clean
+.PHONY: setup simulate test lint table clean tff-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,11 @@ table: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# A separate environment with TensorFlow Federated 0.87 (TensorFlow 2.14), the reference implementation
+# we measure against (issue 5). Pinned in tff/requirements.lock; jax overridden (tff/overrides.txt).
+TFF_VENV ?= .venv-tff
+tff-env: $(BIN)/python
+	$(BIN)/uv venv --quiet --python $(PYTHON) $(TFF_VENV)
+	$(BIN)/uv pip install --quiet --python $(TFF_VENV)/bin/python -r tff/requirements.lock --override tff/overrides.txt
+	$(TFF_VENV)/bin/python -c "import tensorflow_federated as tff; assert tff.learning.algorithms.build_fed_recon"
