@@ -49,7 +49,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,7 @@ import numpy as np
 from fedrecon.client import FederatedClient
 from fedrecon.client.transport import CoordinatorChannel
 from fedrecon.core.config import FedReconConfig
+from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import TaskSpec
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
@@ -129,45 +129,6 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-class CoordinatorProcess:
-    """``fedrecon serve`` in a child Python process (its pid is the serving process, not a wrapper)."""
-
-    def __init__(self, task_file: Path, store_url: str, workdir: Path, timeout_s: float = 180.0) -> None:
-        port_file = workdir / "port"
-        self.log_path = workdir / "coordinator.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(task_file), "--store", store_url,
-             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        give_up = time.monotonic() + timeout_s
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.proc.poll() is not None or time.monotonic() > give_up:
-                self.stop()
-                raise RuntimeError(f"the coordinator did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
-        self.address = f"127.0.0.1:{self.port}"
-        cmdline = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes().split(b"\0")
-        if b"serve" not in cmdline:
-            raise RuntimeError(f"pid {self.proc.pid} is not the serving process: {cmdline}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-chars:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
 # ----- one run ---------------------------------------------------------------------------------------------
 def global_bytes(num_items: int, factors: int) -> int:
     return (num_items * (factors + 1) + 1) * 4
@@ -194,8 +155,11 @@ def run_clients(n: int, rounds: int, factors: int, data: FederatedRatings, workd
     write_task(task_file, data, n, rounds, factors)
     store_url = f"sqlite:///{workdir / 'coordinator.db'}"
 
-    coordinator = CoordinatorProcess(task_file, store_url, workdir)
+    coordinator = CoordinatorProcess(task_file, store_url, workdir, timeout_s=180.0)
     pid = coordinator.proc.pid
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if b"serve" not in cmdline:  # the memory and CPU read below must be the serving process's own
+        raise RuntimeError(f"pid {pid} is not the serving process: {cmdline}")
     try:
         time.sleep(1.0)  # let start-up settle before the baseline reading
         startup = proc_memory_kb(pid)
@@ -249,12 +213,12 @@ def run_clients(n: int, rounds: int, factors: int, data: FederatedRatings, workd
         for channel in channels:
             channel.close()
     except BaseException:
-        print(coordinator.log_tail(), file=sys.stderr)
+        print(coordinator.log_text()[-3000:], file=sys.stderr)
         raise
     finally:
         code = coordinator.stop()
     if code != 0:
-        raise RuntimeError(f"the coordinator exited with status {code}:\n{coordinator.log_tail()}")
+        raise RuntimeError(f"the coordinator exited with status {code}:\n{coordinator.log_text()[-3000:]}")
 
     # The store must hold R committed rounds of N accepted reports each.
     store = SqlStore(store_url)

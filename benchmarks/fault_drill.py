@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +40,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedrecon.client import FederatedClient, RetryPolicy
+from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.tensors import chunks, manifest
@@ -78,29 +76,19 @@ class Drill:
         self.acknowledged: Counter[int] = Counter()  # round id -> reports acknowledged as accepted
         self.refused: Counter[str] = Counter()
         self.lock = threading.Lock()
-        self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self.coordinator: CoordinatorProcess | None = None
         self.retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=60.0)
 
     # ----- the coordinator process ---------------------------------------------------------------------
     def start(self) -> None:
-        port_file = self.folder / "port"
-        port_file.unlink(missing_ok=True)
-        log = (self.folder / "serve.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(self.task), "--store",
-             self.store_url, "--port", str(self.port), "--port-file", str(port_file)],
-            stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((self.folder / "serve.log").read_text())
-            time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        """Start the coordinator; a restart keeps the port, so clients find it where it was."""
+        port = self.coordinator.port if self.coordinator else 0
+        self.coordinator = CoordinatorProcess(self.task, self.store_url, self.folder, port=port)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        assert self.coordinator is not None
+        return self.coordinator.address
 
     def snapshot(self) -> dict[int, bytes]:
         with SqlStore(self.store_url) as store:
@@ -228,18 +216,16 @@ class Drill:
         before = self.version()
         self.together([partial(self.honest, self.client()) for _ in range(4)])
         snapshot = self.snapshot()
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
+        assert self.coordinator is not None
+        self.coordinator.kill()
         self.start()
         intact = self.snapshot() == snapshot
         self.normal_round()
         return intact and self.version() == before + 1
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(30)
+        if self.coordinator is not None:
+            self.coordinator.stop()
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

@@ -82,8 +82,10 @@ def serve(
                   f"model version {coordinator.version}; store {sql.url}"
                   + ("; client tokens required" if require_token else "")
                   + ("; TLS" + (" with client certificates" if tls_client_ca else "") if tls else ""))
-    if port_file is not None:
-        port_file.write_text(str(running.port))
+    if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
+        partial = port_file.with_name(port_file.name + ".tmp")
+        partial.write_text(str(running.port))
+        partial.replace(port_file)
     sys.stdout.flush()
     stop.wait()
     console.print("shutting down: no new calls; the open round commits if it has enough reports")

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.client import ModelFile
+from fedrecon.server.process import CoordinatorProcess
 
 TASK = """
 name = "synthetic"
@@ -35,32 +34,15 @@ max_rounds = 2
 """
 
 
-def _serve(task: Path, store: str, port_file: Path, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(task), "--store", store,
-               "--port", "0", "--port-file", str(port_file)]
-    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "coordinator did not start"
-        time.sleep(0.1)
-    return path.read_text()
-
-
 def test_serve_client_status_export_and_sigterm(tmp_path: Path) -> None:
     task = tmp_path / "task.toml"
     task.write_text(TASK)
     store = f"sqlite:///{tmp_path / 'fedrecon.db'}"
-    log = tmp_path / "serve.log"
-    server = _serve(task, store, tmp_path / "port", log)
+    server = CoordinatorProcess(task, store, tmp_path)
     try:
-        port = _wait_for(tmp_path / "port", server, log)
         runner = CliRunner()
         ran = runner.invoke(app, ["client", "--task", "synthetic", "--data", "synthetic", "--users", "6",
-                                  "--rounds", "2", "--coordinator", f"127.0.0.1:{port}"])
+                                  "--rounds", "2", "--coordinator", server.address])
         assert ran.exit_code == 0, ran.output
         assert "accepted 12" in ran.output
 
@@ -84,9 +66,8 @@ def test_serve_client_status_export_and_sigterm(tmp_path: Path) -> None:
                                       "--out", str(tmp_path / "resumed")])
         assert resumed.exit_code == 0, resumed.output
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, log.read_text()
-    output = log.read_text()
+        assert server.stop(timeout_s=30) == 0, server.log_text()
+    output = server.log_path.read_text()
     assert "shutting down" in output and "stopped at model version 2" in output
 
     # The store outlives the process; a different description under the same task name is refused.

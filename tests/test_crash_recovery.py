@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.client import FederatedClient, RetryPolicy, RoundReport
+from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.simulations.ratings import load_dataset
 
@@ -43,20 +42,6 @@ retry_delay_s = [0.05, 0.2]
 """
 
 
-def _start(task: Path, store: str, port: int, folder: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = folder / f"{name}.port"
-    log = folder / f"{name}.log"
-    process = subprocess.Popen([sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(task),
-                                "--store", store, "--port", str(port), "--port-file", str(port_file)],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "coordinator did not start"
-        time.sleep(0.05)
-    return process, int(port_file.read_text())
-
-
 def _snapshot(store_url: str) -> dict[int, bytes]:
     with SqlStore(store_url) as store:
         return {v.version: store.get_version("crash", v.version).parameters
@@ -73,8 +58,8 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
     users = sorted(data.train)[:2 * PER_ROUND]
     retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=90.0)
 
-    first, port = _start(task, store_url, 0, tmp_path, "first")
-    address = f"127.0.0.1:{port}"
+    first = CoordinatorProcess(task, store_url, tmp_path, name="first")
+    address = first.address
 
     def client(user: int) -> FederatedClient:
         return FederatedClient(address, "crash", f"user-{user}", data.train[user], retry=retry)
@@ -95,20 +80,18 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
         assert all(r.accepted for r in half)
         before = _snapshot(store_url)
         assert sorted(before) == [0, 1]
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=30) == -signal.SIGKILL
+        assert first.kill() == -signal.SIGKILL
     finally:
-        if first.poll() is None:
-            first.kill()
+        first.stop()
 
     # A client that calls while the coordinator is dead rides it out with its retries.
     patient: list[RoundReport] = []
     waiting = threading.Thread(target=lambda: patient.append(client(users[-1]).participate(max_wait_s=90)))
     waiting.start()
     time.sleep(0.5)
-    second, _ = _start(task, store_url, port, tmp_path, "second")
+    second = CoordinatorProcess(task, store_url, tmp_path, port=first.port, name="second")
     try:
-        assert "marked 1 interrupted round(s) failed" in (tmp_path / "second.log").read_text()
+        assert "marked 1 interrupted round(s) failed" in second.log_text()
         after = _snapshot(store_url)
         assert after == before  # every committed version byte-identical, no partial aggregate committed
         rest = in_parallel(users[PER_ROUND:2 * PER_ROUND - 1])  # 5 more + the patient one = a full round
@@ -116,8 +99,7 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
         assert len(patient) == 1 and patient[0].accepted
         assert all(r.accepted for r in rest)
     finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=30) == 0, (tmp_path / "second.log").read_text()
+        assert second.stop() == 0, second.log_text()
 
     with SqlStore(store_url) as store:
         versions = store.list_versions("crash")
