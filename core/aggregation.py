@@ -21,15 +21,19 @@ class RunningWeightedSum:
         self.total_weight = 0.0
         self.num_updates = 0
 
+    def _check_shapes(self, tensors: Sequence[np.ndarray]) -> None:
+        """Refuse a mismatch before anything is folded, so a bad update never leaves a partial sum."""
+        if len(tensors) != len(self._sums):
+            raise ValueError(f"expected {len(self._sums)} tensors, got {len(tensors)}")
+        for acc, t in zip(self._sums, tensors, strict=True):
+            if acc.shape != np.shape(t):
+                raise ValueError(f"shape {np.shape(t)} does not match {acc.shape}")
+
     def add(self, delta: Sequence[np.ndarray], weight: float) -> None:
         """Fold one client's delta with its weight (the caller has validated both)."""
         if not np.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be finite and non-negative, got {weight}")
-        if len(delta) != len(self._sums):
-            raise ValueError(f"expected {len(self._sums)} tensors, got {len(delta)}")
-        for acc, d in zip(self._sums, delta, strict=True):
-            if acc.shape != np.shape(d):
-                raise ValueError(f"shape {np.shape(d)} does not match {acc.shape}")
+        self._check_shapes(delta)
         w = np.float64(weight)
         for acc, d in zip(self._sums, delta, strict=True):
             acc += w * np.asarray(d)  # one float64 temporary per tensor, folded in place
@@ -38,11 +42,8 @@ class RunningWeightedSum:
 
     def add_sum(self, weighted_sum: Sequence[np.ndarray], total_weight: float, *, count: int) -> None:
         """Fold an already weighted sum of ``count`` updates."""
-        if len(weighted_sum) != len(self._sums):
-            raise ValueError(f"expected {len(self._sums)} tensors, got {len(weighted_sum)}")
+        self._check_shapes(weighted_sum)
         for acc, s in zip(self._sums, weighted_sum, strict=True):
-            if acc.shape != np.shape(s):
-                raise ValueError(f"shape {np.shape(s)} does not match {acc.shape}")
             acc += s
         self.total_weight += float(total_weight)
         self.num_updates += count

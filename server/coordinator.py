@@ -318,8 +318,12 @@ class Coordinator:
 
     def report(self, task_name: str, client_id: str, round_id: int, token: str, weight: float,
                metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
-        """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise."""
-        key = self.check_report(task_name, client_id, round_id, token)
+        """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise.
+
+        Every check of ``check_report`` is made again here, under the lock, since the round may have moved
+        on while the tensor bytes were read."""
+        self._check_task(task_name)
+        key = self.client_key(client_id)
         digest = _digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         with self._lock:
