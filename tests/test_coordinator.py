@@ -13,20 +13,13 @@ import pytest
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.checkpoints import globals_from_bytes
+from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Assignment, Coordinator, RetryLater
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import Outcome, RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 
 MODEL = {"kind": "matrix_factorization", "num_items": 6, "num_factors": 2}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _task(**rounds: object) -> TaskSpec:
@@ -69,7 +62,7 @@ def _stored_globals(store: SqlStore, version: int) -> np.ndarray:
 
 
 def test_round_commits_at_goal_with_the_weighted_mean(store: SqlStore) -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(store, _task(), clock=clock)
     g0 = _stored_globals(store, 0)
     a, b, d = (_assign(c, n) for n in ("alice", "bob", "dora"))  # goal ceil(2 * 1.5) = 3
@@ -97,7 +90,7 @@ def test_round_commits_at_goal_with_the_weighted_mean(store: SqlStore) -> None:
 
 
 def test_round_below_minimum_fails_at_deadline_and_leaves_the_model(store: SqlStore) -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(store, _task(), clock=clock)
     a = _assign(c, "alice")
     _assign(c, "bob")
@@ -114,7 +107,7 @@ def test_round_below_minimum_fails_at_deadline_and_leaves_the_model(store: SqlSt
 
 
 def test_too_few_check_ins_fail_the_round_when_selection_closes(store: SqlStore) -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(store, _task(), clock=clock)
     _assign(c, "alice")
     clock.now += 10.5
@@ -125,7 +118,7 @@ def test_too_few_check_ins_fail_the_round_when_selection_closes(store: SqlStore)
 
 
 def test_round_commits_once_every_assigned_client_answered(store: SqlStore) -> None:
-    clock = Clock()
+    clock = ManualClock()
     c = Coordinator(store, _task(clients_per_round=3, min_reports=2, over_selection=1.0), clock=clock)
     a, b = _assign(c, "alice"), _assign(c, "bob")
     clock.now += 10.5  # selection closes with 2 of 3 assigned, enough for the minimum
@@ -137,7 +130,7 @@ def test_round_commits_once_every_assigned_client_answered(store: SqlStore) -> N
 
 
 def test_duplicate_reports_count_once(store: SqlStore) -> None:
-    c = Coordinator(store, _task(clients_per_round=3, min_reports=1), clock=Clock())
+    c = Coordinator(store, _task(clients_per_round=3, min_reports=1), clock=ManualClock())
     a = _assign(c, "alice")
     assert _report(c, a, "alice", 1.0, 2.0).accepted
     again = _report(c, a, "alice", 1.0, 2.0)
@@ -148,7 +141,7 @@ def test_duplicate_reports_count_once(store: SqlStore) -> None:
 
 
 def test_bad_reports_are_refused_and_change_nothing(store: SqlStore) -> None:
-    c = Coordinator(store, _task(clients_per_round=6, min_reports=1, over_selection=1.0), clock=Clock())
+    c = Coordinator(store, _task(clients_per_round=6, min_reports=1, over_selection=1.0), clock=ManualClock())
     names = ("alice", "bob", "carol", "dan", "erin", "fay")
     a, b, ca, d, e, f = (_assign(c, n) for n in names)
 
@@ -190,25 +183,26 @@ def test_bad_reports_are_refused_and_change_nothing(store: SqlStore) -> None:
 def test_restart_fails_the_interrupted_round_and_keeps_committed_versions(store: SqlStore, tmp_path: Path
                                                                           ) -> None:
     task = _task(clients_per_round=1, min_reports=1, over_selection=1.0)
-    first = Coordinator(store, task, clock=Clock())
+    first = Coordinator(store, task, clock=ManualClock())
     a = _assign(first, "alice")
     assert _report(first, a, "alice", 1.0, 1.0).accepted
     v1 = store.get_version("movies", 1).parameters
     interrupted = _assign(first, "bob").round_id  # round 2 open, never finished: the process "dies"
 
-    second = Coordinator(store, task, clock=Clock())
+    second = Coordinator(store, task, clock=ManualClock())
     assert second.interrupted_rounds == [interrupted]
     assert store.get_round(interrupted).state == RoundState.FAILED
     assert second.version == 1 and store.get_version("movies", 1).parameters == v1
     assert _assign(second, "bob").round_num == 3
     with pytest.raises(ValueError, match="different description"):
-        Coordinator(store, _task(clients_per_round=5), clock=Clock())
+        Coordinator(store, _task(clients_per_round=5), clock=ManualClock())
 
 
 def test_the_store_never_holds_a_raw_client_id(tmp_path: Path) -> None:
     path = tmp_path / "pseudonyms.db"
     with SqlStore(f"sqlite:///{path}") as store:
-        c = Coordinator(store, _task(clients_per_round=1, min_reports=1, over_selection=1.0), clock=Clock())
+        task = _task(clients_per_round=1, min_reports=1, over_selection=1.0)
+        c = Coordinator(store, task, clock=ManualClock())
         a = _assign(c, "device-4f2a-serial-123456")
         assert _report(c, a, "device-4f2a-serial-123456", 1.0, 1.0).accepted
         (p,) = store.participations(store.list_rounds("movies")[0].round_id)
@@ -218,7 +212,7 @@ def test_the_store_never_holds_a_raw_client_id(tmp_path: Path) -> None:
 
 
 def test_shutdown_commits_a_round_that_has_its_minimum(store: SqlStore) -> None:
-    c = Coordinator(store, _task(clients_per_round=3, min_reports=1), clock=Clock())
+    c = Coordinator(store, _task(clients_per_round=3, min_reports=1), clock=ManualClock())
     a = _assign(c, "alice")
     _assign(c, "bob")
     assert _report(c, a, "alice", 1.0, 1.0).accepted
@@ -230,15 +224,16 @@ def test_shutdown_commits_a_round_that_has_its_minimum(store: SqlStore) -> None:
 def test_update_norm_bound_rejects_or_clips(store: SqlStore, tmp_path: Path) -> None:
     # item_embedding is 6x2: a delta of all 1.0 has L2 norm sqrt(12) ≈ 3.46.
     rejecting = Coordinator(store, _task(clients_per_round=1, min_reports=1, over_selection=1.0,
-                                         max_update_norm=2.0), clock=Clock())
+                                         max_update_norm=2.0), clock=ManualClock())
     a = _assign(rejecting, "alice")
     refusal = _refused(lambda: _report(rejecting, a, "alice", 1.0, 1.0), Status.INVALID_ARGUMENT,
                        "norm_too_large")
     assert "3.464" in refusal.message and rejecting.version == 0
 
     with SqlStore(f"sqlite:///{tmp_path / 'clip.db'}") as clip_store:
-        clipping = Coordinator(clip_store, _task(clients_per_round=1, min_reports=1, over_selection=1.0,
-                                                 max_update_norm=2.0, norm_policy="clip"), clock=Clock())
+        clip_task = _task(clients_per_round=1, min_reports=1, over_selection=1.0, max_update_norm=2.0,
+                          norm_policy="clip")
+        clipping = Coordinator(clip_store, clip_task, clock=ManualClock())
         g0 = _stored_globals(clip_store, 0)
         b = _assign(clipping, "bob")
         assert _report(clipping, b, "bob", 1.0, 1.0).accepted

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
 from fedrecon.server.servicer import CoordinatorServicer
 from fedrecon.server.store import SqlStore
@@ -294,14 +295,6 @@ class FakeContext:
         raise Aborted(code, details)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
     """One coordinator whose round stays open for the whole module: selection never ends (the clock
     stands still) and the goal is far away, so no refusal can close the round and commit it."""
@@ -312,7 +305,7 @@ class Harness:
                                max_update_norm=NORM_BOUND, norm_policy="reject")
         task = TaskSpec(name=TASK, model=MODEL, rounds=rounds,
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
-        self.coordinator = Coordinator(store, task, clock=Clock())
+        self.coordinator = Coordinator(store, task, clock=ManualClock())
         self.servicer = CoordinatorServicer(self.coordinator, max_chunk_bytes=64)
         self._ids = itertools.count()
 

@@ -18,6 +18,7 @@ import fedrecon.server.store.sql_store as sql_store
 from fedrecon.client import FederatedClient, RetryPolicy
 from fedrecon.server.app import start_server
 from fedrecon.server.checkpoints import globals_from_bytes
+from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Assignment, Coordinator
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import RoundState, SqlStore
@@ -25,14 +26,6 @@ from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
 
 MODEL = {"kind": "matrix_factorization", "num_items": 6, "num_factors": 2}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _task(**rounds: object) -> TaskSpec:
@@ -65,7 +58,7 @@ def _report(c: Coordinator, a: Assignment, who: str, value: float):  # type: ign
 
 
 def test_a_round_that_cannot_commit_waits_for_the_store(db: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     with SqlStore(f"sqlite:///{db}") as store:
         c = Coordinator(store, _task(clients_per_round=2, min_reports=1, over_selection=1.5), clock=clock)
         g0 = globals_from_bytes(store.get_version("movies", 0).parameters, ["item_embedding"])[0]
@@ -112,7 +105,7 @@ def test_check_in_during_an_outage_is_unavailable_and_the_client_retries(db: Pat
 
 
 def test_the_deadline_timer_survives_an_outage(db: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     with SqlStore(f"sqlite:///{db}") as store:
         coordinator = Coordinator(store, _task(), clock=clock)
         with start_server(coordinator, tick_s=0.05) as server:
