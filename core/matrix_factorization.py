@@ -19,6 +19,9 @@ from fedrecon.core.lazy_tensorflow import tf
 from fedrecon.core.model import ClientViews, ReconstructionModel, VariableSpec, uniform_init
 
 INIT_SCALE = 0.05
+# How a client's fresh user factors start: uniform in ±INIT_SCALE (the paper's code), or zeros (the same
+# start for every client, which makes a round deterministic: the exact-parity runs against TFF use it).
+LOCAL_INITS = ("uniform", "zeros")
 
 
 class MatrixFactorization(ReconstructionModel):
@@ -33,6 +36,7 @@ class MatrixFactorization(ReconstructionModel):
         use_biases: bool = False,
         shared_user: bool = False,
         initial_offset: float = 0.0,
+        local_init: str = "uniform",
     ) -> None:
         if num_items <= 0 or num_factors <= 0:
             raise ValueError("num_items and num_factors must be positive")
@@ -41,6 +45,9 @@ class MatrixFactorization(ReconstructionModel):
         self.use_biases = use_biases
         self.shared_user = shared_user
         self.initial_offset = float(initial_offset)
+        if local_init not in LOCAL_INITS:
+            raise ValueError(f"local_init must be one of {LOCAL_INITS}, not {local_init!r}")
+        self.local_init = local_init
         globals_ = [VariableSpec("item_embedding", (num_items, num_factors))]
         locals_ = [VariableSpec("user_embedding", (num_factors,))]
         if use_biases:
@@ -61,6 +68,7 @@ class MatrixFactorization(ReconstructionModel):
             "use_biases": self.use_biases,
             "shared_user": self.shared_user,
             "initial_offset": self.initial_offset,
+            "local_init": self.local_init,
         }
 
     # ----- initialisation --------------------------------------------------------------------------
@@ -76,6 +84,8 @@ class MatrixFactorization(ReconstructionModel):
         return [self._init(spec, rng) for spec in self.global_variables]
 
     def initial_locals(self, rng: np.random.Generator) -> list[np.ndarray]:
+        if self.local_init == "zeros":
+            return [np.zeros(spec.shape, np.float32) for spec in self.local_variables]
         return [self._init(spec, rng) for spec in self.local_variables]
 
     # ----- views -------------------------------------------------------------------------------------

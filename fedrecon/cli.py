@@ -36,6 +36,16 @@ class ServerOpt(StrEnum):
     yogi = "yogi"
 
 
+class Backend(StrEnum):
+    fedrecon = "fedrecon"
+    tff = "tff"
+
+
+class LocalInit(StrEnum):
+    uniform = "uniform"
+    zeros = "zeros"
+
+
 class Transport(StrEnum):
     inprocess = "inprocess"
     grpc = "grpc"
@@ -83,6 +93,13 @@ def simulate(
     init_model: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
                                                     help="start from an exported model (fedrecon export)")]
     = None,
+    backend: Annotated[Backend, typer.Option(
+        help="fedrecon: this project's engine; tff: TensorFlow Federated's build_fed_recon in the "
+             "environment `make tff-env` builds (same data, split, selection and metrics)")]
+    = Backend.fedrecon,
+    local_init: Annotated[LocalInit, typer.Option(
+        help="a client's fresh user factors: uniform ±0.05 (reference) or zeros (deterministic rounds)")]
+    = LocalInit.uniform,
 ) -> None:
     """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end."""
     from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
@@ -103,7 +120,8 @@ def simulate(
         client_weighting=ClientWeighting.UNIFORM if uniform_weights else ClientWeighting.NUM_EXAMPLES)
     settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
                                   eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
-    spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases, config=config,
+    spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases,
+                          local_init=local_init.value, config=config,
                           settings=settings,
                           centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
     initial = None
@@ -131,14 +149,31 @@ def simulate(
         def on_epoch(epoch, rmse):  # type: ignore[no-untyped-def]
             progress.update(task, advance=1, info=f"validation RMSE {rmse:.4f}")
 
-        result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch,
-                                transport=transport.value, store_url=store, initial_globals=initial)
+        try:
+            result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch,
+                                    transport=transport.value, store_url=store, initial_globals=initial,
+                                    backend=backend.value)
+        except (ValueError, RuntimeError) as err:
+            progress.stop()
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(2) from err
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"data": data, "transport": transport.value, "spec": spec.to_dict(), **result.summary()}
+    summary = {"data": data, "backend": backend.value, "transport": transport.value, "spec": spec.to_dict(),
+               **result.summary()}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if algorithm != Algorithm.centralized:
+        from fedrecon.client.model_file import ModelFile
+
+        # The selected model in the export format: loads into the client library, `serve --init-model`,
+        # or `simulate --init-model` (with either backend).
+        ModelFile(task=f"simulate-{backend.value}", version=int(result.selected.get("round", 0)),
+                  model_spec=result.model.config(), names=[v.name for v in result.model.global_variables],
+                  arrays=result.globals, training=spec.config.to_dict(), batch_size=batch_size
+                  ).save(out / "model.npz")
     plot_learning_curves(summary, out / "learning_curves.png")
-    table = Table(title=f"{algorithm.value} on unseen test users (selected {unit} "
+    engine = " (TFF backend)" if backend == Backend.tff else ""
+    table = Table(title=f"{algorithm.value}{engine} on unseen test users (selected {unit} "
                         f"{int(result.selected.get('round', 0))} on validation)")
     for col in ("RMSE", "accuracy", "examples", "s/round"):
         table.add_column(col, justify="right")
@@ -146,7 +181,9 @@ def simulate(
     table.add_row(f"{result.test['rmse']:.4f}", f"{result.test['accuracy']:.4f}",
                   f"{int(result.test['num_examples'])}", spr)
     console.print(table)
-    console.print(f"wrote {out / 'metrics.json'} and {out / 'learning_curves.png'}")
+    written = "metrics.json, learning_curves.png"
+    written += ", model.npz" if algorithm != Algorithm.centralized else ""
+    console.print(f"wrote {written} in {out}")
 
 
 app.command()(cli_coordinator.serve)

@@ -41,6 +41,11 @@ def serve(
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: demand client certificates it signed "
                                                             "(mutual TLS)")] = None,
+    init_model: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False,
+        help="a model file (fedrecon export, or simulate's model.npz from either backend) to start a new "
+             "task from; ignored if the task exists")]
+    = None,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE."""
     from fedrecon.server.app import start_server
@@ -53,9 +58,18 @@ def serve(
     except (ValueError, OSError) as err:
         console.print(f"[red]cannot load task {task}: {err}[/]")
         raise typer.Exit(2) from err
+    initial = None
+    if init_model is not None:
+        from fedrecon.client.model_file import ModelFile
+
+        try:
+            initial = ModelFile.load(init_model).arrays
+        except (ValueError, OSError, KeyError) as err:
+            console.print(f"[red]cannot load model {init_model}: {err}[/]")
+            raise typer.Exit(2) from err
     sql = SqlStore(store)
     try:
-        coordinator = Coordinator(sql, spec)
+        coordinator = Coordinator(sql, spec, initial_globals=initial)
     except ValueError as err:
         sql.close()
         console.print(f"[red]{err}[/]")
@@ -75,6 +89,9 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if init_model is not None:
+        console.print(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
+                      f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
     if coordinator.interrupted_rounds:
         console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
                       f"{coordinator.interrupted_rounds}")

@@ -126,7 +126,10 @@ class _ClosedRound:
 class Coordinator:
     """Runs the rounds of one task against a store. Thread-safe: gRPC workers call it concurrently."""
 
-    def __init__(self, store: SqlStore, task: TaskSpec, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: SqlStore, task: TaskSpec, *, clock: Callable[[], float] = time.time,
+                 initial_globals: Sequence[np.ndarray] | None = None) -> None:
+        """``initial_globals`` (e.g. an exported or TFF-trained model) becomes version 0 when the task is
+        created; for a task already in the store they are ignored (``created_task`` tells which happened)."""
         self.store = store
         self.task = task
         self._clock = clock
@@ -140,7 +143,13 @@ class Coordinator:
                                for i in self.model.global_trainable]
         self._model_spec_json = json.dumps(task.model, sort_keys=True)
         self._training_json = json.dumps(task.training.to_dict(), sort_keys=True)
-        self._salt = self._load_or_create_task()
+        if initial_globals is not None:
+            want = [tuple(v.shape) for v in self.model.global_variables]
+            got = [tuple(np.shape(a)) for a in initial_globals]
+            if got != want:
+                raise ValueError(f"the initial model has shapes {got}; task {task.name!r} needs {want}")
+        self.created_task = False
+        self._salt = self._load_or_create_task(initial_globals)
         self.interrupted_rounds = [r.round_id for r in store.fail_unfinished_rounds(
             task.name, "coordinator restarted before the round committed")]
         latest = store.latest_version(task.name)
@@ -158,13 +167,14 @@ class Coordinator:
                                         burst=max(1.0, task.rounds.max_check_ins_per_minute / 6.0))
 
     # ----- setup ---------------------------------------------------------------------------------------
-    def _load_or_create_task(self) -> bytes:
+    def _load_or_create_task(self, initial_globals: Sequence[np.ndarray] | None) -> bytes:
         spec = self.task.to_dict()
         try:
             stored = dict(self.store.get_task(self.task.name).spec)
         except UnknownTask:
             salt = secrets.token_hex(32)
-            state = self.algorithm.initial_state(self.task.seed)
+            state = self.algorithm.initial_state(self.task.seed, initial_globals)
+            self.created_task = True
             self.store.create_task(
                 self.task.name, {**spec, SALT_KEY: salt},
                 initial_parameters=globals_to_bytes(self._names, state.globals),

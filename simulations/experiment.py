@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.baselines import (
@@ -25,6 +26,7 @@ from fedrecon.simulations.ratings import FederatedRatings
 from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings
 
 ALGORITHMS = ("fedrecon", "fedavg", "centralized")
+BACKENDS = ("fedrecon", "tff")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ExperimentSpec:
     algorithm: str = "fedrecon"
     num_factors: int = 50
     use_biases: bool = False
+    local_init: str = "uniform"  # how a client's user factors start ("zeros": deterministic rounds)
     config: FedReconConfig = field(default_factory=FedReconConfig)
     settings: SimulationSettings = field(default_factory=SimulationSettings)
     centralized: CentralizedSettings = field(default_factory=CentralizedSettings)
@@ -41,9 +44,9 @@ class ExperimentSpec:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {ALGORITHMS}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"algorithm": self.algorithm, "num_factors": self.num_factors, "use_biases": self.use_biases,
-                "config": self.config.to_dict(), "settings": dataclasses.asdict(self.settings),
-                "centralized": dataclasses.asdict(self.centralized)}
+        return {"algorithm": self.algorithm, "num_factors": self.num_factors,
+                "use_biases": self.use_biases, "local_init": self.local_init, "config": self.config.to_dict(),
+                "settings": dataclasses.asdict(self.settings), "centralized": dataclasses.asdict(self.centralized)}
 
 
 @dataclass
@@ -71,22 +74,29 @@ def selection_key(metrics: dict[str, float]) -> float:
 def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
     offset = data.mean_rating if spec.use_biases else 0.0
     return MatrixFactorization(data.num_items, spec.num_factors, use_biases=spec.use_biases,
-                               shared_user=shared_user, initial_offset=offset)
+                               shared_user=shared_user, initial_offset=offset, local_init=spec.local_init)
 
 
 def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                    on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,
                    on_epoch: Callable[[int, float], None] | None = None,
                    transport: str = "inprocess", store_url: str | None = None,
-                   initial_globals: list[np.ndarray] | None = None) -> ExperimentResult:
+                   initial_globals: list[np.ndarray] | None = None, backend: str = "fedrecon"
+                   ) -> ExperimentResult:
     """Train ``spec.algorithm``; keep the validation-best round/epoch; evaluate it on all test users.
 
     ``transport="grpc"`` plays every training round through a real coordinator on loopback (store at
     ``store_url``, default a temporary SQLite file) with the client library; evaluation is unchanged.
     ``initial_globals`` starts from given global variables (an exported model) instead of a fresh init.
+    ``backend="tff"`` computes every round and evaluation with TensorFlow Federated's ``build_fed_recon``
+    (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged.
     """
     if transport not in ("inprocess", "grpc"):
         raise ValueError(f"unknown transport {transport!r}; choose 'inprocess' or 'grpc'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    if backend == "tff" and (spec.algorithm != "fedrecon" or transport != "inprocess"):
+        raise ValueError("the tff backend runs the fedrecon algorithm in process (no --transport grpc)")
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
     if spec.algorithm == "centralized":
@@ -105,14 +115,27 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     algorithm = FedRecon(model, train_config)
     state = algorithm.initial_state(spec.settings.seed, initial_globals)
     with contextlib.ExitStack() as stack:
-        runner = None
+        runner, evaluator = None, None
         if transport == "grpc":
             runner = stack.enter_context(GrpcRounds(model, train_config, data.train, spec.settings,
                                                     store_url=store_url))
-        sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config, round_runner=runner)
+        if backend == "tff":
+            from fedrecon.simulations.tff_backend import TffEngine, TffRounds
+
+            engine = stack.enter_context(TffEngine(
+                model, train_config, {**data.train, **data.validation, **data.test},
+                batch_size=spec.settings.batch_size, initial_globals=state.globals,
+                eval_clip=spec.settings.eval_clip))
+            runner = TffRounds(engine, list(data.train), spec.settings)
+
+            def evaluator(s: ServerState, users: Mapping[int, ClientExamples]) -> dict[str, float]:
+                return engine.evaluate(s.globals, sorted(users))
+
+        sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config, round_runner=runner,
+                         evaluator=evaluator)
         best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
-    selected = min(history.validation, key=selection_key) if history.validation else {}
-    test = sim.evaluate(best_state, data.test)
+        selected = min(history.validation, key=selection_key) if history.validation else {}
+        test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
     return ExperimentResult(
         algorithm=spec.algorithm, test=test, validation=history.validation,

@@ -57,6 +57,7 @@ def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
 
 
 RoundRunner = Callable[[ServerState], tuple[ServerState, RoundRecord]]
+Evaluator = Callable[[ServerState, Mapping[int, ClientExamples]], dict[str, float]]
 
 
 class Simulation:
@@ -64,7 +65,7 @@ class Simulation:
 
     def __init__(self, algorithm: FedRecon, train: Mapping[int, ClientExamples],
                  settings: SimulationSettings, *, eval_config: FedReconConfig | None = None,
-                 round_runner: RoundRunner | None = None) -> None:
+                 round_runner: RoundRunner | None = None, evaluator: Evaluator | None = None) -> None:
         self.algorithm = algorithm
         self.train = train
         self.settings = settings
@@ -75,6 +76,8 @@ class Simulation:
         # How a training round is carried out: in this process by default, or through a real coordinator
         # (``simulations.grpc_transport``); evaluation and model selection are the same either way.
         self.round_runner: RoundRunner = round_runner or self.run_round
+        # How users are scored: by the shared client step here, or by another engine (the TFF backend).
+        self._evaluator = evaluator
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
@@ -97,6 +100,8 @@ class Simulation:
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
                  ) -> dict[str, float]:
         """Reconstruct-then-evaluate every user in ``users``; example-weighted metrics."""
+        if self._evaluator is not None:
+            return self._evaluator(state, users)
         s = self.settings
         ids = sorted(users)
         total = EvaluationSums(0.0, 0.0, 0.0)

@@ -1,0 +1,202 @@
+"""The TensorFlow Federated backend: the same simulation, with rounds and evaluation run by TFF.
+
+``fedrecon simulate --backend tff`` keeps everything that defines the experiment on this side (data loading,
+the user split, the seeded client selection of every round, validation-based model selection, metrics.json)
+and hands only the computation to ``tff.learning.algorithms.build_fed_recon`` / ``build_fed_recon_eval``,
+which run in their own environment (``make tff-env``) as a worker process (``simulations/tff_worker.py``).
+So a TFF run and a fedrecon run of the same task differ only in the engine that computes each round.
+
+The worker's interpreter is ``$FEDRECON_TFF_PYTHON`` if set, else ``.venv-tff/bin/python`` in the working
+directory or in the source checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from fedrecon.core.algorithm import ServerState
+from fedrecon.core.batching import ClientExamples
+from fedrecon.core.config import FedReconConfig
+from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.simulations.runner import RoundRecord, SimulationSettings, select_clients
+
+WORKER = Path(__file__).with_name("tff_worker.py")
+TFF_VENV = ".venv-tff"
+
+
+class TffUnavailable(RuntimeError):
+    """No TFF environment to run the worker in."""
+
+
+class TffError(RuntimeError):
+    """The TFF worker refused a command or died."""
+
+
+def tff_python() -> Path:
+    """The interpreter of the TFF environment (see the module docstring for the search order)."""
+    configured = os.environ.get("FEDRECON_TFF_PYTHON")
+    if configured:
+        path = Path(configured)
+        if not path.exists():
+            raise TffUnavailable(f"FEDRECON_TFF_PYTHON={configured} does not exist")
+        return path
+    candidates = [Path.cwd() / TFF_VENV, Path(__file__).resolve().parents[1] / TFF_VENV]
+    for venv in candidates:
+        if (venv / "bin" / "python").exists():
+            return venv / "bin" / "python"
+    raise TffUnavailable("no TensorFlow Federated environment: run `make tff-env` in the fedrecon checkout "
+                         "(or set FEDRECON_TFF_PYTHON to an interpreter with tensorflow-federated 0.87)")
+
+
+def _names(model: MatrixFactorization) -> list[str]:
+    return [v.name for v in model.global_variables]
+
+
+def save_globals(model: MatrixFactorization, arrays: Sequence[np.ndarray], path: Path) -> None:
+    np.savez(path, **dict(zip(_names(model), (np.asarray(a, np.float32) for a in arrays), strict=True)))
+
+
+def load_globals(model: MatrixFactorization, path: Path) -> list[np.ndarray]:
+    with np.load(path) as f:
+        return [np.asarray(f[n], np.float32).reshape(v.shape)
+                for n, v in zip(_names(model), model.global_variables, strict=True)]
+
+
+class TffEngine:
+    """A running TFF worker for one model, configuration and population of users.
+
+    ``users`` is every user the run may train or evaluate (training, validation and test users alike);
+    their examples are sent once, in the order this side holds them, so TFF batches exactly the same
+    examples as fedrecon does.
+    """
+
+    def __init__(self, model: MatrixFactorization, config: FedReconConfig,
+                 users: Mapping[int, ClientExamples], *, batch_size: int,
+                 initial_globals: Sequence[np.ndarray],
+                 eval_clip: tuple[float, float] | None = None, python: Path | None = None) -> None:
+        if not isinstance(model, MatrixFactorization) or model.shared_user:
+            raise ValueError("the TFF backend runs FedRecon matrix factorization (user factors local) only")
+        self.model = model
+        self._dir = tempfile.TemporaryDirectory(prefix="fedrecon-tff-")
+        self.workdir = Path(self._dir.name)
+        self._log: IO[bytes] = open(self.workdir / "worker.log", "wb")  # noqa: SIM115 (closed in close())
+        self._proc = subprocess.Popen([str(python or tff_python()), str(WORKER)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self._calls = 0
+        try:
+            ids = sorted(users)
+            lengths = np.array([len(users[u]) for u in ids], np.int64)
+            np.savez(self.workdir / "data.npz", users=np.array(ids, np.int64),
+                     offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                     x=np.concatenate([np.asarray(users[u].x, np.int32) for u in ids]),
+                     y=np.concatenate([np.asarray(users[u].y, np.float32) for u in ids]))
+            start = self.workdir / "initial.npz"
+            save_globals(model, initial_globals, start)
+            self.info = self._call({"op": "init", "model": model.config(), "training": config.to_dict(),
+                                    "batch_size": batch_size, "data": str(self.workdir / "data.npz"),
+                                    "globals": str(start),
+                                    "eval_clip": list(eval_clip) if eval_clip else None})
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps(cmd) + "\n")
+            self._proc.stdin.flush()
+            line = self._proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            self._proc.wait(timeout=30)
+            raise TffError(f"the TFF worker exited (code {self._proc.returncode}) during {cmd['op']}:\n"
+                           f"{self.log_tail()}")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise TffError(f"TFF refused {cmd['op']}: {reply['error']}\n{reply.get('trace', '')}")
+        return reply
+
+    def log_tail(self, chars: int = 4000) -> str:
+        self._log.flush()
+        return (self.workdir / "worker.log").read_text(errors="replace")[-chars:]
+
+    def train_round(self, clients: Sequence[int]) -> tuple[list[np.ndarray], dict[str, float]]:
+        """One ``build_fed_recon`` round over ``clients``: the new globals and TFF's round figures."""
+        self._calls += 1
+        out = self.workdir / f"round-{self._calls}.npz"
+        reply = self._call({"op": "round", "clients": [int(c) for c in clients], "out": str(out)})
+        new = load_globals(self.model, out)
+        out.unlink()
+        return new, reply
+
+    def current_globals(self) -> list[np.ndarray]:
+        """The global weights TFF's training process holds now (read back through ``ModelWeights``)."""
+        self._calls += 1
+        out = self.workdir / f"globals-{self._calls}.npz"
+        self._call({"op": "get_globals", "out": str(out)})
+        arrays = load_globals(self.model, out)
+        out.unlink()
+        return arrays
+
+    def evaluate(self, globals_: Sequence[np.ndarray], users: Sequence[int]) -> dict[str, float]:
+        """``build_fed_recon_eval`` of ``users`` under ``globals_``: example-weighted MSE, RMSE, accuracy."""
+        self._calls += 1
+        path = self.workdir / f"eval-{self._calls}.npz"
+        save_globals(self.model, globals_, path)
+        reply = self._call({"op": "evaluate", "users": [int(u) for u in users], "globals": str(path)})
+        path.unlink()
+        return {"mse": reply["mse"], "rmse": float(np.sqrt(reply["mse"])), "accuracy": reply["accuracy"],
+                "num_examples": reply["num_examples"]}
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._call({"op": "quit"})
+                self._proc.wait(timeout=30)
+            except (TffError, OSError, subprocess.TimeoutExpired, ValueError):
+                self._proc.kill()
+                self._proc.wait()
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                stream.close()
+        self._log.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> TffEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TffRounds:
+    """A ``RoundRunner`` for ``Simulation``: the same seeded selection, each round computed by TFF.
+
+    The server optimizer's state lives in the TFF process; the ``ServerState`` this side keeps carries the
+    global weights (for validation-based model selection) and the round number.
+    """
+
+    def __init__(self, engine: TffEngine, user_ids: Sequence[int], settings: SimulationSettings) -> None:
+        self.engine = engine
+        self.user_ids = sorted(user_ids)
+        self.settings = settings
+
+    def __call__(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
+        s = self.settings
+        round_num = state.round_num + 1
+        chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
+        globals_, figures = self.engine.train_round(chosen)
+        record = RoundRecord(round_num=round_num, seconds=float(figures["seconds"]),
+                             train_loss=float(figures["loss"]), num_clients=len(chosen),
+                             total_weight=float("nan"))  # TFF does not report the sum of client weights
+        return ServerState(globals_, state.optimizer_state, round_num), record
+
