@@ -43,6 +43,7 @@ class Backend(StrEnum):
 
 class LocalInit(StrEnum):
     uniform = "uniform"
+    shared = "shared"
     zeros = "zeros"
 
 
@@ -97,9 +98,10 @@ def simulate(
         help="fedrecon: this project's engine; tff: TensorFlow Federated's build_fed_recon in the "
              "environment `make tff-env` builds (same data, split, selection and metrics)")]
     = Backend.fedrecon,
-    local_init: Annotated[LocalInit, typer.Option(
-        help="a client's fresh user factors: uniform ±0.05 (reference) or zeros (deterministic rounds)")]
-    = LocalInit.uniform,
+    local_init: Annotated[LocalInit | None, typer.Option(
+        help="how a client's user factors start: uniform (a ±0.05 draw per client and round; the default "
+             "of the fedrecon backend), shared (one draw for all clients: what TFF does, the tff backend's "
+             "default) or zeros (deterministic rounds)")] = None,
 ) -> None:
     """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end."""
     from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
@@ -121,7 +123,8 @@ def simulate(
     settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
                                   eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
     spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases,
-                          local_init=local_init.value, config=config,
+                          local_init=(local_init or (LocalInit.shared if backend == Backend.tff
+                                                     else LocalInit.uniform)).value, config=config,
                           settings=settings,
                           centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
     initial = None

@@ -34,7 +34,9 @@ class CoordinatorProcess:
         self.address = f"127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
-        self._log.flush()
+        """What the process printed so far (also after ``stop``/``kill``)."""
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, timeout_s: float = 60.0) -> int:

@@ -46,7 +46,8 @@ class ExperimentSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "num_factors": self.num_factors,
                 "use_biases": self.use_biases, "local_init": self.local_init, "config": self.config.to_dict(),
-                "settings": dataclasses.asdict(self.settings), "centralized": dataclasses.asdict(self.centralized)}
+                "settings": dataclasses.asdict(self.settings),
+                "centralized": dataclasses.asdict(self.centralized)}
 
 
 @dataclass

@@ -84,6 +84,10 @@ class TffEngine:
                  eval_clip: tuple[float, float] | None = None, python: Path | None = None) -> None:
         if not isinstance(model, MatrixFactorization) or model.shared_user:
             raise ValueError("the TFF backend runs FedRecon matrix factorization (user factors local) only")
+        if model.local_init == "uniform":
+            raise ValueError("TFF's build_fed_recon draws the local variables' start once, when it builds "
+                             "the client computation, so every client starts from the same vector: run the "
+                             "TFF backend with local_init 'shared' (what TFF does) or 'zeros'")
         self.model = model
         self._dir = tempfile.TemporaryDirectory(prefix="fedrecon-tff-")
         self.workdir = Path(self._dir.name)

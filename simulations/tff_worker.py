@@ -40,11 +40,13 @@ INIT_SCALE = 0.05
 
 
 def _local_initializer(kind: str) -> tf.keras.initializers.Initializer:
+    """TFF evaluates this once, when it builds the client computation: every client starts from that value."""
     if kind == "zeros":
         return tf.keras.initializers.Zeros()
-    if kind == "uniform":
+    if kind == "shared":
         return tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
-    raise ValueError(f"unknown local_init {kind!r}")
+    raise ValueError(f"TFF cannot run local_init {kind!r} (it draws the local start once for all clients): "
+                     "use 'shared' or 'zeros'")
 
 
 class LocalUser(tf.keras.layers.Layer):
@@ -76,7 +78,7 @@ class MatrixFactorization(tf.keras.Model):
         uniform = tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
         self.items = tf.keras.layers.Embedding(num_items, factors, embeddings_initializer=uniform,
                                                name="item_embedding")
-        self.user = LocalUser(factors, self.use_biases, spec.get("local_init", "uniform"), name="user")
+        self.user = LocalUser(factors, self.use_biases, spec.get("local_init", "shared"), name="user")
         self.global_layers: list[tf.keras.layers.Layer] = [self.items]
         if self.use_biases:
             self.item_bias = tf.keras.layers.Embedding(num_items, 1, embeddings_initializer="zeros",

@@ -241,3 +241,18 @@ def test_update_norm_bound_rejects_or_clips(store: SqlStore, tmp_path: Path) -> 
         np.testing.assert_allclose(np.linalg.norm(step), 2.0, rtol=1e-5)  # scaled down to the bound
         np.testing.assert_allclose(step, 2.0 / np.sqrt(12.0), rtol=1e-5)
         assert clipping.refusals["clipped"] == 1
+
+
+def test_a_given_model_becomes_version_zero_of_a_new_task_only(store: SqlStore) -> None:
+    given = [np.arange(12, dtype=np.float32).reshape(6, 2)]
+    c = Coordinator(store, _task(), initial_globals=given)
+    assert c.created_task
+    np.testing.assert_array_equal(_stored_globals(store, 0), given[0])
+    c.shut_down()
+    # A restart with another model leaves the existing task's versions alone.
+    again = Coordinator(store, _task(), initial_globals=[np.zeros((6, 2), np.float32)])
+    assert not again.created_task
+    np.testing.assert_array_equal(_stored_globals(store, 0), given[0])
+    again.shut_down()
+    with pytest.raises(ValueError, match="needs"):
+        Coordinator(store, _task(), initial_globals=[np.zeros((6, 3), np.float32)])
