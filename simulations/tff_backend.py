@@ -12,8 +12,10 @@ directory or in the source checkout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -92,8 +94,12 @@ class TffEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="fedrecon-tff-")
         self.workdir = Path(self._dir.name)
         self._log: IO[bytes] = open(self.workdir / "worker.log", "wb")  # noqa: SIM115 (closed in close())
+        # Its own session: TFF 0.87 starts a C++ executor (worker_binary) that outlives the Python process
+        # that started it, however it ends, and keeps running (and holding its pipes); ``close`` ends the
+        # whole process group so nothing is left behind.
         self._proc = subprocess.Popen([str(python or tff_python()), str(WORKER)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+                                      stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+                                      start_new_session=True)
         self._calls = 0
         try:
             ids = sorted(users)
@@ -169,6 +175,8 @@ class TffEngine:
             except (TffError, OSError, subprocess.TimeoutExpired, ValueError):
                 self._proc.kill()
                 self._proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)  # TFF's executor processes, whatever happened above
         for stream in (self._proc.stdin, self._proc.stdout):
             if stream is not None:
                 stream.close()

@@ -14,7 +14,12 @@ Without a TFF environment these tests skip on a user's clone and fail under CI (
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +35,14 @@ from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.simulations.runner import Simulation, SimulationSettings
-from fedrecon.simulations.tff_backend import TffEngine, TffError, TffRounds, TffUnavailable, tff_python
+from fedrecon.simulations.tff_backend import (
+    WORKER,
+    TffEngine,
+    TffError,
+    TffRounds,
+    TffUnavailable,
+    tff_python,
+)
 
 ONE_ROUND_TOLERANCE = 1e-5
 RMSE_TOLERANCE = 1e-4
@@ -134,6 +146,58 @@ def test_worker_refusals_are_clear_and_lose_nothing(adam_pair: Pair) -> None:
     assert _max_abs(adam_pair.engine.current_globals(), before) == 0.0  # the state is untouched
 
 
+TFF_SIDE = """
+import sys
+import numpy as np
+import tff_interop
+weights, spec, training = tff_interop.read_model_file(sys.argv[1])
+process, _ = tff_interop.build_processes(spec, training)
+state = process.set_model_weights(process.initialize(), weights)
+back = process.get_model_weights(state)
+back.trainable[0] = np.asarray(back.trainable[0]) + 1.0  # a change only TFF made
+tff_interop.write_model_file(sys.argv[2], back, spec, training, task="trained-in-tff", version=7)
+"""
+
+
+def test_model_files_cross_between_the_environments(tmp_path: Path, tff_env: Path) -> None:
+    """A fedrecon model file loads into a TFF process as ModelWeights; TFF's weights come back as one."""
+    model = MatrixFactorization(40, 4, use_biases=True, initial_offset=3.5, local_init="shared")
+    ours = ModelFile(task="t", version=3, model_spec=model.config(),
+                     names=[v.name for v in model.global_variables], arrays=model.initial_globals(1),
+                     training=FedReconConfig().to_dict(), batch_size=5)
+    ours.save(tmp_path / "ours.npz")
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
+    command = [str(tff_env), "-c", TFF_SIDE, str(tmp_path / "ours.npz"), str(tmp_path / "tff.npz")]
+    log = tmp_path / "tff-side.log"
+    with open(log, "wb") as out:  # a file, not a pipe: TFF's executor would hold a pipe open after exit
+        side = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            side.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(side.pid, signal.SIGKILL)  # TFF 0.87's executor outlives the script
+    assert side.returncode == 0, log.read_text()[-3000:]
+    theirs = ModelFile.load(tmp_path / "tff.npz")
+    assert (theirs.task, theirs.version, theirs.names) == ("trained-in-tff", 7, ours.names)
+    assert theirs.model_spec == ours.model_spec and theirs.training == ours.training
+    np.testing.assert_array_equal(theirs.arrays[0], ours.arrays[0] + 1.0)
+    for a, b in zip(theirs.arrays[1:], ours.arrays[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == b.shape
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that are alive (zombies excluded), read from /proc."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
 def test_what_tff_cannot_run_is_refused(data: FederatedRatings, tff_env: Path) -> None:
     per_client = MatrixFactorization(data.num_items, 8)  # local_init="uniform": a draw per client
     globals_ = per_client.initial_globals(0)
@@ -150,6 +214,11 @@ def test_what_tff_cannot_run_is_refused(data: FederatedRatings, tff_env: Path) -
     with pytest.raises(TffError, match="exited"):
         engine.train_round(sorted(data.validation)[:2])
     engine.close()
+    # Nothing of that TFF run is left running (TFF's C++ executor is in the worker's process group).
+    deadline = time.monotonic() + 10
+    while _running_in_group(engine._proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running_in_group(engine._proc.pid) == []
 
 
 def test_simulate_with_tff_then_serve_its_model(tmp_path: Path, tff_env: Path) -> None:

@@ -1,0 +1,288 @@
+"""fedrecon tasks in TensorFlow Federated: the Keras model, weight conversion, processes and model files.
+
+This module runs only in the TFF environment (``make tff-env``: TensorFlow 2.14, TFF 0.87) and imports nothing
+from fedrecon, whose own environment cannot hold TFF. The TFF worker (``tff_worker.py``) uses it, and so can
+anyone with TFF code of their own, with this folder on the path:
+
+    PYTHONPATH=simulations .venv-tff/bin/python
+    >>> import tff_interop
+    >>> weights, spec, training = tff_interop.read_model_file("model.npz")   # fedrecon export / simulate
+    >>> process, evaluator = tff_interop.build_processes(spec, training)
+    >>> state = process.set_model_weights(process.initialize(), weights)
+    ...
+    >>> tff_interop.write_model_file("trained.npz", process.get_model_weights(state), spec, training)
+
+``write_model_file`` writes the format of fedrecon's ``client/model_file.py`` (``fedrecon.model/1``), which
+``fedrecon serve --init-model``, ``simulate --init-model`` and the client library load; a test reads what this
+side writes with fedrecon's own reader.
+
+The Keras model mirrors ``core.matrix_factorization``: item factors (and item bias, global offset) in global
+layers; the user's factors (and bias) in a local layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+MODEL_FILE_FORMAT = "fedrecon.model/1"  # client/model_file.py
+META_KEY = "__meta__"  # fedrecon/tensors.py
+
+INIT_SCALE = 0.05
+
+
+def _local_initializer(kind: str) -> tf.keras.initializers.Initializer:
+    """TFF evaluates this once, when it builds the client computation: every client starts from that value."""
+    if kind == "zeros":
+        return tf.keras.initializers.Zeros()
+    if kind == "shared":
+        return tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
+    raise ValueError(f"TFF cannot run local_init {kind!r} (it draws the local start once for all clients): "
+                     "use 'shared' or 'zeros'")
+
+
+class LocalUser(tf.keras.layers.Layer):
+    """The user's factors (and bias): one vector per client, created afresh by TFF for every client."""
+
+    def __init__(self, num_factors: int, use_bias: bool, initializer: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        init = _local_initializer(initializer)
+        self.factors = self.add_weight(name="user_embedding", shape=(num_factors,), initializer=init)
+        self.bias = self.add_weight(name="user_bias", shape=(), initializer="zeros") if use_bias else None
+
+
+class GlobalOffset(tf.keras.layers.Layer):
+    """The global rating offset μ (a scalar, like fedrecon's ``global_bias``)."""
+
+    def __init__(self, value: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.value = self.add_weight(name="global_bias", shape=(),
+                                     initializer=tf.keras.initializers.Constant(value))
+
+
+class MatrixFactorization(tf.keras.Model):
+    """ŷ = q_i · p_u [+ b_i + b_u + μ]; predictions and labels are ``[B, 1]`` (per-example metrics)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        num_items, factors = int(spec["num_items"]), int(spec["num_factors"])
+        self.use_biases = bool(spec.get("use_biases", False))
+        uniform = tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
+        self.items = tf.keras.layers.Embedding(num_items, factors, embeddings_initializer=uniform,
+                                               name="item_embedding")
+        self.user = LocalUser(factors, self.use_biases, spec.get("local_init", "shared"), name="user")
+        self.global_layers: list[tf.keras.layers.Layer] = [self.items]
+        if self.use_biases:
+            self.item_bias = tf.keras.layers.Embedding(num_items, 1, embeddings_initializer="zeros",
+                                                       name="item_bias")
+            self.offset = GlobalOffset(float(spec.get("initial_offset", 0.0)), name="global_bias")
+            self.global_layers += [self.item_bias, self.offset]
+
+    def call(self, item_ids: tf.Tensor) -> tf.Tensor:
+        pred = tf.reduce_sum(self.items(item_ids) * self.user.factors[None, :], axis=1, keepdims=True)
+        if self.use_biases:
+            pred += self.item_bias(item_ids) + self.user.bias + self.offset.value
+        return pred
+
+
+# ----- weight conversion: fedrecon's global variables <-> TFF ModelWeights ---------------------------------
+def global_names(spec: dict[str, Any]) -> list[str]:
+    """fedrecon's global variable names, in its order (``core.matrix_factorization``)."""
+    names = ["item_embedding"]
+    if spec.get("use_biases", False):
+        names += ["item_bias", "global_bias"]
+    return names
+
+
+def to_model_weights(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> tff.learning.models.ModelWeights:
+    """A fedrecon model (arrays by name) as the ``ModelWeights`` of this reconstruction model's globals.
+
+    TFF keeps the item bias as a ``[items, 1]`` embedding; fedrecon keeps ``[items]``.
+    """
+    shapes = {"item_embedding": (int(spec["num_items"]), int(spec["num_factors"])),
+              "item_bias": (int(spec["num_items"]), 1), "global_bias": ()}
+    trainable = []
+    for name in global_names(spec):
+        if name not in arrays:
+            raise ValueError(f"the model has no variable {name!r} (has {sorted(arrays)})")
+        value = np.asarray(arrays[name], np.float32)
+        if value.size != math.prod(shapes[name]):
+            raise ValueError(f"{name} has shape {value.shape}; this model needs {shapes[name]}")
+        trainable.append(value.reshape(shapes[name]))
+    return tff.learning.models.ModelWeights(trainable=trainable, non_trainable=[])
+
+
+def from_model_weights(weights: tff.learning.models.ModelWeights, spec: dict[str, Any]
+                       ) -> dict[str, np.ndarray]:
+    """TFF's global ``ModelWeights`` back in fedrecon's names and shapes."""
+    out = {}
+    for name, value in zip(global_names(spec), weights.trainable, strict=True):
+        value = np.asarray(value, np.float32)
+        out[name] = value.reshape(-1) if name == "item_bias" else value
+    return out
+
+
+# ----- the TFF processes ---------------------------------------------------------------------------------
+def _optimizer(spec: dict[str, Any]) -> tff.learning.optimizers.Optimizer:
+    name, lr = spec["name"], float(spec["learning_rate"])
+    eps = spec.get("epsilon")
+    if name == "sgd":
+        return tff.learning.optimizers.build_sgdm(learning_rate=lr)
+    if name == "momentum":
+        return tff.learning.optimizers.build_sgdm(learning_rate=lr, momentum=float(spec["momentum"]))
+    if name == "adam":
+        return tff.learning.optimizers.build_adam(lr, beta_1=float(spec["beta_1"]),
+                                                  beta_2=float(spec["beta_2"]),
+                                                  epsilon=1e-7 if eps is None else float(eps))
+    if name == "adagrad":
+        acc = spec.get("initial_accumulator")
+        return tff.learning.optimizers.build_adagrad(lr, initial_preconditioner_value=0.1 if acc is None
+                                                     else float(acc), epsilon=1e-7 if eps is None
+                                                     else float(eps))
+    if name == "yogi":
+        acc = spec.get("initial_accumulator")
+        return tff.learning.optimizers.build_yogi(lr, beta_1=float(spec["beta_1"]),
+                                                  beta_2=float(spec["beta_2"]),
+                                                  epsilon=1e-3 if eps is None else float(eps),
+                                                  initial_preconditioner_value=1e-6 if acc is None
+                                                  else float(acc))
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class ClippedSquaredError(tf.keras.metrics.Mean):
+    """Mean squared error of predictions clipped to [lo, hi] (no clipping with infinite bounds)."""
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "mse",
+                 dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.lo, self.hi = lo, hi
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Any = None) -> Any:
+        pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), self.lo, self.hi)
+        return super().update_state(tf.square(pred - tf.cast(y_true, tf.float32)))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "lo": self.lo, "hi": self.hi}
+
+
+class RatingAccuracy(tf.keras.metrics.Mean):
+    """Share of (clipped) predictions within 0.5 of the rating."""
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "accuracy",
+                 dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.lo, self.hi = lo, hi
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Any = None) -> Any:
+        pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), self.lo, self.hi)
+        return super().update_state(tf.cast(tf.abs(pred - tf.cast(y_true, tf.float32)) <= 0.5, tf.float32))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "lo": self.lo, "hi": self.hi}
+
+
+class ExampleCount(tf.keras.metrics.Sum):
+    """Number of evaluated examples (summed over clients by TFF's metric aggregation)."""
+
+    def __init__(self, name: str = "num_examples", dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Any = None) -> Any:
+        return super().update_state(tf.reduce_sum(tf.ones_like(y_true, tf.float32)))
+
+
+def check_supported(training: dict[str, Any]) -> None:
+    """Refuse fedrecon settings that ``build_fed_recon`` has no equivalent for."""
+    if training.get("jointly_train_variables"):
+        raise ValueError("TFF's build_fed_recon cannot train local variables in the global update")
+    if float(training.get("reconstruction_l2", 0.0)):
+        raise ValueError("TFF's build_fed_recon has no reconstruction L2 penalty")
+    for key in ("reconstruction_optimizer", "client_optimizer"):
+        if training[key]["name"] != "sgd":
+            raise ValueError(f"{key} must be sgd")
+
+
+def build_processes(spec: dict[str, Any], training: dict[str, Any],
+                    eval_clip: tuple[float, float] | None = None
+                    ) -> tuple[tff.learning.templates.LearningProcess,
+                               tff.learning.templates.LearningProcess]:
+    """``build_fed_recon`` and ``build_fed_recon_eval`` for a fedrecon model description and training config.
+
+    Datasets are batches of ``(item ids [B] int64, ratings [B, 1] float32)``.
+    """
+    check_supported(training)
+    lo, hi = eval_clip or (-math.inf, math.inf)
+    input_spec = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 1], tf.float32))
+
+    def model_fn() -> tff.learning.models.ReconstructionModel:
+        keras_model = MatrixFactorization(spec)
+        keras_model(tf.zeros([1], tf.int64))  # create the variables
+        return tff.learning.models.ReconstructionModel.from_keras_model_and_layers(
+            keras_model, global_layers=keras_model.global_layers, local_layers=[keras_model.user],
+            input_spec=input_spec)
+
+    def loss_fn() -> tf.keras.losses.Loss:
+        return tf.keras.losses.MeanSquaredError()
+
+    def metrics_fn() -> list[tf.keras.metrics.Metric]:
+        return [ClippedSquaredError(lo, hi), RatingAccuracy(lo, hi), ExampleCount()]
+
+    split = tff.learning.models.ReconstructionModel.build_dataset_split_fn
+    recon_sgd = tff.learning.optimizers.build_sgdm(
+        float(training["reconstruction_optimizer"]["learning_rate"]))
+    weighting = (tff.learning.ClientWeighting.UNIFORM if training["client_weighting"] == "uniform"
+                 else tff.learning.ClientWeighting.NUM_EXAMPLES)
+    process = tff.learning.algorithms.build_fed_recon(
+        model_fn, loss_fn=loss_fn, metrics_fn=None,
+        server_optimizer_fn=_optimizer(training["server_optimizer"]),
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            float(training["client_optimizer"]["learning_rate"])),
+        reconstruction_optimizer_fn=recon_sgd,
+        dataset_split_fn=split(recon_epochs=int(training["recon_epochs"]),
+                               recon_steps_max=training["recon_steps_max"],
+                               post_recon_epochs=int(training["post_recon_epochs"]),
+                               post_recon_steps_max=training["post_recon_steps_max"],
+                               split_dataset=bool(training["split_dataset"])),
+        client_weighting=weighting)
+    eval_epochs = training.get("eval_recon_epochs")
+    eval_cap = training.get("eval_recon_steps_max")
+    evaluator = tff.learning.algorithms.build_fed_recon_eval(
+        model_fn, loss_fn=loss_fn, metrics_fn=metrics_fn, reconstruction_optimizer_fn=recon_sgd,
+        dataset_split_fn=split(recon_epochs=int(training["recon_epochs"] if eval_epochs is None
+                                                else eval_epochs),
+                               recon_steps_max=training["recon_steps_max"] if eval_cap is None
+                               else eval_cap,
+                               post_recon_epochs=1, post_recon_steps_max=None,
+                               split_dataset=bool(training["split_dataset"])))
+    return process, evaluator
+
+
+# ----- fedrecon model files ---------------------------------------------------------------------------------
+def read_model_file(path: str) -> tuple[tff.learning.models.ModelWeights, dict[str, Any], dict[str, Any]]:
+    """A fedrecon model file as TFF ``ModelWeights``, with its model description and training config."""
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive[META_KEY]))
+        if meta.get("format") != MODEL_FILE_FORMAT:
+            raise ValueError(f"{path} is not a fedrecon model file (format {meta.get('format')!r})")
+        arrays = {name: archive[name] for name in meta["names"]}
+    spec = dict(meta["model"])
+    return to_model_weights(arrays, spec), spec, dict(meta["training"])
+
+
+def write_model_file(path: str, weights: tff.learning.models.ModelWeights, spec: dict[str, Any],
+                     training: dict[str, Any], *, task: str = "tff", version: int = 0, batch_size: int = 5
+                     ) -> None:
+    """TFF global weights as a fedrecon model file (``fedrecon serve --init-model`` starts a task from it)."""
+    names = global_names(spec)
+    meta = {"format": MODEL_FILE_FORMAT, "task": task, "version": int(version), "model": spec,
+            "training": training, "batch_size": int(batch_size), "names": names}
+    arrays = from_model_weights(weights, spec)
+    payload = {n: arrays[n] for n in names}
+    payload[META_KEY] = np.asarray(json.dumps(meta, sort_keys=True))
+    with open(path, "wb") as f:
+        np.savez(f, **payload)
