@@ -24,11 +24,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedrecon.core.algorithm import ServerState
+from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
-from fedrecon.simulations.runner import RoundRecord, SimulationSettings, select_clients
+from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings, select_clients
 
 WORKER = Path(__file__).with_name("tff_worker.py")
 TFF_VENV = ".venv-tff"
@@ -212,3 +212,51 @@ class TffRounds:
                              total_weight=float("nan"))  # TFF does not report the sum of client weights
         return ServerState(globals_, state.optimizer_state, round_num), record
 
+
+
+def max_abs_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """Largest absolute difference between two models' variables (their shapes must agree)."""
+    if [np.shape(x) for x in a] != [np.shape(y) for y in b]:
+        raise ValueError("the models have different shapes")
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
+
+
+class SideBySide:
+    """One task in both engines, advanced round by round from the same initial globals with the same clients.
+
+    ``users`` is every user either engine will see (training users train; pass validation users too to
+    evaluate them). Used by the parity tests and ``benchmarks/tff_parity.py``.
+    """
+
+    def __init__(self, model: MatrixFactorization, config: FedReconConfig,
+                 train: Mapping[int, ClientExamples], users: Mapping[int, ClientExamples],
+                 settings: SimulationSettings, *,
+                 python: Path | None = None) -> None:
+        algorithm = FedRecon(model, config)
+        self.ours = Simulation(algorithm, train, settings)
+        self.initial = algorithm.initial_state(settings.seed)
+        self.engine = TffEngine(model, config, users, batch_size=settings.batch_size,
+                                initial_globals=self.initial.globals, eval_clip=settings.eval_clip,
+                                python=python)
+        self.theirs = TffRounds(self.engine, list(train), settings)
+        self.state_ours = self.state_theirs = self.initial
+
+    def step(self) -> float:
+        """One round in each engine; the max abs difference of their new global weights."""
+        self.state_ours, _ = self.ours.run_round(self.state_ours)
+        self.state_theirs, _ = self.theirs(self.state_theirs)
+        return max_abs_difference(self.state_ours.globals, self.state_theirs.globals)
+
+    def evaluate(self, users: Mapping[int, ClientExamples]) -> tuple[dict[str, float], dict[str, float]]:
+        """Each engine's reconstruct-then-evaluate metrics of ``users`` under its own current model."""
+        return (self.ours.evaluate(self.state_ours, users),
+                self.engine.evaluate(self.state_theirs.globals, sorted(users)))
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> SideBySide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

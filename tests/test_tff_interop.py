@@ -29,18 +29,18 @@ from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.client import ModelFile
-from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
-from fedrecon.simulations.runner import Simulation, SimulationSettings
+from fedrecon.simulations.runner import SimulationSettings
 from fedrecon.simulations.tff_backend import (
     WORKER,
+    SideBySide,
     TffEngine,
     TffError,
-    TffRounds,
     TffUnavailable,
+    max_abs_difference,
     tff_python,
 )
 
@@ -63,56 +63,33 @@ def data(ml_2998_dir: Path) -> FederatedRatings:
     return load_dataset(str(ml_2998_dir))
 
 
-def _max_abs(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
-
-
-class Pair:
-    """The same task in both engines, advanced round by round side by side."""
-
-    def __init__(self, data: FederatedRatings, model: MatrixFactorization, config: FedReconConfig,
-                 python: Path, *, clients_per_round: int = 100) -> None:
-        algorithm = FedRecon(model, config)
-        self.settings = SimulationSettings(rounds=20, clients_per_round=clients_per_round, batch_size=5)
-        self.ours = Simulation(algorithm, data.train, self.settings)
-        self.initial = algorithm.initial_state(0)
-        self.engine = TffEngine(model, config, {**data.train, **data.validation}, batch_size=5,
-                                initial_globals=self.initial.globals, python=python)
-        self.theirs = TffRounds(self.engine, list(data.train), self.settings)
-        self.state_ours = self.state_theirs = self.initial
-
-    def step(self) -> float:
-        self.state_ours, _ = self.ours.run_round(self.state_ours)
-        self.state_theirs, record = self.theirs(self.state_theirs)
-        assert record.round_num == self.state_ours.round_num
-        return _max_abs(self.state_ours.globals, self.state_theirs.globals)
-
-
 @pytest.fixture(scope="module")
-def sgd_pair(data: FederatedRatings, tff_env: Path) -> Iterator[Pair]:
+def sgd_pair(data: FederatedRatings, tff_env: Path) -> Iterator[SideBySide]:
     model = MatrixFactorization(data.num_items, 50, local_init="zeros")
-    pair = Pair(data, model, FedReconConfig(), tff_env)  # the reference configuration, server SGD 1.0
-    yield pair
-    pair.engine.close()
+    settings = SimulationSettings(clients_per_round=100, batch_size=5)
+    # The reference configuration (server SGD 1.0).
+    with SideBySide(model, FedReconConfig(), data.train, {**data.train, **data.validation}, settings,
+                    python=tff_env) as pair:
+        yield pair
 
 
-def test_weights_convert_both_ways_exactly(sgd_pair: Pair) -> None:
+def test_weights_convert_both_ways_exactly(sgd_pair: SideBySide) -> None:
     # Our initial globals went into TFF's ModelWeights (set_model_weights); reading the training state back
     # through get_model_weights and the reverse conversion gives the very same numbers.
     back = sgd_pair.engine.current_globals()
-    assert _max_abs(back, sgd_pair.initial.globals) == 0.0
+    assert max_abs_difference(back, sgd_pair.initial.globals) == 0.0
 
 
-def test_one_round_then_twenty_rounds_agree_with_server_sgd(sgd_pair: Pair, data: FederatedRatings) -> None:
+def test_one_round_then_twenty_rounds_agree_with_server_sgd(sgd_pair: SideBySide,
+                                                            data: FederatedRatings) -> None:
     first = sgd_pair.step()
     assert first <= ONE_ROUND_TOLERANCE
-    assert _max_abs(sgd_pair.state_ours.globals, sgd_pair.initial.globals) > 1e-3  # the round did train
+    trained = max_abs_difference(sgd_pair.state_ours.globals, sgd_pair.initial.globals)
+    assert trained > 1e-3  # the round did train
     for _ in range(19):
         sgd_pair.step()
     assert sgd_pair.state_ours.round_num == 20
-    ours = sgd_pair.ours.evaluate(sgd_pair.state_ours, data.validation)
-    theirs = sgd_pair.engine.evaluate(sgd_pair.state_theirs.globals, sorted(data.validation))
+    ours, theirs = sgd_pair.evaluate(data.validation)
     assert ours["num_examples"] == theirs["num_examples"] > 10_000
     assert abs(ours["rmse"] - theirs["rmse"]) <= RMSE_TOLERANCE
     assert abs(ours["accuracy"] - theirs["accuracy"]) <= ACCURACY_TOLERANCE
@@ -120,16 +97,16 @@ def test_one_round_then_twenty_rounds_agree_with_server_sgd(sgd_pair: Pair, data
 
 
 @pytest.fixture(scope="module")
-def adam_pair(data: FederatedRatings, tff_env: Path) -> Iterator[Pair]:
+def adam_pair(data: FederatedRatings, tff_env: Path) -> Iterator[SideBySide]:
     model = MatrixFactorization(data.num_items, 50, local_init="zeros", use_biases=True,
                                 initial_offset=data.mean_rating)
     config = FedReconConfig(server_optimizer=OptimizerSpec("adam", 0.01))
-    pair = Pair(data, model, config, tff_env, clients_per_round=50)
-    yield pair
-    pair.engine.close()
+    settings = SimulationSettings(clients_per_round=50, batch_size=5)
+    with SideBySide(model, config, data.train, data.train, settings, python=tff_env) as pair:
+        yield pair
 
 
-def test_one_round_agrees_with_server_adam_and_biases(adam_pair: Pair) -> None:
+def test_one_round_agrees_with_server_adam_and_biases(adam_pair: SideBySide) -> None:
     assert adam_pair.step() <= ONE_ROUND_TOLERANCE
     assert adam_pair.step() <= ONE_ROUND_TOLERANCE  # the optimizer's moments carry over identically
     names = [v.name for v in adam_pair.engine.model.global_variables]
@@ -139,11 +116,11 @@ def test_one_round_agrees_with_server_adam_and_biases(adam_pair: Pair) -> None:
     assert min(moved) > 1e-3  # every variable, converted both ways, was trained
 
 
-def test_worker_refusals_are_clear_and_lose_nothing(adam_pair: Pair) -> None:
+def test_worker_refusals_are_clear_and_lose_nothing(adam_pair: SideBySide) -> None:
     before = adam_pair.engine.current_globals()
     with pytest.raises(TffError, match="unknown users"):
         adam_pair.engine.train_round([10**9])
-    assert _max_abs(adam_pair.engine.current_globals(), before) == 0.0  # the state is untouched
+    assert max_abs_difference(adam_pair.engine.current_globals(), before) == 0.0  # the state is untouched
 
 
 TFF_SIDE = """
