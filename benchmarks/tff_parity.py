@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_dataset(args.data)
-    report: dict[str, object] = {"rounds": args.rounds, "clients_per_round": 100, "data": Path(args.data).name}
+    report: dict[str, object] = {"rounds": args.rounds, "clients_per_round": 100,
+                                 "data": Path(args.data).name}
     for name, (biases, server) in CASES.items():
         model = MatrixFactorization(data.num_items, 50, use_biases=biases, local_init="zeros",
                                     initial_offset=data.mean_rating if biases else 0.0)
