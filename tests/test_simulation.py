@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from fedrecon.cli import app
+from fedrecon.client import ModelFile
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
@@ -57,6 +59,10 @@ def test_cli_simulate_writes_metrics_and_plot(tmp_path: Path) -> None:
     assert len(metrics["train_loss"]) == 6
     assert (out / "learning_curves.png").stat().st_size > 1000
     assert "unseen test users" in result.output
+    # The selected model, in the export format (loads into serve --init-model and the client library).
+    exported = ModelFile.load(out / "model.npz")
+    assert exported.version == metrics["selected"]["round"] and exported.names == ["item_embedding"]
+    assert exported.arrays[0].shape == (600, 8) and exported.model_spec["local_init"] == "uniform"
 
 
 def test_cli_baselines_run(tmp_path: Path) -> None:
@@ -69,3 +75,31 @@ def test_cli_baselines_run(tmp_path: Path) -> None:
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["algorithm"] == algorithm
         assert metrics["test"]["num_examples"] > 0 and np.isfinite(metrics["test"]["rmse"])
+
+
+def test_local_init_modes() -> None:
+    """uniform: a draw per client; shared: one draw for all (what TFF does); zeros: no draw."""
+    starts = {}
+    for mode in ("uniform", "shared", "zeros"):
+        model = MatrixFactorization(30, 4, use_biases=True, local_init=mode)
+        starts[mode] = [model.initial_locals(np.random.default_rng(seed))[0] for seed in (1, 2)]
+    assert not np.array_equal(*starts["uniform"])
+    np.testing.assert_array_equal(*starts["shared"])
+    assert 0 < np.abs(starts["shared"][0]).max() <= 0.05
+    assert not np.any(starts["zeros"][0]) and not np.any(starts["zeros"][1])
+    with pytest.raises(ValueError, match="local_init"):
+        MatrixFactorization(30, 4, local_init="gaussian")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithm", "fedavg"], "runs the fedrecon algorithm"),
+    (["--transport", "grpc"], "runs the fedrecon algorithm in process"),
+    (["--local-init", "uniform"], "local_init 'shared'"),
+])
+def test_cli_tff_backend_refuses_what_tff_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
+    # Refused before any TFF process starts, so this needs no TFF environment.
+    result = CliRunner().invoke(app, ["simulate", "--backend", "tff", "--rounds", "1", "--factors", "4",
+                                      "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "metrics.json").exists()
