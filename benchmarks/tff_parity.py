@@ -6,7 +6,8 @@
 
 For server SGD 1.0 (the reference configuration, 50 factors) and server Adam 0.01 (with biases), both
 engines start from the same global weights, train the same 100 clients per round with the even/odd split,
-and start every client's user factors at zero (TFF's own start is one draw that cannot be set from outside).
+and start every client's user factors at zero (the start every client shares must be the same in both; the
+parity tests also run fedrecon's shared ±0.05 draw, which the TFF worker is given).
 Printed and written: the max abs difference of the global weights after each round, and both engines'
 validation RMSE and accuracy after the last round. The parity tests assert the same on fewer rounds.
 """

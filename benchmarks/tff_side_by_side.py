@@ -14,8 +14,9 @@ users. Only the computation differs: this project's lock-step client step, or TF
 
 Seconds per round are medians over rounds 2..N (round 1 includes tracing). For TFF they time
 ``process.next`` inside the TFF process, so the time spent passing weights between processes is not charged
-to TFF. Peak resident memory: this process for fedrecon (data included); for TFF the Python worker only
-(TFF's C++ executor is another process, not counted).
+to TFF (nor is building its clients' datasets, done once up front; fedrecon's time includes packing each
+round's clients). Peak resident memory: this process for fedrecon (data included); for TFF the Python
+worker only (TFF's C++ executor is another process, not counted).
 """
 
 from __future__ import annotations

@@ -164,6 +164,9 @@ def simulate(
     out.mkdir(parents=True, exist_ok=True)
     summary = {"data": data, "backend": backend.value, "transport": transport.value, "spec": spec.to_dict(),
                **result.summary()}
+    if backend == Backend.tff:
+        summary["train_loss_note"] = ("TFF's loss metric: the mean over post-reconstruction batches of each "
+                                      "batch's mean loss (fedrecon's backend weights by examples)")
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     if algorithm != Algorithm.centralized:
         from fedrecon.client.model_file import ModelFile

@@ -61,11 +61,15 @@ def serve(
     initial = None
     if init_model is not None:
         from fedrecon.client.model_file import ModelFile
+        from fedrecon.core.model_spec import model_from_config
 
         try:
-            initial = ModelFile.load(init_model).arrays
+            given = ModelFile.load(init_model)
+            named = dict(zip(given.names, given.arrays, strict=True))
+            # By name, in the task's order: a file from another tool may list its variables differently.
+            initial = [named[v.name] for v in model_from_config(spec.model).global_variables]
         except (ValueError, OSError, KeyError) as err:
-            console.print(f"[red]cannot load model {init_model}: {err}[/]")
+            console.print(f"[red]cannot use model {init_model} for task {spec.name}: {err!r}[/]")
             raise typer.Exit(2) from err
     sql = SqlStore(store)
     try:

@@ -143,11 +143,6 @@ class Coordinator:
                                for i in self.model.global_trainable]
         self._model_spec_json = json.dumps(task.model, sort_keys=True)
         self._training_json = json.dumps(task.training.to_dict(), sort_keys=True)
-        if initial_globals is not None:
-            want = [tuple(v.shape) for v in self.model.global_variables]
-            got = [tuple(np.shape(a)) for a in initial_globals]
-            if got != want:
-                raise ValueError(f"the initial model has shapes {got}; task {task.name!r} needs {want}")
         self.created_task = False
         self._salt = self._load_or_create_task(initial_globals)
         self.interrupted_rounds = [r.round_id for r in store.fail_unfinished_rounds(
@@ -172,6 +167,12 @@ class Coordinator:
         try:
             stored = dict(self.store.get_task(self.task.name).spec)
         except UnknownTask:
+            if initial_globals is not None:
+                want = [tuple(v.shape) for v in self.model.global_variables]
+                got = [tuple(np.shape(a)) for a in initial_globals]
+                if got != want:
+                    raise ValueError(f"the initial model has shapes {got}; task {self.task.name!r} "
+                                     f"needs {want}") from None
             salt = secrets.token_hex(32)
             state = self.algorithm.initial_state(self.task.seed, initial_globals)
             self.created_task = True

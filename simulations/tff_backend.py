@@ -91,16 +91,22 @@ class TffEngine:
                              "the client computation, so every client starts from the same vector: run the "
                              "TFF backend with local_init 'shared' (what TFF does) or 'zeros'")
         self.model = model
+        interpreter = python or tff_python()  # before anything is created that would need cleaning up
         self._dir = tempfile.TemporaryDirectory(prefix="fedrecon-tff-")
         self.workdir = Path(self._dir.name)
         self._log: IO[bytes] = open(self.workdir / "worker.log", "wb")  # noqa: SIM115 (closed in close())
-        # Its own session: TFF 0.87 starts a C++ executor (worker_binary) that outlives the Python process
-        # that started it, however it ends, and keeps running (and holding its pipes); ``close`` ends the
-        # whole process group so nothing is left behind.
-        self._proc = subprocess.Popen([str(python or tff_python()), str(WORKER)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
-                                      start_new_session=True)
+        self._busy = False  # a command was sent and its answer not read (an interrupted call)
         self._calls = 0
+        try:
+            # Its own session: TFF 0.87 starts a C++ executor (worker_binary) that outlives the Python
+            # process that started it, however it ends; ``close`` ends the whole process group.
+            self._proc = subprocess.Popen([str(interpreter), str(WORKER)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1,
+                                          start_new_session=True)
+        except BaseException:
+            self._log.close()
+            self._dir.cleanup()
+            raise
         try:
             ids = sorted(users)
             lengths = np.array([len(users[u]) for u in ids], np.int64)
@@ -108,11 +114,14 @@ class TffEngine:
                      offsets=np.concatenate([[0], np.cumsum(lengths)]),
                      x=np.concatenate([np.asarray(users[u].x, np.int32) for u in ids]),
                      y=np.concatenate([np.asarray(users[u].y, np.float32) for u in ids]))
-            start = self.workdir / "initial.npz"
-            save_globals(model, initial_globals, start)
+            initial = self.workdir / "initial.npz"
+            save_globals(model, initial_globals, initial)
+            # The shared start, so TFF's clients begin from the very vector fedrecon's do.
+            local_start = (model.initial_locals(np.random.default_rng(0))[0].tolist()
+                           if model.local_init == "shared" else None)
             self.info = self._call({"op": "init", "model": model.config(), "training": config.to_dict(),
-                                    "batch_size": batch_size, "data": str(self.workdir / "data.npz"),
-                                    "globals": str(start),
+                                    "local_start": local_start, "batch_size": batch_size,
+                                    "data": str(self.workdir / "data.npz"), "globals": str(initial),
                                     "eval_clip": list(eval_clip) if eval_clip else None})
         except BaseException:
             self.close()
@@ -120,6 +129,7 @@ class TffEngine:
 
     def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._busy = True
         try:
             self._proc.stdin.write(json.dumps(cmd) + "\n")
             self._proc.stdin.flush()
@@ -130,7 +140,12 @@ class TffEngine:
             self._proc.wait(timeout=30)
             raise TffError(f"the TFF worker exited (code {self._proc.returncode}) during {cmd['op']}:\n"
                            f"{self.log_tail()}")
-        reply = json.loads(line)
+        self._busy = False
+        try:
+            reply = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TffError(f"the TFF worker answered {cmd['op']} with {line[:200]!r}:\n{self.log_tail()}"
+                           ) from err
         if not reply.pop("ok"):
             raise TffError(f"TFF refused {cmd['op']}: {reply['error']}\n{reply.get('trace', '')}")
         return reply
@@ -168,20 +183,23 @@ class TffEngine:
                 "num_examples": reply["num_examples"]}
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            try:
+        """Stop the worker and everything TFF started with it, whatever state the worker is in."""
+        try:
+            if self._proc.poll() is None and not self._busy:
                 self._call({"op": "quit"})
                 self._proc.wait(timeout=30)
-            except (TffError, OSError, subprocess.TimeoutExpired, ValueError):
-                self._proc.kill()
-                self._proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)  # TFF's executor processes, whatever happened above
-        for stream in (self._proc.stdin, self._proc.stdout):
-            if stream is not None:
-                stream.close()
-        self._log.close()
-        self._dir.cleanup()
+        except (TffError, OSError, subprocess.TimeoutExpired, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # the worker (if still there) and TFF's executor
+            self._proc.wait()
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+            self._log.close()
+            self._dir.cleanup()
 
     def __enter__(self) -> TffEngine:
         return self

@@ -36,22 +36,29 @@ META_KEY = "__meta__"  # fedrecon/tensors.py
 INIT_SCALE = 0.05
 
 
-def _local_initializer(kind: str) -> tf.keras.initializers.Initializer:
-    """TFF evaluates this once, when it builds the client computation: every client starts from that value."""
+def _local_initializer(kind: str, start: list[float] | None) -> tf.keras.initializers.Initializer:
+    """TFF evaluates this once, when it builds the client computation: every client starts from that value.
+
+    ``start`` is fedrecon's shared start (``local_init="shared"``), so both engines begin from the same
+    vector; without it, a ``shared`` start is TFF's own ±0.05 draw.
+    """
     if kind == "zeros":
         return tf.keras.initializers.Zeros()
     if kind == "shared":
+        if start is not None:
+            return tf.keras.initializers.Constant(np.asarray(start, np.float32))
         return tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
     raise ValueError(f"TFF cannot run local_init {kind!r} (it draws the local start once for all clients): "
                      "use 'shared' or 'zeros'")
 
 
 class LocalUser(tf.keras.layers.Layer):
-    """The user's factors (and bias): one vector per client, created afresh by TFF for every client."""
+    """The user's factors (and bias): TFF gives every client the initial value afresh."""
 
-    def __init__(self, num_factors: int, use_bias: bool, initializer: str, **kwargs: Any) -> None:
+    def __init__(self, num_factors: int, use_bias: bool, initializer: str, start: list[float] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        init = _local_initializer(initializer)
+        init = _local_initializer(initializer, start)
         self.factors = self.add_weight(name="user_embedding", shape=(num_factors,), initializer=init)
         self.bias = self.add_weight(name="user_bias", shape=(), initializer="zeros") if use_bias else None
 
@@ -68,14 +75,15 @@ class GlobalOffset(tf.keras.layers.Layer):
 class MatrixFactorization(tf.keras.Model):
     """ŷ = q_i · p_u [+ b_i + b_u + μ]; predictions and labels are ``[B, 1]`` (per-example metrics)."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], local_start: list[float] | None = None) -> None:
         super().__init__()
         num_items, factors = int(spec["num_items"]), int(spec["num_factors"])
         self.use_biases = bool(spec.get("use_biases", False))
         uniform = tf.keras.initializers.RandomUniform(-INIT_SCALE, INIT_SCALE)
         self.items = tf.keras.layers.Embedding(num_items, factors, embeddings_initializer=uniform,
                                                name="item_embedding")
-        self.user = LocalUser(factors, self.use_biases, spec.get("local_init", "shared"), name="user")
+        self.user = LocalUser(factors, self.use_biases, spec.get("local_init", "shared"), local_start,
+                              name="user")
         self.global_layers: list[tf.keras.layers.Layer] = [self.items]
         if self.use_biases:
             self.item_bias = tf.keras.layers.Embedding(num_items, 1, embeddings_initializer="zeros",
@@ -208,19 +216,20 @@ def check_supported(training: dict[str, Any]) -> None:
 
 
 def build_processes(spec: dict[str, Any], training: dict[str, Any],
-                    eval_clip: tuple[float, float] | None = None
+                    eval_clip: tuple[float, float] | None = None, local_start: list[float] | None = None
                     ) -> tuple[tff.learning.templates.LearningProcess,
                                tff.learning.templates.LearningProcess]:
     """``build_fed_recon`` and ``build_fed_recon_eval`` for a fedrecon model description and training config.
 
-    Datasets are batches of ``(item ids [B] int64, ratings [B, 1] float32)``.
+    Datasets are batches of ``(item ids [B] int64, ratings [B, 1] float32)``. ``local_start``: the user
+    factors every client starts from, for ``local_init="shared"`` (default: TFF's own draw).
     """
     check_supported(training)
     lo, hi = eval_clip or (-math.inf, math.inf)
     input_spec = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 1], tf.float32))
 
     def model_fn() -> tff.learning.models.ReconstructionModel:
-        keras_model = MatrixFactorization(spec)
+        keras_model = MatrixFactorization(spec, local_start)
         keras_model(tf.zeros([1], tf.int64))  # create the variables
         return tff.learning.models.ReconstructionModel.from_keras_model_and_layers(
             keras_model, global_layers=keras_model.global_layers, local_layers=[keras_model.user],

@@ -43,7 +43,8 @@ class Worker:
     def init(self, cmd: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.spec = dict(cmd["model"])
-        self.process, self.evaluator = build_processes(self.spec, cmd["training"], cmd.get("eval_clip"))
+        self.process, self.evaluator = build_processes(self.spec, cmd["training"], cmd.get("eval_clip"),
+                                                         cmd.get("local_start"))
         batch_size = int(cmd["batch_size"])
         data = np.load(cmd["data"])
         users, offsets, xs, ys = data["users"], data["offsets"], data["x"], data["y"]
@@ -99,8 +100,11 @@ class Worker:
 
 def main() -> None:
     """Serve commands until ``quit`` or end of input; every answer is one JSON line."""
-    protocol = sys.stdout
-    sys.stdout = sys.stderr  # anything TFF prints must not corrupt the answers
+    # Answers go to a private copy of the stdout descriptor; descriptor 1 itself becomes stderr, so nothing
+    # TFF, TensorFlow or their native code prints can corrupt the answers.
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     worker = Worker()
     for line in sys.stdin:  # end of input (the driver went away) ends the worker too
         if not line.strip():

@@ -254,5 +254,10 @@ def test_a_given_model_becomes_version_zero_of_a_new_task_only(store: SqlStore) 
     assert not again.created_task
     np.testing.assert_array_equal(_stored_globals(store, 0), given[0])
     again.shut_down()
-    with pytest.raises(ValueError, match="needs"):
-        Coordinator(store, _task(), initial_globals=[np.zeros((6, 3), np.float32)])
+
+
+def test_a_given_model_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    with SqlStore(f"sqlite:///{tmp_path / 'fresh.db'}") as store:
+        with pytest.raises(ValueError, match="needs"):
+            Coordinator(store, _task(), initial_globals=[np.zeros((6, 3), np.float32)])
+        assert store.list_tasks() == []  # nothing was created

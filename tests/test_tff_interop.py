@@ -1,12 +1,13 @@
 """Parity and interoperability with TensorFlow Federated's ``build_fed_recon`` (TFF 0.87, ``make tff-env``).
 
 Both engines get the same real data (MovieLens ml-1m-2998u), the same initial global weights, the same
-clients per round and the deterministic even/odd batch split. Local factors start at zero in both
-(``local_init="zeros"``): TFF starts every client from one initializer draw that cannot be set from outside,
-so only a start with no draw is the same in both. With that, a round is a deterministic function of its
-inputs, and the engines must agree up to float32 summation order:
+clients per round and the deterministic even/odd batch split, and every client's user factors start from
+the same vector in both (zeros, or fedrecon's shared draw, which the TFF worker is given: TFF cannot draw
+per client). With that, a round is a deterministic function of its inputs, and the engines must agree up
+to float32 summation order:
 
-- one round: new global weights within 1e-5 (max abs), for server SGD and for server Adam (with biases);
+- one round: new global weights within 1e-5 (max abs), for server SGD (zero start) and for server Adam
+  (with biases, shared start);
 - twenty rounds of the reference configuration: validation RMSE within 1e-4 and accuracy within 1e-3.
 
 Without a TFF environment these tests skip on a user's clone and fail under CI (which builds it).
@@ -73,11 +74,16 @@ def sgd_pair(data: FederatedRatings, tff_env: Path) -> Iterator[SideBySide]:
         yield pair
 
 
-def test_weights_convert_both_ways_exactly(sgd_pair: SideBySide) -> None:
-    # Our initial globals went into TFF's ModelWeights (set_model_weights); reading the training state back
-    # through get_model_weights and the reverse conversion gives the very same numbers.
-    back = sgd_pair.engine.current_globals()
-    assert max_abs_difference(back, sgd_pair.initial.globals) == 0.0
+def test_weights_convert_both_ways_exactly(data: FederatedRatings, tff_env: Path) -> None:
+    # Our globals go into TFF's ModelWeights (set_model_weights); reading the training state back through
+    # get_model_weights and the reverse conversion gives the very same numbers, biases included.
+    model = MatrixFactorization(data.num_items, 8, use_biases=True, initial_offset=3.5, local_init="shared")
+    globals_ = model.initial_globals(3)
+    globals_[1] = np.linspace(-1, 1, data.num_items, dtype=np.float32)  # distinct item biases
+    with TffEngine(model, FedReconConfig(), data.validation, batch_size=5, initial_globals=globals_,
+                   python=tff_env) as engine:
+        back = engine.current_globals()
+    assert max_abs_difference(back, globals_) == 0.0
 
 
 def test_one_round_then_twenty_rounds_agree_with_server_sgd(sgd_pair: SideBySide,
@@ -98,7 +104,8 @@ def test_one_round_then_twenty_rounds_agree_with_server_sgd(sgd_pair: SideBySide
 
 @pytest.fixture(scope="module")
 def adam_pair(data: FederatedRatings, tff_env: Path) -> Iterator[SideBySide]:
-    model = MatrixFactorization(data.num_items, 50, local_init="zeros", use_biases=True,
+    # The shared start: fedrecon sends its vector, TFF's clients start from it too.
+    model = MatrixFactorization(data.num_items, 50, local_init="shared", use_biases=True,
                                 initial_offset=data.mean_rating)
     config = FedReconConfig(server_optimizer=OptimizerSpec("adam", 0.01))
     settings = SimulationSettings(clients_per_round=50, batch_size=5)
@@ -187,10 +194,12 @@ def test_what_tff_cannot_run_is_refused(data: FederatedRatings, tff_env: Path) -
                   initial_globals=globals_, python=tff_env)
     engine = TffEngine(shared, FedReconConfig(), data.validation, batch_size=5, initial_globals=globals_,
                        python=tff_env)
-    engine._proc.kill()  # a worker that dies mid-run is reported with its exit code and log
-    with pytest.raises(TffError, match="exited"):
-        engine.train_round(sorted(data.validation)[:2])
-    engine.close()
+    try:
+        engine._proc.kill()  # a worker that dies mid-run is reported with its exit code and log
+        with pytest.raises(TffError, match="exited"):
+            engine.train_round(sorted(data.validation)[:2])
+    finally:
+        engine.close()
     # Nothing of that TFF run is left running (TFF's C++ executor is in the worker's process group).
     deadline = time.monotonic() + 10
     while _running_in_group(engine._proc.pid) and time.monotonic() < deadline:
