@@ -73,6 +73,13 @@ class ReconstructionModel(abc.ABC):
     def local_non_trainable(self) -> tuple[int, ...]:
         return tuple(i for i, v in enumerate(self.local_variables) if not v.trainable)
 
+    def check_globals(self, arrays: Sequence[np.ndarray], owner: str) -> None:
+        """Refuse given global variables (an exported or TFF-trained model) ``owner`` cannot use."""
+        want = [tuple(v.shape) for v in self.global_variables]
+        got = [tuple(np.shape(a)) for a in arrays]
+        if got != want:
+            raise ValueError(f"the initial model has shapes {got}; {owner} needs {want}")
+
     # ----- initialisation --------------------------------------------------------------------------
     @abc.abstractmethod
     def initial_globals(self, seed: int) -> list[np.ndarray]:

@@ -168,11 +168,7 @@ class Coordinator:
             stored = dict(self.store.get_task(self.task.name).spec)
         except UnknownTask:
             if initial_globals is not None:
-                want = [tuple(v.shape) for v in self.model.global_variables]
-                got = [tuple(np.shape(a)) for a in initial_globals]
-                if got != want:
-                    raise ValueError(f"the initial model has shapes {got}; task {self.task.name!r} "
-                                     f"needs {want}") from None
+                self.model.check_globals(initial_globals, f"task {self.task.name!r}")
             salt = secrets.token_hex(32)
             state = self.algorithm.initial_state(self.task.seed, initial_globals)
             self.created_task = True

@@ -109,10 +109,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         model = build_model(spec, data, shared_user=False)
         train_config = eval_config = spec.config
     if initial_globals is not None:
-        want = [tuple(v.shape) for v in model.global_variables]
-        got = [tuple(np.shape(a)) for a in initial_globals]
-        if got != want:
-            raise ValueError(f"the initial model has shapes {got}; this experiment's model needs {want}")
+        model.check_globals(initial_globals, "this experiment's model")
     algorithm = FedRecon(model, train_config)
     state = algorithm.initial_state(spec.settings.seed, initial_globals)
     with contextlib.ExitStack() as stack:

@@ -29,6 +29,7 @@ from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings, select_clients
+from fedrecon.tensors import arrays_from_bytes, arrays_to_bytes
 
 WORKER = Path(__file__).with_name("tff_worker.py")
 TFF_VENV = ".venv-tff"
@@ -63,13 +64,15 @@ def _names(model: MatrixFactorization) -> list[str]:
 
 
 def save_globals(model: MatrixFactorization, arrays: Sequence[np.ndarray], path: Path) -> None:
-    np.savez(path, **dict(zip(_names(model), (np.asarray(a, np.float32) for a in arrays), strict=True)))
+    """Global variables by name, as the plain ``.npz`` the worker reads (``fedrecon.tensors``, no meta)."""
+    path.write_bytes(arrays_to_bytes(dict(zip(_names(model), (np.asarray(a, np.float32) for a in arrays),
+                                              strict=True))))
 
 
 def load_globals(model: MatrixFactorization, path: Path) -> list[np.ndarray]:
-    with np.load(path) as f:
-        return [np.asarray(f[n], np.float32).reshape(v.shape)
-                for n, v in zip(_names(model), model.global_variables, strict=True)]
+    named, _ = arrays_from_bytes(path.read_bytes())
+    return [np.asarray(named[n], np.float32).reshape(v.shape)
+            for n, v in zip(_names(model), model.global_variables, strict=True)]
 
 
 class TffEngine:
@@ -110,10 +113,10 @@ class TffEngine:
         try:
             ids = sorted(users)
             lengths = np.array([len(users[u]) for u in ids], np.int64)
-            np.savez(self.workdir / "data.npz", users=np.array(ids, np.int64),
-                     offsets=np.concatenate([[0], np.cumsum(lengths)]),
-                     x=np.concatenate([np.asarray(users[u].x, np.int32) for u in ids]),
-                     y=np.concatenate([np.asarray(users[u].y, np.float32) for u in ids]))
+            (self.workdir / "data.npz").write_bytes(arrays_to_bytes({
+                "users": np.array(ids, np.int64), "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+                "x": np.concatenate([np.asarray(users[u].x, np.int32) for u in ids]),
+                "y": np.concatenate([np.asarray(users[u].y, np.float32) for u in ids])}))
             initial = self.workdir / "initial.npz"
             save_globals(model, initial_globals, initial)
             # The shared start, so TFF's clients begin from the very vector fedrecon's do.
@@ -154,28 +157,30 @@ class TffEngine:
         self._log.flush()
         return (self.workdir / "worker.log").read_text(errors="replace")[-chars:]
 
+    def _scratch(self, kind: str) -> Path:
+        """A fresh file name in the work folder for one command's weights."""
+        self._calls += 1
+        return self.workdir / f"{kind}-{self._calls}.npz"
+
+    def _read_globals(self, op: str, **fields: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """Send a command that writes the current globals to ``out``; those globals and the answer."""
+        out = self._scratch(op)
+        reply = self._call({"op": op, **fields, "out": str(out)})
+        arrays = load_globals(self.model, out)
+        out.unlink()
+        return arrays, reply
+
     def train_round(self, clients: Sequence[int]) -> tuple[list[np.ndarray], dict[str, float]]:
         """One ``build_fed_recon`` round over ``clients``: the new globals and TFF's round figures."""
-        self._calls += 1
-        out = self.workdir / f"round-{self._calls}.npz"
-        reply = self._call({"op": "round", "clients": [int(c) for c in clients], "out": str(out)})
-        new = load_globals(self.model, out)
-        out.unlink()
-        return new, reply
+        return self._read_globals("round", clients=[int(c) for c in clients])
 
     def current_globals(self) -> list[np.ndarray]:
         """The global weights TFF's training process holds now (read back through ``ModelWeights``)."""
-        self._calls += 1
-        out = self.workdir / f"globals-{self._calls}.npz"
-        self._call({"op": "get_globals", "out": str(out)})
-        arrays = load_globals(self.model, out)
-        out.unlink()
-        return arrays
+        return self._read_globals("get_globals")[0]
 
     def evaluate(self, globals_: Sequence[np.ndarray], users: Sequence[int]) -> dict[str, float]:
         """``build_fed_recon_eval`` of ``users`` under ``globals_``: example-weighted MSE, RMSE, accuracy."""
-        self._calls += 1
-        path = self.workdir / f"eval-{self._calls}.npz"
+        path = self._scratch("eval")
         save_globals(self.model, globals_, path)
         reply = self._call({"op": "evaluate", "users": [int(u) for u in users], "globals": str(path)})
         path.unlink()
@@ -229,7 +234,6 @@ class TffRounds:
                              train_loss=float(figures["loss"]), num_clients=len(chosen),
                              total_weight=float("nan"))  # TFF does not report the sum of client weights
         return ServerState(globals_, state.optimizer_state, round_num), record
-
 
 
 def max_abs_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:

@@ -162,36 +162,45 @@ def _optimizer(spec: dict[str, Any]) -> tff.learning.optimizers.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-class ClippedSquaredError(tf.keras.metrics.Mean):
-    """Mean squared error of predictions clipped to [lo, hi] (no clipping with infinite bounds)."""
+class _ClippedMean(tf.keras.metrics.Mean):
+    """Mean of a per-example score of predictions clipped to [lo, hi] (no clipping with infinite bounds)."""
 
-    def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "mse",
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "clipped",
                  dtype: Any = None) -> None:
         super().__init__(name=name, dtype=dtype)
         self.lo, self.hi = lo, hi
 
+    def score(self, y_true: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
     def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Any = None) -> Any:
         pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), self.lo, self.hi)
-        return super().update_state(tf.square(pred - tf.cast(y_true, tf.float32)))
+        return super().update_state(self.score(tf.cast(y_true, tf.float32), pred))
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "lo": self.lo, "hi": self.hi}
 
 
-class RatingAccuracy(tf.keras.metrics.Mean):
+class ClippedSquaredError(_ClippedMean):
+    """Mean squared error of the clipped predictions."""
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "mse",
+                 dtype: Any = None) -> None:
+        super().__init__(lo, hi, name=name, dtype=dtype)
+
+    def score(self, y_true: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
+        return tf.square(pred - y_true)
+
+
+class RatingAccuracy(_ClippedMean):
     """Share of (clipped) predictions within 0.5 of the rating."""
 
     def __init__(self, lo: float = -math.inf, hi: float = math.inf, name: str = "accuracy",
                  dtype: Any = None) -> None:
-        super().__init__(name=name, dtype=dtype)
-        self.lo, self.hi = lo, hi
+        super().__init__(lo, hi, name=name, dtype=dtype)
 
-    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: Any = None) -> Any:
-        pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), self.lo, self.hi)
-        return super().update_state(tf.cast(tf.abs(pred - tf.cast(y_true, tf.float32)) <= 0.5, tf.float32))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "lo": self.lo, "hi": self.hi}
+    def score(self, y_true: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.abs(pred - y_true) <= 0.5, tf.float32)
 
 
 class ExampleCount(tf.keras.metrics.Sum):
