@@ -31,11 +31,11 @@ def _hash(salt: str, secret: str) -> str:
     return hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
 
 
-def issue_token(store: SqlStore, label: str) -> tuple[int, str]:
+def issue_token(store: SqlStore, label: str, *, max_devices: int = 1) -> tuple[int, str]:
     """A new credential; returns (id, token). The token is shown once and never stored."""
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
-    record = store.add_credential(label, salt=salt, secret_hash=_hash(salt, secret))
+    record = store.add_credential(label, salt=salt, secret_hash=_hash(salt, secret), max_devices=max_devices)
     return record.credential_id, f"{PREFIX}_{record.credential_id}_{secret}"
 
 

@@ -410,7 +410,7 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
-HEAD = "0003"  # the newest revision in server/migrations/versions
+HEAD = "0004"  # the newest revision in server/migrations/versions
 
 
 def _schema_diff(url: str) -> list[object]:

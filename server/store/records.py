@@ -72,6 +72,7 @@ class CredentialRecord:
     secret_hash: str
     created_at: datetime
     revoked_at: datetime | None
+    max_devices: int = 1  # devices this credential may speak for (1: it is one device)
 
     @property
     def active(self) -> bool:

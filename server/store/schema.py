@@ -191,3 +191,5 @@ class Credential(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # How many devices this credential may speak for (1: it is one device); see migration 0004.
+    max_devices: Mapped[int] = mapped_column(Integer, server_default="1", default=1)

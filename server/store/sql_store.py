@@ -147,11 +147,15 @@ class SqlStore:
 
     # -- credentials ------------------------------------------------------------------------------------
 
-    def add_credential(self, label: str, *, salt: str, secret_hash: str) -> CredentialRecord:
-        """Store a new client credential (its salted hash only); the caller generated the secret."""
+    def add_credential(self, label: str, *, salt: str, secret_hash: str, max_devices: int = 1
+                       ) -> CredentialRecord:
+        """Store a new client credential (its salted hash only); the caller generated the secret.
+        ``max_devices`` > 1 lets one credential speak for that many devices (a gateway)."""
+        if max_devices < 1:
+            raise ValueError("max_devices must be at least 1")
         with self._write() as s:
             row = Credential(label=label, salt=salt, secret_hash=secret_hash, created_at=utc_now(),
-                             revoked_at=None)
+                             revoked_at=None, max_devices=max_devices)
             s.add(row)
             s.flush()
             return _credential_record(row)
@@ -599,4 +603,5 @@ def _round_record(row: Round, task: str) -> RoundRecord:
 
 def _credential_record(row: Credential) -> CredentialRecord:
     return CredentialRecord(credential_id=row.id, label=row.label, salt=row.salt, secret_hash=row.secret_hash,
-                            created_at=row.created_at, revoked_at=row.revoked_at)
+                            created_at=row.created_at, revoked_at=row.revoked_at,
+                            max_devices=row.max_devices)
