@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 
+from fedrecon.server.auth import TokenAuthInterceptor
 from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.identity import Identifier
 from fedrecon.server.servicer import CoordinatorServicer
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
@@ -68,7 +70,8 @@ class RunningServer:
 def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2,
                  interceptors: Sequence[grpc.ServerInterceptor] = (), tls: TlsFiles | None = None,
-                 max_concurrent_rpcs: int | None = None) -> RunningServer:
+                 max_concurrent_rpcs: int | None = None, identifier: Identifier | None = None
+                 ) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
 
     Memory must not grow with the number of clients reporting at once. gRPC accepts and buffers the data of
@@ -87,8 +90,15 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.http2.bdp_probe", 0),
                  ("grpc.so_reuseport", 0)])
+    if identifier is None:  # derive identities from whatever the transport verifies
+        store = coordinator.store
+        identifier = Identifier(
+            tokens=any(isinstance(i, TokenAuthInterceptor) for i in interceptors),
+            client_certs=tls is not None and tls.client_ca is not None,
+            devices_of=lambda credential_id: store.get_credential(credential_id).max_devices)
     pb_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorServicer(coordinator, max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2)),
+        CoordinatorServicer(coordinator, max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2),
+                            identifier=identifier),
         server)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)

@@ -45,6 +45,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_from_bytes,
     optimizer_state_to_bytes,
 )
+from fedrecon.server.identity import MAX_CLIENT_ID_CHARS, Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
@@ -192,11 +193,15 @@ class Coordinator:
             self.refusals[reason] += 1
 
     # ----- identity ------------------------------------------------------------------------------------
-    def client_key(self, client_id: str) -> str:
-        """A pseudonym: HMAC-SHA256 of the client id under the task's secret salt (raw ids are never kept)."""
-        if not client_id or len(client_id) > 256:
+    def client_key(self, client: str | Caller) -> str:
+        """A pseudonym: HMAC-SHA256 of the caller's identity under the task's secret salt (raw ids and
+        credential ids are never kept). A plain string is a client id in the trusted-network mode."""
+        caller = client if isinstance(client, Caller) else Caller.trusted(client)
+        if not caller.key or len(caller.key) > MAX_CLIENT_ID_CHARS + 64:
             raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
-        return hmac.new(self._salt, client_id.encode(), hashlib.sha256).hexdigest()[:40]
+        if isinstance(client, str) and not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
+            raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
+        return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
 
     def _check_task(self, task_name: str) -> None:
         if task_name != self.task.name:
@@ -243,7 +248,7 @@ class Coordinator:
         return list(self._names), globals_from_bytes(record.parameters, self._names)
 
     # ----- selection -----------------------------------------------------------------------------------
-    def check_in(self, task_name: str, client_id: str, protocol_version: int,
+    def check_in(self, task_name: str, client: str | Caller, protocol_version: int,
                  capabilities: Mapping[str, str] | None = None) -> Assignment | RetryLater:
         if protocol_version != PROTOCOL_VERSION:
             self._count("protocol_version")
@@ -251,7 +256,7 @@ class Coordinator:
                           f"protocol version {protocol_version} is not supported; this coordinator speaks "
                           f"{PROTOCOL_VERSION}")
         self._check_task(task_name)
-        key = self.client_key(client_id)
+        key = self.client_key(client)
         rounds = self.task.rounds
         with self._lock:
             now = self._clock()
@@ -299,11 +304,11 @@ class Coordinator:
         return self._round
 
     # ----- reporting -----------------------------------------------------------------------------------
-    def check_report(self, task_name: str, client_id: str, round_id: int, token: str) -> str:
+    def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
         """Refuse early (before any tensor bytes are read) a report that cannot be accepted; the client key.
         """
         self._check_task(task_name)
-        key = self.client_key(client_id)
+        key = self.client_key(client)
         with self._lock:
             self._advance(self._clock())
             r = self._round
@@ -323,14 +328,14 @@ class Coordinator:
                      f"this client's report in round {r.round_num} was refused ({r.refused[key]}); "
                      "a refused report is its answer for the round", record=False)
 
-    def report(self, task_name: str, client_id: str, round_id: int, token: str, weight: float,
+    def report(self, task_name: str, client: str | Caller, round_id: int, token: str, weight: float,
                metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
         """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise.
 
         Every check of ``check_report`` is made again here, under the lock, since the round may have moved
         on while the tensor bytes were read."""
         self._check_task(task_name)
-        key = self.client_key(client_id)
+        key = self.client_key(client)
         digest = _digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         with self._lock:
@@ -426,10 +431,10 @@ class Coordinator:
         raise Refusal(status, reason, message)
 
     # ----- evaluation ----------------------------------------------------------------------------------
-    def report_evaluation(self, task_name: str, client_id: str, version: int, squared_error: float,
+    def report_evaluation(self, task_name: str, client: str | Caller, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:
         self._check_task(task_name)
-        key = self.client_key(client_id)
+        key = self.client_key(client)
         values = (squared_error, num_correct, num_examples)
         if not all(math.isfinite(v) and v >= 0 for v in values) or num_correct > num_examples:
             self._count("bad_evaluation")

@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.server.identity import Caller, Identifier
 from fedrecon.server.refusals import Refusal
 from fedrecon.server.store import StoreUnavailable
 from fedrecon.tensors import (
@@ -47,8 +48,10 @@ def _abort(context: grpc.ServicerContext, err: Exception) -> None:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, coordinator: Coordinator, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 identifier: Identifier | None = None) -> None:
         self.coordinator = coordinator
+        self.identifier = identifier or Identifier()
         self.max_chunk_bytes = max_chunk_bytes
         # Every client of a round downloads the same version: encode it once, not once per client.
         self._downloads: OrderedDict[tuple[int, int], list[pb.TensorStreamMessage]] = OrderedDict()
@@ -72,9 +75,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self._downloads.popitem(last=False)
         return messages
 
+    def _caller(self, context: grpc.ServicerContext, claimed_id: str) -> Caller:
+        """Who is calling, from what the transport verified (see ``identity``)."""
+        metadata = dict(context.invocation_metadata() or ())
+        header = str(metadata.get("authorization", ""))
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
+        certs = context.auth_context().get("x509_pem_cert") or [] if self.identifier.client_certs else []
+        return self.identifier.identify(claimed_id, token=token, client_cert_pem=certs[0] if certs else None,
+                                        peer=context.peer())
+
     def CheckIn(self, request: pb.CheckInRequest, context: grpc.ServicerContext) -> pb.CheckInResponse:
         try:
-            result = self.coordinator.check_in(request.task_name, request.client_id, request.protocol_version,
+            caller = self._caller(context, request.client_id)
+            result = self.coordinator.check_in(request.task_name, caller, request.protocol_version,
                                                dict(request.capabilities))
         except Exception as err:  # every error becomes a status (see _abort)
             _abort(context, err)
@@ -111,7 +124,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a report stream must start with its header")
         header = first.header
         try:
-            coordinator.check_report(header.task_name, header.client_id, header.round_id,
+            caller = self._caller(context, header.client_id)
+            coordinator.check_report(header.task_name, caller, header.round_id,
                                      header.assignment_token)
             expected = coordinator.delta_layouts
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
@@ -122,7 +136,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     raise TensorDecodeError("only tensor chunks may follow the header")
                 assembler.add(message.chunk)
             delta = assembler.finish()
-            outcome = coordinator.report(header.task_name, header.client_id, header.round_id,
+            outcome = coordinator.report(header.task_name, caller, header.round_id,
                                          header.assignment_token, header.weight, dict(header.metrics), delta)
         except Exception as err:  # every error becomes a status (see _abort)
             if isinstance(err, TensorDecodeError):
@@ -133,7 +147,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
                          ) -> pb.ReportEvaluationResponse:
         try:
-            self.coordinator.report_evaluation(request.task_name, request.client_id, request.model_version,
+            caller = self._caller(context, request.client_id)
+            self.coordinator.report_evaluation(request.task_name, caller, request.model_version,
                                                request.squared_error, request.num_correct,
                                                request.num_examples)
         except Exception as err:  # every error becomes a status (see _abort)
