@@ -3,7 +3,7 @@
 ``fedrecon simulate --backend tff`` keeps everything that defines the experiment on this side (data loading,
 the user split, the seeded client selection of every round, validation-based model selection, metrics.json)
 and hands only the computation to ``tff.learning.algorithms.build_fed_recon`` / ``build_fed_recon_eval``,
-which run in their own environment (``make tff-env``) as a worker process (``simulations/tff_worker.py``).
+which run in their own environment (``make tff-env``) as a worker process (``tff/tff_worker.py``).
 So a TFF run and a fedrecon run of the same task differ only in the engine that computes each round.
 
 The worker's interpreter is ``$FEDRECON_TFF_PYTHON`` if set, else ``.venv-tff/bin/python`` in the working
@@ -31,7 +31,9 @@ from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings, select_clients
 from fedrecon.tensors import arrays_from_bytes, arrays_to_bytes
 
-WORKER = Path(__file__).with_name("tff_worker.py")
+# The worker and the interop module run only under the TFF environment's interpreter, so they live in the
+# checkout's tff/ folder, outside the installed package (the TFF backend is a checkout-only feature).
+WORKER = Path(__file__).resolve().parents[1] / "tff" / "tff_worker.py"
 TFF_VENV = ".venv-tff"
 
 
@@ -95,6 +97,9 @@ class TffEngine:
                              "TFF backend with local_init 'shared' (what TFF does) or 'zeros'")
         self.model = model
         interpreter = python or tff_python()  # before anything is created that would need cleaning up
+        if not WORKER.is_file():
+            raise TffUnavailable(f"the TFF worker is not at {WORKER}: the TFF backend runs from a fedrecon "
+                                 "checkout (editable install), next to its tff/ folder")
         self._dir = tempfile.TemporaryDirectory(prefix="fedrecon-tff-")
         self.workdir = Path(self._dir.name)
         self._log: IO[bytes] = open(self.workdir / "worker.log", "wb")  # noqa: SIM115 (closed in close())
