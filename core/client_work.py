@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as _missing:  # an app brings its own TensorFlow; say how to get one
+    from fedrecon.core.lazy_tensorflow import MISSING_TENSORFLOW
+
+    raise ModuleNotFoundError(MISSING_TENSORFLOW, name="tensorflow") from _missing
 
 from fedrecon.core.batching import ClientExamples, PackedClients, pack_clients
 from fedrecon.core.config import ClientWeighting, FedReconConfig

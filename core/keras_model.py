@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as _missing:  # an app brings its own TensorFlow; say how to get one
+    from fedrecon.core.lazy_tensorflow import MISSING_TENSORFLOW
+
+    raise ModuleNotFoundError(MISSING_TENSORFLOW, name="tensorflow") from _missing
 
 from fedrecon.core.model import ReconstructionModel, VariableSpec
 
