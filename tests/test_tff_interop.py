@@ -237,3 +237,64 @@ def test_simulate_with_tff_then_serve_its_model(tmp_path: Path, tff_env: Path) -
     assert served.version == 0 and served.names == trained.names
     for a, b in zip(served.arrays, trained.arrays, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+TFF_OPTIMIZERS = """
+import sys
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+data = np.load(sys.argv[1])
+weights, gradients = data["weights"], [data[f"g{i}"] for i in range(3)]
+spec = tf.TensorSpec(weights.shape, tf.float32)
+builders = {  # TFF's builders with nothing but the learning rate: their defaults are what is compared
+    "sgd": lambda: tff.learning.optimizers.build_sgdm(0.1),
+    "momentum": lambda: tff.learning.optimizers.build_sgdm(0.1, momentum=0.9),
+    "adam": lambda: tff.learning.optimizers.build_adam(0.1),
+    "adagrad": lambda: tff.learning.optimizers.build_adagrad(0.1),
+    "yogi": lambda: tff.learning.optimizers.build_yogi(0.1),
+}
+out = {}
+for name, build in builders.items():
+    optimizer = build()
+    state = optimizer.initialize(spec)
+    w = tf.constant(weights)
+    for g in gradients:
+        state, w = optimizer.next(state, w, tf.constant(g))
+    out[name] = np.asarray(w)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_server_optimizer_defaults_equal_tffs(tmp_path: Path, tff_env: Path) -> None:
+    """All five server optimizers, built with only a learning rate on both sides, take the same three steps:
+    fedrecon's default epsilons, accumulators and betas are TFF's (parity runs pass every value explicitly,
+    so they could not catch a different default)."""
+    from fedrecon.core.optimizers import SERVER_OPTIMIZERS, ServerOptimizer
+
+    rng = np.random.default_rng(5)
+    weights = rng.normal(size=(6, 4)).astype(np.float32)
+    gradients = [rng.normal(size=(6, 4)).astype(np.float32) * s for s in (1.0, 0.01, 3.0)]
+    np.savez(tmp_path / "in.npz", weights=weights, **{f"g{i}": g for i, g in enumerate(gradients)})
+    log = tmp_path / "tff-optimizers.log"
+    with open(log, "wb") as out:  # a file, not a pipe: TFF's executor would hold a pipe open after exit
+        side = subprocess.Popen([str(tff_env), "-c", TFF_OPTIMIZERS, str(tmp_path / "in.npz"),
+                                 str(tmp_path / "out.npz")], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            side.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(side.pid, signal.SIGKILL)
+    assert side.returncode == 0, log.read_text()[-3000:]
+    theirs = np.load(tmp_path / "out.npz")
+    assert set(theirs.files) == set(SERVER_OPTIMIZERS)
+    for name in SERVER_OPTIMIZERS:
+        spec = OptimizerSpec(name=name, learning_rate=0.1, momentum=0.9 if name == "momentum" else 0.0)
+        optimizer = ServerOptimizer(spec)
+        w, state = [weights], optimizer.init([weights])
+        for g in gradients:
+            w, state = optimizer.apply(w, [-g], state)  # the pseudo-gradient is minus the mean delta
+        np.testing.assert_allclose(w[0], theirs[name], rtol=0, atol=1e-6, err_msg=name)
+        assert np.abs(w[0] - weights).max() > 1e-3  # every optimizer moved the weights
