@@ -13,12 +13,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedrecon import cli_coordinator
+from fedrecon import __version__, cli_coordinator
 
 # TensorFlow's C++ start-up chatter says nothing a user of these commands can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 app = typer.Typer(help="Federated Reconstruction: simulate, serve and take part in federated training.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+                  no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  # Plain help: rich's help tables cut option names off in an 80-column terminal.
+                  rich_markup_mode=None)
 console = Console()
 
 
@@ -52,8 +54,15 @@ class Transport(StrEnum):
     grpc = "grpc"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedrecon {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
     """Federated Reconstruction: simulate, serve and take part in federated training."""
 
 

@@ -103,3 +103,18 @@ def test_cli_tff_backend_refuses_what_tff_cannot_run(tmp_path: Path, args: list[
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_learning_curve_plot_says_which_round_was_kept_and_its_test_result(tmp_path: Path) -> None:
+    from fedrecon.simulations.plotting import plot_learning_curves
+
+    summary = {"algorithm": "fedrecon", "train_loss": [4.0, 2.0, 1.5, 1.2],
+               "validation": [{"round": 2, "rmse": 1.1, "accuracy": 0.3},
+                              {"round": 4, "rmse": 1.0, "accuracy": 0.35}],
+               "selected": {"round": 4}, "test": {"rmse": 0.9876, "accuracy": 0.4321}}
+    said = plot_learning_curves(summary, tmp_path / "curves.png")
+    assert said[0] == ("fedrecon: unseen test users RMSE 0.9876, accuracy 43.21% (round 4, chosen on "
+                       "validation)")
+    assert said[1:] == ["training MSE (clients' post-reconstruction)", "selected round 4",
+                        "validation RMSE", "validation accuracy", "selected round 4"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
