@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine
+import sqlalchemy as sa
+from sqlalchemy import Connection, MetaData, create_engine
 from sqlalchemy.pool import NullPool
 
 from fedrecon.server.migrations import upgrade_to_head
@@ -316,13 +317,27 @@ def test_a_repeated_evaluation_replaces_the_first(store: SqlStore) -> None:
     assert (v0.num_clients, v0.squared_error, v0.num_correct, v0.num_examples) == (2, 5.0, 4, 5)
 
 
+def _old_task(connection: Connection, name: str, spec: dict[str, object]) -> int:
+    """A task and its version 0 written with only the columns every revision since 0001 has (the current
+    store cannot write into an older schema); its row id."""
+    tasks = sa.table("tasks", sa.column("id", sa.Integer()), sa.column("name", sa.String()),
+                     sa.column("spec", sa.JSON()), sa.column("created_at", sa.DateTime(timezone=True)))
+    versions = sa.table("model_versions", *(sa.column(c) for c in (
+        "task_id", "version", "parent_version", "round_id", "created_at", "parameters", "optimizer_state")))
+    task_id = connection.execute(tasks.insert().values(name=name, spec=spec, created_at=datetime.now(UTC))
+                                 .returning(tasks.c.id)).scalar_one()
+    connection.execute(versions.insert().values(task_id=task_id, version=0, parent_version=None, round_id=None,
+                                                created_at=datetime.now(UTC), parameters=PAYLOAD,
+                                                optimizer_state=b"opt0"))
+    return int(task_id)
+
+
 def test_migration_0002_keeps_the_newest_of_duplicate_evaluations(db_url: str) -> None:
     engine = create_engine(db_url, poolclass=NullPool)
     try:
         with engine.begin() as connection:
             upgrade_to_head(connection, revision="0001")  # the schema as the first release left it
-        with SqlStore(db_url, migrate=False) as old:
-            _task(old)
+            _old_task(connection, "movies", {"model": {"dim": 8}})
         evaluations = Base.metadata.tables["evaluations"]
         with engine.begin() as connection:
             for squared_error in (9.0, 1.0):  # the same client twice: allowed before 0002
@@ -410,7 +425,7 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
-HEAD = "0004"  # the newest revision in server/migrations/versions
+HEAD = "0005"  # the newest revision in server/migrations/versions
 
 
 def _schema_diff(url: str) -> list[object]:
