@@ -10,6 +10,7 @@ always locked task first, then round, so two transactions cannot deadlock on the
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -71,6 +72,8 @@ from .schema import (
     Task,
     check_fits,
 )
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite transaction waits for another's write lock before failing with "database is locked"."""
@@ -439,7 +442,7 @@ class SqlStore:
         not finite, negative, or with more correct predictions than examples (the coordinator bounds them
         further: see ``server/evaluations.py``)."""
         _require_client_key(client_key)
-        squared_error, num_correct, num_examples = float(squared_error), float(num_correct), float(num_examples)
+        squared_error, num_correct, num_examples = map(float, (squared_error, num_correct, num_examples))
         if not all(math.isfinite(v) for v in (squared_error, num_correct, num_examples)):
             raise ValueError("evaluation sums must be finite")
         if num_examples < 0 or not 0 <= num_correct <= num_examples:
@@ -508,9 +511,11 @@ class SqlStore:
         now = _file_identity(self._file)
         if now != self._file_identity:
             what = "deleted" if now is None else "replaced by another file"
-            raise StoreVanished(
-                f"the SQLite store {self._file} was {what} while the coordinator was using it; refusing "
-                "to write. Restore the file (or restart the coordinator on purpose on a new store)")
+            message = (f"the SQLite store {self._file} was {what} while the coordinator was using it; "
+                       "refusing to write. Restore the file (or restart the coordinator on purpose on a new "
+                       "store)")
+            log.error(message)
+            raise StoreVanished(message)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -621,6 +626,7 @@ def _refusals_as_store_errors() -> Iterator[None]:
     except SQLAlchemyError as exc:
         if is_outage(exc):
             raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
+        log.error("store fault (not an outage; retrying will not help)", exc_info=exc)
         raise StoreFault(f"the store failed ({type(exc).__name__}): {_first_line(exc)}") from exc
 
 
