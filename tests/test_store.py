@@ -6,6 +6,8 @@ the server is unreachable these cases skip (or fail under CI, see conftest.requi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import threading
 from collections import Counter
@@ -17,9 +19,10 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, MetaData, create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.migrations import upgrade_to_head
 from fedrecon.server.store import (
     DuplicateTask,
@@ -40,6 +43,7 @@ from fedrecon.server.store import (
     UnknownVersion,
 )
 from fedrecon.server.store.schema import Base
+from fedrecon.server.task import RoundSettings, TaskSpec
 
 PAYLOAD = bytes(range(256)) * 64  # every byte value, NULs included
 KEY_A, KEY_B, KEY_C = ("a" * 64, "b" * 64, "c" * 64)
@@ -52,28 +56,7 @@ PARTICIPATIONS = (
 )
 
 
-# -- backends -------------------------------------------------------------------------------------------
-
-
-def _drop_everything(url: str) -> None:
-    """Empty the module's PostgreSQL database so the next test starts from nothing (and migrates again)."""
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        existing = MetaData()
-        existing.reflect(engine)
-        existing.drop_all(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('store') / 'coordinator.db'}"
-        return
-    url = request.getfixturevalue("postgres_url")
-    yield url
-    _drop_everything(url)
+# -- backends: ``db_url`` (SQLite file or PostgreSQL, emptied after each test) comes from conftest ---------
 
 
 @pytest.fixture
@@ -322,7 +305,8 @@ def test_a_repeated_evaluation_replaces_the_first(store: SqlStore) -> None:
     assert (v0.num_clients, v0.squared_error, v0.num_correct, v0.num_examples) == (2, 5.0, 4, 5)
 
 
-def _old_task(connection: Connection, name: str, spec: dict[str, object]) -> int:
+def _old_task(connection: Connection, name: str, spec: dict[str, object], *, parameters: bytes = PAYLOAD,
+              optimizer_state: bytes = b"opt0") -> int:
     """A task and its version 0 written with only the columns every revision since 0001 has (the current
     store cannot write into an older schema); its row id."""
     tasks = sa.table("tasks", sa.column("id", sa.Integer()), sa.column("name", sa.String()),
@@ -333,7 +317,7 @@ def _old_task(connection: Connection, name: str, spec: dict[str, object]) -> int
                                  .returning(tasks.c.id)).scalar_one()
     connection.execute(versions.insert().values(
         task_id=task_id, version=0, parent_version=None, round_id=None, created_at=datetime.now(UTC),
-        parameters=PAYLOAD, optimizer_state=b"opt0"))
+        parameters=parameters, optimizer_state=optimizer_state))
     return int(task_id)
 
 
@@ -618,3 +602,37 @@ def test_migration_0005_moves_salts_out_of_specs_and_keeps_every_row(db_url: str
         assert (credential.label, credential.max_devices) == ("gateway", 5)
         assert [r.failure_reason for r in store.list_rounds("movies")] == ["restarted"]
     assert _schema_diff(db_url) == [HEAD]
+
+
+# -- upgrades: a task stored by an older release loads (issue 10, point 9) ------------------------------
+
+
+def test_a_task_stored_the_old_way_loads_after_an_upgrade(db_url: str, tmp_path: Path) -> None:
+    task = TaskSpec(name="movies", model={"kind": "matrix_factorization", "num_items": 6, "num_factors": 2},
+                    rounds=RoundSettings(clients_per_round=2, min_reports=1))
+    with SqlStore(f"sqlite:///{tmp_path / 'scratch.db'}") as scratch:  # version 0 as this release makes it
+        Coordinator(scratch, task)
+        v0 = scratch.latest_version("movies")
+    salt = "5a" * 32
+    old = task.to_dict()  # as an older release stored it: the salt inside, optional fields it did not know
+    old["pseudonym_salt"] = salt
+    del old["rounds"]["max_check_ins_per_minute"], old["seed"]
+    old["rounds"]["retry_delay_s"] = [1, 10]  # integers where this release writes floats
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            upgrade_to_head(connection, revision="0004")
+            _old_task(connection, "movies", old, parameters=v0.parameters or b"",
+                      optimizer_state=v0.optimizer_state or b"")
+    finally:
+        engine.dispose()
+
+    with SqlStore(db_url) as store:
+        c = Coordinator(store, task)  # migrates to head, then loads the task: no "different description"
+        assert not c.created_task and c.version == 0
+        expected = hmac.new(bytes.fromhex(salt), b"id:alice", hashlib.sha256).hexdigest()[:40]
+        assert c.client_key("alice") == expected  # the old salt still keys the pseudonyms
+        assert "pseudonym_salt" not in store.get_task("movies").spec
+        changed = TaskSpec(name="movies", model={**task.model, "num_factors": 3}, rounds=task.rounds)
+        with pytest.raises(ValueError, match=r"different description \(model\.num_factors differ\)"):
+            Coordinator(store, changed)
