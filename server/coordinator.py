@@ -46,7 +46,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_from_bytes,
     optimizer_state_to_bytes,
 )
-from fedrecon.server.evaluations import EvaluationLimits
+from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
 from fedrecon.server.identity import MAX_CLIENT_ID_CHARS, Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
@@ -170,9 +170,9 @@ class Coordinator:
         self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
         self._check_ins = _TokenBuckets(task.rounds.max_check_ins_per_minute / 60.0,
                                         burst=max(1.0, task.rounds.max_check_ins_per_minute / 6.0))
-        self.evaluation_limits = EvaluationLimits()
-        self._evaluations = _TokenBuckets(self.evaluation_limits.per_minute / 60.0,
-                                          burst=max(1.0, self.evaluation_limits.per_minute / 2.0))
+        self.evaluation_limits = EvaluationLimits()  # what one evaluation may claim (see ``evaluations``)
+        self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
+                                          burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
 
     # ----- setup ---------------------------------------------------------------------------------------
     def _load_or_create_task(self, initial_globals: Sequence[np.ndarray] | None) -> bytes:
@@ -513,11 +513,11 @@ class Coordinator:
 
         Bounded so that one caller moves a version's pooled metrics only so far (``evaluations``): the sums
         must be a possible report under ``evaluation_limits`` (INVALID_ARGUMENT), a caller group sends at
-        most ``per_minute`` reports a minute per device it speaks for (RESOURCE_EXHAUSTED), and a caller's
-        second evaluation of a version replaces its first (one per caller per version)."""
+        most `MAX_EVALUATIONS_PER_MINUTE` a minute per device it speaks for (RESOURCE_EXHAUSTED), and a
+        caller's second evaluation of a version replaces its first (one per caller per version)."""
         self._check_task(task_name)
+        key = self.client_key(client)
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
-        key = self.client_key(caller)
         try:
             self.evaluation_limits.check(squared_error, num_correct, num_examples)
         except Refusal:
@@ -532,8 +532,8 @@ class Coordinator:
         if not allowed:
             self._count("evaluation_rate")
             raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_rate",
-                          f"more than {self.evaluation_limits.per_minute:g} evaluations per minute per "
-                          "device from this caller; retry later")
+                          f"more than {MAX_EVALUATIONS_PER_MINUTE:g} evaluations per minute per device from "
+                          "this caller; retry later")
         try:
             self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
                                          num_correct=num_correct, num_examples=num_examples)
@@ -737,8 +737,10 @@ def _invalid_metrics(metrics: Mapping[str, float]) -> tuple[str, str] | None:
 def shown(value: object) -> str:
     """``repr(value)`` cut to `MAX_ECHO_CHARS`: what may be quoted back to a client in an error message, so
     a client's megabyte-long name never reaches an error trailer (or a log line) whole."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_CHARS:  # never repr a megabyte only to cut it
+        return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} chars)"
     text = repr(value)
-    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}... ({len(text)} chars)"
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}..."
 
 
 def _normalised(spec: Mapping[str, object]) -> dict[str, object]:

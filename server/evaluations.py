@@ -48,7 +48,6 @@ class EvaluationLimits:
     # The largest squared error one prediction can have, when the model's outputs and the labels share a
     # known range [lo, hi]: (hi - lo) ** 2. None: unknown (predictions are not clipped), not checked.
     max_squared_error_per_example: float | None = None
-    per_minute: float = MAX_EVALUATIONS_PER_MINUTE
 
     def __post_init__(self) -> None:
         if self.max_examples < 1:
@@ -56,8 +55,6 @@ class EvaluationLimits:
         bound = self.max_squared_error_per_example
         if bound is not None and not (math.isfinite(bound) and bound > 0):
             raise ValueError("max_squared_error_per_example must be positive and finite (or None)")
-        if not self.per_minute > 0:
-            raise ValueError("per_minute must be positive")
 
     @classmethod
     def for_output_range(cls, lo: float, hi: float, *, max_examples: int = MAX_EVALUATION_EXAMPLES
