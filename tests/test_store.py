@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import math
 import threading
 from collections import Counter
@@ -23,7 +24,7 @@ from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
 from fedrecon.server.coordinator import Coordinator
-from fedrecon.server.migrations import upgrade_to_head
+from fedrecon.server.migrations import downgrade_to, upgrade_to_head
 from fedrecon.server.store import (
     DuplicateTask,
     InvalidTransition,
@@ -636,3 +637,26 @@ def test_a_task_stored_the_old_way_loads_after_an_upgrade(db_url: str, tmp_path:
         changed = TaskSpec(name="movies", model={**task.model, "num_factors": 3}, rounds=task.rounds)
         with pytest.raises(ValueError, match=r"different description \(model\.num_factors differ\)"):
             Coordinator(store, changed)
+
+
+def test_migration_0005_downgrades_and_upgrades_again_without_losing_a_salt(db_url: str) -> None:
+    with SqlStore(db_url) as store:
+        created = store.create_task("movies", {"model": {"dim": 8}}, initial_parameters=b"w",
+                                    optimizer_state=b"o", pseudonym_salt="cd" * 32)
+        store.record_evaluation("movies", 0, KEY_A, squared_error=2.0, num_correct=1, num_examples=3)
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            downgrade_to(connection, "0004")
+        with engine.connect() as connection:
+            spec = connection.execute(sa.text("SELECT spec FROM tasks")).scalar_one()
+            counts = connection.execute(sa.text("SELECT num_correct, num_examples FROM evaluations")).one()
+        spec = json.loads(spec) if isinstance(spec, str) else spec
+        assert spec == {"model": {"dim": 8}, "pseudonym_salt": "cd" * 32}  # back where 0004 kept it
+        assert tuple(counts) == (1, 3) and all(isinstance(c, int) for c in counts)
+    finally:
+        engine.dispose()
+    with SqlStore(db_url) as store:
+        assert store.get_task("movies").pseudonym_salt == created.pseudonym_salt == "cd" * 32
+        assert store.evaluation_summaries("movies")[0].num_examples == 3.0
+    assert _schema_diff(db_url) == [HEAD]
