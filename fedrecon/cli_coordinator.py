@@ -6,18 +6,23 @@ Heavy imports (TensorFlow, SQLAlchemy, gRPC) happen inside each command so ``fed
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 DEFAULT_STORE = "sqlite:///fedrecon.db"
@@ -115,9 +120,12 @@ def serve(
     console.print(f"stopped at model version {coordinator.version}")
 
 
-def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
-    from fedrecon.server.coordinator import SALT_KEY
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a value that is not meaningful is null."""
+    return value if math.isfinite(value) else None
 
+
+def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
     task = sql.get_task(name)
     versions = sql.list_versions(name)
     all_rounds = sql.list_rounds(name)
@@ -125,7 +133,7 @@ def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
     return {
         "name": task.name,
         "created_at": task.created_at.isoformat(),
-        "spec": {k: v for k, v in task.spec.items() if k != SALT_KEY},
+        "spec": task.spec,
         "latest_version": versions[-1].version if versions else None,
         "versions": [{"version": v.version, "parent": v.parent, "round_id": v.round_id,
                       "created_at": v.created_at.isoformat()} for v in versions],
@@ -137,7 +145,10 @@ def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
             "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
             "closed_at": r.closed_at.isoformat() if r.closed_at else None,
             "failure_reason": r.failure_reason, "metrics": r.metrics} for r in all_rounds[-rounds:]],
-        "evaluations": [{"version": e.version, "clients": e.num_clients, **e.metrics()}
+        # Pooled over the version's evaluations; null where not meaningful (no examples, or sums stored
+        # before the counts were bounded that overflow the float range).
+        "evaluations": [{"version": e.version, "clients": e.num_clients, "examples": _finite_or_none(
+            e.num_examples), **{k: _finite_or_none(v) for k, v in e.metrics().items()}}
                         for e in sql.evaluation_summaries(name)],
     }
 
@@ -149,27 +160,24 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
     """Show tasks, model versions, rounds and evaluation metrics held in STORE."""
-    from fedrecon.server.store import SqlStore, StoreError
+    from fedrecon.server.store import StoreError
 
-    sql = SqlStore(store)
     try:
-        names = [task] if task else [t.name for t in sql.list_tasks()]
-        report = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
+        with _open_store(store) as sql:
+            names = [task] if task else [t.name for t in sql.list_tasks()]
+            report = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
     except StoreError as err:
-        console.print(f"[red]{err}[/]")
-        raise typer.Exit(1) from err
-    finally:
-        sql.close()
+        _fail(err)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     if not report["tasks"]:
-        console.print(f"no tasks in {report['store']}")
+        console.print(f"no tasks in {report['store']}", markup=False)
     for t in report["tasks"]:
         r = t["rounds"]
-        console.print(f"[bold]{t['name']}[/]: model version {t['latest_version']}; rounds committed "
+        console.print(f"[bold]{escape(t['name'])}[/]: model version {t['latest_version']}; rounds committed "
                       f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
-        table = Table(title=f"recent rounds of {t['name']}")
+        table = Table(title=Text(f"recent rounds of {t['name']}"))
         for col in ("round", "state", "version", "selected", "accepted", "refused", "train loss", "note"):
             table.add_column(col, justify="right" if col not in ("state", "note") else "left")
         for x in t["recent_rounds"]:
@@ -178,11 +186,35 @@ def status(
                           f"{x['base_version']}->{x['new_version']}" if x["new_version"] is not None
                           else str(x["base_version"]), str(x["selected"]), str(x["accepted"]),
                           str(x["refused"]), f"{loss:.4f}" if loss is not None else "-",
-                          x["failure_reason"] or "")
+                          Text(x["failure_reason"] or ""))
         console.print(table)
         for e in t["evaluations"][-5:]:
             console.print(f"  evaluation of version {e['version']}: {e['clients']} clients, "
-                          f"RMSE {e['rmse']:.4f}, accuracy {e['accuracy']:.4f}")
+                          f"{_number(e['examples'], '.0f')} examples, RMSE {_number(e['rmse'], '.4f')}, "
+                          f"accuracy {_number(e['accuracy'], '.4f')}", markup=False, highlight=False)
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A metric for people: "n/a" when it is not meaningful (see ``EvaluationSummary.metrics``)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+@contextmanager
+def _open_store(url: str) -> Iterator[Any]:
+    """The store at ``url`` for one command, closed afterwards; opening it may raise ``StoreError``."""
+    from fedrecon.server.store import SqlStore
+
+    sql = SqlStore(url)
+    try:
+        yield sql
+    finally:
+        sql.close()
+
+
+def _fail(err: Exception, code: int = 1) -> NoReturn:
+    """Print an error for people (any text in it, e.g. a label, is printed as is, never as markup)."""
+    console.print(Text(str(err), style="red"))
+    raise typer.Exit(code) from err
 
 
 def export(
@@ -280,16 +312,28 @@ token_app = typer.Typer(help="Client tokens: issue, revoke, list (kept in the st
 
 @token_app.command("issue")
 def token_issue(
-    label: Annotated[str, typer.Option(help="who or what the token is for (shown by 'token list')")],
+    label: Annotated[str, typer.Option(help="who or what the token is for (shown by 'token list'): 1 to 200 "
+                                            "printable characters")],
     store: StoreOption = DEFAULT_STORE,
+    max_devices: Annotated[int, typer.Option(
+        min=1, max=2**31 - 1, help="devices this token may speak for: 1 (default) is one device; more for a "
+                                   "gateway, whose devices are told apart by their client ids")] = 1,
 ) -> None:
     """Issue a client token; it is printed once and cannot be recovered later."""
     from fedrecon.server.auth import issue_token
-    from fedrecon.server.store import SqlStore
+    from fedrecon.server.store import StoreError, require_label
 
-    with SqlStore(store) as sql:
-        credential_id, token = issue_token(sql, label)
-    console.print(f"credential {credential_id} ({label}); the token, shown only now:", highlight=False)
+    try:
+        require_label(label)  # before the store is opened: a bad label stores nothing
+    except ValueError as err:
+        _fail(err, 2)
+    try:
+        with _open_store(store) as sql:
+            credential_id, token = issue_token(sql, label, max_devices=max_devices)
+    except (StoreError, ValueError) as err:
+        _fail(err)
+    devices = f", {max_devices} devices" if max_devices > 1 else ""
+    console.print(Text(f"credential {credential_id} ({label}{devices}); the token, shown only now:"))
     typer.echo(token)
 
 
@@ -299,28 +343,31 @@ def token_revoke(
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Revoke a client token: calls with it are refused from then on."""
-    from fedrecon.server.store import SqlStore, UnknownCredential
+    from fedrecon.server.store import StoreError
 
-    with SqlStore(store) as sql:
-        try:
+    try:
+        with _open_store(store) as sql:
             record = sql.revoke_credential(credential_id)
-        except UnknownCredential as err:
-            console.print(f"[red]{err}[/]")
-            raise typer.Exit(1) from err
-    console.print(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}")
+    except StoreError as err:  # UnknownCredential among them
+        _fail(err)
+    console.print(Text(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}"))
 
 
 @token_app.command("list")
 def token_list(store: StoreOption = DEFAULT_STORE) -> None:
-    """List credentials (ids, labels, state); secrets are not stored and cannot be shown."""
-    from fedrecon.server.store import SqlStore
+    """List credentials (ids, labels, devices, state); secrets are not stored and cannot be shown."""
+    from fedrecon.server.store import StoreError
 
-    with SqlStore(store) as sql:
-        records = sql.list_credentials()
+    try:
+        with _open_store(store) as sql:
+            records = sql.list_credentials()
+    except StoreError as err:
+        _fail(err)
     table = Table(title="client credentials")
-    for col in ("id", "label", "created", "state"):
+    for col in ("id", "label", "devices", "created", "state"):
         table.add_column(col)
-    for r in records:
-        table.add_row(str(r.credential_id), r.label, r.created_at.isoformat(timespec="seconds"),
+    for r in records:  # a label is text, never markup (Text cells)
+        table.add_row(str(r.credential_id), Text(r.label), str(r.max_devices),
+                      r.created_at.isoformat(timespec="seconds"),
                       "active" if r.active else f"revoked {r.revoked_at:%Y-%m-%d %H:%M}")
     console.print(table)

@@ -32,7 +32,8 @@ def _hash(salt: str, secret: str) -> str:
 
 
 def issue_token(store: SqlStore, label: str, *, max_devices: int = 1) -> tuple[int, str]:
-    """A new credential; returns (id, token). The token is shown once and never stored."""
+    """A new credential; returns (id, token). The token is shown once and never stored. ``ValueError``
+    (nothing stored) for a label that is not 1 to 200 printable characters or ``max_devices`` < 1."""
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_hex(16)
     record = store.add_credential(label, salt=salt, secret_hash=_hash(salt, secret), max_devices=max_devices)
@@ -40,9 +41,11 @@ def issue_token(store: SqlStore, label: str, *, max_devices: int = 1) -> tuple[i
 
 
 def check_token(store: SqlStore, token: str) -> bool:
-    """True when ``token`` names an active credential and its secret matches."""
+    """True when ``token`` names an active credential and its secret matches. Any malformed token (an id
+    that is not ASCII digits, or no credential could have) is simply not valid; store outages and faults
+    raise (`StoreUnavailable`, `StoreFault`) for the caller to answer UNAVAILABLE or INTERNAL."""
     parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or not parts[1].isdigit():
+    if len(parts) != 3 or parts[0] != PREFIX or not (parts[1].isascii() and parts[1].isdigit()):
         return False
     try:
         record = store.get_credential(int(parts[1]))

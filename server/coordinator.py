@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import secrets
 import threading
@@ -45,24 +46,31 @@ from fedrecon.server.checkpoints import (
     optimizer_state_from_bytes,
     optimizer_state_to_bytes,
 )
+from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
 from fedrecon.server.identity import MAX_CLIENT_ID_CHARS, Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
     Participation,
+    RoundState,
     RoundSummary,
     SqlStore,
     StoreError,
     StoreUnavailable,
+    UnknownRound,
     UnknownTask,
     UnknownVersion,
 )
 from fedrecon.server.task import TaskSpec
 from fedrecon.tensors import TensorLayout
 
+log = logging.getLogger(__name__)
+
 PROTOCOL_VERSION = 1
-SALT_KEY = "pseudonym_salt"  # stored with the task; keys client pseudonyms, never shown by status
 MAX_WEIGHT = 1e9  # a client weight above this is absurd (examples on one device)
+MAX_METRICS = 64  # entries in a report's metric map (a device sends a handful: loss, examples, ...)
+MAX_METRIC_KEY_CHARS = 64
+MAX_ECHO_CHARS = 64  # a client's string quoted back in an error message is cut to this (see ``shown``)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,7 @@ class _ClosedRound:
     state: str  # "committed" or "failed"
     why: str  # "goal", "all answered", "deadline" or a failure reason
     accepted: dict[str, str]
+    new_version: int | None = None  # the version a committed round wrote
 
 
 class Coordinator:
@@ -161,12 +170,22 @@ class Coordinator:
         self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
         self._check_ins = _TokenBuckets(task.rounds.max_check_ins_per_minute / 60.0,
                                         burst=max(1.0, task.rounds.max_check_ins_per_minute / 6.0))
+        self.evaluation_limits = EvaluationLimits()  # what one evaluation may claim (see ``evaluations``)
+        self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
+                                          burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
 
     # ----- setup ---------------------------------------------------------------------------------------
     def _load_or_create_task(self, initial_globals: Sequence[np.ndarray] | None) -> bytes:
-        spec = self.task.to_dict()
+        """The task's pseudonym salt; the task (with version 0) is created when the store lacks it.
+
+        A stored task must describe the same training as the one given, compared after *normalising*
+        both through ``TaskSpec`` (``from_dict(...).to_dict()``): a spec stored by an older release lacks
+        the optional fields added since (they take their defaults) and may spell settings the old way, and
+        neither is a different task. The salt is not part of the spec (its own column since migration 0005).
+        """
+        spec = _normalised(self.task.to_dict())
         try:
-            stored = dict(self.store.get_task(self.task.name).spec)
+            record = self.store.get_task(self.task.name)
         except UnknownTask:
             if initial_globals is not None:
                 self.model.check_globals(initial_globals, f"task {self.task.name!r}")
@@ -174,15 +193,23 @@ class Coordinator:
             state = self.algorithm.initial_state(self.task.seed, initial_globals)
             self.created_task = True
             self.store.create_task(
-                self.task.name, {**spec, SALT_KEY: salt},
+                self.task.name, spec, pseudonym_salt=salt,
                 initial_parameters=globals_to_bytes(self._names, state.globals),
                 optimizer_state=optimizer_state_to_bytes(state.optimizer_state))
+            log.warning("task %r was not in the store %s: created it at model version 0", self.task.name,
+                        self.store.url)
             return bytes.fromhex(salt)
-        salt = stored.pop(SALT_KEY)
-        if stored != json.loads(json.dumps(spec)):
-            raise ValueError(f"task {self.task.name!r} exists in the store with a different description; "
-                             "use a new task name to change the model or hyper-parameters")
-        return bytes.fromhex(salt)
+        try:
+            stored = _normalised(TaskSpec.from_dict(record.spec).to_dict())
+        except ValueError as err:
+            raise ValueError(f"task {self.task.name!r} in the store has a description this release cannot "
+                             f"read ({err}); was it written by a newer release?") from err
+        if stored != spec:
+            changed = sorted(_differences(stored, spec))
+            raise ValueError(f"task {self.task.name!r} exists in the store with a different description "
+                             f"({', '.join(changed[:8])} differ); use a new task name to change the model or "
+                             "hyper-parameters")
+        return bytes.fromhex(record.pseudonym_salt)
 
     def count_refusal(self, reason: str) -> None:
         """Count a refusal decided outside the coordinator (the servicer's stream decoding)."""
@@ -203,10 +230,13 @@ class Coordinator:
             raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
         return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
 
-    def _check_task(self, task_name: str) -> None:
+    def check_task(self, task_name: str) -> None:
+        """Refuse (NOT_FOUND) a task this coordinator does not serve; the name is echoed cut short."""
         if task_name != self.task.name:
             raise Refusal(Status.NOT_FOUND, "unknown_task",
-                          f"unknown task {task_name!r}; this coordinator serves {self.task.name!r}")
+                          f"unknown task {shown(task_name)}; this coordinator serves {self.task.name!r}")
+
+    _check_task = check_task  # the name the round code calls it by
 
     # ----- views ---------------------------------------------------------------------------------------
     @property
@@ -312,16 +342,30 @@ class Coordinator:
         with self._lock:
             self._advance(self._clock())
             r = self._round
-            if r is None or r.round_id != round_id or r.commit_due is not None:
-                closed = self._closed.get(round_id)
-                if closed is None or key not in closed.accepted:  # only a retry of an accepted report
-                    self._report_to_closed_round(round_id, key, None)
+            closed_round = r is None or r.round_id != round_id or r.commit_due is not None
+            closed = self._closed.get(round_id)
+            forgotten = closed_round and closed is None and self._forgotten(round_id)
+            if closed_round:
+                if not forgotten and (closed is None or key not in closed.accepted):
+                    self._report_to_closed_round(round_id, key, None)  # refuses: it cannot be a retry
             elif r.assigned.get(key) != token:
                 self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
                              f"this client holds no assignment to round {r.round_num}", record=False)
             elif key in r.refused:
                 self._refuse_refused(r, key)
+        if forgotten:  # a round this process does not remember (it closed before a restart): ask the store
+            stored = self._stored_round(round_id, key)  # outside the lock: a read
+            if stored is None or stored.state != "committed" or key not in stored.accepted:
+                with self._lock:
+                    self._report_to_closed_round(round_id, key, None, stored, asked=True)  # refuses
         return key
+
+    def _forgotten(self, round_id: int) -> bool:
+        """Whether ``round_id`` may be a round of this task that closed before the rounds held in memory (an
+        earlier process's, or one pushed out of the memory of recent rounds): older than all of them.
+        Round ids only grow, so a newer id that is not in memory is no round of this task's past."""
+        known = [*self._closed, *([self._round.round_id] if self._round is not None else [])]
+        return round_id >= 1 and (not known or round_id < min(known))
 
     def _refuse_refused(self, r: _Round, key: str) -> None:
         self._refuse(r, key, Status.FAILED_PRECONDITION, "already_refused",
@@ -395,24 +439,37 @@ class Coordinator:
                      f"the update's L2 norm {norm:.4g} exceeds the bound {bound:g}", record=True)
         raise AssertionError("unreachable")
 
-    def _report_to_closed_round(self, round_id: int, key: str, digest: str | None) -> ReportOutcome:
+    def _report_to_closed_round(self, round_id: int, key: str, digest: str | None,
+                                stored: _ClosedRound | None = None, *, asked: bool = False) -> ReportOutcome:
         """Answer a report for a round that is not taking reports: an idempotent retry, or a refusal.
 
-        A late report is ABORTED rather than DEADLINE_EXCEEDED, so that no client confuses the answer with
-        its own call timing out (which it may retry)."""
-        closed = self._closed.get(round_id)
+        A retry of an update the round accepted is answered as such: ``accepted=False`` with "already in
+        version N" once the round committed, ABORTED if it failed (the update is not in the model). The
+        last few rounds are remembered in memory; older ones, and rounds of a coordinator that died after
+        committing but before answering, are looked up in the store (the digest of every accepted update
+        is stored with its participation; ``asked``: the caller already did, and found ``stored``). A late
+        report is ABORTED rather than DEADLINE_EXCEEDED, so that no client confuses the answer with its own
+        call timing out (which it may retry)."""
+        closed = stored or self._closed.get(round_id)
         r = self._round
         if closed is None:
             if r is not None and r.round_id == round_id:  # goal reached, commit waiting for the store
                 self._count("round_over")
                 raise Refusal(Status.ABORTED, "round_over", f"round {r.round_num} has all its reports")
-            current = f"round id {r.round_id} is open" if r else "no round is open"
-            self._count("wrong_round")
-            raise Refusal(Status.FAILED_PRECONDITION, "wrong_round",
-                          f"round id {round_id} is not open ({current})")
+            if not asked and self._forgotten(round_id):
+                closed = self._stored_round(round_id, key)
+            if closed is None:
+                current = f"round id {r.round_id} is open" if r else "no round is open"
+                self._count("wrong_round")
+                raise Refusal(Status.FAILED_PRECONDITION, "wrong_round",
+                              f"round id {round_id} is not open ({current})")
         if digest is not None and closed.accepted.get(key) == digest:
-            return ReportOutcome(False, f"this update was already accepted in round id {round_id} "
-                                        f"({closed.state})")
+            if closed.state == "committed":
+                return ReportOutcome(False, f"this update was already accepted in round id {round_id}: it "
+                                            f"is in version {closed.new_version}")
+            self._count("round_failed")
+            raise Refusal(Status.ABORTED, "round_failed",
+                          f"round id {round_id} failed ({closed.why}); this update is not in the model")
         if closed.why == "deadline":
             self._count("late")
             raise Refusal(Status.ABORTED, "late",
@@ -420,6 +477,25 @@ class Coordinator:
         self._count("round_over")
         raise Refusal(Status.ABORTED, "round_over",
                       f"round id {round_id} is over ({closed.state}: {closed.why})")
+
+    def _stored_round(self, round_id: int, key: str) -> _ClosedRound | None:
+        """A finished round of this task as the store has it, with ``key``'s accepted update digest (if
+        any) as its only accepted entry; None for a round the task does not have or that is not finished.
+        Raises UNAVAILABLE while the store is down (the client retries)."""
+        try:
+            record, participation = self.store.participation_in(self.task.name, round_id, key)
+        except UnknownRound:
+            return None
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
+        if not record.state.is_finished:
+            return None
+        accepted = {}
+        if participation is not None and participation.outcome == Outcome.ACCEPTED and participation.digest:
+            accepted[key] = participation.digest
+        if record.state == RoundState.COMMITTED:
+            return _ClosedRound("committed", "committed", accepted, record.new_version)
+        return _ClosedRound("failed", record.failure_reason or "failed", accepted)
 
     def _refuse(self, r: _Round, key: str, status: Status, reason: str, message: str, *,
                 record: bool) -> None:
@@ -433,20 +509,38 @@ class Coordinator:
     # ----- evaluation ----------------------------------------------------------------------------------
     def report_evaluation(self, task_name: str, client: str | Caller, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:
+        """Record one caller's reconstruct-then-evaluate sums for a committed version.
+
+        Bounded so that one caller moves a version's pooled metrics only so far (``evaluations``): the sums
+        must be a possible report under ``evaluation_limits`` (INVALID_ARGUMENT), a caller group sends at
+        most `MAX_EVALUATIONS_PER_MINUTE` a minute per device it speaks for (RESOURCE_EXHAUSTED), and a
+        caller's second evaluation of a version replaces its first (one per caller per version)."""
         self._check_task(task_name)
         key = self.client_key(client)
-        values = (squared_error, num_correct, num_examples)
-        if not all(math.isfinite(v) and v >= 0 for v in values) or num_correct > num_examples:
+        caller = client if isinstance(client, Caller) else Caller.trusted(client)
+        try:
+            self.evaluation_limits.check(squared_error, num_correct, num_examples)
+        except Refusal:
             self._count("bad_evaluation")
-            raise Refusal(Status.INVALID_ARGUMENT, "bad_evaluation",
-                          "evaluation sums must be finite, non-negative, with num_correct <= num_examples")
+            raise
         if not 0 <= version <= self.version:
-            raise Refusal(Status.NOT_FOUND, "unknown_version", f"no model version {version}")
+            raise Refusal(Status.NOT_FOUND, "unknown_version", f"no model version {shown(version)}")
+        with self._lock:
+            # A group speaking for D devices (a gateway credential) gets D times a device's budget; each
+            # report costs 1/D of the group's bucket.
+            allowed = self._evaluations.allow(caller.group, self._clock(), cost=1.0 / caller.max_assignments)
+        if not allowed:
+            self._count("evaluation_rate")
+            raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_rate",
+                          f"more than {MAX_EVALUATIONS_PER_MINUTE:g} evaluations per minute per device from "
+                          "this caller; retry later")
         try:
             self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
                                          num_correct=num_correct, num_examples=num_examples)
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
+        except UnknownVersion as err:
+            raise Refusal(Status.NOT_FOUND, "unknown_version", str(err)) from err
 
     # ----- time ----------------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -490,8 +584,9 @@ class Coordinator:
     def _summary(self, r: _Round) -> tuple[RoundSummary, list[Participation]]:
         participations = []
         for key in r.assigned:
-            if key in r.accepted:
-                participations.append(Participation(key, Outcome.ACCEPTED, r.weights[key], r.metrics[key]))
+            if key in r.accepted:  # with its digest: a retry after a restart is recognised (see check_report)
+                participations.append(Participation(key, Outcome.ACCEPTED, r.weights[key], r.metrics[key],
+                                                    digest=r.accepted[key]))
             elif key in r.refused:
                 participations.append(Participation(key, Outcome.REFUSED, 0.0, {}, r.refused[key]))
             else:
@@ -529,7 +624,7 @@ class Coordinator:
         self._state = new_state
         self._version += 1
         self._committed_rounds += 1
-        self._forget(r, _ClosedRound("committed", why, dict(r.accepted)))
+        self._forget(r, _ClosedRound("committed", why, dict(r.accepted), self._version))
         self._version_changed.notify_all()
 
     def _fail(self, r: _Round, reason: str, *, why: str | None = None) -> None:
@@ -581,11 +676,13 @@ class _TokenBuckets:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time)
         self._last_sweep = 0.0
 
-    def allow(self, key: str, now: float) -> bool:
+    def allow(self, key: str, now: float, *, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``key``'s bucket if it has them (a cost below 1 lets a group that
+        speaks for several devices make that many more calls)."""
         tokens, then = self._buckets.get(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate)
-        allowed = tokens >= 1.0
-        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        allowed = tokens >= cost
+        self._buckets[key] = (tokens - cost if allowed else tokens, now)
         if now - self._last_sweep > 60.0:
             full_after = self.burst / self.rate
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
@@ -619,7 +716,40 @@ def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence
             return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
         if not np.isfinite(d).all():
             return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
+    return _invalid_metrics(metrics)
+
+
+def _invalid_metrics(metrics: Mapping[str, float]) -> tuple[str, str] | None:
+    """A report's metric map is stored with its participation: bounded in entries and key length, so no
+    client can make the store (and ``status``) carry megabytes, and finite (JSON has no NaN)."""
+    if len(metrics) > MAX_METRICS:
+        return "bad_metrics", f"at most {MAX_METRICS} metrics per report, got {len(metrics)}"
+    long_keys = [k for k in metrics if not 1 <= len(k) <= MAX_METRIC_KEY_CHARS]
+    if long_keys:
+        return "bad_metrics", (f"metric names must be 1 to {MAX_METRIC_KEY_CHARS} characters, got "
+                               f"{shown(long_keys[0])}")
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
-        return "bad_metrics", f"metrics {bad} are not finite"
+        return "bad_metrics", f"metrics {', '.join(shown(k) for k in bad[:4])} are not finite"
     return None
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` cut to `MAX_ECHO_CHARS`: what may be quoted back to a client in an error message, so
+    a client's megabyte-long name never reaches an error trailer (or a log line) whole."""
+    if isinstance(value, str) and len(value) > MAX_ECHO_CHARS:  # never repr a megabyte only to cut it
+        return f"{value[:MAX_ECHO_CHARS]!r}... ({len(value)} chars)"
+    text = repr(value)
+    return text if len(text) <= MAX_ECHO_CHARS else f"{text[:MAX_ECHO_CHARS]}..."
+
+
+def _normalised(spec: Mapping[str, object]) -> dict[str, object]:
+    """A task description as it compares once stored: JSON types (tuples become lists, ...)."""
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def _differences(a: object, b: object, path: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ (for the message refusing a changed task)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{path}{k}.")]
+    return [] if a == b else [path.rstrip(".") or "(whole)"]

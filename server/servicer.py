@@ -158,8 +158,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.ServicerContext
                        ) -> pb.GetLatestModelResponse:
         c = self.coordinator
-        if request.task_name != c.task.name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown task {request.task_name!r}")
+        try:
+            c.check_task(request.task_name)  # refuses an unknown task, echoing its name cut short
+        except Exception as err:  # every error becomes a status (see _abort)
+            _abort(context, err)
         return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
                                          training_config_json=c.training_config_json,
                                          batch_size=c.task.batch_size)

@@ -60,3 +60,29 @@ def postgres_url() -> Iterator[str]:
             yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _drop_everything(url: str) -> None:
+    """Empty a module's PostgreSQL database so the next test starts from nothing (and migrates again)."""
+    from sqlalchemy import MetaData, create_engine
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        existing = MetaData()
+        existing.reflect(engine)
+        existing.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A store URL for one test, once per backend: a fresh SQLite file, or the module's PostgreSQL database
+    (emptied after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('store') / 'coordinator.db'}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    _drop_everything(url)

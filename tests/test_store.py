@@ -6,19 +6,25 @@ the server is unreachable these cases skip (or fail under CI, see conftest.requi
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import MetaData, create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-from fedrecon.server.migrations import upgrade_to_head
+from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.migrations import downgrade_to, upgrade_to_head
 from fedrecon.server.store import (
     DuplicateTask,
     InvalidTransition,
@@ -29,11 +35,16 @@ from fedrecon.server.store import (
     SqlStore,
     StaleRound,
     StoreError,
+    StoreFault,
+    StoreUnavailable,
+    StoreVanished,
+    UnknownCredential,
     UnknownRound,
     UnknownTask,
     UnknownVersion,
 )
 from fedrecon.server.store.schema import Base
+from fedrecon.server.task import RoundSettings, TaskSpec
 
 PAYLOAD = bytes(range(256)) * 64  # every byte value, NULs included
 KEY_A, KEY_B, KEY_C = ("a" * 64, "b" * 64, "c" * 64)
@@ -46,28 +57,7 @@ PARTICIPATIONS = (
 )
 
 
-# -- backends -------------------------------------------------------------------------------------------
-
-
-def _drop_everything(url: str) -> None:
-    """Empty the module's PostgreSQL database so the next test starts from nothing (and migrates again)."""
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        existing = MetaData()
-        existing.reflect(engine)
-        existing.drop_all(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('store') / 'coordinator.db'}"
-        return
-    url = request.getfixturevalue("postgres_url")
-    yield url
-    _drop_everything(url)
+# -- backends: ``db_url`` (SQLite file or PostgreSQL, emptied after each test) comes from conftest ---------
 
 
 @pytest.fixture
@@ -316,13 +306,28 @@ def test_a_repeated_evaluation_replaces_the_first(store: SqlStore) -> None:
     assert (v0.num_clients, v0.squared_error, v0.num_correct, v0.num_examples) == (2, 5.0, 4, 5)
 
 
+def _old_task(connection: Connection, name: str, spec: dict[str, object], *, parameters: bytes = PAYLOAD,
+              optimizer_state: bytes = b"opt0") -> int:
+    """A task and its version 0 written with only the columns every revision since 0001 has (the current
+    store cannot write into an older schema); its row id."""
+    tasks = sa.table("tasks", sa.column("id", sa.Integer()), sa.column("name", sa.String()),
+                     sa.column("spec", sa.JSON()), sa.column("created_at", sa.DateTime(timezone=True)))
+    versions = sa.table("model_versions", *(sa.column(c) for c in (
+        "task_id", "version", "parent_version", "round_id", "created_at", "parameters", "optimizer_state")))
+    task_id = connection.execute(tasks.insert().values(name=name, spec=spec, created_at=datetime.now(UTC))
+                                 .returning(tasks.c.id)).scalar_one()
+    connection.execute(versions.insert().values(
+        task_id=task_id, version=0, parent_version=None, round_id=None, created_at=datetime.now(UTC),
+        parameters=parameters, optimizer_state=optimizer_state))
+    return int(task_id)
+
+
 def test_migration_0002_keeps_the_newest_of_duplicate_evaluations(db_url: str) -> None:
     engine = create_engine(db_url, poolclass=NullPool)
     try:
         with engine.begin() as connection:
             upgrade_to_head(connection, revision="0001")  # the schema as the first release left it
-        with SqlStore(db_url, migrate=False) as old:
-            _task(old)
+            _old_task(connection, "movies", {"model": {"dim": 8}})
         evaluations = Base.metadata.tables["evaluations"]
         with engine.begin() as connection:
             for squared_error in (9.0, 1.0):  # the same client twice: allowed before 0002
@@ -410,7 +415,7 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
-HEAD = "0004"  # the newest revision in server/migrations/versions
+HEAD = "0005"  # the newest revision in server/migrations/versions
 
 
 def _schema_diff(url: str) -> list[object]:
@@ -444,3 +449,214 @@ def test_url_hides_the_password() -> None:
     assert "s3cret" not in store.url and "s3cret" not in repr(store)
     assert store.url.startswith("postgresql+psycopg://coordinator:")
     store.close()
+
+
+# -- errors: outages, faults and bad values (issue 10) -------------------------------------------------
+
+
+def test_a_missing_table_is_a_fault_not_an_outage(store: SqlStore, db_url: str) -> None:
+    _task(store)
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE evaluations"))
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreFault, match="evaluations") as raised:
+        store.evaluation_summaries("movies")
+    assert not isinstance(raised.value, StoreUnavailable)
+    assert store.get_task("movies").name == "movies"  # the rest of the store still works
+
+
+def test_an_unreachable_database_is_an_outage(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable):  # PostgreSQL on a port nothing listens on
+        SqlStore("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
+    with pytest.raises(StoreUnavailable):  # a SQLite file that cannot be opened
+        SqlStore(f"sqlite:///{tmp_path / 'no-such-dir' / 'db.sqlite'}")
+
+
+def test_values_that_do_not_fit_their_columns_are_refused_before_the_database(store: SqlStore) -> None:
+    _task(store)
+    with pytest.raises(ValueError, match=r"tasks.name holds at most 128 characters, got 129"):
+        store.create_task("t" * 129, {}, initial_parameters=b"w", optimizer_state=b"o")
+    with pytest.raises(ValueError, match=r"rounds.target must be an integer in \[-2147483648, 2147483647\]"):
+        store.open_round("movies", base_version=0, target=2**31, min_reports=1, deadline=_deadline())
+    with pytest.raises(ValueError, match="max_devices must be between 1 and 2147483647"):
+        store.add_credential("gateway", salt="s", secret_hash="h", max_devices=2**31)
+    with pytest.raises(ValueError, match=r"participations\.weight must be a finite number"):
+        _commit(store, _open(store), (Participation(KEY_A, Outcome.ACCEPTED, math.inf, {}),))
+    with pytest.raises(UnknownCredential):  # no row can have this id: not a database error
+        store.get_credential(10**18)
+    assert [t.name for t in store.list_tasks()] == ["movies"] and _versions(store) == [0]
+    assert [r.state for r in store.list_rounds("movies")] == [RoundState.OPEN]
+
+
+@pytest.mark.parametrize("label", ["x" * 201, "", "line\nbreak", "bell\a"])
+def test_credential_labels_must_be_short_printable_text(store: SqlStore, label: str) -> None:
+    with pytest.raises(ValueError, match="label must be"):
+        store.add_credential(label, salt="s", secret_hash="h")
+    assert store.list_credentials() == []
+    stored = store.add_credential("[bold]lab[/] ünïcode " + "y" * 179, salt="s", secret_hash="h")
+    assert len(stored.label) == 200 and store.get_credential(stored.credential_id).label == stored.label
+
+
+def test_a_deleted_or_replaced_sqlite_file_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.db"
+    with SqlStore(f"sqlite:///{path}") as store:
+        _task(store)
+        path.unlink()
+        with pytest.raises(StoreVanished, match="was deleted"):
+            _open(store)
+        with SqlStore(f"sqlite:///{tmp_path / 'other.db'}") as other:
+            _task(other, "other")
+        (tmp_path / "other.db").rename(path)  # a different file now has the name
+        with pytest.raises(StoreVanished, match="replaced"):
+            _open(store)
+        assert store.get_task("movies").name == "movies"  # reads go on (from what was opened)
+
+
+# -- retried reports after a restart --------------------------------------------------------------------
+
+
+def test_accepted_digests_are_kept_with_participations(store: SqlStore) -> None:
+    _task(store)
+    _task(store, "books")
+    rid = _open(store)
+    _commit(store, rid, (Participation(KEY_A, Outcome.ACCEPTED, 10.0, {"loss": 0.5}, digest="d" * 64),
+                         Participation(KEY_B, Outcome.REFUSED, 0.0, {}, "non_finite")))
+    record, mine = store.participation_in("movies", rid, KEY_A)
+    assert (record.state, record.new_version) == (RoundState.COMMITTED, 1)
+    assert mine == Participation(KEY_A, Outcome.ACCEPTED, 10.0, {"loss": 0.5}, digest="d" * 64)
+    assert store.participation_in("movies", rid, KEY_B)[1] == Participation(KEY_B, Outcome.REFUSED, 0.0, {},
+                                                                             "non_finite")
+    assert store.participation_in("movies", rid, KEY_C)[1] is None
+    for other_task, round_id in (("books", rid), ("movies", rid + 100), ("movies", 2**40)):
+        with pytest.raises(UnknownRound):
+            store.participation_in(other_task, round_id, KEY_A)
+
+
+# -- evaluations that overflow --------------------------------------------------------------------------
+
+
+def test_evaluation_sums_that_overflow_never_raise(store: SqlStore) -> None:
+    _task(store)
+    for key in (KEY_A, KEY_B):  # what an unbounded release let two clients store
+        store.record_evaluation("movies", 0, key, squared_error=1.7e308, num_correct=1, num_examples=3e9)
+    (v0,) = store.evaluation_summaries("movies")
+    assert (v0.num_clients, v0.squared_error, v0.num_examples) == (2, math.inf, 6e9)
+    metrics = v0.metrics()
+    assert math.isnan(metrics["mse"]) and math.isnan(metrics["rmse"])
+    assert metrics["accuracy"] == pytest.approx(2 / 6e9)
+
+
+# -- migration 0005 on a database an older release filled ---------------------------------------------
+
+
+def test_migration_0005_moves_salts_out_of_specs_and_keeps_every_row(db_url: str) -> None:
+    engine = create_engine(db_url, poolclass=NullPool)
+    salt = "ab" * 32
+    old_spec = {"name": "movies", "model": {"dim": 8}, "pseudonym_salt": salt}
+    try:
+        with engine.begin() as connection:
+            upgrade_to_head(connection, revision="0004")
+            movies = _old_task(connection, "movies", old_spec)
+            bare = _old_task(connection, "bare", {"name": "bare", "model": {}})  # no salt at all
+            rounds = sa.table("rounds", *(sa.column(c) for c in (
+                "id", "task_id", "round_num", "state", "base_version", "target", "min_reports", "opened_at",
+                "deadline", "closed_at", "num_selected", "num_reported", "num_accepted", "num_refused",
+                "total_weight", "new_version", "failure_reason", "metrics")))
+            now = datetime.now(UTC)
+            round_id = connection.execute(rounds.insert().values(
+                task_id=movies, round_num=1, state="failed", base_version=0, target=2, min_reports=1,
+                opened_at=now, deadline=now, closed_at=now, num_selected=1, num_reported=1, num_accepted=1,
+                num_refused=0, total_weight=7.0, new_version=None, failure_reason="restarted",
+                metrics=sa.func.json("{}") if db_url.startswith("sqlite") else sa.literal({}, sa.JSON()))
+                .returning(rounds.c.id)).scalar_one()
+            connection.execute(sa.table("participations", *(sa.column(c) for c in (
+                "round_id", "client_key", "outcome", "weight", "metrics", "reason"))).insert().values(
+                round_id=round_id, client_key=KEY_A, outcome="accepted", weight=7.0,
+                metrics=sa.literal({"loss": 0.25}, sa.JSON()), reason=""))
+            connection.execute(sa.table("evaluations", *(sa.column(c) for c in (
+                "task_id", "version", "client_key", "squared_error", "num_correct", "num_examples",
+                "created_at"))).insert().values(task_id=movies, version=0, client_key=KEY_B,
+                                                squared_error=6.0, num_correct=3, num_examples=5,
+                                                created_at=now))
+            connection.execute(sa.table("credentials", *(sa.column(c) for c in (
+                "label", "salt", "secret_hash", "created_at", "max_devices"))).insert().values(
+                label="gateway", salt="s", secret_hash="h", created_at=now, max_devices=5))
+    finally:
+        engine.dispose()
+
+    with SqlStore(db_url) as store:  # migrates 0004 -> head
+        task = store.get_task("movies")
+        assert task.pseudonym_salt == salt  # moved, unchanged: every stored pseudonym stays valid
+        assert task.spec == {"name": "movies", "model": {"dim": 8}}  # and gone from the spec
+        other = store.get_task("bare")
+        assert len(other.pseudonym_salt) == 64 and other.pseudonym_salt != salt and bare != movies
+        (participation,) = store.participations(round_id)
+        assert participation == Participation(KEY_A, Outcome.ACCEPTED, 7.0, {"loss": 0.25}, "", None)
+        (v0,) = store.evaluation_summaries("movies")
+        assert (v0.num_clients, v0.squared_error, v0.num_correct, v0.num_examples) == (1, 6.0, 3.0, 5.0)
+        store.record_evaluation("movies", 0, KEY_C, squared_error=1.0, num_correct=2.5e9, num_examples=3e9)
+        assert store.evaluation_summaries("movies")[0].num_examples == 3e9 + 5  # past the old int32 range
+        (credential,) = store.list_credentials()
+        assert (credential.label, credential.max_devices) == ("gateway", 5)
+        assert [r.failure_reason for r in store.list_rounds("movies")] == ["restarted"]
+    assert _schema_diff(db_url) == [HEAD]
+
+
+# -- upgrades: a task stored by an older release loads (issue 10, point 9) ------------------------------
+
+
+def test_a_task_stored_the_old_way_loads_after_an_upgrade(db_url: str, tmp_path: Path) -> None:
+    task = TaskSpec(name="movies", model={"kind": "matrix_factorization", "num_items": 6, "num_factors": 2},
+                    rounds=RoundSettings(clients_per_round=2, min_reports=1))
+    with SqlStore(f"sqlite:///{tmp_path / 'scratch.db'}") as scratch:  # version 0 as this release makes it
+        Coordinator(scratch, task)
+        v0 = scratch.latest_version("movies")
+    salt = "5a" * 32
+    old = task.to_dict()  # as an older release stored it: the salt inside, optional fields it did not know
+    old["pseudonym_salt"] = salt
+    del old["rounds"]["max_check_ins_per_minute"], old["seed"]
+    old["rounds"]["retry_delay_s"] = [1, 10]  # integers where this release writes floats
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            upgrade_to_head(connection, revision="0004")
+            _old_task(connection, "movies", old, parameters=v0.parameters or b"",
+                      optimizer_state=v0.optimizer_state or b"")
+    finally:
+        engine.dispose()
+
+    with SqlStore(db_url) as store:
+        c = Coordinator(store, task)  # migrates to head, then loads the task: no "different description"
+        assert not c.created_task and c.version == 0
+        expected = hmac.new(bytes.fromhex(salt), b"id:alice", hashlib.sha256).hexdigest()[:40]
+        assert c.client_key("alice") == expected  # the old salt still keys the pseudonyms
+        assert "pseudonym_salt" not in store.get_task("movies").spec
+        changed = TaskSpec(name="movies", model={**task.model, "num_factors": 3}, rounds=task.rounds)
+        with pytest.raises(ValueError, match=r"different description \(model\.num_factors differ\)"):
+            Coordinator(store, changed)
+
+
+def test_migration_0005_downgrades_and_upgrades_again_without_losing_a_salt(db_url: str) -> None:
+    with SqlStore(db_url) as store:
+        created = store.create_task("movies", {"model": {"dim": 8}}, initial_parameters=b"w",
+                                    optimizer_state=b"o", pseudonym_salt="cd" * 32)
+        store.record_evaluation("movies", 0, KEY_A, squared_error=2.0, num_correct=1, num_examples=3)
+    engine = create_engine(db_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            downgrade_to(connection, "0004")
+        with engine.connect() as connection:
+            spec = connection.execute(sa.text("SELECT spec FROM tasks")).scalar_one()
+            counts = connection.execute(sa.text("SELECT num_correct, num_examples FROM evaluations")).one()
+        spec = json.loads(spec) if isinstance(spec, str) else spec
+        assert spec == {"model": {"dim": 8}, "pseudonym_salt": "cd" * 32}  # back where 0004 kept it
+        assert tuple(counts) == (1, 3) and all(isinstance(c, int) for c in counts)
+    finally:
+        engine.dispose()
+    with SqlStore(db_url) as store:
+        assert store.get_task("movies").pseudonym_salt == created.pseudonym_salt == "cd" * 32
+        assert store.evaluation_summaries("movies")[0].num_examples == 3.0
+    assert _schema_diff(db_url) == [HEAD]

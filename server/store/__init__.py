@@ -8,7 +8,9 @@ Design:
 * Out come plain frozen dataclasses (`records`), never ORM objects: they are safe to pass between threads
   and to keep after the transaction that produced them.
 * Refusals are typed errors (`UnknownTask`, `InvalidTransition`, `StaleRound`, ... all `StoreError`), so the
-  coordinator reacts to what happened instead of parsing messages.
+  coordinator reacts to what happened instead of parsing messages. Outages (`StoreUnavailable`: retry)
+  and faults (`StoreFault`: a broken store or schema, log and answer INTERNAL, never retry) are told
+  apart; values that do not fit their columns are refused in Python (``ValueError``) before any SQL.
 * A round is closed and its model version written in ONE transaction: a crash or a lost race never leaves a
   committed round without its version, or a version without its round.
 * SQLite is the default (a file next to the coordinator, nothing to operate); any SQLAlchemy URL works, and
@@ -28,7 +30,9 @@ from .records import (
     RoundSummary,
     StaleRound,
     StoreError,
+    StoreFault,
     StoreUnavailable,
+    StoreVanished,
     TaskRecord,
     UnknownCredential,
     UnknownRound,
@@ -36,7 +40,7 @@ from .records import (
     UnknownVersion,
     VersionRecord,
 )
-from .sql_store import SqlStore
+from .sql_store import SqlStore, require_label
 
 __all__ = [
     "CredentialRecord",
@@ -51,11 +55,14 @@ __all__ = [
     "SqlStore",
     "StaleRound",
     "StoreError",
+    "StoreFault",
     "StoreUnavailable",
+    "StoreVanished",
     "TaskRecord",
     "UnknownCredential",
     "UnknownRound",
     "UnknownTask",
     "UnknownVersion",
     "VersionRecord",
+    "require_label",
 ]

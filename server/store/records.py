@@ -81,11 +81,16 @@ class CredentialRecord:
 
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
-    """A federated task: a name and its spec (model definition, hyper-parameters, round settings)."""
+    """A federated task: a name and its spec (model definition, hyper-parameters, round settings).
+
+    ``pseudonym_salt`` is the task's secret key for client pseudonyms (HMAC of a caller's identity). It is
+    kept apart from the spec (migration 0005 moved it out): the spec is a description people read, compare
+    and print, the salt a secret that must never be shown or compared."""
 
     name: str
     spec: dict[str, Any]
     created_at: datetime
+    pseudonym_salt: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,9 @@ class Participation:
     weight: float
     metrics: dict[str, float]
     reason: str = ""
+    # SHA-256 (hex) of an accepted update (its weight and tensors), so that a client retrying a report the
+    # coordinator committed but never answered (it died in between) is told its update is in the model.
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,29 +161,63 @@ class RoundSummary:
 @dataclass(frozen=True, slots=True)
 class EvaluationSummary:
     """Evaluation of one model version summed over clients, so that metrics are example-weighted: a client
-    with 1000 ratings counts 100 times as much as one with 10, as if the data were pooled."""
+    with 1000 ratings counts 100 times as much as one with 10, as if the data were pooled.
+
+    The counts are floats because the wire carries them as doubles (and so do the columns since migration
+    0005); the coordinator only accepts whole numbers for them."""
 
     version: int
     num_clients: int
     squared_error: float
-    num_correct: int
-    num_examples: int
+    num_correct: float
+    num_examples: float
 
     def metrics(self) -> dict[str, float]:
-        """mse, rmse and accuracy over all examples (NaN when there are none)."""
-        if self.num_examples <= 0:
+        """mse, rmse and accuracy over all examples; NaN where a value is not meaningful: no examples, or
+        sums that overflowed (rows stored before the counts were bounded may sum past the float range).
+        Never raises, whatever is stored."""
+        n, se, correct = self.num_examples, self.squared_error, self.num_correct
+        if not (math.isfinite(n) and n > 0):
             return {"mse": math.nan, "rmse": math.nan, "accuracy": math.nan}
-        mse = self.squared_error / self.num_examples
-        return {"mse": mse, "rmse": math.sqrt(mse), "accuracy": self.num_correct / self.num_examples}
+        mse = se / n if math.isfinite(se) and se >= 0 else math.nan
+        accuracy = correct / n if math.isfinite(correct) and 0 <= correct <= n else math.nan
+        return {"mse": mse, "rmse": math.sqrt(mse) if math.isfinite(mse) else math.nan, "accuracy": accuracy}
 
 
 class StoreError(Exception):
-    """Base of every error the store raises on purpose; also wraps constraint violations."""
+    """Base of every error the store raises on purpose; also wraps constraint violations.
+
+    Three kinds matter to a caller (the servicer maps them to gRPC statuses):
+
+    * `StoreUnavailable`: an outage. Retrying later may succeed: answer UNAVAILABLE with a retry hint, keep
+      a due commit waiting.
+    * `StoreFault` (and `StoreVanished`): the store or its schema is broken (a missing table, bad SQL, a
+      value the code should have refused, a database file deleted under a running coordinator). Retrying
+      cannot help: log it and answer INTERNAL; never retry it forever.
+    * every other `StoreError` (`UnknownTask`, `StaleRound`, a constraint refusal, ...): a refusal of this
+      particular request, which the caller turns into a domain answer.
+
+    Arguments that could never be valid (a value outside its column's range, a label too long) raise
+    `ValueError` before the database sees them: a bad value, INVALID_ARGUMENT when it came from a client.
+    """
 
 
 class StoreUnavailable(StoreError):
-    """The database could not be reached or did not answer in time (locked, restarting, network). Nothing
-    was written; the same call may succeed later."""
+    """The database could not be reached or did not answer in time (locked, restarting, network, a
+    serialization conflict). Nothing was written; the same call may succeed later: answer UNAVAILABLE."""
+
+
+class StoreFault(StoreError):
+    """The store cannot work as it is: a programming or schema error (a missing table or column, bad SQL,
+    a corrupt file, a value the store should have refused before sending it). Nothing was written, and
+    the same call will fail again until someone fixes the deployment or the code: log it, answer INTERNAL,
+    do not retry."""
+
+
+class StoreVanished(StoreFault):
+    """The SQLite file the store opened was deleted or replaced while the coordinator was running. Writing
+    on would go into an unlinked file (lost at exit) or into someone else's database, so every write is
+    refused until the coordinator is restarted on the right file."""
 
 
 class UnknownCredential(StoreError):

@@ -10,6 +10,7 @@ These classes never leave the store: `sql_store` converts rows into the plain re
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -44,6 +45,18 @@ NAMING_CONVENTION: dict[str, str] = {
 
 CLIENT_KEY_LENGTH = 64
 """A client key is a hex digest (SHA-256 is 64 characters), never a raw client id."""
+
+DIGEST_LENGTH = 64
+"""An update digest is a SHA-256 hex digest."""
+
+TASK_NAME_LENGTH = 128
+LABEL_LENGTH = 200
+SALT_LENGTH = 64
+
+INTEGER_RANGE = (-(2**31), 2**31 - 1)
+"""What an ``Integer`` column holds on every backend (PostgreSQL's ``integer`` is 32 bits; SQLite would
+store more). Values outside are refused in Python before a flush (`check_fits`), so both backends behave
+alike and a client's oversized number is a bad value, not a database error."""
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -98,9 +111,13 @@ class Task(Base):
     __tablename__ = "tasks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(TASK_NAME_LENGTH), unique=True)
     spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    # The HMAC key of client pseudonyms: a secret, kept out of the spec that status prints (migration 0005).
+    # Always written; nullable only because SQLite cannot add a NOT NULL column to a referenced table
+    # inside a transaction (see the migration).
+    pseudonym_salt: Mapped[str | None] = mapped_column(String(SALT_LENGTH))
 
 
 class Round(Base):
@@ -157,6 +174,8 @@ class ParticipationRow(Base):
     weight: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]]
     reason: Mapped[str] = mapped_column(Text, default="")
+    # SHA-256 of an accepted update, to recognise a retry after a restart (migration 0005).
+    update_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
 
 
 class Evaluation(Base):
@@ -174,9 +193,11 @@ class Evaluation(Base):
     task_id: Mapped[int]
     version: Mapped[int]
     client_key: Mapped[str] = mapped_column(String(CLIENT_KEY_LENGTH))
+    # Doubles, as on the wire (ReportEvaluationRequest): an integer column overflowed on PostgreSQL at 2**31
+    # (migration 0005). The coordinator accepts only whole, bounded counts.
     squared_error: Mapped[float] = mapped_column(Float)
-    num_correct: Mapped[int]
-    num_examples: Mapped[int]
+    num_correct: Mapped[float] = mapped_column(Float)
+    num_examples: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime]
 
 
@@ -186,10 +207,35 @@ class Credential(Base):
     __tablename__ = "credentials"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    label: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(LABEL_LENGTH))
     salt: Mapped[str] = mapped_column(String(64))
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
     # How many devices this credential may speak for (1: it is one device); see migration 0004.
     max_devices: Mapped[int] = mapped_column(Integer, server_default="1", default=1)
+
+
+def check_fits(row: Base) -> None:
+    """Raise ``ValueError`` when a value of ``row`` cannot be stored as its column declares: an integer
+    outside `INTEGER_RANGE`, a string longer than its ``String(n)``, a float that is NaN or infinite (SQLite
+    turns NaN into NULL, PostgreSQL would store it and break sums).
+
+    Called for every new or changed row before a flush, so a bad value is refused in Python with a message
+    naming the column, the same way on every backend, and never reaches the database as a ``DataError``.
+    """
+    for column in row.__table__.columns:
+        value = getattr(row, column.key, None)
+        if value is None or isinstance(value, bool):
+            continue
+        where = f"{row.__tablename__}.{column.key}"
+        kind = column.type
+        if isinstance(kind, Integer) and isinstance(value, int):
+            lo, hi = INTEGER_RANGE
+            if not lo <= value <= hi:
+                raise ValueError(f"{where} must be an integer in [{lo}, {hi}], got {value}")
+        elif isinstance(kind, String) and isinstance(value, str):
+            if kind.length is not None and len(value) > kind.length:
+                raise ValueError(f"{where} holds at most {kind.length} characters, got {len(value)}")
+        elif isinstance(kind, Float) and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value}")

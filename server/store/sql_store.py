@@ -10,7 +10,11 @@ always locked task first, then round, so two transactions cannot deadlock on the
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import secrets
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -18,9 +22,16 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import Engine, create_engine, distinct, event, func, select
+from sqlalchemy import Engine, Numeric, cast, create_engine, distinct, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker, undefer
 from sqlalchemy.pool import StaticPool
 
@@ -39,7 +50,9 @@ from .records import (
     RoundSummary,
     StaleRound,
     StoreError,
+    StoreFault,
     StoreUnavailable,
+    StoreVanished,
     TaskRecord,
     UnknownCredential,
     UnknownRound,
@@ -47,7 +60,20 @@ from .records import (
     UnknownVersion,
     VersionRecord,
 )
-from .schema import CLIENT_KEY_LENGTH, Credential, Evaluation, ModelVersion, ParticipationRow, Round, Task
+from .schema import (
+    CLIENT_KEY_LENGTH,
+    INTEGER_RANGE,
+    LABEL_LENGTH,
+    Credential,
+    Evaluation,
+    ModelVersion,
+    ParticipationRow,
+    Round,
+    Task,
+    check_fits,
+)
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite transaction waits for another's write lock before failing with "database is locked"."""
@@ -67,7 +93,10 @@ class SqlStore:
     * it runs in one transaction: it either does all it says or raises and changes nothing;
     * it returns plain records (`records`), never ORM objects, and datetimes are timezone-aware UTC;
     * it raises a `StoreError` subclass for every refusal (unknown names, illegal transitions, stale rounds,
-      constraint violations), and `ValueError` for arguments that could never be valid.
+      constraint violations), `StoreUnavailable` for an outage, `StoreFault` for a broken store (see
+      `StoreError`), and `ValueError` for arguments that could never be valid, among them any value that
+      does not fit its column (checked in Python before every flush: `schema.check_fits`);
+    * on a SQLite file, a write first checks that the file is still the one opened (`StoreVanished`).
     """
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
@@ -83,12 +112,20 @@ class SqlStore:
             threading.Lock() if _is_memory_sqlite(url) else nullcontext()
         )
         if migrate:
-            with self._engine.begin() as connection:
+            with _refusals_as_store_errors(), self._engine.begin() as connection:
                 upgrade_to_head(connection)
+        self._file = _sqlite_file(url)
+        self._file_identity = _file_identity(self._file) if self._file else None
+        if self._file and self._file_identity is None:  # not created yet (migrate=False): create it now
+            with _refusals_as_store_errors(), self._engine.connect():
+                pass
+            self._file_identity = _file_identity(self._file)
         self._writes = sessionmaker(self._engine, expire_on_commit=False)
         self._reads = sessionmaker(
             self._engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
         )
+        for sessions in (self._writes, self._reads):
+            event.listen(sessions, "before_flush", _check_rows_fit)
 
     @property
     def url(self) -> str:
@@ -113,17 +150,20 @@ class SqlStore:
     # -- tasks ------------------------------------------------------------------------------------------
 
     def create_task(
-        self, name: str, spec: Mapping[str, Any], *, initial_parameters: bytes, optimizer_state: bytes
+        self, name: str, spec: Mapping[str, Any], *, initial_parameters: bytes, optimizer_state: bytes,
+        pseudonym_salt: str | None = None,
     ) -> TaskRecord:
         """Create task ``name`` together with its version 0 (parent None, no round), in one transaction, so
-        that a task without a model can never be observed. Raises `DuplicateTask` if the name is taken."""
+        that a task without a model can never be observed. Raises `DuplicateTask` if the name is taken.
+        ``pseudonym_salt`` (hex) keys the task's client pseudonyms; a random one is made when not given."""
         if not name:
             raise ValueError("a task needs a non-empty name")
+        salt = pseudonym_salt if pseudonym_salt is not None else secrets.token_hex(32)
         now = utc_now()
         with self._write() as s:
             if s.scalar(select(Task.id).where(Task.name == name)) is not None:
                 raise DuplicateTask(name)
-            task = Task(name=name, spec=dict(spec), created_at=now)
+            task = Task(name=name, spec=dict(spec), created_at=now, pseudonym_salt=salt)
             s.add(task)
             try:
                 s.flush()
@@ -150,9 +190,11 @@ class SqlStore:
     def add_credential(self, label: str, *, salt: str, secret_hash: str, max_devices: int = 1
                        ) -> CredentialRecord:
         """Store a new client credential (its salted hash only); the caller generated the secret.
-        ``max_devices`` > 1 lets one credential speak for that many devices (a gateway)."""
-        if max_devices < 1:
-            raise ValueError("max_devices must be at least 1")
+        ``max_devices`` > 1 lets one credential speak for that many devices (a gateway). The label must be
+        1 to `LABEL_LENGTH` printable characters (`require_label`), else ``ValueError``."""
+        require_label(label)
+        if not 1 <= max_devices <= INTEGER_RANGE[1]:
+            raise ValueError(f"max_devices must be between 1 and {INTEGER_RANGE[1]}, got {max_devices}")
         with self._write() as s:
             row = Credential(label=label, salt=salt, secret_hash=secret_hash, created_at=utc_now(),
                              revoked_at=None, max_devices=max_devices)
@@ -161,7 +203,9 @@ class SqlStore:
             return _credential_record(row)
 
     def get_credential(self, credential_id: int) -> CredentialRecord:
-        """Raises `UnknownCredential`."""
+        """Raises `UnknownCredential` (also for an id no row can have: outside the id column's range)."""
+        if not 1 <= credential_id <= INTEGER_RANGE[1]:
+            raise UnknownCredential(credential_id)
         with self._read() as s:
             row = s.get(Credential, credential_id)
             if row is None:
@@ -361,9 +405,24 @@ class SqlStore:
             _round(s, round_id)
             rows = s.scalars(select(ParticipationRow).where(ParticipationRow.round_id == round_id)
                              .order_by(ParticipationRow.id))
-            return [
-                Participation(r.client_key, r.outcome, r.weight, dict(r.metrics), r.reason) for r in rows
-            ]
+            return [_participation(r) for r in rows]
+
+    def participation_in(self, task: str, round_id: int, client_key: str
+                         ) -> tuple[RoundRecord, Participation | None]:
+        """Round ``round_id`` of ``task`` and the client's participation in it (None if it has none, or the
+        round is still open): what a coordinator that restarted needs to answer a retried report. Raises
+        `UnknownRound` for a round that does not exist or belongs to another task."""
+        _require_client_key(client_key)
+        if not 1 <= round_id <= INTEGER_RANGE[1]:
+            raise UnknownRound(round_id)
+        with self._read() as s:
+            row, name = _round(s, round_id)
+            if name != task:
+                raise UnknownRound(round_id)
+            found = s.scalars(select(ParticipationRow).where(ParticipationRow.round_id == round_id,
+                                                             ParticipationRow.client_key == client_key)
+                              ).one_or_none()
+            return _round_record(row, name), (_participation(found) if found is not None else None)
 
     # -- evaluation -------------------------------------------------------------------------------------
 
@@ -374,17 +433,22 @@ class SqlStore:
         client_key: str,
         *,
         squared_error: float,
-        num_correct: int,
-        num_examples: int,
+        num_correct: float,
+        num_examples: float,
     ) -> None:
         """Record one client's evaluation of a version: sums over its examples, so that summaries can be
         example-weighted. A client's second evaluation of the same version replaces its first, so a retried
-        report is counted once. Raises `UnknownTask` or `UnknownVersion`."""
+        report is counted once. Raises `UnknownTask` or `UnknownVersion`; ``ValueError`` for sums that are
+        not finite, negative, or with more correct predictions than examples (the coordinator bounds them
+        further: see ``server/evaluations.py``)."""
         _require_client_key(client_key)
+        squared_error, num_correct, num_examples = map(float, (squared_error, num_correct, num_examples))
+        if not all(math.isfinite(v) for v in (squared_error, num_correct, num_examples)):
+            raise ValueError("evaluation sums must be finite")
         if num_examples < 0 or not 0 <= num_correct <= num_examples:
             raise ValueError(f"need 0 <= num_correct <= num_examples, got {num_correct} and {num_examples}")
-        if not math.isfinite(squared_error) or squared_error < 0:
-            raise ValueError(f"squared_error must be finite and >= 0, got {squared_error}")
+        if squared_error < 0:
+            raise ValueError(f"squared_error must be >= 0, got {squared_error}")
         with self._write() as s:
             task_row = _task(s, task)
             if _version_id(s, task_row.id, version) is None:
@@ -405,23 +469,27 @@ class SqlStore:
 
     def evaluation_summaries(self, task: str) -> list[EvaluationSummary]:
         """Per evaluated version (oldest first): distinct clients and the sums of squared error, correct
-        predictions and examples. Raises `UnknownTask`."""
+        predictions and examples. Raises `UnknownTask`.
+
+        The sums are taken as exact decimals (PostgreSQL's ``sum`` over doubles raises on overflow, which
+        made ``status`` fail for good once two huge rows were stored) and become floats here: a sum past
+        the float range is +inf, never an error (`EvaluationSummary.metrics` shows it as not meaningful)."""
         with self._read() as s:
             task_row = _task(s, task)
             stmt = (
                 select(
                     Evaluation.version,
                     func.count(distinct(Evaluation.client_key)),
-                    func.sum(Evaluation.squared_error),
-                    func.sum(Evaluation.num_correct),
-                    func.sum(Evaluation.num_examples),
+                    func.sum(cast(Evaluation.squared_error, Numeric)),
+                    func.sum(cast(Evaluation.num_correct, Numeric)),
+                    func.sum(cast(Evaluation.num_examples, Numeric)),
                 )
                 .where(Evaluation.task_id == task_row.id)
                 .group_by(Evaluation.version)
                 .order_by(Evaluation.version)
             )
             return [
-                EvaluationSummary(int(v), int(clients), float(se), int(correct), int(n))
+                EvaluationSummary(int(v), int(clients), _to_float(se), _to_float(correct), _to_float(n))
                 for v, clients, se, correct, n in s.execute(stmt)
             ]
 
@@ -430,8 +498,24 @@ class SqlStore:
     @contextmanager
     def _write(self) -> Iterator[Session]:
         """A transaction that may write; commits on success, rolls back on any exception."""
+        self._require_same_file()
         with self._turns, _refusals_as_store_errors(), self._writes.begin() as session:
             yield session
+
+    def _require_same_file(self) -> None:
+        """Refuse to write when the SQLite file was deleted or replaced since it was opened: the pooled
+        connections would write into the unlinked inode (gone at exit) while a restart would silently
+        start a new, empty store. One ``stat`` per write transaction (microseconds)."""
+        if self._file is None:
+            return
+        now = _file_identity(self._file)
+        if now != self._file_identity:
+            what = "deleted" if now is None else "replaced by another file"
+            message = (f"the SQLite store {self._file} was {what} while the coordinator was using it; "
+                       "refusing to write. Restore the file (or restart the coordinator on purpose on a new "
+                       "store)")
+            log.error(message)
+            raise StoreVanished(message)
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -441,6 +525,25 @@ class SqlStore:
 
 
 # -- engine ---------------------------------------------------------------------------------------------
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The path of a SQLite file database, None for other backends and in-memory databases."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or _is_memory_sqlite(url):
+        return None
+    database = parsed.database or ""
+    return None if database.startswith("file:") else os.path.abspath(database)
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None if it does not exist: what tells "the same file" from a new one
+    at the same path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _is_memory_sqlite(url: str) -> bool:
@@ -482,16 +585,61 @@ def _create_engine(url: str) -> Engine:
     return engine
 
 
+# SQLite result codes (the low byte of ``sqlite3.Error.sqlite_errorcode``) that mean "not now" rather than
+# "never": another writer holds the lock, the disk or the file system failed, memory ran out.
+_SQLITE_TRANSIENT = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+})
+
+
+def is_outage(exc: SQLAlchemyError) -> bool:
+    """Whether a database error is an outage (retrying later may succeed) rather than a fault.
+
+    Outages: a connection the driver declared lost, the pool timing out, and ``OperationalError`` — except
+    SQLite's, which also covers "no such table" and syntax errors: there only the busy/locked/I/O/full/
+    cannot-open result codes count. PostgreSQL reports schema and SQL errors as ``ProgrammingError``,
+    out-of-range values as ``DataError``; neither is ever an outage.
+    """
+    if isinstance(exc, DisconnectionError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if isinstance(exc.orig, sqlite3.Error):
+        return code is not None and code & 0xFF in _SQLITE_TRANSIENT
+    return True
+
+
 @contextmanager
 def _refusals_as_store_errors() -> Iterator[None]:
-    """The database refusing a change (a constraint, a value it cannot hold) becomes a `StoreError`, so
-    that callers handle one family of errors and never import SQLAlchemy."""
+    """Database errors become the store's own, so that callers handle one family of errors and never
+    import SQLAlchemy: a constraint the database enforced is a refusal (`StoreError`), an outage
+    `StoreUnavailable` (see `is_outage`), anything else — bad SQL, a missing table, a value that should
+    have been refused before it was sent — a `StoreFault`."""
     try:
         yield
-    except (IntegrityError, DataError) as exc:
+    except IntegrityError as exc:
         raise StoreError(f"the database refused the change: {exc.orig}") from exc
-    except (OperationalError, SQLAlchemyError) as exc:
-        raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
+    except SQLAlchemyError as exc:
+        if is_outage(exc):
+            raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
+        log.error("store fault (not an outage; retrying will not help)", exc_info=exc)
+        raise StoreFault(f"the store failed ({type(exc).__name__}): {_first_line(exc)}") from exc
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    """The driver's message without SQLAlchemy's statement and parameters (they may hold client data)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _check_rows_fit(session: Session, _context: Any, _instances: Any) -> None:
+    """before_flush: every new or changed row must fit its columns (`schema.check_fits`)."""
+    for row in (*session.new, *session.dirty):
+        check_fits(row)
 
 
 # -- row access -----------------------------------------------------------------------------------------
@@ -552,8 +700,28 @@ def _participation_row(round_id: int, p: Participation) -> ParticipationRow:
     _require_client_key(p.client_key)
     return ParticipationRow(
         round_id=round_id, client_key=p.client_key, outcome=Outcome(p.outcome), weight=float(p.weight),
-        metrics=_json_metrics(p.metrics), reason=p.reason,
+        metrics=_json_metrics(p.metrics), reason=p.reason, update_digest=p.digest,
     )
+
+
+def _participation(row: ParticipationRow) -> Participation:
+    return Participation(row.client_key, Outcome(row.outcome), row.weight, dict(row.metrics), row.reason,
+                         row.update_digest)
+
+
+def _to_float(value: Any) -> float:
+    """A SQL sum as a float: +inf past the float range (Python's float() of a huge Decimal does not
+    raise), 0.0 for an empty sum."""
+    return 0.0 if value is None else float(value)
+
+
+def require_label(label: str) -> None:
+    """A credential label is shown to operators (``token list``): 1 to `LABEL_LENGTH` printable characters,
+    so it fits its column on every backend and cannot carry control characters into a terminal."""
+    if not 1 <= len(label) <= LABEL_LENGTH:
+        raise ValueError(f"a label must be 1 to {LABEL_LENGTH} characters, got {len(label)}")
+    if not label.isprintable():
+        raise ValueError("a label must be printable characters only (no control characters or newlines)")
 
 
 def _json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:
@@ -578,7 +746,10 @@ def _require_aware(value: datetime, name: str) -> None:
 
 
 def _task_record(row: Task) -> TaskRecord:
-    return TaskRecord(name=row.name, spec=dict(row.spec), created_at=row.created_at)
+    if not row.pseudonym_salt:
+        raise StoreFault(f"task {row.name!r} has no pseudonym salt (the database was altered)")
+    return TaskRecord(name=row.name, spec=dict(row.spec), created_at=row.created_at,
+                      pseudonym_salt=row.pseudonym_salt)
 
 
 def _version_record(row: ModelVersion, task: str, with_payload: bool) -> VersionRecord:
