@@ -46,7 +46,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_from_bytes,
     optimizer_state_to_bytes,
 )
-from fedrecon.server.identity import CAPPED_REASON, Caller
+from fedrecon.server.identity import CREDENTIAL_SHARE_HINT, Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
@@ -299,7 +299,8 @@ class Coordinator:
         if caller.authenticated:
             share = caller.max_assignments
             if not self._check_ins.allow(caller.group, now, share=share):
-                self._refuse_check_in("check_in_rate", per_device * share, "this credential")
+                self._refuse_check_in("check_in_rate", per_device * share,
+                                      f"this credential ({CREDENTIAL_SHARE_HINT})")
         elif not self._check_ins.allow(key, now):
             self._refuse_check_in("check_in_rate", per_device, "this client")
         elif not self._peer_check_ins.allow(caller.group, now):
@@ -316,15 +317,13 @@ class Coordinator:
         authentication a credential holds at most one assignment per device it was issued for, however many
         client ids it asserts; in the trusted-network mode the task may cap assignments per address."""
         if caller.authenticated:
-            cap, who = caller.max_assignments, "this credential"
-            how = "a credential issued for N devices (fedrecon token issue --max-devices N) may hold N"
+            cap, who, how = caller.max_assignments, "this credential", CREDENTIAL_SHARE_HINT
         else:
             cap, who = self.task.rounds.max_assignments_per_peer, "this network address"
-            how = "the task's max_assignments_per_peer"
+            how = "the task caps assignments per address (max_assignments_per_peer)"
         if cap is None or r.group_assignments[caller.group] < cap:
             return None
-        return (f"{CAPPED_REASON}: {who} already holds {cap} assignment{'s' if cap != 1 else ''} in round "
-                f"{r.round_num} ({how})")
+        return f"{who} already holds {cap} assignment{'s' if cap != 1 else ''} in round {r.round_num} ({how})"
 
     def _assignment(self, r: _Round, key: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, r.assigned[key],

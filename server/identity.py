@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from fedrecon.server.refusals import Refusal, Status
 
 MAX_CLIENT_ID_CHARS = 256
-# Starts the reason of a retry window refused because the caller's credential (or, in the trusted-network
-# mode, its network address) already holds all the assignments it may hold in the round; tools that run
-# many users under one credential look for it to say why (``fedrecon client``).
-CAPPED_REASON = "assignments capped"
+# Ends every refusal caused by a credential's share (its assignments in a round, its check-in budget), so
+# tools that run many users under one token can tell this from other refusals and say why (``fedrecon
+# client``).
+CREDENTIAL_SHARE_HINT = "a token issued with --max-devices N has the share of N devices"
 
 
 @dataclass(frozen=True)
