@@ -1,10 +1,11 @@
 """Who is calling: the identity a coordinator gives a client, derived from its credential when there is one.
 
 A client id in a request is only a claim. With authentication on, the identity comes from what the client
-proved: the id of its bearer token's credential, or the fingerprint of its mutual-TLS certificate. One
-credential is one device unless it was issued for more (``max_devices``, a gateway or test harness); then
-the devices are told apart by their client ids *within* that credential, so no one can take another
-credential's identity, assignment or rate limit by asserting its id.
+proved: the id of its bearer token's credential, or the fingerprint of its mutual-TLS certificate. Within a
+credential, devices are told apart by the client ids they assert, but one credential is one device unless
+it was issued for more (``max_devices``, a gateway or test harness): it holds one assignment per round per
+device, however many ids it asserts. No one can take another credential's identity, assignment or rate
+limit by asserting its id: the id only ever names a client *inside* the caller's own credential.
 
 Without authentication (the trusted-network mode) the client id is taken at its word and limits apply per
 network peer (the caller's IP address), which is all a coordinator can tell apart there. Anyone on that
@@ -35,7 +36,7 @@ CREDENTIAL_SHARE_HINT = "a token issued with --max-devices N has the share of N 
 class Caller:
     """One client as the coordinator sees it."""
 
-    key: str  # one client: "cred:17", "cred:17/id:<client id>", "cert:<sha256>" or "id:<client id>"
+    key: str  # one client: "cred:17/id:<client id>", "cert:<sha256>/id:<client id>" or "id:<client id>"
     group: str  # whose limits apply: "cred:17", "cert:<sha256>" or "peer:<address>"
     # With authentication: the devices the credential speaks for, i.e. the assignments its group may hold in
     # one round and the multiple of one device's check-in budget it gets. Without, unused (the task's
@@ -113,8 +114,11 @@ class Identifier:
 
     @staticmethod
     def _for_group(group: str, claimed_id: str, devices: int) -> Caller:
-        key = group if devices <= 1 else f"{group}/id:{claimed_id}"
-        return Caller(key=key, group=group, max_assignments=max(1, devices), authenticated=True)
+        """A client inside ``group``. The id is part of the key even for a one-device credential, so a
+        second id it asserts is refused a second assignment (a retry window that says why) rather than
+        handed the first one, which would make it train an update the round can no longer accept."""
+        return Caller(key=f"{group}/id:{claimed_id}", group=group, max_assignments=max(1, devices),
+                      authenticated=True)
 
 
 def credential_id_of(token: str) -> int | None:
