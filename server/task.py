@@ -84,8 +84,9 @@ class RoundSettings:
             raise ValueError("timeouts must be positive")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ValueError("max_update_norm must be positive (or absent)")
-        if self.max_check_ins_per_minute <= 0 or self.max_check_ins_per_minute_per_peer <= 0:
-            raise ValueError("check-in rates (max_check_ins_per_minute...) must be positive")
+        for name in ("max_check_ins_per_minute", "max_check_ins_per_minute_per_peer"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
         if self.max_assignments_per_peer is not None and self.max_assignments_per_peer < 1:
             raise ValueError("max_assignments_per_peer must be at least 1 (or absent)")
         if self.norm_policy not in ("reject", "clip"):

@@ -128,6 +128,8 @@ def test_one_credential_asserting_26_ids_takes_one_slot(store: SqlStore, task_na
     honest_tokens = [issue_token(store, f"phone-{i}")[1] for i in range(5)]
     with _token_server(store, task) as server:
         mallory = _device(server.address, task_name, mallory_token)
+        # The id still has to be a valid one, as without authentication (and a refusal costs no budget).
+        assert [mallory.outcome(bad) for bad in ("", "x" * 257)] == ["INVALID_ARGUMENT"] * 2
         answers = [mallory.check_in(f"user-{i}") for i in range(26)]
         assert [a.WhichOneof("outcome") for a in answers] == ["assignment"] + ["retry"] * 25
         assert "this credential already holds 1 assignment in round 1" in answers[1].retry.reason
