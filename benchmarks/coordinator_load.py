@@ -109,6 +109,7 @@ reporting_timeout_s = 1200.0
 retry_delay_s = [0.05, 0.5]
 max_rounds = {rounds}
 max_check_ins_per_minute = 1000000.0  # simulated clients check in back to back, round after round
+max_check_ins_per_minute_per_peer = 1000000000.0  # and all of them from this one host
 """
 
 

@@ -263,8 +263,15 @@ def client(
     tls_ca: Annotated[Path | None, typer.Option(help="PEM CA that signed the coordinator's certificate: "
                                                      "connect over TLS")] = None,
 ) -> None:
-    """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient."""
+    """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient.
+
+    With --token all users share one credential, which a coordinator counts as one device unless the token
+    was issued for more (fedrecon token issue --max-devices N): its other users are then refused
+    assignments or check-ins ("capped"), and the command says so."""
+    import grpc
+
     from fedrecon.client import FederatedClient, NoAssignment, tls_credentials
+    from fedrecon.server.identity import CREDENTIAL_SHARE_HINT
     from fedrecon.simulations.ratings import load_dataset
 
     credentials = tls_credentials(tls_ca.read_bytes()) if tls_ca else None
@@ -288,10 +295,13 @@ def client(
                     report = c.participate(max_wait_s=max_wait)
                     results.append(("accepted" if report.accepted else "already accepted") if report.in_round
                                    else f"refused ({report.status})")
-                except NoAssignment:
-                    results.append("no assignment")
+                except NoAssignment as err:
+                    results.append("capped" if CREDENTIAL_SHARE_HINT in str(err) else "no assignment")
                     break
                 except Exception as err:  # an unreachable coordinator or a refused check-in: count it, go on
+                    if isinstance(err, grpc.RpcError) and CREDENTIAL_SHARE_HINT in (err.details() or ""):
+                        results.append("capped")  # the token's share is spent: asking again cannot help
+                        break
                     results.append(err.code().name if hasattr(err, "code") else type(err).__name__)
             return results
 
@@ -304,6 +314,10 @@ def client(
                     outcomes[outcome] += 1
                     progress.update(bar, advance=1, info=", ".join(f"{k} {v}" for k, v in outcomes.items()))
     console.print(f"{len(chosen)} clients: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    if outcomes["capped"]:
+        console.print(f"{outcomes['capped']} of {len(chosen)} users were capped: one token is one device "
+                      f"unless issued for more; run {len(chosen)} users with 'fedrecon token issue "
+                      f"--max-devices {len(chosen)}'.", highlight=False)
 
 
 token_app = typer.Typer(help="Client tokens: issue, revoke, list (kept in the store as salted hashes).",

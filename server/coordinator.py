@@ -35,6 +35,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import numpy as np
 
@@ -47,7 +48,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_to_bytes,
 )
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
-from fedrecon.server.identity import MAX_CLIENT_ID_CHARS, Caller
+from fedrecon.server.identity import CREDENTIAL_SHARE_HINT, Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
@@ -116,6 +117,7 @@ class _Round:
     weights: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # client key -> reason
+    group_assignments: Counter[str] = field(default_factory=Counter)  # caller group -> assignments taken
     loss_sum: float = 0.0
     examples: float = 0.0
     aggregating: bool = False  # the store has the round as "aggregating"
@@ -168,8 +170,8 @@ class Coordinator:
         self.reports_accepted = 0
         self._stopping = False
         self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
-        self._check_ins = _TokenBuckets(task.rounds.max_check_ins_per_minute / 60.0,
-                                        burst=max(1.0, task.rounds.max_check_ins_per_minute / 6.0))
+        self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
+        self._peer_check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute_per_peer)
         self.evaluation_limits = EvaluationLimits()  # what one evaluation may claim (see ``evaluations``)
         self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
                                           burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
@@ -222,12 +224,10 @@ class Coordinator:
     # ----- identity ------------------------------------------------------------------------------------
     def client_key(self, client: str | Caller) -> str:
         """A pseudonym: HMAC-SHA256 of the caller's identity under the task's secret salt (raw ids and
-        credential ids are never kept). A plain string is a client id in the trusted-network mode."""
+        credential ids are never kept). A plain string is a client id in the trusted-network mode (refused
+        INVALID_ARGUMENT unless 1 to 256 characters; ``Identifier`` checks the ids it is given the same way).
+        """
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
-        if not caller.key or len(caller.key) > MAX_CLIENT_ID_CHARS + 64:
-            raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
-        if isinstance(client, str) and not 1 <= len(client) <= MAX_CLIENT_ID_CHARS:
-            raise Refusal(Status.INVALID_ARGUMENT, "bad_client_id", "client_id must be 1 to 256 characters")
         return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
 
     def check_task(self, task_name: str) -> None:
@@ -286,15 +286,12 @@ class Coordinator:
                           f"protocol version {protocol_version} is not supported; this coordinator speaks "
                           f"{PROTOCOL_VERSION}")
         self._check_task(task_name)
-        key = self.client_key(client)
+        caller = client if isinstance(client, Caller) else Caller.trusted(client)
+        key = self.client_key(caller)
         rounds = self.task.rounds
         with self._lock:
             now = self._clock()
-            if not self._check_ins.allow(key, now):
-                self._count("check_in_rate")
-                raise Refusal(Status.RESOURCE_EXHAUSTED, "check_in_rate",
-                              f"more than {rounds.max_check_ins_per_minute:g} check-ins per minute from this "
-                              "client; wait for the retry window")
+            self._admit_check_in(caller, key, now)
             self._advance(now)
             if self._stopping:
                 return RetryLater(*rounds.retry_delay_s, reason="the coordinator is shutting down")
@@ -310,10 +307,53 @@ class Coordinator:
             if not r.selecting:
                 return RetryLater(*rounds.retry_delay_s,
                                   reason=f"round {r.round_num} has selected its clients")
+            capped = self._assignment_cap_reached(r, caller)
+            if capped is not None:
+                self._count("assignments_capped")
+                return RetryLater(*rounds.retry_delay_s, reason=capped)
             r.assigned[key] = secrets.token_urlsafe(18)
+            r.group_assignments[caller.group] += 1
             if len(r.assigned) >= rounds.selection_goal:
                 r.selecting = False
             return self._assignment(r, key)
+
+    def _admit_check_in(self, caller: Caller, key: str, now: float) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) a check-in over its budget. With authentication the budget is the
+        credential's, ``max_check_ins_per_minute`` per device it was issued for, so check-ins under someone
+        else's id spend the sender's budget and inventing ids adds none. In the trusted-network mode each
+        asserted id has that budget and its network address ``max_check_ins_per_minute_per_peer``; a
+        check-in refused by its id's budget costs its address nothing, so one flooding id cannot lock out
+        the honest clients behind the same address."""
+        rounds = self.task.rounds
+        per_device = rounds.max_check_ins_per_minute
+        if caller.authenticated:
+            share = caller.max_assignments
+            if not self._check_ins.allow(caller.group, now, share=share):
+                self._refuse_check_in("check_in_rate", per_device * share,
+                                      f"this credential ({CREDENTIAL_SHARE_HINT})")
+        elif not self._check_ins.allow(key, now):
+            self._refuse_check_in("check_in_rate", per_device, "this client")
+        elif not self._peer_check_ins.allow(caller.group, now):
+            self._refuse_check_in("peer_check_in_rate", rounds.max_check_ins_per_minute_per_peer,
+                                  "this network address (no authentication: limits are per address)")
+
+    def _refuse_check_in(self, reason: str, per_minute: float, who: str) -> NoReturn:
+        self._count(reason)
+        raise Refusal(Status.RESOURCE_EXHAUSTED, reason,
+                      f"more than {per_minute:g} check-ins per minute from {who}; wait for the retry window")
+
+    def _assignment_cap_reached(self, r: _Round, caller: Caller) -> str | None:
+        """Why ``caller`` may take no further assignment in ``r`` (its group holds all it may), or None. With
+        authentication a credential holds at most one assignment per device it was issued for, however many
+        client ids it asserts; in the trusted-network mode the task may cap assignments per address."""
+        if caller.authenticated:
+            cap, who, how = caller.max_assignments, "this credential", CREDENTIAL_SHARE_HINT
+        else:
+            cap, who = self.task.rounds.max_assignments_per_peer, "this network address"
+            how = "the task caps assignments per address (max_assignments_per_peer)"
+        if cap is None or r.group_assignments[caller.group] < cap:
+            return None
+        return f"{who} already holds {cap} assignment{'s' if cap != 1 else ''} in round {r.round_num} ({how})"
 
     def _assignment(self, r: _Round, key: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, r.assigned[key],
@@ -528,7 +568,7 @@ class Coordinator:
         with self._lock:
             # A group speaking for D devices (a gateway credential) gets D times a device's budget; each
             # report costs 1/D of the group's bucket.
-            allowed = self._evaluations.allow(caller.group, self._clock(), cost=1.0 / caller.max_assignments)
+            allowed = self._evaluations.allow(caller.group, self._clock(), share=caller.max_assignments)
         if not allowed:
             self._count("evaluation_rate")
             raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_rate",
@@ -667,8 +707,10 @@ class Coordinator:
 
 
 class _TokenBuckets:
-    """Per-client token buckets: ``rate`` tokens a second, at most ``burst`` saved up. Clients idle long
-    enough to be full again are forgotten, so memory follows active clients only."""
+    """Token buckets per key (a client, a credential, a network address): ``rate`` tokens a second, at most
+    ``burst`` saved up, both multiplied by the key's ``share`` (a credential issued for N devices has N
+    devices' budget). Keys idle long enough to be full again are forgotten, so memory follows active keys
+    only."""
 
     def __init__(self, rate: float, *, burst: float) -> None:
         self.rate = rate
@@ -676,14 +718,19 @@ class _TokenBuckets:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, time)
         self._last_sweep = 0.0
 
-    def allow(self, key: str, now: float, *, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens from ``key``'s bucket if it has them (a cost below 1 lets a group that
-        speaks for several devices make that many more calls)."""
-        tokens, then = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
-        allowed = tokens >= cost
-        self._buckets[key] = (tokens - cost if allowed else tokens, now)
+    @classmethod
+    def per_minute(cls, limit: float) -> _TokenBuckets:
+        """``limit`` a minute, with ten seconds' worth (at least one) allowed at once."""
+        return cls(limit / 60.0, burst=max(1.0, limit / 6.0))
+
+    def allow(self, key: str, now: float, *, share: int = 1) -> bool:
+        burst = self.burst * share
+        tokens, then = self._buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - then) * self.rate * share)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
         if now - self._last_sweep > 60.0:
+            # A bucket idle this long is full again at any share, so forgetting it changes nothing.
             full_after = self.burst / self.rate
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
             self._last_sweep = now

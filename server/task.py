@@ -62,7 +62,16 @@ class RoundSettings:
     norm_policy: str = "reject"
     # At most this many check-ins per client per minute (a token bucket); more are RESOURCE_EXHAUSTED, so
     # one misbehaving device cannot keep the coordinator busy. Retry windows keep honest clients far below.
+    # With authentication the budget is per credential (times its max_devices), whatever ids it asserts.
     max_check_ins_per_minute: float = 60.0
+    # The trusted-network mode (no tokens, no client certificates) cannot tell devices apart, only network
+    # addresses: these limits apply per peer address on top of the per-client-id budget above. The rate is
+    # generous so that many clients behind one address (a NAT, a test harness on loopback) keep working;
+    # lower it to bound what one host can ask. ``max_assignments_per_peer`` caps the assignments one
+    # address may hold in a round (absent: no cap; set it to the devices behind the busiest address).
+    # Neither applies with authentication, where limits are per credential.
+    max_check_ins_per_minute_per_peer: float = 6000.0
+    max_assignments_per_peer: int | None = None
 
     def __post_init__(self) -> None:
         if self.clients_per_round < 1:
@@ -75,8 +84,11 @@ class RoundSettings:
             raise ValueError("timeouts must be positive")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ValueError("max_update_norm must be positive (or absent)")
-        if self.max_check_ins_per_minute <= 0:
-            raise ValueError("max_check_ins_per_minute must be positive")
+        for name in ("max_check_ins_per_minute", "max_check_ins_per_minute_per_peer"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_assignments_per_peer is not None and self.max_assignments_per_peer < 1:
+            raise ValueError("max_assignments_per_peer must be at least 1 (or absent)")
         if self.norm_policy not in ("reject", "clip"):
             raise ValueError("norm_policy must be 'reject' or 'clip'")
         lo, hi = self.retry_delay_s

@@ -35,7 +35,8 @@ def simulation_task(name: str, model: ReconstructionModel, config: FedReconConfi
     rounds = RoundSettings(clients_per_round=per_round, over_selection=1.0, min_reports=per_round,
                            selection_timeout_s=600.0, reporting_timeout_s=600.0, retry_delay_s=(0.05, 0.2),
                            max_rounds=settings.rounds,
-                           max_check_ins_per_minute=1e6)  # simulated clients check in back to back
+                           # simulated clients check in back to back, all from this one host
+                           max_check_ins_per_minute=1e6, max_check_ins_per_minute_per_peer=1e9)
     return TaskSpec(name=name, model=model.config(), training=config,  # type: ignore[attr-defined]
                     rounds=rounds, batch_size=settings.batch_size, seed=settings.seed)
 

@@ -31,6 +31,7 @@ selection_timeout_s = 60.0
 reporting_timeout_s = 60.0
 retry_delay_s = [0.05, 0.2]
 max_rounds = 2
+max_check_ins_per_minute = 1200.0  # clients honouring 0.05 s retry windows between rounds
 """
 
 

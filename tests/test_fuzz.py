@@ -289,10 +289,17 @@ class Aborted(Exception):
 
 
 class FakeContext:
-    """The part of ``grpc.ServicerContext`` a unary-response handler uses: ``abort`` raises."""
+    """The part of ``grpc.ServicerContext`` a unary-response handler uses: ``abort`` raises; the caller is
+    a loopback peer without credentials (the trusted-network mode)."""
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
 
 
 class Harness:

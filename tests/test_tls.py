@@ -1,17 +1,12 @@
-"""TLS from certificate files, and mutual TLS: a throwaway CA and certificates are made for each run."""
+"""TLS from certificate files, and mutual TLS: a throwaway CA and certificates are made for each run
+(the ``pki`` fixture in conftest)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fedrecon.client import FederatedClient, RetryPolicy, tls_credentials
 from fedrecon.server.app import TlsFiles, start_server
@@ -21,44 +16,6 @@ from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
 
 NO_RETRY = RetryPolicy(initial_s=0.05, max_s=0.1, give_up_after_s=0.5, rpc_timeout_s=5)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None = None,
-                 issuer_key: ec.EllipticCurvePrivateKey | None = None, *, ca: bool = False
-                 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256())
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("fedrecon test CA", ca_key, ca=True)
-    files = {"ca": ca.public_bytes(serialization.Encoding.PEM)}
-    for who in ("server", "client"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(f"fedrecon {who}", key, ca.subject, ca_key)
-        files[f"{who}_cert"] = cert.public_bytes(serialization.Encoding.PEM)
-        files[f"{who}_key"] = _pem_key(key)
-    paths = {}
-    for name, content in files.items():
-        paths[name] = tmp_path / f"{name}.pem"
-        paths[name].write_bytes(content)
-    return paths
 
 
 def _task() -> TaskSpec:
