@@ -3,9 +3,10 @@
     python benchmarks/fault_drill.py --out benchmarks/results/fault_drill.json [--store URL]
 
 ``fedrecon serve --require-token`` runs as its own process (SQLite in a temporary folder unless ``--store``
-is given) with a task of 8 reports per round, over-selection 1.25 (10 assigned), minimum 6, 3 s selection
-and 4 s reporting windows, and the default aggregation settings (weight cap, update-norm bound). Every
-client, honest or hostile, holds its own token, as a phone would. The phases:
+is given) with a task of 8 reports per round, over-selection 1.25 (10 assigned), minimum 6, 5 s selection
+and 15 s reporting windows (generous, so rounds hold on a busy machine), and the default aggregation
+settings (weight cap, update-norm bound). Every client, honest or hostile, holds its own token, as a phone
+would. The phases:
 
 1. normal: two rounds with 10 clients each (2 over-selected reports are told the round is over);
 2. dropouts: 10 assigned, 3 vanish after downloading; the round commits from 7 at its deadline;
@@ -63,6 +64,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fedrecon.client import FederatedClient, RetryPolicy
 from fedrecon.server.auth import issue_token
+from fedrecon.server.evaluations import MAX_EVALUATION_EXAMPLES
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import TaskSpec
@@ -82,8 +84,8 @@ num_factors = 8
 clients_per_round = 8
 over_selection = 1.25
 min_reports = 6
-selection_timeout_s = 3.0
-reporting_timeout_s = 4.0
+selection_timeout_s = 5.0
+reporting_timeout_s = 15.0
 retry_delay_s = [0.05, 0.3]
 max_check_ins_per_minute = 600.0
 """
@@ -244,7 +246,7 @@ class Drill:
 
     def bad_input(self, count: int = 200) -> None:
         self.wait_for_no_open_round()
-        mallory = self.token("mallory", max_devices=3)
+        mallory = self.token("mallory", max_devices=4)
         channel, stub, auth = self.stub(mallory)
         rng = np.random.default_rng(0)
 
@@ -253,9 +255,10 @@ class Drill:
                              timeout=10, metadata=auth)
             return a.assignment if a.HasField("assignment") else pb.Assignment()
 
-        # Three devices under one credential: one for the cases refused before any answer is used up, and
-        # one each for the two kinds that use up a device's one answer for the round.
-        devices = {name: assignment_for(name) for name in ("mallory-a", "mallory-w", "mallory-n")}
+        # Four devices under one credential: one for the cases refused before any answer is used up, and
+        # one each for the three kinds that use up a device's one answer for the round.
+        devices = {name: assignment_for(name)
+                   for name in ("mallory-a", "mallory-w", "mallory-n", "mallory-m")}
         good = [np.zeros(SHAPE, np.float32)]
 
         def report(header_names: list[str], arrays: list[np.ndarray], device: str = "mallory-a",
@@ -305,7 +308,7 @@ class Drill:
                                                         num_examples=1.0),
             "bad weight": lambda: report(NAMES, good, device="mallory-w", weight=float("inf")),
             "nan": lambda: report(NAMES, nan, device="mallory-n"),
-            "100,000 metrics": lambda: report(NAMES, good, metrics=big_metrics),
+            "100,000 metrics": lambda: report(NAMES, good, device="mallory-m", metrics=big_metrics),
         }
         kinds = list(cases)
         for i in range(count):
@@ -342,15 +345,13 @@ class Drill:
 
     def outweigh(self) -> None:
         """A client claiming weight 1e9 with a huge delta: its measured share against the stated bound."""
-        from fedrecon.core.aggregation import share_of_round  # the same aggregation rules the server runs
-
         def hostile(_a: pb.Assignment) -> tuple[list[np.ndarray], float]:
             d = np.random.default_rng(7).normal(size=SHAPE).astype(np.float32)
             return [d * np.float32(1e6 / np.linalg.norm(d))], 1e9
 
         base, updates, bad = self._precomputed_round(7, hostile)
         step = self.globals_of(base + 1) - self.globals_of(base)  # server SGD, learning rate 1: the mean
-        measured, bound = share_of_round(self.spec, step, updates, bad)
+        measured, bound = hostile_share(self.spec, step, updates, bad)
         self.figures["max_single_client_share"] = round(measured, 4)
         self.figures["single_client_share_bound"] = round(bound, 4)
 
@@ -463,6 +464,12 @@ class Drill:
             c.evaluate(rng=np.random.default_rng(0))
         before = _rmse(self.store, version)
         channel, stub, auth = self.stub(self.token("poisoner"))
+        # The largest evaluation a coordinator accepts from one device, with no error at all: the most one
+        # hostile evaluator can pull the reported RMSE down.
+        self.hostile("largest allowed evaluation", lambda: stub.ReportEvaluation(pb.ReportEvaluationRequest(
+            task_name="drill", client_id="poison", model_version=version, squared_error=0.0,
+            num_correct=MAX_EVALUATION_EXAMPLES, num_examples=MAX_EVALUATION_EXAMPLES), timeout=10,
+            metadata=auth))
         for i in range(500):
             self.hostile("poisoned evaluation", lambda i=i: stub.ReportEvaluation(pb.ReportEvaluationRequest(
                 task_name="drill", client_id=f"poison-{i}", model_version=version, squared_error=0.0,
@@ -505,6 +512,32 @@ class Drill:
             self.coordinator.stop()
         if self._store is not None:
             self._store.close()
+
+
+def hostile_share(spec: TaskSpec, step: np.ndarray, honest: list[Update], hostile: Update
+                  ) -> tuple[float, float]:
+    """(measured, stated) share of a round's mean held by the hostile client.
+
+    The committed step (server SGD at learning rate 1) is the aggregate mean m = (1 - a)·h + a·u, where h is
+    the mean of the honest updates alone and u the hostile update after the norm bound; ``a`` is the hostile
+    client's share of the round's weight. h comes from the aggregation code the coordinator runs
+    (``build_aggregator`` with the task's settings), and a is read off the committed model by least
+    squares. The stated bound is cap / (cap + the honest clients' capped weights)."""
+    from fedrecon.core.aggregation import build_aggregator
+
+    config = spec.aggregation
+    cap = config.weight_cap(spec.training, spec.batch_size)
+    aggregator = build_aggregator(config, [SHAPE], weight_cap=cap)
+    for delta, weight in honest:
+        aggregator.fold_one(delta, weight)
+    h = aggregator.mean()
+    assert h is not None
+    u = hostile[0][0].astype(np.float64)
+    if config.norm_policy == "clip" and np.linalg.norm(u) > config.max_update_norm:
+        u = u * (config.max_update_norm / np.linalg.norm(u))
+    direction = u - h[0]
+    a = float(np.vdot(step - h[0], direction) / np.vdot(direction, direction))
+    return a, cap / (cap + aggregator.total_weight)
 
 
 def _rmse(store: SqlStore, version: int) -> float:
