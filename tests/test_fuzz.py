@@ -27,6 +27,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
@@ -301,9 +302,9 @@ class Harness:
 
     def __init__(self, store: SqlStore) -> None:
         rounds = RoundSettings(clients_per_round=100_000, over_selection=1.0, min_reports=1,
-                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0),
-                               max_update_norm=NORM_BOUND, norm_policy="reject")
+                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0))
         task = TaskSpec(name=TASK, model=MODEL, rounds=rounds,
+                        aggregation=AggregationConfig(max_update_norm=NORM_BOUND, norm_policy="reject"),
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
         self.coordinator = Coordinator(store, task, clock=ManualClock())
         self.servicer = CoordinatorServicer(self.coordinator, max_chunk_bytes=64)
@@ -319,7 +320,7 @@ class Harness:
         c = self.coordinator
         r = c._round
         assert r is not None, "the round stays open for the whole module"
-        return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id  # type: ignore[attr-defined]
+        return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id
 
     def report(self, messages: Sequence[pb.ReportUpdateRequest]) -> pb.ReportUpdateResponse:
         def stream() -> Iterator[pb.ReportUpdateRequest]:
