@@ -33,7 +33,7 @@ from fedrecon.simulations.experiment import ExperimentSpec, build_model
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.simulations.runner import local_rng, select_clients
 
-BOUNDS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+BOUNDS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
 
 
 def honest_norms(spec: ExperimentSpec, data: FederatedRatings, rounds: int) -> np.ndarray:

@@ -20,7 +20,7 @@ Written by people as TOML (or JSON), for example::
     over_selection = 1.3
 
     [aggregation]                    # AggregationConfig fields; omitted ones keep the defaults
-    max_update_norm = 5.0            # each update is clipped to this L2 norm (norm_policy = "clip")
+    max_update_norm = 20.0           # each update is clipped to this L2 norm (norm_policy = "clip")
     reduction = "mean"               # or "trimmed_mean" (trim_fraction) or "median"
 
 The whole description is stored with the task, so ``fedrecon status`` and a restarted coordinator see what
