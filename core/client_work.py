@@ -136,6 +136,7 @@ class ClientStep:
         self._recon_lr = float(config.reconstruction_optimizer.learning_rate)
         self._client_lr = float(config.client_optimizer.learning_rate)
         self._train_fn = tf.function(self._train, reduce_retracing=True)
+        self._train_reduced_fn = tf.function(self._train_reduced, reduce_retracing=True)
         self._reduce_fn = tf.function(model.reduce_views, reduce_retracing=True)
         self._expand_fn = tf.function(model.expand_views, reduce_retracing=True)
         self._eval_fn = tf.function(self._evaluate, reduce_retracing=True)
@@ -216,6 +217,15 @@ class ClientStep:
             squares += tf.reduce_sum(tf.square(flat), axis=1)
         return deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0), finite
 
+    def _train_reduced(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
+                       rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor,
+                       pm: tf.Tensor, weighted: bool):
+        """``_train`` and the reduction in one graph (one call: what a device's C = 1 step needs)."""
+        views, _, weights, examples, se, finite = self._train(globals_, view_index, locals_, rx, ry, rm,
+                                                              px, py, pm)
+        reduce_with = weights if weighted else tf.cast(finite, tf.float32)
+        return self.model.reduce_views(views, reduce_with, view_index), weights, examples, se, finite
+
     def _evaluate(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                   rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, ex: tf.Tensor, ey: tf.Tensor, em: tf.Tensor,
                   clip_min: tf.Tensor, clip_max: tf.Tensor):
@@ -252,10 +262,12 @@ class ClientStep:
               ) -> ClientGroupResult:
         """Run steps 1-4 for a packed group of clients; deltas come back as one sum, weighted by the
         clients' weights (or, ``weighted=False``, each finite update counting 1: a device's own Δ)."""
-        t = self.train_clients(globals_, packed)
-        coefficients = t.weights if weighted else t.finite.astype(np.float32)
-        return ClientGroupResult(weighted_delta_sum=t.deltas.weighted_sum(coefficients), weights=t.weights,
-                                 post_examples=t.post_examples, loss_sum=t.loss_sum, finite=t.finite)
+        p = packed.post_reconstruction
+        sums, weights, examples, se, finite = self._train_reduced_fn(
+            *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
+            tf.convert_to_tensor(p.mask), weighted)
+        return ClientGroupResult(weighted_delta_sum=[s.numpy() for s in sums], weights=weights.numpy(),
+                                 post_examples=examples.numpy(), loss_sum=se.numpy(), finite=finite.numpy())
 
     def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                  clip: tuple[float, float] | None = None) -> EvaluationSums:
