@@ -142,16 +142,19 @@ def simulate(
         recon_epochs=recon_epochs, recon_steps_max=recon_steps_max, post_recon_epochs=post_recon_epochs,
         post_recon_steps_max=post_recon_steps_max, split_dataset=split, jointly_train_variables=joint,
         client_weighting=ClientWeighting.UNIFORM if uniform_weights else ClientWeighting.NUM_EXAMPLES)
+    try:
+        aggregation = AggregationConfig(reduction=aggregator, trim_fraction=trim_fraction,
+                                        weighting=server_weighting, max_client_weight=max_client_weight,
+                                        max_update_norm=max_update_norm, norm_policy=norm_policy)
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from err
     settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
                                   eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
     spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases,
                           local_init=(local_init or (LocalInit.shared if backend == Backend.tff
                                                      else LocalInit.uniform)).value, config=config,
-                          settings=settings,
-                          aggregation=AggregationConfig(
-                              reduction=aggregator, trim_fraction=trim_fraction, weighting=server_weighting,
-                              max_client_weight=max_client_weight, max_update_norm=max_update_norm,
-                              norm_policy=norm_policy),
+                          settings=settings, aggregation=aggregation,
                           centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
     initial = None
     if init_model is not None:

@@ -92,7 +92,9 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     ``store_url``, default a temporary SQLite file) with the client library; evaluation is unchanged.
     ``initial_globals`` starts from given global variables (an exported model) instead of a fresh init.
     ``backend="tff"`` computes every round and evaluation with TensorFlow Federated's ``build_fed_recon``
-    (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged.
+    (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged, but TFF
+    aggregates with its own weighted mean, so ``spec.aggregation`` (weight cap, norm clip, robust reducers)
+    applies to the fedrecon backend only (in process or over gRPC).
     """
     if transport not in ("inprocess", "grpc"):
         raise ValueError(f"unknown transport {transport!r}; choose 'inprocess' or 'grpc'")

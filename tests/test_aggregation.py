@@ -282,3 +282,13 @@ def test_simulate_stops_with_one_clear_line_on_a_non_finite_round(tmp_path: Path
                                       "--server-lr", "1e39", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert "not be finite" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("option", "message"), [(["--max-update-norm", "-1"], "max_update_norm"),
+                                                 (["--max-client-weight", "0"], "max_client_weight")])
+def test_simulate_refuses_bad_aggregation_options_in_one_line(option: list[str], message: str,
+                                                              tmp_path: Path) -> None:
+    from fedrecon.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", *option, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
