@@ -496,7 +496,7 @@ class Coordinator:
                    "seconds": self._clock() - r.opened}
         summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
                                num_accepted=len(r.accepted), num_refused=len(r.refused),
-                               total_weight=float(sum(r.weights.values())),
+                               total_weight=r.aggregate.total_weight,  # as folded: capped (or 1 each)
                                metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
         return summary, participations
 

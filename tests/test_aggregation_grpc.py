@@ -80,6 +80,7 @@ def test_one_client_claiming_1e9_moves_a_round_by_at_most_the_bound(store_url: s
     assert record.metrics["max_single_client_share"] == pytest.approx(share)
     assert record.metrics["updates_clipped"] == 1
     assert record.metrics["weights_capped"] == (1 if weighting == "claimed" else 0)
+    assert record.total_weight == (CAP + 20 if weighting == "claimed" else 3)  # the weight the mean used
 
 
 @pytest.mark.parametrize("norm_policy", ["none", "clip"])
