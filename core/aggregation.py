@@ -410,19 +410,21 @@ class Aggregator:
         factors = ClientFactors(weights=w.copy(), norms=norms, scales=np.ones_like(w))
         for t in self.transforms:
             t.apply(factors, self.report)
-        keep = np.ones(len(w), bool)
-        keep[list(factors.refused)] = False
+        accepted = np.ones(len(w), bool)
+        accepted[list(factors.refused)] = False
         if not self._weighted:
             factors.weights = np.where(factors.weights > 0, 1.0, 0.0)
-        keep &= factors.weights > 0  # a zero-weight update (e.g. the client step's non-finite guard) is inert
-        self.reducer.fold(deltas, keep, factors)
+        # A zero-weight update (no examples, or the client step's non-finite guard) is accepted and counted
+        # but contributes nothing: not to a mean, and not to a median's or trimmed mean's buffer either.
+        contributing = accepted & (factors.weights > 0)
+        self.reducer.fold(deltas, contributing, factors)
         r = self.report
-        r.updates_folded += int(keep.sum())
+        r.updates_folded += int(accepted.sum())
         r.updates_refused += len(factors.refused)
-        if keep.any():
-            r.total_weight += float(factors.weights[keep].sum())
-            r.max_client_weight = max(r.max_client_weight, float(factors.weights[keep].max()))
-            r.max_norm = max(r.max_norm, float(norms[keep].max()))
+        if contributing.any():
+            r.total_weight += float(factors.weights[contributing].sum())
+            r.max_client_weight = max(r.max_client_weight, float(factors.weights[contributing].max()))
+            r.max_norm = max(r.max_norm, float(norms[contributing].max()))
         return FoldResult(dict(factors.refused), r.updates_clipped - clipped_before)
 
     def fold_one(self, delta: Sequence[np.ndarray], weight: float) -> FoldResult:

@@ -61,7 +61,8 @@ def test_uniform_weighting_makes_each_report_one_kth() -> None:
     mean = agg.mean()
     assert mean is not None
     np.testing.assert_allclose(mean[0], [0.5, 0.5])
-    assert agg.report.max_single_client_share == 0.5 and agg.num_updates == 2
+    assert agg.report.max_single_client_share == 0.5
+    assert agg.num_updates == 3 and agg.total_weight == 2.0  # the weight-0 report is counted, inert
 
 
 def test_the_default_cap_comes_from_the_tasks_own_bound_on_examples() -> None:
