@@ -53,11 +53,11 @@ def main() -> None:
     for _ in range(args.rounds + 1):
         t0 = time.perf_counter()
         round_num = state.round_num + 1
-        aggregate = algorithm.new_aggregate()
+        aggregate = algorithm.new_aggregate(max_clients=100, batch_size=5)
         for user in select_clients(sim.user_ids, 100, seed=settings.seed, round_num=round_num):
             update = client_update(algorithm.client_step, state.globals, data.train[user],
                                    batch_size=5, rng=local_rng(settings.seed, round_num, user))
-            aggregate.add(update.delta, update.weight)
+            aggregate.fold_one(update.delta, update.weight)
         state = algorithm.server_update(state, aggregate)
         one_by_one.append(time.perf_counter() - t0)
 

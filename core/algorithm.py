@@ -5,9 +5,11 @@ One round:
 1. The server sends the global variables g to each selected client (``FedRecon.state.globals``).
 2. Each client reconstructs its local variables from scratch with g frozen, then updates g with its locals
    frozen, and reports Δ_i, a weight w_i and metrics (``client_work``; locals never leave the client).
-3. The server folds each report into a running weighted sum (``aggregation.RunningWeightedSum``).
-4. The server takes one optimizer step with pseudo-gradient -Σw_iΔ_i/Σw_i on the global trainable
-   variables (``optimizers.ServerOptimizer``) and the new model becomes the next version.
+3. The server folds each report through the aggregation stages (``aggregation``: weight cap, norm clip,
+   then by default a streaming weighted mean; trimmed mean or median as options).
+4. The server takes one optimizer step with the aggregate as pseudo-gradient (by default
+   -Σw_i s_i Δ_i/Σw_i) on the global trainable variables (``optimizers.ServerOptimizer``); the new model
+   becomes the next version unless a value of it is not finite (``NonFiniteUpdate``: the model stays).
 
 Only the client step is specific to FedRecon; distribution, aggregation and the server step are ordinary
 federated learning, so the coordinator reuses ``server_update`` exactly as the simulator does.
@@ -22,13 +24,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedrecon.core.aggregation import RunningWeightedSum
+from fedrecon.core.aggregation import AggregationConfig, Aggregator, build_aggregator, check_buffer
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.optimizers import OptimizerState, ServerOptimizer
 
 if TYPE_CHECKING:
     from fedrecon.core.client_work import ClientStep
+
+
+class NonFiniteUpdate(ValueError):
+    """A round's aggregate or the model it would make holds a NaN or an infinity: it must not be committed."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +49,11 @@ class ServerState:
 class FedRecon:
     """The algorithm for one model and configuration: client step plus server step."""
 
-    def __init__(self, model: ReconstructionModel, config: FedReconConfig) -> None:
+    def __init__(self, model: ReconstructionModel, config: FedReconConfig, *,
+                 aggregation: AggregationConfig | None = None) -> None:
         self.model = model
         self.config = config
+        self.aggregation = aggregation if aggregation is not None else AggregationConfig()
         self.server_optimizer = ServerOptimizer(config.server_optimizer)
 
     @functools.cached_property
@@ -62,17 +70,39 @@ class FedRecon:
         return ServerState(globals=weights, optimizer_state=self.server_optimizer.init(trainable),
                            round_num=0)
 
-    def new_aggregate(self) -> RunningWeightedSum:
-        return RunningWeightedSum([self.model.global_variables[i].shape for i in self.model.global_trainable])
+    @property
+    def _delta_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(self.model.global_variables[i].shape) for i in self.model.global_trainable]
 
-    def server_update(self, state: ServerState, aggregate: RunningWeightedSum) -> ServerState:
-        """Apply the aggregated mean delta; with no weight folded the model stays as it was."""
+    def check_aggregation(self, *, max_clients: int) -> None:
+        """Refuse settings whose buffering reducer would exceed its memory bound (at start, not mid-round)."""
+        check_buffer(self.aggregation, self._delta_shapes, max_clients)
+
+    def new_aggregate(self, *, max_clients: int, batch_size: int) -> Aggregator:
+        """A round's aggregation stages; ``max_clients`` bounds the updates a buffering reducer keeps and
+        ``batch_size`` derives the default weight cap (``AggregationConfig.weight_cap``)."""
+        return build_aggregator(self.aggregation, self._delta_shapes,
+                                weight_cap=self.aggregation.weight_cap(self.config, batch_size),
+                                max_clients=max_clients)
+
+    def server_update(self, state: ServerState, aggregate: Aggregator) -> ServerState:
+        """Apply the aggregated delta; with nothing folded the model stays as it was.
+
+        Raises ``NonFiniteUpdate`` (and changes nothing) when the aggregate or the new global variables
+        are not all finite: finite but huge updates can still overflow float32, and a committed Inf would
+        stay for good."""
         mean = aggregate.mean()
         if mean is None:
             return ServerState(state.globals, state.optimizer_state, state.round_num + 1)
+        if not all(np.isfinite(m).all() for m in mean):
+            raise NonFiniteUpdate(f"round {state.round_num + 1}: the aggregated update is not finite")
         idx = self.model.global_trainable
-        new_trainable, opt_state = self.server_optimizer.apply(
-            [state.globals[i] for i in idx], mean, state.optimizer_state)
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_trainable, opt_state = self.server_optimizer.apply(
+                [state.globals[i] for i in idx], mean, state.optimizer_state)
+        produced = [*new_trainable, *(slot for slots in opt_state.slots.values() for slot in slots)]
+        if not all(np.isfinite(np.asarray(w)).all() for w in produced):
+            raise NonFiniteUpdate(f"round {state.round_num + 1}: the new model would not be finite")
         globals_ = list(state.globals)
         for i, w in zip(idx, new_trainable, strict=True):
             globals_[i] = w

@@ -46,6 +46,44 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class ViewDeltas:
+    """A round's per-client deltas as the client step left them (per-client views, in TensorFlow), for the
+    aggregation stages (``aggregation.ClientDeltas``): norms come from the graph, a weighted sum is one
+    reduction in the graph, and dense per-client copies are made only for a buffering reducer."""
+
+    def __init__(self, step: ClientStep, views: list[tf.Tensor], index: tf.Tensor, norms: np.ndarray) -> None:
+        self._step = step
+        self._views = views
+        self._index = index
+        self._norms = norms
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._norms)
+
+    def norms(self) -> np.ndarray:
+        return self._norms
+
+    def weighted_sum(self, coefficients: np.ndarray) -> list[np.ndarray]:
+        sums = self._step._reduce_fn(self._views, tf.constant(coefficients, tf.float32), self._index)
+        return [s.numpy() for s in sums]
+
+    def stacked(self) -> list[np.ndarray]:
+        dense = self._step._expand_fn(self._views, self._index, tf.constant(self.num_clients))
+        return [d.numpy() for d in dense]
+
+
+@dataclass(frozen=True)
+class ClientGroupTraining:
+    """A client step over many clients, before any reduction (what the simulator aggregates)."""
+
+    deltas: ViewDeltas
+    weights: np.ndarray  # [C] after the non-finite guard
+    post_examples: np.ndarray  # [C] examples seen in the global update
+    loss_sum: np.ndarray  # [C] Σ squared error over the post-reconstruction examples (before each step)
+    finite: np.ndarray  # [C] bool: the update was finite
+
+
 @dataclass(frozen=True)
 class ClientGroupResult:
     """A client step over many clients: their deltas already reduced to a weighted sum."""
@@ -104,6 +142,9 @@ class ClientStep:
         self._recon_lr = float(config.reconstruction_optimizer.learning_rate)
         self._client_lr = float(config.client_optimizer.learning_rate)
         self._train_fn = tf.function(self._train, reduce_retracing=True)
+        self._train_reduced_fn = tf.function(self._train_reduced, reduce_retracing=True)
+        self._reduce_fn = tf.function(model.reduce_views, reduce_retracing=True)
+        self._expand_fn = tf.function(model.expand_views, reduce_retracing=True)
         self._eval_fn = tf.function(self._evaluate, reduce_retracing=True)
 
     # ----- graph pieces --------------------------------------------------------------------------------
@@ -154,8 +195,7 @@ class ClientStep:
         return locals_
 
     def _train(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
-               rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor, pm: tf.Tensor,
-               weighted: bool):
+               rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor, pm: tf.Tensor):
         model = self.model
         num_clients = tf.shape(py)[1]
         gviews = model.gather_views(globals_, view_index, num_clients)
@@ -174,9 +214,23 @@ class ClientStep:
         else:
             weights = tf.ones([num_clients], tf.float32)
         weights = tf.where(finite, weights, 0.0)
+        # Per-client L2 norms over all tensors, in float64 (a huge finite update must not overflow to Inf).
+        # A view holds each of a client's rows once (padding rows never move), so this is the norm of the
+        # client's dense delta.
+        squares = tf.zeros([num_clients], tf.float64)
+        for d in deltas:
+            flat = tf.cast(tf.reshape(d, [num_clients, -1]), tf.float64)
+            squares += tf.reduce_sum(tf.square(flat), axis=1)
+        return deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0), finite
+
+    def _train_reduced(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
+                       rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor,
+                       pm: tf.Tensor, weighted: bool):
+        """``_train`` and the reduction in one graph (one call: what a device's C = 1 step needs)."""
+        views, _, weights, examples, se, finite = self._train(globals_, view_index, locals_, rx, ry, rm,
+                                                              px, py, pm)
         reduce_with = weights if weighted else tf.cast(finite, tf.float32)
-        sums = model.reduce_views(deltas, reduce_with, view_index)
-        return sums, weights, examples, tf.where(finite, se, 0.0), finite
+        return self.model.reduce_views(views, reduce_with, view_index), weights, examples, se, finite
 
     def _evaluate(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                   rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, ex: tf.Tensor, ey: tf.Tensor, em: tf.Tensor,
@@ -200,11 +254,22 @@ class ClientStep:
         return [g, index_t, loc, tf.convert_to_tensor(r.x), tf.convert_to_tensor(r.y),
                 tf.convert_to_tensor(r.mask)]
 
+    def train_clients(self, globals_: Sequence[np.ndarray], packed: PackedClients) -> ClientGroupTraining:
+        """Run steps 1-4 for a packed group of clients; per-client deltas stay unreduced for aggregation."""
+        p = packed.post_reconstruction
+        args = self._common_args(globals_, packed)
+        views, norms, weights, examples, se, finite = self._train_fn(
+            *args, tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y), tf.convert_to_tensor(p.mask))
+        return ClientGroupTraining(deltas=ViewDeltas(self, list(views), args[1], norms.numpy()),
+                                   weights=weights.numpy(), post_examples=examples.numpy(),
+                                   loss_sum=se.numpy(), finite=finite.numpy())
+
     def train(self, globals_: Sequence[np.ndarray], packed: PackedClients, *, weighted: bool = True
               ) -> ClientGroupResult:
-        """Run steps 1-4 for a packed group of clients; deltas come back as one (weighted) sum."""
+        """Run steps 1-4 for a packed group of clients; deltas come back as one sum, weighted by the
+        clients' weights (or, ``weighted=False``, each finite update counting 1: a device's own Δ)."""
         p = packed.post_reconstruction
-        sums, weights, examples, se, finite = self._train_fn(
+        sums, weights, examples, se, finite = self._train_reduced_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
             tf.convert_to_tensor(p.mask), weighted)
         return ClientGroupResult(weighted_delta_sum=[s.numpy() for s in sums], weights=weights.numpy(),

@@ -134,6 +134,21 @@ class MatrixFactorization(ReconstructionModel):
                 sums.append(tf.tensordot(weights, d, axes=1))
         return sums
 
+    def expand_views(self, view_deltas: Sequence[tf.Tensor], views_index: tf.Tensor, num_clients: tf.Tensor
+                     ) -> list[tf.Tensor]:
+        flat_rows = tf.reshape(views_index, [-1])
+        client = tf.repeat(tf.range(num_clients), tf.shape(views_index)[1])
+        segments = client * self.num_items + flat_rows  # row r of client c goes to [c, r]
+        dense = []
+        for name, d in zip(self._names, view_deltas, strict=True):
+            if name in ("item_embedding", "item_bias"):
+                summed = tf.math.unsorted_segment_sum(d, segments, num_clients * self.num_items)
+                shape = tf.concat([[num_clients, self.num_items], tf.shape(d)[1:]], 0)
+                dense.append(tf.reshape(summed, shape))
+            else:
+                dense.append(d)
+        return dense
+
     # ----- forward -------------------------------------------------------------------------------------
     def predict(self, global_views: Sequence[tf.Tensor], locals_: Sequence[tf.Tensor], x: tf.Tensor
                 ) -> tf.Tensor:

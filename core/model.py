@@ -104,6 +104,11 @@ class ReconstructionModel(abc.ABC):
         """Weighted sum over clients of per-client deltas, mapped back to global shapes."""
         return [tf.tensordot(weights, d, axes=1) for d in view_deltas]
 
+    def expand_views(self, view_deltas: Sequence[tf.Tensor], views_index: Any, num_clients: tf.Tensor
+                     ) -> list[tf.Tensor]:
+        """Per-client deltas in the global shapes, ``[C, *shape]`` (default views already are)."""
+        return list(view_deltas)
+
     # ----- forward pass ----------------------------------------------------------------------------
     @abc.abstractmethod
     def predict(self, global_views: Sequence[tf.Tensor], locals_: Sequence[tf.Tensor], x: tf.Tensor

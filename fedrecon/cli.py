@@ -14,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedrecon import __version__, cli_coordinator
+from fedrecon.core.aggregation import AggregationConfig, NormPolicy, Reduction, Weighting
+
+AGGREGATION_DEFAULTS = AggregationConfig()  # simulate's aggregation options default to the dataclass's
 
 # TensorFlow's C++ start-up chatter says nothing a user of these commands can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -89,6 +92,25 @@ def simulate(
     joint: Annotated[bool, typer.Option(help="train local variables in the global update too")] = False,
     uniform_weights: Annotated[bool, typer.Option(help="weight clients equally, not by examples")] = False,
     clip: Annotated[bool, typer.Option(help="clip predictions to the rating range at evaluation")] = False,
+    aggregator: Annotated[Reduction, typer.Option(
+        help="how a round's updates are combined: mean (weighted, streaming), trimmed_mean or median "
+             "(coordinate-wise, each update counting once; they buffer the round's updates)")]
+    = AGGREGATION_DEFAULTS.reduction,
+    trim_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.49, help="with --aggregator trimmed_mean: fraction cut at each end of a coordinate")]
+    = AGGREGATION_DEFAULTS.trim_fraction,
+    max_update_norm: Annotated[float, typer.Option(
+        help="bound on the L2 norm of one client's update (positive)")]
+    = AGGREGATION_DEFAULTS.max_update_norm,
+    norm_policy: Annotated[NormPolicy, typer.Option(
+        help="an update above --max-update-norm is scaled down to it (clip), dropped (reject), or the bound "
+             "is off (none)")] = AGGREGATION_DEFAULTS.norm_policy,
+    max_client_weight: Annotated[float | None, typer.Option(
+        help="cap on a client's weight (default: batch size x post-recon-steps-max)")]
+    = AGGREGATION_DEFAULTS.max_client_weight,
+    server_weighting: Annotated[Weighting, typer.Option(
+        help="claimed: a client's weight (its examples, capped); uniform: every update counts 1")]
+    = AGGREGATION_DEFAULTS.weighting,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
     seed: Annotated[int, typer.Option()] = 0,
@@ -129,12 +151,19 @@ def simulate(
         recon_epochs=recon_epochs, recon_steps_max=recon_steps_max, post_recon_epochs=post_recon_epochs,
         post_recon_steps_max=post_recon_steps_max, split_dataset=split, jointly_train_variables=joint,
         client_weighting=ClientWeighting.UNIFORM if uniform_weights else ClientWeighting.NUM_EXAMPLES)
+    try:
+        aggregation = AggregationConfig(reduction=aggregator, trim_fraction=trim_fraction,
+                                        weighting=server_weighting, max_client_weight=max_client_weight,
+                                        max_update_norm=max_update_norm, norm_policy=norm_policy)
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from err
     settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
                                   eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
     spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases,
                           local_init=(local_init or (LocalInit.shared if backend == Backend.tff
                                                      else LocalInit.uniform)).value, config=config,
-                          settings=settings,
+                          settings=settings, aggregation=aggregation,
                           centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
     initial = None
     if init_model is not None:

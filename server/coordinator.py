@@ -8,13 +8,15 @@ A round (after Bonawitz et al., MLSys 2019), with ``RoundSettings`` giving the n
    round.
 2. Configuration. An assigned client downloads the round's global variables (never local ones: the
    model's local variables do not exist on the server).
-3. Reporting. Each accepted report is validated and folded into a running weighted sum at once
-   (``RunningWeightedSum``: memory is one model whatever the number of clients). The round commits as soon
-   as ``clients_per_round`` reports are in (later reporters are told ABORTED), or when every assigned client
-   has answered, or at the deadline with at least ``min_reports``; otherwise it fails and the model is
-   unchanged.
+3. Reporting. Each accepted report is validated and folded at once through the task's aggregation stages
+   (``core.aggregation``, shared with the simulator: weight cap, norm clip, then a streaming weighted mean
+   whose memory is one model whatever the number of clients, or a buffering trimmed mean / median). The
+   round commits as soon as ``clients_per_round`` reports are in (later reporters are told ABORTED), or
+   when every assigned client has answered, or at the deadline with at least ``min_reports``; otherwise it
+   fails and the model is unchanged.
 4. Commit. ``FedRecon.server_update`` (the simulator's own server step) makes the next model version, and
-   the store writes it with the round's outcome and participations in one transaction.
+   the store writes it with the round's outcome and participations in one transaction. A round whose new
+   model would hold a NaN or infinite value fails ("non_finite") and the model stays.
 
 In-flight round state lives in memory only: a coordinator that dies mid-round loses at most that round,
 which the next start marks failed, and no partial aggregate is ever written. Clients are known to the store
@@ -39,7 +41,8 @@ from typing import NoReturn
 
 import numpy as np
 
-from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.aggregation import Aggregator
+from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.model_spec import model_from_config
 from fedrecon.server.checkpoints import (
     globals_from_bytes,
@@ -110,7 +113,7 @@ class _Round:
     opened: float
     selection_ends: float
     deadline: float
-    aggregate: object
+    aggregate: Aggregator
     selecting: bool = True
     assigned: dict[str, str] = field(default_factory=dict)  # client key -> assignment token
     accepted: dict[str, str] = field(default_factory=dict)  # client key -> digest of the accepted update
@@ -148,7 +151,8 @@ class Coordinator:
         self._lock = threading.RLock()
         self._version_changed = threading.Condition(self._lock)
         self.model = model_from_config(task.model)
-        self.algorithm = FedRecon(self.model, task.training)
+        self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
+        self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
         self._names = [v.name for v in self.model.global_variables]
         self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
                                             tuple(self.model.global_variables[i].shape))
@@ -370,7 +374,9 @@ class Coordinator:
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
         self._round = _Round(record.round_id, record.round_num, self._version, now,
-                             now + s.selection_timeout_s, deadline, self.algorithm.new_aggregate())
+                             now + s.selection_timeout_s, deadline,
+                             self.algorithm.new_aggregate(max_clients=s.clients_per_round,
+                                                          batch_size=self.task.batch_size))
         return self._round
 
     # ----- reporting -----------------------------------------------------------------------------------
@@ -440,8 +446,11 @@ class Coordinator:
                 self._refuse_refused(r, key)
             if problem is not None:
                 self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
-            delta = self._bounded(r, key, delta)
-            r.aggregate.add(delta, weight)  # type: ignore[attr-defined]
+            folded = r.aggregate.fold_one(delta, weight)  # weight cap, norm bound, reducer
+            if folded.refused:
+                self._refuse(r, key, Status.INVALID_ARGUMENT, *folded.refused[0], record=True)
+            if folded.clipped:
+                self._count("clipped")
             r.accepted[key] = digest
             r.weights[key] = float(weight)
             r.metrics[key] = {k: float(v) for k, v in metrics.items()}
@@ -463,21 +472,6 @@ class Coordinator:
             if r.commit_due is not None:
                 return ReportOutcome(True, f"accepted in round {num}; the commit waits for the store")
             return ReportOutcome(True, f"accepted in round {num}")
-
-    def _bounded(self, r: _Round, key: str, delta: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
-        """Apply the task's bound on the update norm: refuse, or scale down to the bound."""
-        bound = self.task.rounds.max_update_norm
-        if bound is None:
-            return delta
-        norm = float(np.sqrt(sum(float(np.sum(np.square(d, dtype=np.float64))) for d in delta)))
-        if norm <= bound:
-            return delta
-        if self.task.rounds.norm_policy == "clip":
-            self._count("clipped")
-            return [d * np.float32(bound / norm) for d in delta]
-        self._refuse(r, key, Status.INVALID_ARGUMENT, "norm_too_large",
-                     f"the update's L2 norm {norm:.4g} exceeds the bound {bound:g}", record=True)
-        raise AssertionError("unreachable")
 
     def _report_to_closed_round(self, round_id: int, key: str, digest: str | None,
                                 stored: _ClosedRound | None = None, *, asked: bool = False) -> ReportOutcome:
@@ -633,11 +627,11 @@ class Coordinator:
                 participations.append(Participation(key, Outcome.DROPPED, 0.0, {}, "no report"))
         metrics = {"train_loss": r.loss_sum / r.examples if r.examples else float("nan"),
                    "train_examples": r.examples,
-                   "updates_folded": float(r.aggregate.num_updates),  # type: ignore[attr-defined]
+                   **r.aggregate.report.metrics(),
                    "seconds": self._clock() - r.opened}
         summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
                                num_accepted=len(r.accepted), num_refused=len(r.refused),
-                               total_weight=float(sum(r.weights.values())),
+                               total_weight=r.aggregate.total_weight,  # as folded: capped (or 1 each)
                                metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
         return summary, participations
 
@@ -649,7 +643,7 @@ class Coordinator:
             if not r.aggregating:
                 self.store.mark_aggregating(r.round_id)
                 r.aggregating = True
-            new_state = self.algorithm.server_update(self._state, r.aggregate)  # type: ignore[arg-type]
+            new_state = self.algorithm.server_update(self._state, r.aggregate)
             self.store.commit_round(r.round_id,
                                     parameters=globals_to_bytes(self._names, new_state.globals),
                                     optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state),
@@ -660,6 +654,10 @@ class Coordinator:
             return
         except StoreError as err:  # another writer moved the task on (StaleRound), or the round was closed
             self._fail(r, f"commit failed: {err}")
+            return
+        except NonFiniteUpdate as err:  # a committed Inf or NaN would stay for good: the model stays
+            self._count("non_finite_round")
+            self._fail(r, f"non_finite: {err}; the model stays at version {self._version}")
             return
         self._state = new_state
         self._version += 1

@@ -19,6 +19,10 @@ Written by people as TOML (or JSON), for example::
     clients_per_round = 100
     over_selection = 1.3
 
+    [aggregation]                    # AggregationConfig fields; omitted ones keep the defaults
+    max_update_norm = 20.0           # each update is clipped to this L2 norm (norm_policy = "clip")
+    reduction = "mean"               # or "trimmed_mean" (trim_fraction) or "median"
+
 The whole description is stored with the task, so ``fedrecon status`` and a restarted coordinator see what
 was run; a coordinator refuses to serve a task whose stored description differs from the one it is given.
 """
@@ -34,7 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig
+
+#: Fields of ``[rounds]`` written by older releases, now settings of ``[aggregation]``.
+LEGACY_ROUND_FIELDS = ("max_update_norm", "norm_policy")
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,6 @@ class RoundSettings:
     reporting_timeout_s: float = 120.0
     retry_delay_s: tuple[float, float] = (1.0, 10.0)  # the window a refused client waits in
     max_rounds: int | None = None  # stop assigning work after this many committed rounds
-    # A bound on the L2 norm of one client's delta (all tensors together): "reject" refuses a larger update,
-    # "clip" scales it down to the bound (as in DP-FedAvg's clipping); None accepts any finite update.
-    max_update_norm: float | None = None
-    norm_policy: str = "reject"
     # At most this many check-ins per client per minute (a token bucket); more are RESOURCE_EXHAUSTED, so
     # one misbehaving device cannot keep the coordinator busy. Retry windows keep honest clients far below.
     # With authentication the budget is per credential (times its max_devices), whatever ids it asserts.
@@ -82,15 +86,11 @@ class RoundSettings:
             raise ValueError("min_reports must be between 1 and clients_per_round")
         if self.selection_timeout_s <= 0 or self.reporting_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
-        if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ValueError("max_update_norm must be positive (or absent)")
         for name in ("max_check_ins_per_minute", "max_check_ins_per_minute_per_peer"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_assignments_per_peer is not None and self.max_assignments_per_peer < 1:
             raise ValueError("max_assignments_per_peer must be at least 1 (or absent)")
-        if self.norm_policy not in ("reject", "clip"):
-            raise ValueError("norm_policy must be 'reject' or 'clip'")
         lo, hi = self.retry_delay_s
         if not 0 <= lo <= hi:
             raise ValueError("retry_delay_s must be (min, max) with 0 <= min <= max")
@@ -112,6 +112,7 @@ class TaskSpec:
     model: dict[str, Any]
     training: FedReconConfig = field(default_factory=FedReconConfig)
     rounds: RoundSettings = field(default_factory=RoundSettings)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     batch_size: int = 5
     seed: int = 0  # initial global variables
 
@@ -125,11 +126,12 @@ class TaskSpec:
         rounds = dataclasses.asdict(self.rounds)
         rounds["retry_delay_s"] = list(self.rounds.retry_delay_s)
         return {"name": self.name, "model": dict(self.model), "training": self.training.to_dict(),
-                "rounds": rounds, "batch_size": self.batch_size, "seed": self.seed}
+                "rounds": rounds, "aggregation": self.aggregation.to_dict(), "batch_size": self.batch_size,
+                "seed": self.seed}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
-        known = {"name", "model", "training", "rounds", "batch_size", "seed"}
+        known = {"name", "model", "training", "rounds", "aggregation", "batch_size", "seed"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown task fields {sorted(unknown)}; known: {sorted(known)}")
@@ -138,11 +140,13 @@ class TaskSpec:
         rounds = dict(data.get("rounds", {}))
         if "retry_delay_s" in rounds:
             rounds["retry_delay_s"] = tuple(rounds["retry_delay_s"])
+        aggregation = _with_legacy_bound(dict(data.get("aggregation") or {}),
+                                         {k: rounds.pop(k) for k in LEGACY_ROUND_FIELDS if k in rounds})
         try:
             return cls(name=data["name"], model=dict(data["model"]),
                        training=FedReconConfig.from_dict(dict(data.get("training", {}))),
-                       rounds=RoundSettings(**rounds), batch_size=int(data.get("batch_size", 5)),
-                       seed=int(data.get("seed", 0)))
+                       rounds=RoundSettings(**rounds), aggregation=AggregationConfig.from_dict(aggregation),
+                       batch_size=int(data.get("batch_size", 5)), seed=int(data.get("seed", 0)))
         except TypeError as err:  # an unknown field in a sub-table
             raise ValueError(f"bad task description: {err}") from err
 
@@ -152,3 +156,19 @@ class TaskSpec:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         return cls.from_dict(data)
+
+
+def _with_legacy_bound(aggregation: dict[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:
+    """Map ``rounds.max_update_norm`` / ``rounds.norm_policy`` (older task files and stored specs) onto
+    ``[aggregation]``.
+
+    Older releases stored both fields always, ``max_update_norm = null`` with ``norm_policy = "reject"``
+    meaning "no bound": a null bound now means the default bound (clipped), and the old policy is
+    honoured only together with an explicit bound (absent, it was "reject")."""
+    bound = legacy.get("max_update_norm")
+    if bound is None:
+        return aggregation
+    if "max_update_norm" in aggregation or "norm_policy" in aggregation:
+        raise ValueError("the update-norm bound is set both in [rounds] (an older field) and in "
+                         "[aggregation]; keep it in [aggregation] only")
+    return {**aggregation, "max_update_norm": bound, "norm_policy": legacy.get("norm_policy") or "reject"}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
@@ -37,6 +38,7 @@ class ExperimentSpec:
     local_init: str = "uniform"  # how a client's user factors start ("zeros": deterministic rounds)
     config: FedReconConfig = field(default_factory=FedReconConfig)
     settings: SimulationSettings = field(default_factory=SimulationSettings)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     centralized: CentralizedSettings = field(default_factory=CentralizedSettings)
 
     def __post_init__(self) -> None:
@@ -46,7 +48,7 @@ class ExperimentSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "num_factors": self.num_factors,
                 "use_biases": self.use_biases, "local_init": self.local_init, "config": self.config.to_dict(),
-                "settings": dataclasses.asdict(self.settings),
+                "settings": dataclasses.asdict(self.settings), "aggregation": self.aggregation.to_dict(),
                 "centralized": dataclasses.asdict(self.centralized)}
 
 
@@ -90,7 +92,9 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     ``store_url``, default a temporary SQLite file) with the client library; evaluation is unchanged.
     ``initial_globals`` starts from given global variables (an exported model) instead of a fresh init.
     ``backend="tff"`` computes every round and evaluation with TensorFlow Federated's ``build_fed_recon``
-    (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged.
+    (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged, but TFF
+    aggregates with its own weighted mean, so ``spec.aggregation`` (weight cap, norm clip, robust reducers)
+    applies to the fedrecon backend only (in process or over gRPC).
     """
     if transport not in ("inprocess", "grpc"):
         raise ValueError(f"unknown transport {transport!r}; choose 'inprocess' or 'grpc'")
@@ -110,13 +114,14 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         train_config = eval_config = spec.config
     if initial_globals is not None:
         model.check_globals(initial_globals, "this experiment's model")
-    algorithm = FedRecon(model, train_config)
+    algorithm = FedRecon(model, train_config, aggregation=spec.aggregation)
+    algorithm.check_aggregation(max_clients=spec.settings.clients_per_round)
     state = algorithm.initial_state(spec.settings.seed, initial_globals)
     with contextlib.ExitStack() as stack:
         runner, evaluator = None, None
         if transport == "grpc":
             runner = stack.enter_context(GrpcRounds(model, train_config, data.train, spec.settings,
-                                                    store_url=store_url))
+                                                    store_url=store_url, aggregation=spec.aggregation))
         if backend == "tff":
             from fedrecon.simulations.tff_backend import TffEngine, TffRounds
 

@@ -19,6 +19,7 @@ import grpc
 
 from fedrecon.client import FederatedClient
 from fedrecon.client.transport import CoordinatorChannel
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.algorithm import ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
@@ -27,7 +28,8 @@ from fedrecon.simulations.runner import RoundRecord, SimulationSettings, local_r
 
 
 def simulation_task(name: str, model: ReconstructionModel, config: FedReconConfig,
-                    settings: SimulationSettings, num_users: int):  # type: ignore[no-untyped-def]
+                    settings: SimulationSettings, num_users: int,
+                    aggregation: AggregationConfig | None = None):  # type: ignore[no-untyped-def]
     """A coordinator task that runs rounds exactly as the simulator does: every selected user reports."""
     from fedrecon.server.task import RoundSettings, TaskSpec
 
@@ -38,7 +40,8 @@ def simulation_task(name: str, model: ReconstructionModel, config: FedReconConfi
                            # simulated clients check in back to back, all from this one host
                            max_check_ins_per_minute=1e6, max_check_ins_per_minute_per_peer=1e9)
     return TaskSpec(name=name, model=model.config(), training=config,  # type: ignore[attr-defined]
-                    rounds=rounds, batch_size=settings.batch_size, seed=settings.seed)
+                    rounds=rounds, aggregation=aggregation or AggregationConfig(),
+                    batch_size=settings.batch_size, seed=settings.seed)
 
 
 class GrpcRounds:
@@ -47,7 +50,8 @@ class GrpcRounds:
 
     def __init__(self, model: ReconstructionModel, config: FedReconConfig,
                  train: Mapping[int, ClientExamples], settings: SimulationSettings, *,
-                 store_url: str | None = None, task_name: str = "simulation", workers: int = 8) -> None:
+                 store_url: str | None = None, task_name: str = "simulation", workers: int = 8,
+                 aggregation: AggregationConfig | None = None) -> None:
         from fedrecon.server.app import start_server
         from fedrecon.server.coordinator import Coordinator
         from fedrecon.server.store import SqlStore
@@ -58,7 +62,7 @@ class GrpcRounds:
         self._tmp = tempfile.TemporaryDirectory(prefix="fedrecon-grpc-") if store_url is None else None
         url = store_url or f"sqlite:///{Path(self._tmp.name) / 'coordinator.db'}"  # type: ignore[union-attr]
         self.store = SqlStore(url)
-        self.task = simulation_task(task_name, model, config, settings, len(self.user_ids))
+        self.task = simulation_task(task_name, model, config, settings, len(self.user_ids), aggregation)
         self.coordinator = Coordinator(self.store, self.task)
         self.server = start_server(self.coordinator, host="127.0.0.1", port=0)
         self.channel = grpc.insecure_channel(self.server.address)

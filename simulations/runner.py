@@ -36,6 +36,7 @@ class RoundRecord:
     train_loss: float
     num_clients: int
     total_weight: float
+    aggregation: dict[str, float] = field(default_factory=dict)  # ``AggregationReport.metrics()``
 
 
 @dataclass
@@ -87,14 +88,15 @@ class Simulation:
         packed = pack_clients(self.algorithm.model, [self.train[u] for u in chosen], self.algorithm.config,
                               batch_size=s.batch_size,
                               local_rngs=[local_rng(s.seed, round_num, u) for u in chosen])
-        result = self.algorithm.client_step.train(state.globals, packed)
-        aggregate = self.algorithm.new_aggregate()
-        aggregate.add_sum(result.weighted_delta_sum, float(result.weights.sum()), count=len(chosen))
-        new_state = self.algorithm.server_update(state, aggregate)
+        result = self.algorithm.client_step.train_clients(state.globals, packed)
+        aggregate = self.algorithm.new_aggregate(max_clients=len(chosen), batch_size=s.batch_size)
+        aggregate.fold(result.deltas, result.weights)
+        new_state = self.algorithm.server_update(state, aggregate)  # NonFiniteUpdate stops the run
         examples = float(result.post_examples.sum())
         record = RoundRecord(round_num=round_num, seconds=time.perf_counter() - t0,
                              train_loss=float(result.loss_sum.sum()) / max(examples, 1.0),
-                             num_clients=len(chosen), total_weight=float(result.weights.sum()))
+                             num_clients=len(chosen), total_weight=aggregate.report.total_weight,
+                             aggregation=aggregate.report.metrics())
         return new_state, record
 
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7

@@ -74,9 +74,10 @@ def _engine_round(config: FedReconConfig, clients: list[ClientExamples]) -> tupl
     state = algorithm.initial_state(seed=11)
     rngs = [np.random.default_rng(100 + c) for c in range(len(clients))]
     packed = pack_clients(model, clients, config, batch_size=BATCH, local_rngs=rngs)
-    result = algorithm.client_step.train(state.globals, packed)
-    aggregate = algorithm.new_aggregate()
-    aggregate.add_sum(result.weighted_delta_sum, float(result.weights.sum()), count=len(clients))
+    result = algorithm.client_step.train_clients(state.globals, packed)
+    aggregate = algorithm.new_aggregate(max_clients=len(clients), batch_size=BATCH)
+    aggregate.fold(result.deltas, result.weights)
+    assert aggregate.report.updates_clipped == 0 and aggregate.report.weights_capped == 0  # honest: untouched
     new_state = algorithm.server_update(state, aggregate)
     return state.globals[0], new_state.globals[0], [packed.locals[0][c] for c in range(len(clients))]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
@@ -22,11 +23,12 @@ from fedrecon.server.task import RoundSettings, TaskSpec
 MODEL = {"kind": "matrix_factorization", "num_items": 6, "num_factors": 2}
 
 
-def _task(**rounds: object) -> TaskSpec:
+def _task(aggregation: AggregationConfig | None = None, **rounds: object) -> TaskSpec:
     settings = {"clients_per_round": 2, "over_selection": 1.5, "min_reports": 2, "selection_timeout_s": 10.0,
                 "reporting_timeout_s": 20.0, "retry_delay_s": (1.0, 3.0), **rounds}
     return TaskSpec(name="movies", model=MODEL, rounds=RoundSettings(**settings),  # type: ignore[arg-type]
-                    training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
+                    training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)),
+                    aggregation=aggregation or AggregationConfig())
 
 
 @pytest.fixture
@@ -63,7 +65,8 @@ def _stored_globals(store: SqlStore, version: int) -> np.ndarray:
 
 def test_round_commits_at_goal_with_the_weighted_mean(store: SqlStore) -> None:
     clock = ManualClock()
-    c = Coordinator(store, _task(), clock=clock)
+    # No norm bound here: bob's delta (norm 5·√12) would be clipped by the default (test_aggregation.py).
+    c = Coordinator(store, _task(AggregationConfig(norm_policy="none")), clock=clock)
     g0 = _stored_globals(store, 0)
     a, b, d = (_assign(c, n) for n in ("alice", "bob", "dora"))  # goal ceil(2 * 1.5) = 3
     assert a.round_id == b.round_id == d.round_id and a.model_version == 0
@@ -136,8 +139,8 @@ def test_duplicate_reports_count_once(store: SqlStore) -> None:
     again = _report(c, a, "alice", 1.0, 2.0)
     assert not again.accepted and "already accepted" in again.message
     _refused(lambda: _report(c, a, "alice", 9.0, 2.0), Status.ALREADY_EXISTS, "duplicate")
-    assert c._round is not None and c._round.aggregate.num_updates == 1  # type: ignore[attr-defined]
-    assert c._round.aggregate.total_weight == 2.0  # type: ignore[attr-defined]
+    assert c._round is not None and c._round.aggregate.num_updates == 1
+    assert c._round.aggregate.total_weight == 2.0
 
 
 def test_bad_reports_are_refused_and_change_nothing(store: SqlStore) -> None:
@@ -223,16 +226,17 @@ def test_shutdown_commits_a_round_that_has_its_minimum(store: SqlStore) -> None:
 
 def test_update_norm_bound_rejects_or_clips(store: SqlStore, tmp_path: Path) -> None:
     # item_embedding is 6x2: a delta of all 1.0 has L2 norm sqrt(12) ≈ 3.46.
-    rejecting = Coordinator(store, _task(clients_per_round=1, min_reports=1, over_selection=1.0,
-                                         max_update_norm=2.0), clock=ManualClock())
+    rejecting = Coordinator(store, _task(AggregationConfig(max_update_norm=2.0, norm_policy="reject"),
+                                         clients_per_round=1, min_reports=1, over_selection=1.0),
+                            clock=ManualClock())
     a = _assign(rejecting, "alice")
     refusal = _refused(lambda: _report(rejecting, a, "alice", 1.0, 1.0), Status.INVALID_ARGUMENT,
                        "norm_too_large")
     assert "3.464" in refusal.message and rejecting.version == 0
 
     with SqlStore(f"sqlite:///{tmp_path / 'clip.db'}") as clip_store:
-        clip_task = _task(clients_per_round=1, min_reports=1, over_selection=1.0, max_update_norm=2.0,
-                          norm_policy="clip")
+        clip_task = _task(AggregationConfig(max_update_norm=2.0), clients_per_round=1, min_reports=1,
+                          over_selection=1.0)
         clipping = Coordinator(clip_store, clip_task, clock=ManualClock())
         g0 = _stored_globals(clip_store, 0)
         b = _assign(clipping, "bob")

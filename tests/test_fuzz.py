@@ -27,6 +27,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
@@ -302,15 +303,19 @@ class FakeContext:
         return "ipv4:127.0.0.1:50000"
 
 
+# A claimed weight counts at most batch_size × post_recon_steps_max (the default cap; test_aggregation.py).
+WEIGHT_CAP = 5 * 50
+
+
 class Harness:
     """One coordinator whose round stays open for the whole module: selection never ends (the clock
     stands still) and the goal is far away, so no refusal can close the round and commit it."""
 
     def __init__(self, store: SqlStore) -> None:
         rounds = RoundSettings(clients_per_round=100_000, over_selection=1.0, min_reports=1,
-                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0),
-                               max_update_norm=NORM_BOUND, norm_policy="reject")
+                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0))
         task = TaskSpec(name=TASK, model=MODEL, rounds=rounds,
+                        aggregation=AggregationConfig(max_update_norm=NORM_BOUND, norm_policy="reject"),
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
         self.coordinator = Coordinator(store, task, clock=ManualClock())
         self.servicer = CoordinatorServicer(self.coordinator, max_chunk_bytes=64)
@@ -326,7 +331,7 @@ class Harness:
         c = self.coordinator
         r = c._round
         assert r is not None, "the round stays open for the whole module"
-        return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id  # type: ignore[attr-defined]
+        return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id
 
     def report(self, messages: Sequence[pb.ReportUpdateRequest]) -> pb.ReportUpdateResponse:
         def stream() -> Iterator[pb.ReportUpdateRequest]:
@@ -478,7 +483,7 @@ def test_report_update_refuses_cleanly_and_never_touches_the_aggregate(
     assert valid, f"an invalid report was accepted: {response}"
     assert response.accepted
     updates, total, version, round_id = before
-    assert harness.state() == (updates + 1, total + weight, version, round_id)
+    assert harness.state() == (updates + 1, total + min(weight, WEIGHT_CAP), version, round_id)
 
 
 @settings(max_examples=40, deadline=None)
@@ -492,7 +497,7 @@ def test_valid_report_is_folded_exactly_once(harness: Harness, delta: np.ndarray
 
     first = harness.report(_report_messages(client, a, weight, delta, metrics, chunk_bytes))
     assert first.accepted
-    folded = (updates + 1, total + weight, version, round_id)
+    folded = (updates + 1, total + min(weight, WEIGHT_CAP), version, round_id)
     assert harness.state() == folded
 
     # The same update again (even chunked differently) is an idempotent retry: answered, not folded.
