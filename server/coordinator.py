@@ -176,6 +176,7 @@ class Coordinator:
         self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
         self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
         self._peer_check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute_per_peer)
+        self._evaluators: dict[tuple[int, str], set[str]] = {}  # (version, gateway) -> its evaluating ids
         self.evaluation_limits = EvaluationLimits()  # what one evaluation may claim (see ``evaluations``)
         self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
                                           burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
@@ -550,8 +551,12 @@ class Coordinator:
         most `MAX_EVALUATIONS_PER_MINUTE` a minute per device it speaks for (RESOURCE_EXHAUSTED), and a
         caller's second evaluation of a version replaces its first (one per caller per version)."""
         self._check_task(task_name)
-        key = self.client_key(client)
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
+        # One evaluation per device per version: a one-device credential is one evaluator whatever ids it
+        # claims (keyed by the credential, so the store's uniqueness holds across restarts); a gateway's D
+        # devices are D evaluators, at most D distinct ids per version (counted in memory).
+        key = self.client_key(Caller(caller.group, caller.group, 1, True) if caller.authenticated
+                              and caller.max_assignments == 1 else caller)
         try:
             self.evaluation_limits.check(squared_error, num_correct, num_examples)
         except Refusal:
@@ -563,6 +568,16 @@ class Coordinator:
             # A group speaking for D devices (a gateway credential) gets D times a device's budget; each
             # report costs 1/D of the group's bucket.
             allowed = self._evaluations.allow(caller.group, self._clock(), share=caller.max_assignments)
+            if allowed and caller.authenticated and caller.max_assignments > 1:
+                seen = self._evaluators.setdefault((version, caller.group), set())
+                if key not in seen and len(seen) >= caller.max_assignments:
+                    self._count("evaluation_devices")
+                    raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_devices",
+                                  f"this credential speaks for {caller.max_assignments} devices and "
+                                  f"{len(seen)} of them evaluated version {version} already")
+                seen.add(key)
+                while len(self._evaluators) > 10_000:  # oldest first: versions only grow
+                    del self._evaluators[next(iter(self._evaluators))]
         if not allowed:
             self._count("evaluation_rate")
             raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_rate",

@@ -132,12 +132,15 @@ def test_evaluations_are_rate_limited_per_credential(served: Served) -> None:
 
     # 6 a minute per device, a burst of 3: the 500 calls of the issue store one evaluation, not 500.
     assert send(device, 20) == ["OK"] * 3 + ["RESOURCE_EXHAUSTED"] * 17
-    assert send(gateway, 20) == ["OK"] * 12 + ["RESOURCE_EXHAUSTED"] * 8  # 4 devices: 4 times the budget
+    # 4 devices: 4 times the budget, and at most 4 distinct evaluators of the version.
+    assert send(gateway, 20) == ["OK"] * 4 + ["RESOURCE_EXHAUSTED"] * 16
     (v0,) = served.store.evaluation_summaries("evals")
-    assert v0.num_clients == 1 + 12  # the phone is one client whatever id it claims; the gateway's 12
+    assert v0.num_clients == 1 + 4  # the phone is one evaluator whatever ids it claims; the gateway's 4
     served.clock.now += 10.0  # a minute's budget refills at 6 a minute: one more report after 10 s
     assert send(device, 2) == ["OK", "RESOURCE_EXHAUSTED"]
     assert served.coordinator.refusals["evaluation_rate"] == 17 + 8 + 1
+    assert served.coordinator.refusals["evaluation_devices"] == 8  # ids 4..11, while the rate budget lasted
+    assert served.store.evaluation_summaries("evals")[0].num_clients == 5  # the phone's report replaced
 
 
 def test_status_never_breaks_on_what_is_stored(served: Served, db_url: str) -> None:

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.client import tls_credentials
+from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.app import TlsFiles, start_server
 from fedrecon.server.auth import TokenAuthInterceptor, issue_token
@@ -46,12 +47,12 @@ SHAPE = (6, 2)  # the model's one global trainable variable, item_embedding
 def _task(name: str, **rounds: object) -> TaskSpec:
     settings: dict[str, object] = {
         "clients_per_round": 2, "over_selection": 1.0, "min_reports": 1, "selection_timeout_s": 60.0,
-        "reporting_timeout_s": 120.0, "retry_delay_s": (0.05, 0.1),
-        "max_update_norm": 100.0, "norm_policy": "clip", **rounds}  # no update here comes near the bound
+        "reporting_timeout_s": 120.0, "retry_delay_s": (0.05, 0.1), **rounds}
     return TaskSpec(name=name, model={"kind": "matrix_factorization", "num_items": SHAPE[0],
                                       "num_factors": SHAPE[1]},
                     training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)),
-                    rounds=RoundSettings(**settings))  # type: ignore[arg-type]
+                    rounds=RoundSettings(**settings),  # type: ignore[arg-type]
+                    aggregation=AggregationConfig(max_update_norm=100.0))  # no update here nears the bound
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
