@@ -78,6 +78,7 @@ class RunningServer:
     """A started coordinator; ``stop`` shuts it down (see ``stop``)."""
 
     coordinator: Coordinator
+    servicer: CoordinatorServicer
     port: int
     address: str
     shutdown_grace_s: float
@@ -198,5 +199,5 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
 
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()
-    return RunningServer(coordinator, bound, f"{host}:{bound}", shutdown_grace_s, server, loop, serving,
+    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop, serving,
                          executor, ticker, stopped)

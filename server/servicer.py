@@ -78,6 +78,11 @@ class CoordinatorServicer:
         self._downloads: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._downloads_lock = threading.Lock()
 
+    def streams_open(self) -> dict[str, int]:
+        """Report streams and downloads holding a slot now (read from other threads for tests and figures:
+        a racy snapshot, exact once the loop is quiet)."""
+        return {"reports": self._report_streams.held(), "downloads": self._download_streams.held()}
+
     # ----- registration and the common wrapper ----------------------------------------------------------
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's handlers. Requests arrive as bytes and are parsed by ``_call`` (see the module

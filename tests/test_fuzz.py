@@ -6,10 +6,10 @@ Two families of properties:
   streams raise nothing but ``TensorDecodeError``; a chunk sequence is accepted exactly when a small
   reference model of the framing rules accepts it, with the very bytes it carried; valid streams round-trip
   exactly.
-* ``CoordinatorServicer.ReportUpdate`` driven directly with a fake ``grpc.ServicerContext``: random and
-  mutated report streams only ever end in ``context.abort`` (never UNKNOWN or INTERNAL), a report is
-  accepted exactly when every rule holds, and a refused report never changes the open round's aggregate or
-  the model version; a valid report is folded exactly once.
+* ``ReportUpdate`` over real gRPC against a running coordinator: random and mutated report streams only
+  ever end in a documented refusal (never UNKNOWN or INTERNAL), a report is accepted exactly when every
+  rule holds, and a refused report never changes the open round's aggregate or the model version; a valid
+  report is folded exactly once.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
-from fedrecon.server.servicer import CoordinatorServicer
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import (
@@ -42,6 +42,7 @@ from fedrecon.tensors import (
     tensor_stream,
 )
 from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 FAST = settings(max_examples=150, deadline=None)
 INT64 = (-(2**63), 2**63 - 1)
@@ -288,13 +289,6 @@ class Aborted(Exception):
         self.details = details
 
 
-class FakeContext:
-    """The part of ``grpc.ServicerContext`` a unary-response handler uses: ``abort`` raises."""
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
 class Harness:
     """One coordinator whose round stays open for the whole module: selection never ends (the clock
     stands still) and the goal is far away, so no refusal can close the round and commit it."""
@@ -306,7 +300,9 @@ class Harness:
         task = TaskSpec(name=TASK, model=MODEL, rounds=rounds,
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
         self.coordinator = Coordinator(store, task, clock=ManualClock())
-        self.servicer = CoordinatorServicer(self.coordinator, max_chunk_bytes=64)
+        self.server = start_server(self.coordinator)
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
         self._ids = itertools.count()
 
     def assign(self) -> tuple[str, Assignment]:
@@ -322,16 +318,26 @@ class Harness:
         return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id  # type: ignore[attr-defined]
 
     def report(self, messages: Sequence[pb.ReportUpdateRequest]) -> pb.ReportUpdateResponse:
-        def stream() -> Iterator[pb.ReportUpdateRequest]:
-            yield from messages
-        return self.servicer.ReportUpdate(stream(), FakeContext())  # type: ignore[arg-type]
+        """One ReportUpdate call over gRPC; a refusal raises ``Aborted`` with the status the client saw."""
+        try:
+            return self.stub.ReportUpdate(iter(messages), timeout=60)
+        except grpc.RpcError as err:
+            raise Aborted(err.code(), err.details()) from None  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop()
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     path: Path = tmp_path_factory.mktemp("fuzz") / "store.db"
     with SqlStore(f"sqlite:///{path}") as store:
-        yield Harness(store)
+        h = Harness(store)
+        try:
+            yield h
+        finally:
+            h.close()
 
 
 def _delta_manifest() -> pb.TensorManifest:
