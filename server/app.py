@@ -199,5 +199,5 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
 
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()
-    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop, serving,
-                         executor, ticker, stopped)
+    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
+                         serving, executor, ticker, stopped)

@@ -99,7 +99,8 @@ def test_streams_beyond_their_limit_are_refused_and_unary_calls_are_still_served
                     break
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
             assert retry_after_ms(caught.value.trailing_metadata()) == 700
-            assert stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5).model_version == 0
+            latest = stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5)
+            assert latest.model_version == 0
         finally:
             release.set()
         for call in held:
