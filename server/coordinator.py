@@ -238,6 +238,9 @@ class Coordinator:
         with self._lock:
             if version == self._version:
                 return list(self._names), list(self._state.globals)
+            if not 0 <= version < self._version:  # never asks the store about a value it cannot hold
+                raise Refusal(Status.NOT_FOUND, "unknown_version",
+                              f"task {task_name!r} has no model version {version}")
         try:
             record = self.store.get_version(self.task.name, version)
         except UnknownVersion:
