@@ -225,8 +225,9 @@ def test_idle_connections_are_closed_by_the_server(tmp_path: Path) -> None:
         stub = pb_grpc.CoordinatorStub(channel)
         latest = pb.GetLatestModelRequest(task_name="streams")
         assert stub.GetLatestModel(latest, timeout=10).model_version == 0
+        # Connectivity changes reach the callback asynchronously, starting with the channel's first IDLE.
+        _wait_for(lambda: grpc.ChannelConnectivity.READY in states, 30, "the channel connected")
         _wait_for(lambda: states[-1] == grpc.ChannelConnectivity.IDLE, 30, "the server closed the connection")
-        assert grpc.ChannelConnectivity.READY in states
         assert stub.GetLatestModel(latest, timeout=10).model_version == 0
         channel.close()
     finally:
