@@ -1,22 +1,26 @@
 """The client side of the wire: typed calls to the coordinator, with retries for transient failures.
 
-Each call is one RPC; a call that fails with UNAVAILABLE (coordinator restarting, connection refused) or a
-transport-level DEADLINE_EXCEEDED is retried with exponential backoff and full jitter (tenacity), so a fleet
-of devices does not hammer a coordinator that has just come back. Refusals (INVALID_ARGUMENT, ABORTED, ...)
-are not retried: they are answers.
+Each call is one RPC; a call that fails with UNAVAILABLE (coordinator restarting, connection refused, store
+outage) or a transport-level DEADLINE_EXCEEDED is retried with exponential backoff and full jitter
+(tenacity), so a fleet of devices does not hammer a coordinator that has just come back. When the coordinator
+says how long to wait (trailing metadata ``retry-after-ms``, see ``fedrecon.retry_hint``) the wait is at least
+that; RESOURCE_EXHAUSTED is retried only with such a hint (no free stream slot), never without one (a rate
+limit). Refusals (INVALID_ARGUMENT, ABORTED, INTERNAL, ...) are not retried: they are answers.
 
 Traffic is counted in ``bytes_downloaded`` / ``bytes_uploaded`` (serialized message sizes).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from fedrecon.retry_hint import retry_after_ms
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, manifest
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
@@ -36,8 +40,36 @@ class RetryPolicy:
     rpc_timeout_s: float = 60.0
 
 
+def _hint_s(err: BaseException | None) -> float | None:
+    """The coordinator's retry hint carried by ``err``, in seconds, if any."""
+    trailing = getattr(err, "trailing_metadata", None)
+    if not isinstance(err, grpc.RpcError) or trailing is None:
+        return None
+    try:
+        ms = retry_after_ms(trailing())
+    except Exception:  # a call object without metadata (a test double, a local failure)
+        return None
+    return None if ms is None else ms / 1000.0
+
+
 def _transient(err: BaseException) -> bool:
-    return isinstance(err, grpc.RpcError) and err.code() in TRANSIENT  # type: ignore[attr-defined]
+    if not isinstance(err, grpc.RpcError):
+        return False
+    code = err.code()  # type: ignore[attr-defined]
+    return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hint_s(err) is not None)
+
+
+class _WaitWithHint:
+    """Exponential backoff with full jitter, but never less than the server's hint (plus up to half of it
+    again at random, so clients told the same delay do not come back at the same instant)."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._backoff = wait_random_exponential(multiplier=policy.initial_s, max=policy.max_s)
+
+    def __call__(self, state: RetryCallState) -> float:
+        backoff = self._backoff(state)
+        hint = _hint_s(state.outcome.exception() if state.outcome else None)
+        return backoff if hint is None else max(backoff, hint * random.uniform(1.0, 1.5))
 
 
 def tls_credentials(ca: bytes, *, cert_chain: bytes | None = None, private_key: bytes | None = None
@@ -73,8 +105,7 @@ class CoordinatorChannel:
 
     def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         p = self.retry
-        for attempt in Retrying(retry=retry_if_exception(_transient),
-                                wait=wait_random_exponential(multiplier=p.initial_s, max=p.max_s),
+        for attempt in Retrying(retry=retry_if_exception(_transient), wait=_WaitWithHint(p),
                                 stop=stop_after_delay(p.give_up_after_s), reraise=True):
             with attempt:
                 return fn(*args, timeout=p.rpc_timeout_s, metadata=self._metadata, **kwargs)

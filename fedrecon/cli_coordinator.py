@@ -24,9 +24,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from fedrecon.server.limits import Keepalive, ServerLimits
+
 console = Console()
 DEFAULT_STORE = "sqlite:///fedrecon.db"
 StoreOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the store (SQLite file by default)")]
+
+
+_LIMITS = ServerLimits()
+_KEEPALIVE = Keepalive()
 
 
 def serve(
@@ -34,11 +40,53 @@ def serve(
     store: StoreOption = DEFAULT_STORE,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
-    max_workers: Annotated[int, typer.Option(min=1, help="RPCs handled at once")] = 32,
-    max_concurrent_rpcs: Annotated[int | None, typer.Option(
-        min=1, help="RPCs in progress (handled or queued) beyond which calls are refused with "
-                    "RESOURCE_EXHAUSTED; default: no limit")] = None,
-    max_message_mb: Annotated[float, typer.Option(help="largest gRPC message accepted or sent")] = 4.0,
+    max_workers: Annotated[int, typer.Option(
+        min=1, help="threads running coordinator calls (a call waiting on the store holds one)")]
+    = _LIMITS.coordinator_threads,
+    max_concurrent_rpcs: Annotated[int, typer.Option(
+        min=1, help="unary calls (CheckIn, GetLatestModel, ReportEvaluation) in progress or queued beyond "
+                    "which new ones are refused with RESOURCE_EXHAUSTED and a retry hint; streams have "
+                    "their own limits")] = _LIMITS.max_unary_calls,
+    max_report_streams: Annotated[int, typer.Option(
+        min=1, help="ReportUpdate streams open at once (each may hold an update in memory)")]
+    = _LIMITS.max_report_streams,
+    max_downloads: Annotated[int, typer.Option(min=1, help="DownloadModel streams open at once")]
+    = _LIMITS.max_downloads,
+    max_streams_per_credential: Annotated[int, typer.Option(
+        min=1, help="streams one client token or certificate may hold open")]
+    = _LIMITS.max_streams_per_credential,
+    max_streams_per_peer: Annotated[int | None, typer.Option(
+        min=1, help="streams one network address may hold open when no credential is required "
+                    "(trusted-network mode); default: no limit")] = _LIMITS.max_streams_per_peer,
+    first_message_s: Annotated[float, typer.Option(
+        min=0.001, help="a report stream must send its header within this")] = _LIMITS.first_message_s,
+    chunk_gap_s: Annotated[float, typer.Option(
+        min=0.001, help="and each next message within this")] = _LIMITS.chunk_gap_s,
+    report_s: Annotated[float, typer.Option(
+        min=0.001, help="and be complete within this")] = _LIMITS.report_s,
+    download_s: Annotated[float, typer.Option(
+        min=0.001, help="a download must be read to its end within this")] = _LIMITS.download_s,
+    retry_hint_ms: Annotated[int, typer.Option(
+        min=0, help="retry hint sent with RESOURCE_EXHAUSTED (no slot) and UNAVAILABLE (store outage)")]
+    = _LIMITS.retry_hint_ms,
+    keepalive_s: Annotated[float, typer.Option(
+        min=0.001, help="ping a quiet connection after this")] = _KEEPALIVE.time_s,
+    keepalive_timeout_s: Annotated[float, typer.Option(
+        min=0.001, help="drop it if the ping is not answered within this")] = _KEEPALIVE.timeout_s,
+    max_connection_idle_s: Annotated[float, typer.Option(
+        min=0.001, help="close a connection without calls after this")] = _KEEPALIVE.max_idle_s,
+    max_connection_age_s: Annotated[float, typer.Option(
+        min=0.001, help="retire any connection after this (clients reconnect)")] = _KEEPALIVE.max_age_s,
+    max_connection_age_grace_s: Annotated[float, typer.Option(
+        min=0, help="time a retired connection's calls get to finish")] = _KEEPALIVE.max_age_grace_s,
+    min_client_ping_s: Annotated[float, typer.Option(
+        min=0.001, help="clients pinging more often than this without data are warned, then dropped")]
+    = _KEEPALIVE.min_client_ping_s,
+    shutdown_grace_s: Annotated[float, typer.Option(
+        min=0, help="on SIGTERM, how long a due commit is retried while the store is unavailable; after "
+                    "it, the process exits 1 and says which accepted updates were lost")] = 30.0,
+    max_message_mb: Annotated[float, typer.Option(min=0.01, help="largest gRPC message accepted or sent")]
+    = 4.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
     require_token: Annotated[bool, typer.Option(help="refuse calls without a valid client token "
                                                      "(fedrecon token issue)")] = False,
@@ -52,17 +100,24 @@ def serve(
              "task from; ignored if the task exists")]
     = None,
 ) -> None:
-    """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE."""
-    from fedrecon.server.app import start_server
+    """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE.
+
+    Every flag is checked (task file, model file, TLS files, limits, the port) before the store is opened:
+    a mistyped flag must not cost a live round. Exits 1 if shutting down lost accepted updates."""
+    from fedrecon.server.app import TlsFiles, check_bindable, start_server
+    from fedrecon.server.auth import TokenAuthInterceptor
     from fedrecon.server.coordinator import Coordinator
     from fedrecon.server.store import SqlStore
     from fedrecon.server.task import TaskSpec
 
+    def refuse(message: str, err: BaseException | None = None) -> NoReturn:
+        console.print(f"[red]{message}[/]", highlight=False)
+        raise typer.Exit(2) from err
+
     try:
         spec = TaskSpec.load(task)
     except (ValueError, OSError) as err:
-        console.print(f"[red]cannot load task {task}: {err}[/]")
-        raise typer.Exit(2) from err
+        refuse(f"cannot load task {task}: {err}", err)
     initial = None
     if init_model is not None:
         from fedrecon.client.model_file import ModelFile
@@ -74,50 +129,67 @@ def serve(
             # By name, in the task's order: a file from another tool may list its variables differently.
             initial = [named[v.name] for v in model_from_config(spec.model).global_variables]
         except (ValueError, OSError, KeyError) as err:
-            console.print(f"[red]cannot use model {init_model} for task {spec.name}: {err!r}[/]")
-            raise typer.Exit(2) from err
+            refuse(f"cannot use model {init_model} for task {spec.name}: {err!r}", err)
+    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+        refuse("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
+    tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+    try:
+        if tls is not None:
+            tls.check()
+        limits = ServerLimits(
+            coordinator_threads=max_workers, max_unary_calls=max_concurrent_rpcs,
+            max_report_streams=max_report_streams, max_downloads=max_downloads,
+            max_streams_per_credential=max_streams_per_credential, max_streams_per_peer=max_streams_per_peer,
+            first_message_s=first_message_s, chunk_gap_s=chunk_gap_s, report_s=report_s,
+            download_s=download_s, retry_hint_ms=retry_hint_ms)
+        keepalive = Keepalive(time_s=keepalive_s, timeout_s=keepalive_timeout_s,
+                              max_idle_s=max_connection_idle_s, max_age_s=max_connection_age_s,
+                              max_age_grace_s=max_connection_age_grace_s, min_client_ping_s=min_client_ping_s)
+    except ValueError as err:
+        refuse(str(err), err)
+    try:
+        check_bindable(host, port)
+    except OSError as err:
+        refuse(f"cannot listen on {host}:{port}: {err}", err)
+
     sql = SqlStore(store)
     try:
-        coordinator = Coordinator(sql, spec, initial_globals=initial)
-    except ValueError as err:
+        try:
+            coordinator = Coordinator(sql, spec, initial_globals=initial)
+        except ValueError as err:
+            refuse(str(err), err)
+        running = start_server(
+            coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
+            interceptors=[TokenAuthInterceptor(sql, retry_hint_ms=retry_hint_ms)] if require_token else [],
+            tls=tls, limits=limits, keepalive=keepalive, shutdown_grace_s=shutdown_grace_s)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        if init_model is not None:
+            console.print(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
+                          f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
+        if coordinator.interrupted_rounds:
+            console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
+                          f"{coordinator.interrupted_rounds}")
+        console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
+                      f"model version {coordinator.version}; store {sql.url}"
+                      + ("; client tokens required" if require_token else "")
+                      + ("; TLS" + (" with client certificates" if tls_client_ca else "") if tls else ""))
+        if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
+            partial = port_file.with_name(port_file.name + ".tmp")
+            partial.write_text(str(running.port))
+            partial.replace(port_file)
+        sys.stdout.flush()
+        stop.wait()
+        console.print("shutting down: no new calls; the open round commits if it has enough reports")
+        outcome = running.stop()
+    finally:
         sql.close()
-        console.print(f"[red]{err}[/]")
-        raise typer.Exit(2) from err
-    from fedrecon.server.app import TlsFiles
-    from fedrecon.server.auth import TokenAuthInterceptor
-
-    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
-        sql.close()
-        console.print("[red]TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)[/]")
-        raise typer.Exit(2)
-    tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
-    running = start_server(coordinator, host=host, port=port, max_workers=max_workers,
-                           max_message_bytes=int(max_message_mb * (1 << 20)),
-                           interceptors=[TokenAuthInterceptor(sql)] if require_token else [], tls=tls,
-                           max_concurrent_rpcs=max_concurrent_rpcs)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if init_model is not None:
-        console.print(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
-                      f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
-    if coordinator.interrupted_rounds:
-        console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
-                      f"{coordinator.interrupted_rounds}")
-    console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
-                  f"model version {coordinator.version}; store {sql.url}"
-                  + ("; client tokens required" if require_token else "")
-                  + ("; TLS" + (" with client certificates" if tls_client_ca else "") if tls else ""))
-    if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
-        partial = port_file.with_name(port_file.name + ".tmp")
-        partial.write_text(str(running.port))
-        partial.replace(port_file)
-    sys.stdout.flush()
-    stop.wait()
-    console.print("shutting down: no new calls; the open round commits if it has enough reports")
-    running.stop()
-    sql.close()
-    console.print(f"stopped at model version {coordinator.version}")
+    if outcome.lost_updates:
+        console.print(f"[red]shutdown: {outcome.message}[/]", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"shutdown: {outcome.message}; stopped at model version {coordinator.version}",
+                  highlight=False)
 
 
 def _finite_or_none(value: float) -> float | None:

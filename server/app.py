@@ -1,24 +1,34 @@
-"""Starting and stopping a coordinator: a gRPC server around one ``Coordinator`` and a timer for deadlines."""
+"""Starting and stopping a coordinator: a grpc.aio server on its own event-loop thread, around one
+``Coordinator``, a thread pool for the coordinator's blocking calls, and a timer for deadlines.
+
+The public face stays synchronous (``start_server`` returns a ``RunningServer`` with ``stop``/``wait``), so
+tests, benchmarks and ``fedrecon serve`` need no asyncio of their own; inside, calls are served by an event
+loop so that waiting streams hold no thread (see ``servicer``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Sequence
-from concurrent import futures
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from fedrecon.server.auth import TokenAuthInterceptor
-from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.coordinator import Coordinator, ShutdownOutcome
 from fedrecon.server.identity import Identifier
+from fedrecon.server.limits import Keepalive, ServerLimits
 from fedrecon.server.servicer import CoordinatorServicer
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES
-from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
+DEFAULT_SHUTDOWN_GRACE_S = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +41,22 @@ class TlsFiles:
     private_key: Path
     client_ca: Path | None = None
 
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the files are readable, parse as PEM and the key matches the
+        certificate: ``serve`` calls this before it touches the store, so a mistyped flag fails at once
+        rather than after the coordinator has taken over a live round."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_chain, self.private_key, password=lambda: b"")
+        except (OSError, ssl.SSLError) as err:
+            raise ValueError(f"cannot use TLS certificate {self.cert_chain} with key {self.private_key}: "
+                             f"{err}") from err
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (OSError, ssl.SSLError) as err:
+                raise ValueError(f"cannot use client CA {self.client_ca}: {err}") from err
+
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
             [(self.private_key.read_bytes(), self.cert_chain.read_bytes())],
@@ -38,27 +64,51 @@ class TlsFiles:
             require_client_auth=self.client_ca is not None)
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise ``OSError`` unless ``host:port`` can be listened on now (checked, then released)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        probe.bind(address)
+
+
 @dataclass
 class RunningServer:
-    """A started coordinator; ``stop`` shuts it down cleanly (open round committed or failed)."""
+    """A started coordinator; ``stop`` shuts it down (see ``stop``)."""
 
-    server: grpc.Server
     coordinator: Coordinator
+    servicer: CoordinatorServicer
     port: int
     address: str
+    shutdown_grace_s: float
+    _server: grpc.aio.Server
+    _loop: asyncio.AbstractEventLoop
+    _serving: threading.Thread
+    _executor: ThreadPoolExecutor
     _ticker: threading.Thread
     _stopped: threading.Event
+    _outcome: ShutdownOutcome | None = field(default=None)
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def stop(self, grace_s: float = 5.0) -> ShutdownOutcome:
+        """Refuse new calls, give running ones ``grace_s`` seconds, then close the open round: committed if
+        it has its minimum of reports, retrying for ``shutdown_grace_s`` while the store is unavailable;
+        failed otherwise. The outcome says whether accepted updates were lost (``lost_updates``)."""
         if self._stopped.is_set():
-            return
+            self._serving.join()
+            return self._outcome or ShutdownOutcome("idle", "already stopped")
         self._stopped.set()
-        self.server.stop(grace_s).wait()  # refuse new calls, let running ones finish
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._serving.join()
+        self._executor.shutdown(wait=True)  # coordinator calls already started finish
         self._ticker.join()
-        self.coordinator.shut_down()
+        self._outcome = self.coordinator.shut_down(self.shutdown_grace_s)
+        return self._outcome
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until the server has stopped."""
+        self._serving.join()
 
     def __enter__(self) -> RunningServer:
         return self
@@ -67,44 +117,77 @@ class RunningServer:
         self.stop()
 
 
-def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 32,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tick_s: float = 0.2,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (), tls: TlsFiles | None = None,
-                 max_concurrent_rpcs: int | None = None, identifier: Identifier | None = None
-                 ) -> RunningServer:
+def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tick_s: float = 0.2, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 tls: TlsFiles | None = None, identifier: Identifier | None = None,
+                 limits: ServerLimits | None = None, keepalive: Keepalive | None = None,
+                 shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
 
-    Memory must not grow with the number of clients reporting at once. gRPC accepts and buffers the data of
-    every open stream even while all ``max_workers`` handlers are busy, and its bandwidth-delay probing
-    widens flow-control windows towards a whole update per stream; with probing off each stream keeps the
-    default 64 KiB window, so waiting reports cost little (benchmarks/coordinator_load.py: peak memory
-    flat from 100 to 1,000 clients). Capping streams per connection instead made clients see
-    REFUSED_STREAM (UNAVAILABLE) and re-send whole reports, so it is not done.
+    ``max_workers`` (if given) is ``limits.coordinator_threads``: the threads that run coordinator calls.
+
+    Memory must not grow with the number of clients reporting at once: a report being read is assembled in
+    memory, so ``limits.max_report_streams`` bounds how many are read at once (the rest are told to retry),
+    and gRPC's bandwidth-delay probing, which widens flow-control windows towards a whole update per
+    stream, is off, so each waiting stream keeps the default 64 KiB window.
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="coordinator"),
-        interceptors=list(interceptors),
-        # Calls beyond this many in progress are refused at once with RESOURCE_EXHAUSTED (None: no limit).
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", max_message_bytes),
-                 ("grpc.max_send_message_length", max_message_bytes),
-                 ("grpc.http2.bdp_probe", 0),
-                 ("grpc.so_reuseport", 0)])
+    limits = limits or ServerLimits()
+    if max_workers is not None:
+        limits = replace(limits, coordinator_threads=max_workers)
+    keepalive = keepalive or Keepalive()
     if identifier is None:  # derive identities from whatever the transport verifies
         store = coordinator.store
         identifier = Identifier(
             tokens=any(isinstance(i, TokenAuthInterceptor) for i in interceptors),
             client_certs=tls is not None and tls.client_ca is not None,
             devices_of=lambda credential_id: store.get_credential(credential_id).max_devices)
-    pb_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorServicer(coordinator, max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2),
-                            identifier=identifier),
-        server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    server.start()
+    executor = ThreadPoolExecutor(max_workers=limits.coordinator_threads, thread_name_prefix="coordinator")
+    servicer = CoordinatorServicer(coordinator, identifier=identifier, limits=limits, executor=executor,
+                                   max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2))
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.http2.bdp_probe", 0),
+               ("grpc.so_reuseport", 0),
+               *keepalive.channel_options()]
+    started: Future[tuple[grpc.aio.Server, asyncio.AbstractEventLoop, int]] = Future()
+
+    async def serve() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(interceptors=list(interceptors), options=options)
+        server.add_generic_rpc_handlers((servicer.handler(),))
+        address = f"{host}:{port}"
+        bound = (server.add_secure_port(address, tls.credentials()) if tls
+                 else server.add_insecure_port(address))
+        if bound == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        await server.start()
+        return server, bound
+
+    def run_loop() -> None:
+        """The loop runs until ``RunningServer.stop`` has stopped the server and then the loop (not until
+        ``wait_for_termination``, which returns as soon as stopping begins, before the grace is over)."""
+        loop = asyncio.new_event_loop()
+        loop.set_default_executor(executor)  # the token check's store queries run there too
+        try:
+            server, bound = loop.run_until_complete(serve())
+        except BaseException as err:  # handed to the starting thread, which raises it
+            started.set_exception(err)
+            loop.close()
+            return
+        started.set_result((server, loop, bound))
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    serving = threading.Thread(target=run_loop, name="coordinator-grpc", daemon=True)
+    serving.start()
+    try:
+        server, loop, bound = started.result()
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     stopped = threading.Event()
 
     def tick() -> None:
@@ -116,4 +199,5 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
 
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()
-    return RunningServer(server, coordinator, bound, f"{host}:{bound}", ticker, stopped)
+    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
+                         serving, executor, ticker, stopped)

@@ -8,20 +8,24 @@ so a fast hash is enough (there is nothing to brute-force; password hashing exis
 Clients send ``authorization: Bearer <token>`` as call metadata; ``TokenAuthInterceptor`` refuses any call
 without a valid, unrevoked token with UNAUTHENTICATED before it reaches the coordinator. Revocation takes
 effect within ``cache_s`` seconds (verified tokens are remembered briefly so each RPC is not a query).
+A store that cannot answer is UNAVAILABLE (with a retry hint), not a verdict on the token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from fedrecon.server.identity import credential_id_of
+from fedrecon.server.statuses import CallStatus, status_of
 from fedrecon.server.store import SqlStore, UnknownCredential
 
 PREFIX = "frc"
@@ -41,36 +45,46 @@ def issue_token(store: SqlStore, label: str, *, max_devices: int = 1) -> tuple[i
 
 
 def check_token(store: SqlStore, token: str) -> bool:
-    """True when ``token`` names an active credential and its secret matches. Any malformed token (an id
-    that is not ASCII digits, or no credential could have) is simply not valid; store outages and faults
-    raise (`StoreUnavailable`, `StoreFault`) for the caller to answer UNAVAILABLE or INTERNAL."""
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != PREFIX or not (parts[1].isascii() and parts[1].isdigit()):
+    """True when ``token`` names an active credential and its secret matches. A token whose id cannot be a
+    credential id (not digits, or too large for the store's integer) is simply not valid; a store that
+    cannot answer raises ``StoreUnavailable`` or ``StoreFault`` (the interceptor says UNAVAILABLE or
+    INTERNAL)."""
+    # ASCII first: "²".isdigit() is True, yet int("²") raises.
+    credential_id = credential_id_of(token) if token.isascii() else None
+    if credential_id is None:
         return False
     try:
-        record = store.get_credential(int(parts[1]))
+        record = store.get_credential(credential_id)
     except UnknownCredential:
         return False
-    return record.active and hmac.compare_digest(record.secret_hash, _hash(record.salt, parts[2]))
+    secret = token.split("_", 2)[2]
+    return record.active and hmac.compare_digest(record.secret_hash, _hash(record.salt, secret))
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses every call that does not carry a valid token (UNAUTHENTICATED)."""
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call that does not carry a valid token (UNAUTHENTICATED) before any handler runs.
 
-    def __init__(self, store: SqlStore, *, cache_s: float = 2.0, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+    The store is queried on the event loop's executor (the coordinator's thread pool), never on the loop.
+    A store that cannot answer makes the call UNAVAILABLE with a retry hint, and any other failure INTERNAL
+    (``statuses``): never gRPC's UNKNOWN, and never a valid client told its token is bad.
+    """
+
+    def __init__(self, store: SqlStore, *, cache_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 retry_hint_ms: int = 1000) -> None:
         self._store = store
         self._cache_s = cache_s
         self._clock = clock
+        self._retry_hint_ms = retry_hint_ms
         self._verified: dict[str, float] = {}  # token -> time it was last verified
         self._lock = threading.Lock()
 
-    def _valid(self, token: str) -> bool:
-        now = self._clock()
+    def _recently_verified(self, token: str) -> bool:
         with self._lock:
             seen = self._verified.get(token)
-        if seen is not None and now - seen < self._cache_s:
-            return True
+        return seen is not None and self._clock() - seen < self._cache_s
+
+    def _valid(self, token: str) -> bool:
+        now = self._clock()
         ok = check_token(self._store, token)
         with self._lock:
             if ok:
@@ -81,26 +95,40 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 self._verified.pop(token, None)
         return ok
 
-    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    async def _refusal(self, token: str) -> CallStatus | None:
+        """None if ``token`` is valid; else how the call ends."""
+        if not token:
+            return CallStatus(grpc.StatusCode.UNAUTHENTICATED, "a valid client token is required")
+        if self._recently_verified(token):
+            return None
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(None, self._valid, token)
+        except Exception as err:  # a store outage or fault: a status of its own, not "bad token"
+            return status_of(err, retry_hint_ms=self._retry_hint_ms)
+        return None if ok else CallStatus(grpc.StatusCode.UNAUTHENTICATED, "this client token is not valid")
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         metadata = dict(handler_call_details.invocation_metadata or ())
-        header = metadata.get("authorization", "")
-        token = header[len("Bearer "):] if header.startswith("Bearer ") else ""
-        if token and self._valid(token):
-            return handler
-        message = "a valid client token is required" if not token else "this client token is not valid"
+        header = str(metadata.get("authorization", ""))
+        refusal = await self._refusal(header[len("Bearer "):] if header.startswith("Bearer ") else "")
+        return handler if refusal is None else _refusing(handler, refusal)
 
-        def deny(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
-        for attribute, build in kinds:
-            if getattr(handler, attribute) is not None:
-                return build(deny, request_deserializer=handler.request_deserializer,
-                             response_serializer=handler.response_serializer)
-        return handler
+def _refusing(handler: Any, status: CallStatus) -> Any:
+    """A handler of ``handler``'s kind that ends the call with ``status`` without reading the request."""
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(status.code, status.details, status.trailing)
+
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler))
+    for attribute, build in kinds:
+        if getattr(handler, attribute) is not None:
+            return build(deny, request_deserializer=handler.request_deserializer,
+                         response_serializer=handler.response_serializer)
+    return handler

@@ -273,6 +273,9 @@ class Coordinator:
         with self._lock:
             if version == self._version:
                 return list(self._names), list(self._state.globals)
+            if not 0 <= version < self._version:  # never asks the store about a value it cannot hold
+                raise Refusal(Status.NOT_FOUND, "unknown_version",
+                              f"task {task_name!r} has no model version {version}")
         try:
             record = self.store.get_version(self.task.name, version)
         except UnknownVersion:
@@ -706,17 +709,59 @@ class Coordinator:
         self._round = None
 
     # ----- shutdown ------------------------------------------------------------------------------------
-    def shut_down(self) -> None:
-        """Stop assigning; commit the open round if it has enough reports, else fail it."""
+    def shut_down(self, grace_s: float = 0.0, *, retry_every_s: float = 0.5) -> ShutdownOutcome:
+        """Stop assigning, then close the open round: commit it if it has its minimum of reports, else fail
+        it (the designed outcome of a short round).
+
+        A commit that is due must not be dropped over a store outage: it is tried again every
+        ``retry_every_s`` for ``grace_s`` seconds (wall time; one attempt can last as long as the store's own
+        timeout). If the store never answers, the outcome is "lost" with the number of accepted updates
+        that are in no model version, for the caller to report and to exit non-zero with."""
+        give_up = time.monotonic() + grace_s
         with self._lock:
             self._stopping = True
             r = self._round
             if r is None:
-                return
-            if len(r.accepted) >= self.task.rounds.minimum:
-                self._commit(r, "shutdown")
-            else:
+                self._record_failures()
+                return ShutdownOutcome("idle", "no round was open")
+            if r.commit_due is None and len(r.accepted) < self.task.rounds.minimum:
                 self._fail(r, "the coordinator shut down before the round had enough reports")
+                return ShutdownOutcome("failed", f"round {r.round_num} failed: it had {len(r.accepted)} of "
+                                                 f"the {self.task.rounds.minimum} reports it needs",
+                                       round_num=r.round_num)
+        attempts = 0
+        while True:
+            with self._lock:
+                attempts += 1
+                self._commit(r, r.commit_due or "shutdown")
+                closed = self._closed.get(r.round_id)
+                if closed is not None:
+                    self._record_failures()
+                    if closed.state == "committed":
+                        return ShutdownOutcome("committed", f"round {r.round_num} committed version "
+                                                            f"{self._version} with {len(r.accepted)} updates",
+                                               round_num=r.round_num)
+                    return ShutdownOutcome("failed", f"round {r.round_num} failed: {closed.why}",
+                                           round_num=r.round_num)
+            if time.monotonic() + retry_every_s > give_up:
+                break
+            time.sleep(retry_every_s)
+        return ShutdownOutcome(
+            "lost", f"LOST {len(r.accepted)} accepted update(s) of round {r.round_num} (round id "
+                    f"{r.round_id}): its commit was due but the store stayed unavailable for the "
+                    f"{grace_s:g} s shutdown grace ({attempts} attempts); they are in no model version",
+            round_num=r.round_num, lost_updates=len(r.accepted))
+
+
+@dataclass(frozen=True)
+class ShutdownOutcome:
+    """What ``Coordinator.shut_down`` did with the open round; ``lost_updates`` > 0 only when accepted
+    updates are in no model version (the store never took the due commit)."""
+
+    state: str  # "idle", "committed", "failed" or "lost"
+    message: str
+    round_num: int | None = None
+    lost_updates: int = 0
 
 
 class _TokenBuckets:

@@ -1,25 +1,47 @@
-"""The gRPC face of the coordinator: decode, call the coordinator, encode; refusals become gRPC statuses.
+"""The gRPC face of the coordinator (grpc.aio): decode, call the coordinator, encode; errors become statuses.
 
-Kept thin on purpose (as Flower does): every rule lives in ``Coordinator``; here only the stream handling
-(reading a report's header before its bytes, assembling chunks strictly) and the mapping of
-``Refusal``/``TensorDecodeError`` to ``context.abort``.
+Kept thin on purpose (as Flower does): every rule of the round lives in ``Coordinator``; here only what the
+transport must own:
+
+* Calls run on an event loop, so a stream that waits for its client holds no thread. The coordinator is
+  thread-safe but blocking (a lock, store I/O): every call into it goes to a bounded thread pool
+  (``run_in_executor``), never on the loop, so a slow store delays calls but never the loop itself.
+* Capacity the streams cannot take from the unary calls: report streams, downloads and unary calls each have
+  their own count (``ServerLimits``), and one caller group (a credential, a certificate, or a network peer
+  in the trusted-network mode) holds at most a few streams. No free slot: RESOURCE_EXHAUSTED at once, with
+  a retry hint.
+* Time budgets on every stream: the first message of a report, each gap between its messages, the whole
+  report, and the whole download (a client that stops reading). A spent budget ends the stream with
+  RESOURCE_EXHAUSTED (no retry hint). Not DEADLINE_EXCEEDED: clients read that as their own call timing out
+  and retry it, and a stalling client is not owed a retry; nor ABORTED, which tells a client its round is
+  over.
+* Requests are parsed here rather than by gRPC, so a message that is not protobuf is INVALID_ARGUMENT
+  (grpc.aio would answer UNKNOWN), and every error maps to one documented status (``statuses``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedrecon.server.coordinator import Assignment, Coordinator
 from fedrecon.server.identity import Caller, Identifier
-from fedrecon.server.refusals import Refusal
-from fedrecon.server.store import StoreUnavailable
+from fedrecon.server.limits import ServerLimits
+from fedrecon.server.refusals import Refusal, Status
+from fedrecon.server.slots import Slots
+from fedrecon.server.statuses import CallStatus, StreamRefused, Unauthenticated, status_of
 from fedrecon.tensors import (
     DEFAULT_CHUNK_BYTES,
     TensorAssembler,
@@ -29,68 +51,140 @@ from fedrecon.tensors import (
     tensor_stream,
 )
 from fedrecon.v1 import coordinator_pb2 as pb
-from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 MIN_CHUNK_BYTES = 64 * 1024
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
-def _abort(context: grpc.ServicerContext, err: Exception) -> None:
-    """End the call with the status ``err`` stands for; unexpected errors are logged, never echoed."""
-    if isinstance(err, Refusal):
-        context.abort(getattr(grpc.StatusCode, err.status.value), err.message)
-    if isinstance(err, TensorDecodeError):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-    if isinstance(err, StoreUnavailable):
-        context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator's store is unavailable; retry later")
-    log.error("internal error while serving a call", exc_info=err)
-    context.abort(grpc.StatusCode.INTERNAL, "internal error in the coordinator")
-
-
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+class CoordinatorServicer:
     def __init__(self, coordinator: Coordinator, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 identifier: Identifier | None = None) -> None:
+                 identifier: Identifier | None = None, limits: ServerLimits | None = None,
+                 executor: Executor | None = None) -> None:
+        """``executor`` runs the coordinator's calls (None: the event loop's default executor)."""
         self.coordinator = coordinator
         self.identifier = identifier or Identifier()
         self.max_chunk_bytes = max_chunk_bytes
+        self.limits = limits or ServerLimits()
+        self._executor = executor
+        self._unary = Slots(self.limits.max_unary_calls)
+        self._report_streams = Slots(self.limits.max_report_streams)
+        self._download_streams = Slots(self.limits.max_downloads)
+        self._per_credential = Slots(self.limits.max_streams_per_credential)
+        self._per_peer = Slots(self.limits.max_streams_per_peer)
         # Every client of a round downloads the same version: encode it once, not once per client.
-        self._downloads: OrderedDict[tuple[int, int], list[pb.TensorStreamMessage]] = OrderedDict()
+        self._downloads: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._downloads_lock = threading.Lock()
 
-    def _download_messages(self, task: str, version: int, chunk: int) -> list[pb.TensorStreamMessage]:
-        """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
-        fill the cache with odd encodings."""
-        names, arrays = self.coordinator.model_arrays(task, version)  # refuses unknown tasks and versions
-        key = (version, chunk)
-        with self._downloads_lock:
-            if key in self._downloads:
-                self._downloads.move_to_end(key)
-                return self._downloads[key]
-        messages = list(tensor_stream(names, arrays, chunk))
-        if chunk != self.max_chunk_bytes:
-            return messages
-        with self._downloads_lock:
-            self._downloads[key] = messages
-            while len(self._downloads) > 2:  # the current version and perhaps the one before
-                self._downloads.popitem(last=False)
-        return messages
+    def streams_open(self) -> dict[str, int]:
+        """Report streams and downloads holding a slot now (read from other threads for tests and figures:
+        a racy snapshot, exact once the loop is quiet)."""
+        return {"reports": self._report_streams.held(), "downloads": self._download_streams.held()}
 
-    def _caller(self, context: grpc.ServicerContext, claimed_id: str) -> Caller:
-        """Who is calling, from what the transport verified (see ``identity``)."""
+    # ----- registration and the common wrapper ----------------------------------------------------------
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's handlers. Requests arrive as bytes and are parsed by ``_call`` (see the module
+        docstring); responses are serialized by gRPC (downloads write pre-encoded bytes)."""
+        def reply(message: Message) -> bytes:
+            return message.SerializeToString()
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "CheckIn": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.CheckIn, pb.CheckInRequest), response_serializer=reply),
+            "GetLatestModel": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.GetLatestModel, pb.GetLatestModelRequest), response_serializer=reply),
+            "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.ReportEvaluation, pb.ReportEvaluationRequest),
+                response_serializer=reply),
+            "DownloadModel": grpc.unary_stream_rpc_method_handler(self._download_call),
+            "ReportUpdate": grpc.stream_unary_rpc_method_handler(self._report_call,
+                                                                 response_serializer=reply),
+        })
+
+    async def _finish(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        """``work``'s result, or the call ended with the status its error stands for."""
+        try:
+            return await work
+        except Exception as err:  # every error becomes a documented status (statuses.status_of)
+            status = status_of(err, retry_hint_ms=self.limits.retry_hint_ms)
+        await context.abort(status.code, status.details, status.trailing)
+        raise AssertionError("unreachable: abort raises")
+
+    def _unary_call(self, method: Callable[[M, grpc.aio.ServicerContext], Awaitable[Message]],
+                    request_type: type[M]) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+        async def behaviour(data: bytes, context: grpc.aio.ServicerContext) -> Message:
+            async def work() -> Message:
+                if not self._unary.take():
+                    raise self._no_slot("calls in progress", self.limits.max_unary_calls)
+                try:
+                    return await method(_parse(request_type, data), context)
+                finally:
+                    self._unary.give_back()
+            return await self._finish(context, work())
+        return behaviour
+
+    async def _report_call(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                           ) -> Message:
+        async def work() -> Message:
+            async with self._stream_slot(self._report_streams, "report streams", context):
+                return await self.ReportUpdate(_parsed(requests, pb.ReportUpdateRequest), context)
+        return await self._finish(context, work())
+
+    async def _download_call(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        async def work() -> None:
+            async with self._stream_slot(self._download_streams, "downloads", context):
+                await self.DownloadModel(_parse(pb.DownloadModelRequest, data), context)
+        await self._finish(context, work())
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn`` on the coordinator's thread pool, never on the event loop (it may block on the store)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    def _no_slot(self, what: str, capacity: int | None) -> StreamRefused:
+        return StreamRefused(CallStatus.retry_later(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"the coordinator has no free slot ({capacity} {what}); "
+            "retry after the hinted delay", self.limits.retry_hint_ms))
+
+    @asynccontextmanager
+    async def _stream_slot(self, pool: Slots, what: str, context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[None]:
+        """Hold one of ``pool``'s slots and one of the caller group's for the stream's lifetime."""
+        if not pool.take():
+            raise self._no_slot(what, pool.capacity)
+        try:
+            caller = await self._caller(context, "")  # the group does not depend on the claimed id
+            per_group = self._per_credential if caller.authenticated else self._per_peer
+            if not per_group.take(caller.group):
+                raise self._no_slot("streams per caller", per_group.capacity)
+            try:
+                yield
+            finally:
+                per_group.give_back(caller.group)
+        finally:
+            pool.give_back()
+
+    async def _caller(self, context: grpc.aio.ServicerContext, claimed_id: str) -> Caller:
+        """Who is calling, from what the transport verified (see ``identity``). What the transport knows is
+        read on the loop; the identity may need the store (a credential's devices), so it is derived on the
+        pool."""
         metadata = dict(context.invocation_metadata() or ())
         header = str(metadata.get("authorization", ""))
         token = header[len("Bearer "):] if header.startswith("Bearer ") else None
         certs = context.auth_context().get("x509_pem_cert") or [] if self.identifier.client_certs else []
-        return self.identifier.identify(claimed_id, token=token, client_cert_pem=certs[0] if certs else None,
-                                        peer=context.peer())
-
-    def CheckIn(self, request: pb.CheckInRequest, context: grpc.ServicerContext) -> pb.CheckInResponse:
         try:
-            caller = self._caller(context, request.client_id)
-            result = self.coordinator.check_in(request.task_name, caller, request.protocol_version,
-                                               dict(request.capabilities))
-        except Exception as err:  # every error becomes a status (see _abort)
-            _abort(context, err)
+            return await self._run(self.identifier.identify, claimed_id, token=token,
+                                   client_cert_pem=certs[0] if certs else None, peer=context.peer())
+        except ValueError as err:  # identify's word for "the transport proved no identity"
+            raise Unauthenticated(str(err)) from err
+
+    # ----- the calls -----------------------------------------------------------------------------------
+    async def CheckIn(self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.CheckInResponse:
+        caller = await self._caller(context, request.client_id)
+        result = await self._run(self.coordinator.check_in, request.task_name, caller,
+                                 request.protocol_version, dict(request.capabilities))
         if isinstance(result, Assignment):
             deadline = Timestamp()
             deadline.FromDatetime(result.deadline)
@@ -105,63 +199,114 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
         return pb.CheckInResponse(retry=pb.RetryWindow(delay_min=lo, delay_max=hi, reason=result.reason))
 
-    def DownloadModel(self, request: pb.DownloadModelRequest, context: grpc.ServicerContext
-                      ) -> Iterator[pb.TensorStreamMessage]:
+    async def DownloadModel(self, request: pb.DownloadModelRequest, context: grpc.aio.ServicerContext
+                            ) -> None:
+        """Write the version's stream; a client that does not read it to the end within ``download_s``
+        loses the call (its slot is what a client that stops reading would otherwise hold for ever)."""
+        ends = asyncio.get_running_loop().time() + self.limits.download_s
         # A client may ask for smaller chunks, but not absurdly small ones (a message per byte).
         asked = request.max_chunk_bytes or self.max_chunk_bytes
         chunk = max(min(asked, self.max_chunk_bytes), min(MIN_CHUNK_BYTES, self.max_chunk_bytes))
-        try:
-            messages = self._download_messages(request.task_name, request.model_version, chunk)
-        except Exception as err:  # every error becomes a status (see _abort)
-            _abort(context, err)
-        yield from messages
+        messages = await self._run(self._download_messages, request.task_name, request.model_version, chunk)
+        for message in messages:
+            await _within(context.write(message), ends, f"the download was not read within "
+                                                        f"{self.limits.download_s:g} s")
 
-    def ReportUpdate(self, request_iterator: Iterator[pb.ReportUpdateRequest], context: grpc.ServicerContext
-                     ) -> pb.ReportUpdateResponse:
-        coordinator = self.coordinator
-        first = next(request_iterator, None)
+    async def ReportUpdate(self, requests: AsyncIterator[pb.ReportUpdateRequest],
+                           context: grpc.aio.ServicerContext) -> pb.ReportUpdateResponse:
+        """Read a report under its time budgets: the header, checked before any tensor bytes are read, then
+        the chunks, assembled strictly; then the coordinator folds it."""
+        limits, coordinator = self.limits, self.coordinator
+        ends = asyncio.get_running_loop().time() + limits.report_s
+
+        async def next_message(gap_s: float, what: str) -> pb.ReportUpdateRequest | None:
+            return await _within(anext(requests, None), min(ends, asyncio.get_running_loop().time() + gap_s),
+                                 f"{what} (report budget {limits.report_s:g} s)")
+
+        first = await next_message(limits.first_message_s, f"no report header within "
+                                                           f"{limits.first_message_s:g} s")
         if first is None or first.WhichOneof("kind") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a report stream must start with its header")
+            raise Refusal(Status.INVALID_ARGUMENT, "no_header", "a report stream must start with its header")
         header = first.header
+        caller = await self._caller(context, header.client_id)
         try:
-            caller = self._caller(context, header.client_id)
-            coordinator.check_report(header.task_name, caller, header.round_id,
-                                     header.assignment_token)
-            expected = coordinator.delta_layouts
+            expected = await self._run(self._check_report, header, caller)
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
             check_layouts(layouts, expected)
             assembler = TensorAssembler(layouts)
-            for message in request_iterator:
+            gap = f"no message for {limits.chunk_gap_s:g} s"
+            while (message := await next_message(limits.chunk_gap_s, gap)) is not None:
                 if message.WhichOneof("kind") != "chunk":
                     raise TensorDecodeError("only tensor chunks may follow the header")
                 assembler.add(message.chunk)
             delta = assembler.finish()
-            outcome = coordinator.report(header.task_name, caller, header.round_id,
-                                         header.assignment_token, header.weight, dict(header.metrics), delta)
-        except Exception as err:  # every error becomes a status (see _abort)
-            if isinstance(err, TensorDecodeError):
-                coordinator.count_refusal("bad_tensors")
-            _abort(context, err)
+        except TensorDecodeError:
+            await self._run(coordinator.count_refusal, "bad_tensors")
+            raise
+        outcome = await self._run(coordinator.report, header.task_name, caller, header.round_id,
+                                  header.assignment_token, header.weight, dict(header.metrics), delta)
         return pb.ReportUpdateResponse(accepted=outcome.accepted, message=outcome.message)
 
-    def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
-                         ) -> pb.ReportEvaluationResponse:
-        try:
-            caller = self._caller(context, request.client_id)
-            self.coordinator.report_evaluation(request.task_name, caller, request.model_version,
-                                               request.squared_error, request.num_correct,
-                                               request.num_examples)
-        except Exception as err:  # every error becomes a status (see _abort)
-            _abort(context, err)
+    async def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext
+                               ) -> pb.ReportEvaluationResponse:
+        caller = await self._caller(context, request.client_id)
+        await self._run(self.coordinator.report_evaluation, request.task_name, caller, request.model_version,
+                        request.squared_error, request.num_correct, request.num_examples)
         return pb.ReportEvaluationResponse()
 
-    def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.ServicerContext
-                       ) -> pb.GetLatestModelResponse:
+    async def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.GetLatestModelResponse:
+        return await self._run(self._latest_model, request.task_name)
+
+    # ----- blocking helpers (run on the pool) ----------------------------------------------------------
+    def _check_report(self, header: pb.ReportHeader, caller: Caller) -> list[Any]:
+        self.coordinator.check_report(header.task_name, caller, header.round_id, header.assignment_token)
+        return self.coordinator.delta_layouts
+
+    def _latest_model(self, task_name: str) -> pb.GetLatestModelResponse:
         c = self.coordinator
-        try:
-            c.check_task(request.task_name)  # refuses an unknown task, echoing its name cut short
-        except Exception as err:  # every error becomes a status (see _abort)
-            _abort(context, err)
+        c.check_task(task_name)  # refuses an unknown task, echoing its name cut short
         return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
                                          training_config_json=c.training_config_json,
                                          batch_size=c.task.batch_size)
+
+    def _download_messages(self, task: str, version: int, chunk: int) -> list[bytes]:
+        """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
+        fill the cache with odd encodings."""
+        names, arrays = self.coordinator.model_arrays(task, version)  # refuses unknown tasks and versions
+        key = (version, chunk)
+        with self._downloads_lock:
+            if key in self._downloads:
+                self._downloads.move_to_end(key)
+                return self._downloads[key]
+        messages = [m.SerializeToString() for m in tensor_stream(names, arrays, chunk)]
+        if chunk != self.max_chunk_bytes:
+            return messages
+        with self._downloads_lock:
+            self._downloads[key] = messages
+            while len(self._downloads) > 2:  # the current version and perhaps the one before
+                self._downloads.popitem(last=False)
+        return messages
+
+
+def _parse(message_type: type[M], data: bytes) -> M:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as err:
+        raise Refusal(Status.INVALID_ARGUMENT, "malformed_message",
+                      f"not a valid {message_type.DESCRIPTOR.name} message") from err
+
+
+async def _parsed(requests: AsyncIterator[bytes], message_type: type[M]) -> AsyncIterator[M]:
+    async for data in requests:
+        yield _parse(message_type, data)
+
+
+async def _within(step: Awaitable[T], deadline: float, what: str) -> T:
+    """``step``'s result if it completes by ``deadline`` (event-loop time); else the stream is ended."""
+    try:
+        return await asyncio.wait_for(step, max(0.0, deadline - asyncio.get_running_loop().time()))
+    except TimeoutError:
+        raise StreamRefused(CallStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f"stream ended by the coordinator: {what}")) from None
+

@@ -131,3 +131,35 @@ def pki(tmp_path: Path) -> dict[str, Path]:
         paths[name] = tmp_path / f"{name}.pem"
         paths[name].write_bytes(content)
     return paths
+
+
+class PostgresOutage:
+    """A real PostgreSQL outage for one database: new connections are refused and open ones are cut, so
+    every query fails at once (OperationalError) until ``end``. Needs the superuser of ``PG_ADMIN``."""
+
+    def __init__(self, url: str) -> None:
+        self.name = url.rsplit("/", 1)[1]
+
+    def _admin(self, *statements: sql.Composable) -> None:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            for statement in statements:
+                admin.execute(statement)
+
+    def start(self) -> None:
+        self._admin(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(self.name)),
+            sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = {}").format(
+                sql.Literal(self.name)))
+
+    def end(self) -> None:
+        self._admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(self.name)))
+
+
+@pytest.fixture
+def pg_outage(postgres_url: str) -> Iterator[PostgresOutage]:
+    """``PostgresOutage`` of the module's database; always ended after the test."""
+    outage = PostgresOutage(postgres_url)
+    try:
+        yield outage
+    finally:
+        outage.end()

@@ -16,6 +16,7 @@ import numpy as np
 from fedrecon.server.app import start_server
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.limits import ServerLimits
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import chunks, manifest
@@ -30,7 +31,8 @@ def test_hundreds_of_simultaneous_reports_are_each_folded_once(tmp_path: Path) -
                     rounds=RoundSettings(clients_per_round=CLIENTS, over_selection=1.0, min_reports=CLIENTS,
                                          selection_timeout_s=120, reporting_timeout_s=120))
     with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store, \
-            start_server(Coordinator(store, task), max_workers=64) as server:
+            start_server(Coordinator(store, task), max_workers=64,
+                         limits=ServerLimits(max_report_streams=CLIENTS)) as server:  # all read at once
         g0 = globals_from_bytes(store.get_version("burst", 0).parameters, ["item_embedding"])[0]
         channels = [grpc.insecure_channel(server.address, options=[("grpc.channel_id", i)]) for i in range(8)]
         stubs = [pb_grpc.CoordinatorStub(c) for c in channels]

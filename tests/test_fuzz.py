@@ -6,10 +6,10 @@ Two families of properties:
   streams raise nothing but ``TensorDecodeError``; a chunk sequence is accepted exactly when a small
   reference model of the framing rules accepts it, with the very bytes it carried; valid streams round-trip
   exactly.
-* ``CoordinatorServicer.ReportUpdate`` driven directly with a fake ``grpc.ServicerContext``: random and
-  mutated report streams only ever end in ``context.abort`` (never UNKNOWN or INTERNAL), a report is
-  accepted exactly when every rule holds, and a refused report never changes the open round's aggregate or
-  the model version; a valid report is folded exactly once.
+* ``ReportUpdate`` over real gRPC against a running coordinator: random and mutated report streams only
+  ever end in a documented refusal (never UNKNOWN or INTERNAL), a report is accepted exactly when every
+  rule holds, and a refused report never changes the open round's aggregate or the model version; a valid
+  report is folded exactly once.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from hypothesis.extra import numpy as hnp
 
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
-from fedrecon.server.servicer import CoordinatorServicer
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import (
@@ -43,6 +43,7 @@ from fedrecon.tensors import (
     tensor_stream,
 )
 from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 FAST = settings(max_examples=150, deadline=None)
 INT64 = (-(2**63), 2**63 - 1)
@@ -289,20 +290,6 @@ class Aborted(Exception):
         self.details = details
 
 
-class FakeContext:
-    """The part of ``grpc.ServicerContext`` a unary-response handler uses: ``abort`` raises; the caller is
-    a loopback peer without credentials (the trusted-network mode)."""
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:50000"
-
-
 # A claimed weight counts at most batch_size × post_recon_steps_max (the default cap; test_aggregation.py).
 WEIGHT_CAP = 5 * 50
 
@@ -318,7 +305,9 @@ class Harness:
                         aggregation=AggregationConfig(max_update_norm=NORM_BOUND, norm_policy="reject"),
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
         self.coordinator = Coordinator(store, task, clock=ManualClock())
-        self.servicer = CoordinatorServicer(self.coordinator, max_chunk_bytes=64)
+        self.server = start_server(self.coordinator)
+        self.channel = grpc.insecure_channel(self.server.address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
         self._ids = itertools.count()
 
     def assign(self) -> tuple[str, Assignment]:
@@ -334,16 +323,26 @@ class Harness:
         return r.aggregate.num_updates, r.aggregate.total_weight, c.version, r.round_id
 
     def report(self, messages: Sequence[pb.ReportUpdateRequest]) -> pb.ReportUpdateResponse:
-        def stream() -> Iterator[pb.ReportUpdateRequest]:
-            yield from messages
-        return self.servicer.ReportUpdate(stream(), FakeContext())  # type: ignore[arg-type]
+        """One ReportUpdate call over gRPC; a refusal raises ``Aborted`` with the status the client saw."""
+        try:
+            return self.stub.ReportUpdate(iter(messages), timeout=60)
+        except grpc.RpcError as err:
+            raise Aborted(err.code(), err.details()) from None  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop()
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     path: Path = tmp_path_factory.mktemp("fuzz") / "store.db"
     with SqlStore(f"sqlite:///{path}") as store:
-        yield Harness(store)
+        h = Harness(store)
+        try:
+            yield h
+        finally:
+            h.close()
 
 
 def _delta_manifest() -> pb.TensorManifest:

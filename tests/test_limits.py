@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from fedrecon.retry_hint import retry_after_ms
 from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.limits import ServerLimits
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import manifest
@@ -64,38 +67,46 @@ def test_a_check_in_flood_is_refused_and_the_coordinator_stays_responsive(tmp_pa
     assert server.coordinator.refusals["check_in_rate"] == outcomes["RESOURCE_EXHAUSTED"]
 
 
-def test_calls_beyond_the_concurrency_limit_are_refused(tmp_path: Path) -> None:
+def test_streams_beyond_their_limit_are_refused_and_unary_calls_are_still_served(tmp_path: Path) -> None:
+    """Report streams have their own slots: when they are all held, another report is refused at once with
+    RESOURCE_EXHAUSTED and a retry hint, while GetLatestModel (a unary call) is still answered."""
     task = TaskSpec(name="limits", model={"kind": "matrix_factorization", "num_items": 50, "num_factors": 4},
                     rounds=RoundSettings(clients_per_round=5, min_reports=1))
+    limits = ServerLimits(max_report_streams=2, max_unary_calls=2, retry_hint_ms=700)
     with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store, \
-            start_server(Coordinator(store, task), max_concurrent_rpcs=2) as server:
+            start_server(Coordinator(store, task), limits=limits) as server:
         stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(server.address))
 
         assigned = {c: stub.CheckIn(pb.CheckInRequest(task_name="limits", client_id=c, protocol_version=1),
-                                    timeout=5).assignment for c in ("slow-0", "slow-1")}
+                                    timeout=5).assignment for c in ("slow-0", "slow-1", "third")}
 
-        def stalled(client: str) -> object:  # a valid report that stops before its bytes, holding its call
+        def stalled(client: str) -> Iterator[pb.ReportUpdateRequest]:  # a header, then nothing: holds a slot
             a = assigned[client]
             yield pb.ReportUpdateRequest(header=pb.ReportHeader(
                 task_name="limits", client_id=client, round_id=a.round_id,
                 assignment_token=a.assignment_token, weight=1.0,
                 manifest=manifest(["item_embedding"], [np.zeros((50, 4), np.float32)])))
-            release.wait(10)
+            release.wait(30)
 
         release = threading.Event()
-        held = [stub.ReportUpdate.future(stalled(f"slow-{i}"), timeout=20) for i in range(2)]
-        time.sleep(0.5)
+        held = [stub.ReportUpdate.future(stalled(f"slow-{i}"), timeout=40) for i in range(2)]
         try:
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5)
-            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            deadline = time.monotonic() + 30
+            while True:  # until both streams hold their slots (a refusal with the hint proves it)
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ReportUpdate(stalled("third"), timeout=10)
+                if caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    break
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+            assert retry_after_ms(caught.value.trailing_metadata()) == 700
+            latest = stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5)
+            assert latest.model_version == 0
         finally:
             release.set()
         for call in held:
             with pytest.raises(grpc.RpcError) as ended:
                 call.result()
             assert "stream ended" in ended.value.details()  # the bytes never came
-        assert stub.GetLatestModel(pb.GetLatestModelRequest(task_name="limits"), timeout=5).model_version == 0
 
 
 def test_no_rpc_hands_out_another_clients_data() -> None:
