@@ -96,21 +96,30 @@ class Identifier:
     def authenticated(self) -> bool:
         return self.tokens or self.client_certs
 
+    def group_of(self, *, token: str | None, client_cert_pem: bytes | None, peer: str) -> tuple[str, bool]:
+        """(group, authenticated) of a caller before it says who it is: what per-caller stream limits are
+        counted against. Reads no store (it runs for every stream, before any message)."""
+        if self.tokens:
+            credential_id = credential_id_of(token or "")
+            if credential_id is None:
+                raise ValueError("a verified token is required")
+            return f"cred:{credential_id}", True
+        if self.client_certs:
+            if not client_cert_pem:
+                raise ValueError("a verified client certificate is required")
+            return f"cert:{hashlib.sha256(client_cert_pem).hexdigest()}", True
+        return f"peer:{peer_host(peer)}", False
+
     def identify(self, claimed_id: str, *, token: str | None, client_cert_pem: bytes | None, peer: str
                  ) -> Caller:
         """The caller of one request. ``token`` is the bearer token sent (already verified when ``tokens``);
         ``client_cert_pem`` the certificate mutual TLS verified."""
         check_client_id(claimed_id)
-        if self.tokens:
-            credential_id = credential_id_of(token or "")
-            if credential_id is None:  # the interceptor refuses these before any handler runs
-                raise ValueError("a verified token is required")
-            return self._for_group(f"cred:{credential_id}", claimed_id, self._devices_of(credential_id))
-        if self.client_certs:
-            if not client_cert_pem:
-                raise ValueError("a verified client certificate is required")
-            return self._for_group(f"cert:{hashlib.sha256(client_cert_pem).hexdigest()}", claimed_id, 1)
-        return Caller.trusted(claimed_id, peer_host(peer))
+        group, authenticated = self.group_of(token=token, client_cert_pem=client_cert_pem, peer=peer)
+        if not authenticated:
+            return Caller.trusted(claimed_id, peer_host(peer))
+        devices = self._devices_of(int(group.removeprefix("cred:"))) if group.startswith("cred:") else 1
+        return self._for_group(group, claimed_id, devices)
 
     @staticmethod
     def _for_group(group: str, claimed_id: str, devices: int) -> Caller:

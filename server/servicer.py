@@ -154,28 +154,41 @@ class CoordinatorServicer:
         if not pool.take():
             raise self._no_slot(what, pool.capacity)
         try:
-            caller = await self._caller(context, "")  # the group does not depend on the claimed id
-            per_group = self._per_credential if caller.authenticated else self._per_peer
-            if not per_group.take(caller.group):
+            group, authenticated = self._group(context)  # before any message: the group needs no id
+            per_group = self._per_credential if authenticated else self._per_peer
+            if not per_group.take(group):
                 raise self._no_slot("streams per caller", per_group.capacity)
             try:
                 yield
             finally:
-                per_group.give_back(caller.group)
+                per_group.give_back(group)
         finally:
             pool.give_back()
+
+    def _credentials(self, context: grpc.aio.ServicerContext) -> tuple[str | None, bytes | None]:
+        """The bearer token and client certificate the transport verified (read on the loop)."""
+        metadata = dict(context.invocation_metadata() or ())
+        header = str(metadata.get("authorization", ""))
+        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
+        certs = context.auth_context().get("x509_pem_cert") or [] if self.identifier.client_certs else []
+        return token, certs[0] if certs else None
+
+    def _group(self, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+        """Whose stream limits apply, from the transport alone (no claimed id, no store read)."""
+        token, cert = self._credentials(context)
+        try:
+            return self.identifier.group_of(token=token, client_cert_pem=cert, peer=context.peer())
+        except ValueError as err:  # the transport proved no identity
+            raise Unauthenticated(str(err)) from err
 
     async def _caller(self, context: grpc.aio.ServicerContext, claimed_id: str) -> Caller:
         """Who is calling, from what the transport verified (see ``identity``). What the transport knows is
         read on the loop; the identity may need the store (a credential's devices), so it is derived on the
         pool."""
-        metadata = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        token = header[len("Bearer "):] if header.startswith("Bearer ") else None
-        certs = context.auth_context().get("x509_pem_cert") or [] if self.identifier.client_certs else []
+        token, cert = self._credentials(context)
         try:
-            return await self._run(self.identifier.identify, claimed_id, token=token,
-                                   client_cert_pem=certs[0] if certs else None, peer=context.peer())
+            return await self._run(self.identifier.identify, claimed_id, token=token, client_cert_pem=cert,
+                                   peer=context.peer())
         except ValueError as err:  # identify's word for "the transport proved no identity"
             raise Unauthenticated(str(err)) from err
 
