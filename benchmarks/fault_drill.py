@@ -527,7 +527,7 @@ def hostile_share(spec: TaskSpec, step: np.ndarray, honest: list[Update], hostil
 
     config = spec.aggregation
     cap = config.weight_cap(spec.training, spec.batch_size)
-    aggregator = build_aggregator(config, [SHAPE], weight_cap=cap)
+    aggregator = build_aggregator(config, [SHAPE], weight_cap=cap, max_clients=len(honest))
     for delta, weight in honest:
         aggregator.fold_one(delta, weight)
     h = aggregator.mean()

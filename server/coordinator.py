@@ -177,7 +177,9 @@ class Coordinator:
         self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
         self._peer_check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute_per_peer)
         self._evaluators: dict[tuple[int, str], set[str]] = {}  # (version, gateway) -> its evaluating ids
-        self.evaluation_limits = EvaluationLimits()  # what one evaluation may claim (see ``evaluations``)
+        # One device counts at most as much in a version's metrics as in its training (the weight cap).
+        self.evaluation_limits = EvaluationLimits(
+            counted_examples=task.aggregation.weight_cap(task.training, task.batch_size))
         self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
                                           burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
 
@@ -586,6 +588,10 @@ class Coordinator:
             raise Refusal(Status.RESOURCE_EXHAUSTED, "evaluation_rate",
                           f"more than {MAX_EVALUATIONS_PER_MINUTE:g} evaluations per minute per device from "
                           "this caller; retry later")
+        counted = self.evaluation_limits.counted(squared_error, num_correct, num_examples)
+        if counted[2] < num_examples:
+            self._count("evaluation_capped")
+        squared_error, num_correct, num_examples = counted
         try:
             self.store.record_evaluation(self.task.name, version, key, squared_error=squared_error,
                                          num_correct=num_correct, num_examples=num_examples)

@@ -11,7 +11,9 @@ must be:
   model's output range bounds the error of one prediction (ratings 1..5 with predictions clipped to
   1..5: 16); without a known range only finiteness and sign are checked.
 
-With these, one hostile evaluator adds at most ``n_h <= max_examples`` examples with a squared-error sum
+A valid report claiming more than ``counted_examples`` (the task's weight cap) counts as that many, with
+its per-example sums kept. With these, one hostile evaluator adds at most ``n_h <= counted_examples``
+examples with a squared-error sum
 ``s_h`` in ``[0, n_h · B]``. Over honest sums ``S`` (squared error) and ``N`` (examples), the pooled MSE
 goes from ``S / N`` to ``(S + s_h) / (N + n_h)``, so
 
@@ -45,6 +47,11 @@ class EvaluationLimits:
     """Bounds on one evaluation report (see the module docstring for what they guarantee)."""
 
     max_examples: int = MAX_EVALUATION_EXAMPLES
+    # The most examples one evaluation *counts* for: a larger (valid) report is scaled down to this many,
+    # keeping its per-example error and accuracy, as a claimed training weight is capped. The coordinator
+    # uses the task's weight cap (``AggregationConfig.weight_cap``): one device weighs at most as much in
+    # a version's metrics as in its training. None: counted as claimed.
+    counted_examples: float | None = None
     # The largest squared error one prediction can have, when the model's outputs and the labels share a
     # known range [lo, hi]: (hi - lo) ** 2. None: unknown (predictions are not clipped), not checked.
     max_squared_error_per_example: float | None = None
@@ -61,6 +68,15 @@ class EvaluationLimits:
                          ) -> EvaluationLimits:
         """Limits for a model whose predictions and labels lie in ``[lo, hi]`` (ratings 1..5: B = 16)."""
         return cls(max_examples=max_examples, max_squared_error_per_example=(hi - lo) ** 2)
+
+    def counted(self, squared_error: float, num_correct: float, num_examples: float
+                ) -> tuple[float, float, float]:
+        """The sums as they count: scaled down to ``counted_examples`` when the report claims more."""
+        cap = self.counted_examples
+        if cap is None or num_examples <= cap:
+            return squared_error, num_correct, num_examples
+        scale = cap / num_examples
+        return squared_error * scale, num_correct * scale, float(cap)
 
     def check(self, squared_error: float, num_correct: float, num_examples: float) -> None:
         """Raise ``Refusal(INVALID_ARGUMENT, "bad_evaluation")`` unless the sums are a possible report."""

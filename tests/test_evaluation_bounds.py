@@ -155,3 +155,18 @@ def test_status_never_breaks_on_what_is_stored(served: Served, db_url: str) -> N
     human = runner.invoke(app, ["status", "--store", db_url])
     assert human.exit_code == 0, human.output
     assert "evaluation of version 0: 2 clients, 4 examples, RMSE n/a, accuracy 0.5000" in human.output
+
+
+def test_a_large_evaluation_counts_as_the_task_weight_cap() -> None:
+    """A valid report of more examples than the weight cap counts as that many, its per-example sums kept:
+    4,000 perfect examples against a cap of 250 pull a pooled MSE of 2.0 over 100 examples to
+    200 / 350 = 0.5714, not to 200 / 4100 = 0.0488."""
+    limits = EvaluationLimits(counted_examples=250)
+    assert limits.counted(0.0, 4000, 4000) == (0.0, 250.0, 250.0)
+    assert limits.counted(80.0, 10, 40) == (80.0, 10, 40)  # under the cap: as claimed
+    se, correct, n = limits.counted(2000.0, 1000, 4000)
+    assert (se, correct, n) == (125.0, 62.5, 250.0)  # 0.5 per example and 25% correct, kept
+    honest_se, honest_n = 200.0, 100
+    hostile_se, _, hostile_n = limits.counted(0.0, 4000, 4000)
+    pooled = (honest_se + hostile_se) / (honest_n + hostile_n)
+    assert pooled == pytest.approx(200 / 350)
