@@ -29,9 +29,10 @@ would. The phases:
    accepted, victim's report refused, victim rate-limited), ``hoarded_assignments`` the attacker's slots;
 7. idle streams: 200 credentials each hold a report stream open without sending anything while 50 honest
    check-ins are timed (``honest_checkin_p99_ms_with_idle_streams``);
-8. evaluation poisoning: 8 honest devices evaluate a version; one hostile evaluator posts 1e9 examples
-   with zero error (and 500 more attempts, and sums near 1e308): ``evaluation_poisoning_shift`` is the
-   change of the reported RMSE; ``fedrecon status --json`` must still work;
+8. evaluation poisoning: 8 honest devices evaluate a version; one hostile evaluator posts the largest
+   evaluation a device may (10,000 examples, zero error; it counts as the task's weight cap) and 500
+   attempts at 1e9 examples: ``evaluation_poisoning_shift`` is the change of the reported RMSE, next to
+   the bound the cap gives; ``fedrecon status --json`` must still work (sums near 1e308 are stored too);
 9. late: 3 assigned clients report after the round committed at its deadline;
 10. kill: SIGKILL while a round holds 4 reports; restart on the same store and port; a full round commits.
 
@@ -463,6 +464,10 @@ class Drill:
         for c in evaluators:
             c.evaluate(rng=np.random.default_rng(0))
         before = _rmse(self.store, version)
+        honest = next(e for e in self.store.evaluation_summaries("drill") if e.version == version)
+        counted = self.spec.aggregation.weight_cap(self.spec.training, self.spec.batch_size)
+        # The most one zero-error evaluator can pull the RMSE down: it counts for at most the weight cap.
+        floor = float(np.sqrt(honest.squared_error / (honest.num_examples + counted)))
         channel, stub, auth = self.stub(self.token("poisoner"))
         # The largest evaluation a coordinator accepts from one device, with no error at all: the most one
         # hostile evaluator can pull the reported RMSE down.
@@ -478,6 +483,7 @@ class Drill:
         after = _rmse(self.store, version)
         self.figures["evaluation_rmse_before_after"] = [round(before, 6), round(after, 6)]
         self.figures["evaluation_poisoning_shift"] = round(abs(after - before), 6)
+        self.figures["evaluation_poisoning_shift_bound"] = round(before - floor, 6)
         status = subprocess.run([sys.executable, "-m", "fedrecon.cli", "status", "--store", self.store_url,
                                  "--json"], capture_output=True, text=True, timeout=300)
         self.figures["status_exit_code"] = status.returncode

@@ -48,20 +48,36 @@ def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> No
     assert run["peak_rss_mb"] >= run["startup_rss_mb"] > 10
 
 
-def test_fault_drill_loses_nothing(tmp_path: Path) -> None:
-    """The scripted drill (kill, dropouts, hostile messages, late reports) against a live coordinator."""
+def test_fault_drill_loses_nothing_and_holds_against_hostile_clients(tmp_path: Path) -> None:
+    """The scripted drill (kill, dropouts, hostile messages and clients, late reports) against a live
+    coordinator with tokens: every figure the issue asks of it, each class reached for real."""
     out = tmp_path / "drill.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fault_drill.py"), "--bad-messages",
-                           "30", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "48", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     drill = json.loads(out.read_text())
     assert drill["updates_lost"] == 0 and drill["versions_verified"] is True
-    # 2 normal + dropouts + the round after the flood + late + the round after the kill commit; the killed
-    # round fails, and so does mallory's round if the flood outlasts its selection window (timing).
-    assert drill["rounds_committed"] == 6 and drill["rounds_failed"] in (1, 2)
-    # At least the 4 reports acknowledged in the killed round are in no committed version.
-    assert drill["reports_folded_in_committed_rounds"] <= drill["reports_accepted"] - 4
+    assert drill["nonfinite_commits"] == 0 and drill["unknown_statuses"] == 0
+    assert drill["impersonations_accepted"] == 0 and drill["hoarded_assignments"] == 1
+    assert 0 < drill["max_single_client_share"] <= drill["single_client_share_bound"] + 1e-3
+    assert drill["evaluation_poisoning_shift"] <= drill["evaluation_poisoning_shift_bound"] + 1e-6
+    assert drill["status_exit_code"] == 0
+    # The issue's target is under 1,000 ms; the test allows for a machine with a load average of 10.
+    assert drill["honest_checkin_p99_ms_with_idle_streams"] < 5000
+    # Every hostile kind reached the check it aims at (its first answer), the 1e308 evaluation aside: its
+    # counts are valid and nothing bounds one prediction's error in this task (deploy/README).
+    expected = {"garbage stream": "INVALID_ARGUMENT", "local variable": "INVALID_ARGUMENT",
+                "wrong shape": "INVALID_ARGUMENT", "forged assignment": "PERMISSION_DENIED",
+                "forged credential": "UNAUTHENTICATED", "credential id overflow": "UNAUTHENTICATED",
+                "wrong round": "FAILED_PRECONDITION", "oversized": "RESOURCE_EXHAUSTED",
+                "protocol": "FAILED_PRECONDITION", "unknown task": "NOT_FOUND",
+                "3 MiB task name": "NOT_FOUND", "evaluation counts over int64": "INVALID_ARGUMENT",
+                "evaluation near 1e308": "OK", "bad weight": "INVALID_ARGUMENT", "nan": "INVALID_ARGUMENT",
+                "100,000 metrics": "INVALID_ARGUMENT"}
+    assert drill["first_status"] == expected
     refused = drill["reports_refused"]
-    assert not [k for k in refused if k.startswith("NOT REFUSED")]
-    assert refused["late"] == 3 and refused["oversized: RESOURCE_EXHAUSTED"] == 3
-    assert refused["local variable: INVALID_ARGUMENT"] == 3
+    assert not [k for k in refused if k.startswith("NOT REFUSED") and "1e308" not in k]
+    assert refused["late"] == 3
+    # 2 normal + dropouts + the round after the flood + outweigh + 2 huge + impersonation + late + the round
+    # after the kill commit; the killed round, mallory's and the idle-stream probes' rounds fail.
+    assert drill["rounds_committed"] == 10 and drill["rounds_failed"] == 3
