@@ -168,6 +168,9 @@ def serve(
         if init_model is not None:
             console.print(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
                           f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
+        elif coordinator.created_task:  # say so: a store that lost its file would otherwise restart silently
+            console.print(f"[yellow]task {spec.name} was not in the store {sql.url}: created it at model "
+                          "version 0[/]", highlight=False)
         if coordinator.interrupted_rounds:
             console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
                           f"{coordinator.interrupted_rounds}")
@@ -393,7 +396,7 @@ def client(
 
 
 token_app = typer.Typer(help="Client tokens: issue, revoke, list (kept in the store as salted hashes).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None)
 
 
 @token_app.command("issue")
