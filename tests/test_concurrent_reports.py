@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from fedrecon.core.aggregation import DEFAULT_MAX_UPDATE_NORM
 from fedrecon.server.app import start_server
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.coordinator import Coordinator
@@ -66,8 +67,12 @@ def test_hundreds_of_simultaneous_reports_are_each_folded_once(tmp_path: Path) -
         (record,) = store.list_rounds("burst")
         assert record.num_accepted == CLIENTS and record.metrics["updates_folded"] == CLIENTS
         assert record.new_version == 1
-        # Weighted mean: each third has delta d with weight d, so Σ d·d / Σ d = (1 + 4 + 9) / 6.
+        # Weighted mean of the clipped deltas: each third has delta d (200 values) with weight d. The default
+        # bound S clips d = 2 and d = 3 (norms 28.3 and 42.4) to norm S, i.e. S/√200 per value; d = 1 (norm
+        # 14.1) stays: (1·1 + 2·S/√200 + 3·S/√200) / 6.
+        clipped = DEFAULT_MAX_UPDATE_NORM / np.sqrt(200.0)
         g1 = globals_from_bytes(store.get_version("burst", 1).parameters, ["item_embedding"])[0]
-        np.testing.assert_allclose(g1 - g0, 14.0 / 6.0, rtol=1e-5)
+        np.testing.assert_allclose(g1 - g0, (1.0 + 5.0 * clipped) / 6.0, rtol=1e-5)
+        assert record.metrics["updates_clipped"] == 200
         for c in channels:
             c.close()

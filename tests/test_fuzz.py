@@ -31,7 +31,7 @@ from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import MAX_WEIGHT, Assignment, Coordinator
+from fedrecon.server.coordinator import MAX_METRIC_KEY_CHARS, MAX_METRICS, MAX_WEIGHT, Assignment, Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import (
@@ -300,7 +300,9 @@ class Harness:
 
     def __init__(self, store: SqlStore) -> None:
         rounds = RoundSettings(clients_per_round=100_000, over_selection=1.0, min_reports=1,
-                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0))
+                               selection_timeout_s=1e6, reporting_timeout_s=1e6, retry_delay_s=(1.0, 3.0),
+                               # every fuzz client checks in from one address while the clock stands still
+                               max_check_ins_per_minute_per_peer=1e12)
         task = TaskSpec(name=TASK, model=MODEL, rounds=rounds,
                         aggregation=AggregationConfig(max_update_norm=NORM_BOUND, norm_policy="reject"),
                         training=FedReconConfig(server_optimizer=OptimizerSpec("sgd", 1.0)))
@@ -466,6 +468,7 @@ def test_report_update_refuses_cleanly_and_never_touches_the_aggregate(
         sent = np.frombuffer(b"".join(c.data for c in stream), np.float32).reshape(DELTA_SHAPE)
     valid = (owner and well_framed and math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT
              and all(math.isfinite(v) for v in metrics.values()) and bool(np.isfinite(sent).all())
+             and len(metrics) <= MAX_METRICS and all(1 <= len(k) <= MAX_METRIC_KEY_CHARS for k in metrics)
              and _norm(sent) <= NORM_BOUND)
 
     before = harness.state()
