@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup simulate test lint table clean tff-env
+.PHONY: setup simulate test lint typecheck table clean tff-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,14 @@ simulate: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/python -m pytest
+
+# mypy over the package as installed (the folders mapped into fedrecon.*), built afresh into build/.
+typecheck: setup
+	rm -rf build/typecheck
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --target build/typecheck --no-deps .
+	cd build/typecheck && ../../$(BIN)/mypy --python-executable ../../$(BIN)/python -p fedrecon
 
 lint: setup
 	$(BIN)/ruff check .
@@ -29,7 +36,7 @@ table: setup
 	$(BIN)/python benchmarks/movielens_table.py --data $(DATA) --out benchmarks/results/movielens_table.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs build .pytest_cache .ruff_cache .mypy_cache
 
 # A separate environment with TensorFlow Federated 0.87 (TensorFlow 2.14), the reference implementation
 # we measure against (issue 5). Pinned in tff/requirements.lock; jax overridden (tff/overrides.txt).

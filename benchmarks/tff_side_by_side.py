@@ -31,6 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fedrecon.core.aggregation import UNBOUNDED_MEAN
 from fedrecon.core.config import FedReconConfig
 from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
 from fedrecon.simulations.ratings import load_dataset
@@ -49,7 +50,9 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_dataset(args.data)
+    # Both engines aggregate alike: TFF's plain weighted mean (fedrecon's default also clips and caps).
     spec = ExperimentSpec(num_factors=50, local_init=args.local_init, config=FedReconConfig(),
+                          aggregation=UNBOUNDED_MEAN,
                           settings=SimulationSettings(rounds=args.rounds, clients_per_round=100, batch_size=5,
                                                       eval_every=args.eval_every, seed=0))
     figures = {}

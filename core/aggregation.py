@@ -131,6 +131,12 @@ class AggregationConfig:
             raise ValueError(f"bad aggregation settings: {err}") from err
 
 
+#: TensorFlow Federated's aggregation in ``build_fed_recon``: the weighted mean of the claimed weights, with
+#: no cap and no norm bound. For like-with-like comparisons with TFF only (parity, side by side); a task
+#: facing devices keeps the bounded defaults.
+UNBOUNDED_MEAN = AggregationConfig(norm_policy=NormPolicy.NONE, max_client_weight=1e30)
+
+
 class ClientDeltas(Protocol):
     """C client updates as the stages need them; how they are held is the producer's business."""
 

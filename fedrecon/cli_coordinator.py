@@ -316,7 +316,7 @@ def export(
 
     names = [v.name for v in model_from_config(spec["model"]).global_variables]
     ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
-              arrays=globals_from_bytes(record.parameters, names), training=spec["training"],
+              arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
               batch_size=spec["batch_size"]).save(out)
     console.print(f"wrote version {record.version} of {task} to {out}")
 

@@ -28,7 +28,7 @@ MAX_TENSOR_BYTES = 1 << 32  # no manifest may announce more than 4 GiB, whatever
 MAX_DIMS = 32  # numpy holds at most 64; no model here needs more than a handful
 MAX_DIM = 1 << 31
 
-_TO_NUMPY = {
+_TO_NUMPY: dict[pb.DType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -54,7 +54,7 @@ class TensorLayout:
         return math.prod(self.shape) * self.dtype.itemsize  # Python ints: no silent int64 wrap-around
 
 
-def wire_dtype(dtype: np.dtype) -> int:
+def wire_dtype(dtype: np.dtype[Any]) -> pb.DType:
     try:
         return _FROM_NUMPY[np.dtype(dtype).newbyteorder("=")]
     except KeyError:
@@ -205,7 +205,7 @@ def arrays_to_bytes(named: Mapping[str, np.ndarray], meta: Mapping[str, Any] | N
     if meta is not None:
         payload[_META_KEY] = np.asarray(json.dumps(dict(meta), sort_keys=True))
     buffer = io.BytesIO()
-    np.savez(buffer, **payload)
+    np.savez(buffer, **payload)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return buffer.getvalue()
 
 

@@ -165,8 +165,9 @@ class Coordinator:
             task.name, "coordinator restarted before the round committed")]
         latest = store.latest_version(task.name)
         self._version = latest.version
-        self._state = ServerState(globals_from_bytes(latest.parameters, self._names),
-                                  optimizer_state_from_bytes(latest.optimizer_state), latest.version)
+        parameters, optimizer_state = latest.payload()
+        self._state = ServerState(globals_from_bytes(parameters, self._names),
+                                  optimizer_state_from_bytes(optimizer_state), latest.version)
         self._round: _Round | None = None
         self._closed: OrderedDict[int, _ClosedRound] = OrderedDict()
         self._committed_rounds = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
@@ -285,7 +286,7 @@ class Coordinator:
                           f"task {task_name!r} has no model version {version}") from None
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
-        return list(self._names), globals_from_bytes(record.parameters, self._names)
+        return list(self._names), globals_from_bytes(record.payload()[0], self._names)
 
     # ----- selection -----------------------------------------------------------------------------------
     def check_in(self, task_name: str, client: str | Caller, protocol_version: int,
@@ -356,6 +357,7 @@ class Coordinator:
         """Why ``caller`` may take no further assignment in ``r`` (its group holds all it may), or None. With
         authentication a credential holds at most one assignment per device it was issued for, however many
         client ids it asserts; in the trusted-network mode the task may cap assignments per address."""
+        cap: int | None
         if caller.authenticated:
             cap, who, how = caller.max_assignments, "this credential", CREDENTIAL_SHARE_HINT
         else:
@@ -400,10 +402,10 @@ class Coordinator:
             if closed_round:
                 if not forgotten and (closed is None or key not in closed.accepted):
                     self._report_to_closed_round(round_id, key, None)  # refuses: it cannot be a retry
-            elif r.assigned.get(key) != token:
+            elif r is not None and r.assigned.get(key) != token:  # (not closed_round: r is the open round)
                 self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
                              f"this client holds no assignment to round {r.round_num}", record=False)
-            elif key in r.refused:
+            elif r is not None and key in r.refused:
                 self._refuse_refused(r, key)
         if forgotten:  # a round this process does not remember (it closed before a restart): ask the store
             stored = self._stored_round(round_id, key)  # outside the lock: a read

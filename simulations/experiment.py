@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrecon.core.aggregation import AggregationConfig
+from fedrecon.core.aggregation import UNBOUNDED_MEAN, AggregationConfig
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
@@ -24,7 +24,7 @@ from fedrecon.simulations.baselines import (
 )
 from fedrecon.simulations.grpc_transport import GrpcRounds
 from fedrecon.simulations.ratings import FederatedRatings
-from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings
+from fedrecon.simulations.runner import Evaluator, RoundRecord, RoundRunner, Simulation, SimulationSettings
 
 ALGORITHMS = ("fedrecon", "fedavg", "centralized")
 BACKENDS = ("fedrecon", "tff")
@@ -102,6 +102,11 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "tff" and (spec.algorithm != "fedrecon" or transport != "inprocess"):
         raise ValueError("the tff backend runs the fedrecon algorithm in process (no --transport grpc)")
+    if backend == "tff":  # TFF aggregates with its plain weighted mean: say so rather than ignore options
+        if spec.aggregation not in (AggregationConfig(), UNBOUNDED_MEAN):
+            raise ValueError("the tff backend aggregates with TFF's plain weighted mean (no weight cap, no "
+                             "norm bound): aggregation options apply to the fedrecon backend only")
+        spec = dataclasses.replace(spec, aggregation=UNBOUNDED_MEAN)
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
     if spec.algorithm == "centralized":
@@ -118,7 +123,8 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     algorithm.check_aggregation(max_clients=spec.settings.clients_per_round)
     state = algorithm.initial_state(spec.settings.seed, initial_globals)
     with contextlib.ExitStack() as stack:
-        runner, evaluator = None, None
+        runner: RoundRunner | None = None
+        evaluator: Evaluator | None = None
         if transport == "grpc":
             runner = stack.enter_context(GrpcRounds(model, train_config, data.train, spec.settings,
                                                     store_url=store_url, aggregation=spec.aggregation))

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from fedrecon.core.aggregation import UNBOUNDED_MEAN
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
@@ -259,7 +260,7 @@ class SideBySide:
                  train: Mapping[int, ClientExamples], users: Mapping[int, ClientExamples],
                  settings: SimulationSettings, *,
                  python: Path | None = None) -> None:
-        algorithm = FedRecon(model, config)
+        algorithm = FedRecon(model, config, aggregation=UNBOUNDED_MEAN)  # what TFF's build_fed_recon does
         self.ours = Simulation(algorithm, train, settings)
         self.initial = algorithm.initial_state(settings.seed)
         self.engine = TffEngine(model, config, users, batch_size=settings.batch_size,

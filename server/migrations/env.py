@@ -8,7 +8,7 @@ The CLI has no such connection and falls back to ``sqlalchemy.url`` from alembic
 from __future__ import annotations
 
 from logging.config import fileConfig
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool
@@ -19,7 +19,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Render the store's UTC datetime type as the plain column type it stores, so that new revisions do
     not import application code (a revision must keep working after the code it was generated from
     changes)."""

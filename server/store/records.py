@@ -106,6 +106,13 @@ class VersionRecord:
     parameters: bytes | None = field(default=None, repr=False)
     optimizer_state: bytes | None = field(default=None, repr=False)
 
+    def payload(self) -> tuple[bytes, bytes]:
+        """(parameters, optimizer_state) of a record read with its payload; a record read without one is a
+        programming error (``StoreFault``), not a value to pass on as None."""
+        if self.parameters is None or self.optimizer_state is None:
+            raise StoreFault(f"version {self.version} of task {self.task!r} was read without its payload")
+        return self.parameters, self.optimizer_state
+
 
 @dataclass(frozen=True, slots=True)
 class RoundRecord:
