@@ -48,7 +48,7 @@ def _round_with_dropouts(address: str, users: list[int], data) -> list[object]: 
     return results
 
 
-def _wait_until(condition, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+def _wait_until(condition, timeout: float = 90.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"

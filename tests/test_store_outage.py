@@ -115,7 +115,7 @@ def test_the_deadline_timer_survives_an_outage(db: Path) -> None:
             time.sleep(0.6)
             outage.end()
             assert server._ticker.is_alive()
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 60  # generous: the machine may be busy
             while store.list_rounds("movies")[0].state == RoundState.OPEN and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert store.list_rounds("movies")[0].state == RoundState.FAILED

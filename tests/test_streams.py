@@ -120,14 +120,14 @@ def test_idle_report_streams_do_not_starve_check_ins(tmp_path: Path, mode: str) 
         with start_server(Coordinator(store, _task()), limits=limits, interceptors=interceptors) as server:
             held = 2 if mode == "token" else IDLE  # the default cap per credential
             idle = _hold_idle_streams(server.address, IDLE, attacker if mode == "token" else None)
-            _wait_for(lambda: server.servicer.streams_open()["reports"] == held, 20, f"{held} streams held")
+            _wait_for(lambda: server.servicer.streams_open()["reports"] == held, 90, f"{held} streams held")
             with grpc.insecure_channel(server.address) as channel:
                 latencies = _check_in_latencies(
                     pb_grpc.CoordinatorStub(channel),
                     (("authorization", f"Bearer {honest}"),) if mode == "token" else None)
                 assert server.servicer.streams_open()["reports"] == held  # measured while all were held
             ended = idle.result(timeout=first_message_s + 60)
-            _wait_for(lambda: server.servicer.streams_open()["reports"] == 0, 10, "every slot given back")
+            _wait_for(lambda: server.servicer.streams_open()["reports"] == 0, 60, "every slot given back")
     print(f"\n{mode}: honest check-in p99 {_p99(latencies) * 1000:.1f} ms, max "
           f"{max(latencies) * 1000:.1f} ms with {held} idle report streams held")
     assert _p99(latencies) < 1.0, sorted(latencies)[-5:]

@@ -201,7 +201,7 @@ def test_what_tff_cannot_run_is_refused(data: FederatedRatings, tff_env: Path) -
     finally:
         engine.close()
     # Nothing of that TFF run is left running (TFF's C++ executor is in the worker's process group).
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # generous: the machine may be busy
     while _running_in_group(engine._proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running_in_group(engine._proc.pid) == []
