@@ -87,6 +87,9 @@ class AggregationConfig:
     max_update_norm: float = DEFAULT_MAX_UPDATE_NORM
     norm_policy: NormPolicy = NormPolicy.CLIP
     max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    # User-level DP (``core.privacy``): Gaussian noise of std noise_multiplier × max_update_norm on the sum
+    # of the clipped updates, divided by the expected number of clients. None: no noise.
+    noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         # Coerce strings from task files and the CLI, so equal settings compare equal however given.
@@ -102,6 +105,15 @@ class AggregationConfig:
             raise ValueError("max_update_norm must be positive and finite (norm_policy = 'none' disables it)")
         if self.max_buffer_bytes < 1:
             raise ValueError("max_buffer_bytes must be positive")
+        if self.noise_multiplier is not None:
+            if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+                raise ValueError("noise_multiplier must be finite and non-negative")
+            # The accountant's sensitivity holds only if every update is clipped to the bound and counts 1.
+            if (self.reduction != Reduction.MEAN or self.weighting != Weighting.UNIFORM
+                    or self.norm_policy != NormPolicy.CLIP):
+                raise ValueError("noise_multiplier (differential privacy) needs reduction 'mean', weighting "
+                                 "'uniform' and norm_policy 'clip': only then is one user's influence on the "
+                                 "sum bounded by max_update_norm")
 
     def weight_cap(self, training: FedReconConfig, batch_size: int) -> float:
         """The cap in force: explicit, else derived from the task's own bound on a client's examples."""
@@ -323,6 +335,38 @@ class WeightedMean(Reducer):
         return [(s / self._total).astype(np.float32) for s in self._sums]
 
 
+class GaussianSum(Reducer):
+    """The Gaussian mechanism of DP-FedAvg: Σ s·Δ over uniformly weighted, clipped updates, plus
+    N(0, (z·S)²) per coordinate, divided by the *expected* number of clients K (a fixed denominator: the
+    count itself would reveal who took part). The noise is released even when nobody reported, so the
+    output never depends on whether a given user was selected."""
+
+    name = "gaussian_sum"
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], *, clip: float, noise_multiplier: float,
+                 expected_clients: int, rng: np.random.Generator) -> None:
+        if expected_clients < 1:
+            raise ValueError("expected_clients must be at least 1")
+        self._sums = [np.zeros(s, np.float64) for s in shapes]
+        self.noise_std = noise_multiplier * clip
+        self.expected_clients = expected_clients
+        self._rng = rng
+
+    def fold(self, deltas: ClientDeltas, keep: np.ndarray, factors: ClientFactors) -> None:
+        weights = np.where(keep, factors.weights, 0.0)
+        if not weights.any():
+            return
+        for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
+            acc += s
+
+    def mean(self) -> list[np.ndarray] | None:
+        out = []
+        for s in self._sums:
+            noisy = s + self._rng.normal(0.0, self.noise_std, size=s.shape) if self.noise_std > 0 else s
+            out.append((noisy / self.expected_clients).astype(np.float32))
+        return out
+
+
 class _Buffered(Reducer):
     """Keeps every folded update (scaled) in one preallocated float32 array per tensor."""
 
@@ -443,8 +487,11 @@ class Aggregator:
 
 
 def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], *, weight_cap: float,
-                     max_clients: int) -> Aggregator:
-    """The stages ``config`` asks for; ``max_clients`` bounds what a buffering reducer keeps."""
+                     max_clients: int, expected_clients: int | None = None,
+                     noise_rng: np.random.Generator | None = None) -> Aggregator:
+    """The stages ``config`` asks for; ``max_clients`` bounds what a buffering reducer keeps. With a noise
+    multiplier, ``expected_clients`` is the DP mean's fixed denominator (default ``max_clients``) and
+    ``noise_rng`` draws the noise (default: seeded from the operating system's entropy)."""
     transforms: list[ClientTransform] = []
     if config.weighting == Weighting.UNIFORM:
         transforms.append(UniformWeights())
@@ -452,6 +499,11 @@ def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]
         transforms.append(WeightCap(weight_cap))
     if config.norm_policy != NormPolicy.NONE:
         transforms.append(NormBound(config.max_update_norm, reject=config.norm_policy == NormPolicy.REJECT))
+    if config.noise_multiplier is not None:  # __post_init__ guarantees uniform weights, clip and mean
+        return Aggregator(transforms, GaussianSum(
+            shapes, clip=config.max_update_norm, noise_multiplier=config.noise_multiplier,
+            expected_clients=expected_clients or max_clients,
+            rng=noise_rng if noise_rng is not None else np.random.default_rng()), weighted=True)
     if config.reduction == Reduction.MEAN:
         return Aggregator(transforms, WeightedMean(shapes), weighted=True)
     check_buffer(config, shapes, max_clients)

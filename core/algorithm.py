@@ -78,12 +78,15 @@ class FedRecon:
         """Refuse settings whose buffering reducer would exceed its memory bound (at start, not mid-round)."""
         check_buffer(self.aggregation, self._delta_shapes, max_clients)
 
-    def new_aggregate(self, *, max_clients: int, batch_size: int) -> Aggregator:
+    def new_aggregate(self, *, max_clients: int, batch_size: int, expected_clients: int | None = None,
+                      noise_rng: np.random.Generator | None = None) -> Aggregator:
         """A round's aggregation stages; ``max_clients`` bounds the updates a buffering reducer keeps and
-        ``batch_size`` derives the default weight cap (``AggregationConfig.weight_cap``)."""
+        ``batch_size`` derives the default weight cap (``AggregationConfig.weight_cap``). With DP noise,
+        ``expected_clients`` is the mean's fixed denominator and ``noise_rng`` draws the noise."""
         return build_aggregator(self.aggregation, self._delta_shapes,
                                 weight_cap=self.aggregation.weight_cap(self.config, batch_size),
-                                max_clients=max_clients)
+                                max_clients=max_clients, expected_clients=expected_clients,
+                                noise_rng=noise_rng)
 
     def server_update(self, state: ServerState, aggregate: Aggregator) -> ServerState:
         """Apply the aggregated delta; with nothing folded the model stays as it was.

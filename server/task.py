@@ -121,6 +121,11 @@ class TaskSpec:
             raise ValueError(f"task name {self.name!r} must be letters, digits, '-' or '_'")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.aggregation.noise_multiplier is not None:
+            # Noise without the accountant, the budget and the stated guarantee would be a promise the
+            # coordinator cannot keep yet: refuse rather than run an unaccounted "DP" task.
+            raise ValueError("[aggregation] noise_multiplier: differential privacy is available in "
+                             "'fedrecon simulate' only; the coordinator does not account for it yet")
 
     def to_dict(self) -> dict[str, Any]:
         rounds = dataclasses.asdict(self.rounds)

@@ -17,6 +17,7 @@ from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.core.privacy import DpOptions, PrivacyLedger
 from fedrecon.simulations.baselines import (
     CentralizedSettings,
     fedavg_configs,
@@ -40,6 +41,9 @@ class ExperimentSpec:
     settings: SimulationSettings = field(default_factory=SimulationSettings)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     centralized: CentralizedSettings = field(default_factory=CentralizedSettings)
+    # User-level DP on the global deltas (``core.privacy``): uniform weights, clipped to
+    # aggregation.max_update_norm, Gaussian noise, ε accounted per round. None: no DP.
+    privacy: DpOptions | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -49,7 +53,8 @@ class ExperimentSpec:
         return {"algorithm": self.algorithm, "num_factors": self.num_factors,
                 "use_biases": self.use_biases, "local_init": self.local_init, "config": self.config.to_dict(),
                 "settings": dataclasses.asdict(self.settings), "aggregation": self.aggregation.to_dict(),
-                "centralized": dataclasses.asdict(self.centralized)}
+                "centralized": dataclasses.asdict(self.centralized),
+                "privacy": self.privacy.to_dict() if self.privacy is not None else None}
 
 
 @dataclass
@@ -62,11 +67,17 @@ class ExperimentResult:
     seconds_per_round: float | None
     globals: list[np.ndarray]
     model: MatrixFactorization
+    # DP runs: the accounting parameters, ε after each round, ε of the selected round, and why the run
+    # stopped early (the budget), if it did.
+    privacy: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"algorithm": self.algorithm, "test": self.test, "selected": self.selected,
-                "seconds_per_round": self.seconds_per_round, "validation": self.validation,
-                "train_loss": self.train_loss}
+        out = {"algorithm": self.algorithm, "test": self.test, "selected": self.selected,
+               "seconds_per_round": self.seconds_per_round, "validation": self.validation,
+               "train_loss": self.train_loss}
+        if self.privacy is not None:
+            out["privacy"] = self.privacy
+        return out
 
 
 def selection_key(metrics: dict[str, float]) -> float:
@@ -109,6 +120,20 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         spec = dataclasses.replace(spec, aggregation=UNBOUNDED_MEAN)
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
+    ledger: PrivacyLedger | None = None
+    if spec.privacy is not None:
+        if spec.algorithm == "centralized" or backend != "fedrecon" or transport != "inprocess":
+            raise ValueError("differential privacy runs the fedrecon engine in process (federated "
+                             "algorithms, no --transport grpc, no tff backend)")
+        parameters = spec.privacy.resolve(rounds=spec.settings.rounds, population=len(data.train),
+                                          clients_per_round=spec.settings.clients_per_round)
+        ledger = spec.privacy.ledger(parameters)
+        try:  # the sensitivity the accountant assumes: every update clipped, each counting 1
+            aggregation = dataclasses.replace(spec.aggregation, noise_multiplier=parameters.noise_multiplier)
+        except ValueError as err:
+            raise ValueError(f"differential privacy: {err}") from err
+        spec = dataclasses.replace(spec, aggregation=aggregation, settings=dataclasses.replace(
+            spec.settings, sampling=spec.privacy.sampling))
     if spec.algorithm == "centralized":
         return _run_centralized(spec, data, on_epoch)
     if spec.algorithm == "fedavg":
@@ -141,16 +166,26 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                 return engine.evaluate(s.globals, sorted(users))
 
         sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config, round_runner=runner,
-                         evaluator=evaluator)
+                         evaluator=evaluator, privacy=ledger)
         best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
         selected = min(history.validation, key=selection_key) if history.validation else {}
         test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
+    privacy = None
+    if ledger is not None:
+        epsilons = [r.epsilon for r in history.rounds]
+        at = int(selected.get("round", len(epsilons)))
+        privacy = {**ledger.parameters.to_dict(), "epsilon_budget": ledger.epsilon_budget,
+                   "epsilon_per_round": epsilons, "epsilon_spent": ledger.epsilon,
+                   "epsilon_of_selected_round": epsilons[at - 1] if 0 < at <= len(epsilons) else None,
+                   "rounds_run": len(history.rounds), "stopped": history.stopped,
+                   "protected": "user-level: each user's clipped global delta; local variables never leave "
+                                "the device; evaluation reports are not covered"}
     return ExperimentResult(
         algorithm=spec.algorithm, test=test, validation=history.validation,
         train_loss=[r.train_loss for r in history.rounds], selected=selected,
         seconds_per_round=statistics.median(times) if times else None, globals=best_state.globals,
-        model=model)
+        model=model, privacy=privacy)
 
 
 def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,

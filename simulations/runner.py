@@ -16,6 +16,7 @@ from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import EvaluationSums
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.privacy import PrivacyLedger, Sampling
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class SimulationSettings:
     seed: int = 0
     eval_chunk: int = 512
     eval_clip: tuple[float, float] | None = None  # clip predictions at evaluation (e.g. to 1..5)
+    # fixed: exactly clients_per_round users per round; poisson: each user with probability
+    # clients_per_round / population (what the DP accountant's add-or-remove-one bound assumes).
+    sampling: Sampling = Sampling.FIXED
 
 
 @dataclass
@@ -37,12 +41,14 @@ class RoundRecord:
     num_clients: int
     total_weight: float
     aggregation: dict[str, float] = field(default_factory=dict)  # ``AggregationReport.metrics()``
+    epsilon: float | None = None  # DP: ε spent after this round (at the ledger's δ)
 
 
 @dataclass
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)  # each with "round"
+    stopped: str | None = None  # why the run ended before its last round (e.g. the privacy budget)
 
 
 def select_clients(user_ids: Sequence[int], count: int, *, seed: int, round_num: int) -> list[int]:
@@ -50,6 +56,20 @@ def select_clients(user_ids: Sequence[int], count: int, *, seed: int, round_num:
     rng = np.random.default_rng([seed, round_num])
     count = min(count, len(user_ids))
     return [int(user_ids[i]) for i in rng.choice(len(user_ids), size=count, replace=False)]
+
+
+def poisson_clients(user_ids: Sequence[int], expected: int, *, seed: int, round_num: int) -> list[int]:
+    """Each user independently with probability expected / len(user_ids), seeded by (seed, round): the
+    sampling the DP accountant's Poisson bound assumes (the round's size varies)."""
+    rng = np.random.default_rng([seed, round_num, 0x9015])
+    rate = min(1.0, expected / len(user_ids))
+    return [int(u) for u, take in zip(user_ids, rng.random(len(user_ids)) < rate, strict=True) if take]
+
+
+def noise_rng(seed: int, round_num: int) -> np.random.Generator:
+    """The generator of a simulated round's DP noise: reproducible per (seed, round). (A coordinator
+    facing devices draws from the operating system's entropy instead.)"""
+    return np.random.default_rng([seed, round_num, 0xD9])
 
 
 def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
@@ -66,7 +86,8 @@ class Simulation:
 
     def __init__(self, algorithm: FedRecon, train: Mapping[int, ClientExamples],
                  settings: SimulationSettings, *, eval_config: FedReconConfig | None = None,
-                 round_runner: RoundRunner | None = None, evaluator: Evaluator | None = None) -> None:
+                 round_runner: RoundRunner | None = None, evaluator: Evaluator | None = None,
+                 privacy: PrivacyLedger | None = None) -> None:
         self.algorithm = algorithm
         self.train = train
         self.settings = settings
@@ -79,22 +100,31 @@ class Simulation:
         self.round_runner: RoundRunner = round_runner or self.run_round
         # How users are scored: by the shared client step here, or by another engine (the TFF backend).
         self._evaluator = evaluator
+        # DP: ε per round, and the budget that stops the run before a round that would exceed it.
+        self.privacy = privacy
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
         t0 = time.perf_counter()
         round_num = state.round_num + 1
-        chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
-        packed = pack_clients(self.algorithm.model, [self.train[u] for u in chosen], self.algorithm.config,
-                              batch_size=s.batch_size,
-                              local_rngs=[local_rng(s.seed, round_num, u) for u in chosen])
-        result = self.algorithm.client_step.train_clients(state.globals, packed)
-        aggregate = self.algorithm.new_aggregate(max_clients=len(chosen), batch_size=s.batch_size)
-        aggregate.fold(result.deltas, result.weights)
+        if s.sampling == Sampling.POISSON:
+            chosen = poisson_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
+        else:
+            chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
+        aggregate = self.algorithm.new_aggregate(max_clients=max(len(chosen), 1), batch_size=s.batch_size,
+                                                 expected_clients=s.clients_per_round,
+                                                 noise_rng=noise_rng(s.seed, round_num))
+        loss_sum = examples = 0.0
+        if chosen:  # a Poisson round may select nobody: the DP sum is then noise alone
+            packed = pack_clients(self.algorithm.model, [self.train[u] for u in chosen],
+                                  self.algorithm.config, batch_size=s.batch_size,
+                                  local_rngs=[local_rng(s.seed, round_num, u) for u in chosen])
+            result = self.algorithm.client_step.train_clients(state.globals, packed)
+            aggregate.fold(result.deltas, result.weights)
+            loss_sum, examples = float(result.loss_sum.sum()), float(result.post_examples.sum())
         new_state = self.algorithm.server_update(state, aggregate)  # NonFiniteUpdate stops the run
-        examples = float(result.post_examples.sum())
         record = RoundRecord(round_num=round_num, seconds=time.perf_counter() - t0,
-                             train_loss=float(result.loss_sum.sum()) / max(examples, 1.0),
+                             train_loss=loss_sum / max(examples, 1.0),
                              num_clients=len(chosen), total_weight=aggregate.report.total_weight,
                              aggregation=aggregate.report.metrics())
         return new_state, record
@@ -126,10 +156,20 @@ class Simulation:
         history = History()
         best_state, best_rmse = state, float("inf")
         for _ in range(self.settings.rounds):
+            ledger = self.privacy
+            if ledger is not None and not ledger.next_round_fits():
+                history.stopped = (f"privacy budget: another round would spend ε = "
+                                   f"{ledger.epsilon_if_another_round():.3f} > {ledger.epsilon_budget:g} "
+                                   f"(δ = {ledger.parameters.delta:g}); stopped after {len(history.rounds)} "
+                                   f"rounds")
+                break
             state, record = self.round_runner(state)
+            if self.privacy is not None:
+                record.epsilon = self.privacy.record_round()
             history.rounds.append(record)
             metrics = None
-            last = len(history.rounds) == self.settings.rounds
+            last = (len(history.rounds) == self.settings.rounds
+                    or (self.privacy is not None and not self.privacy.next_round_fits()))
             if validation and (record.round_num % self.settings.eval_every == 0 or last):
                 metrics = {"round": record.round_num, **self.evaluate(state, validation)}
                 history.validation.append(metrics)
