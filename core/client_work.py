@@ -278,15 +278,23 @@ class ClientStep:
     def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                  clip: tuple[float, float] | None = None) -> EvaluationSums:
         """Reconstruct each client's locals, then score its held-out batches."""
+        se, correct, count = self.evaluate_each(globals_, packed, clip)
+        return EvaluationSums(float(se.sum()), float(correct.sum()), float(count.sum()))
+
+    def evaluate_each(self, globals_: Sequence[np.ndarray], packed: PackedClients,
+                      clip: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``evaluate`` per client: [C] squared-error sums, correct counts and example counts (who gains
+        or pays under a change, e.g. users with few ratings against users with many)."""
         p = packed.post_reconstruction
         if p.num_steps == 0:
-            return EvaluationSums(0.0, 0.0, 0.0)
+            zeros = np.zeros(p.mask.shape[1], np.float64)
+            return zeros, zeros.copy(), zeros.copy()
         lo, hi = clip if clip is not None else (-np.inf, np.inf)
         se, correct, count = self._eval_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
             tf.convert_to_tensor(p.mask), tf.constant(lo, tf.float32), tf.constant(hi, tf.float32))
-        return EvaluationSums(float(tf.reduce_sum(se)), float(tf.reduce_sum(correct)),
-                              float(tf.reduce_sum(count)))
+        return (se.numpy().astype(np.float64), correct.numpy().astype(np.float64),
+                count.numpy().astype(np.float64))
 
     def reconstruct(self, globals_: Sequence[np.ndarray], examples: ClientExamples, *, batch_size: int,
                     rng: np.random.Generator, use_all_batches: bool = True) -> list[np.ndarray]:
