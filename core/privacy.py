@@ -170,7 +170,9 @@ class DpOptions:
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = DEFAULT_DELTA
-    sampling: Sampling = Sampling.POISSON
+    # Fixed-size by default: what a coordinator does (it picks K of the devices that checked in), so a
+    # simulation's ε is the one a deployment would state.
+    sampling: Sampling = Sampling.FIXED
     accountant: AccountantKind = AccountantKind.RDP
     epsilon_budget: float | None = None
 

@@ -151,4 +151,4 @@ def test_budgeted_simulation_stops_and_reports_epsilon_per_round() -> None:
     assert all(a < b for a, b in itertools.pairwise(eps)) and eps[-1] <= budget + 1e-9
     assert "privacy budget" in result.privacy["stopped"]
     assert np.isfinite(result.test["rmse"])
-    assert options.sampling == Sampling.POISSON
+    assert options.sampling == Sampling.FIXED  # the coordinator's kind of selection, by default

@@ -1,10 +1,11 @@
-"""What user-level differential privacy costs: unseen-user RMSE and accuracy at ε = ∞, 8, 3, 1.
+"""What privacy costs: unseen-user RMSE and accuracy under user-level DP at ε = ∞, 8, 3, 1.
 
-    python benchmarks/dp_cost.py --data ../shared/data/movielens/ml-1m-2998u \
-        --out benchmarks/results/dp_cost.json
+    python benchmarks/privacy_table.py --data ../shared/data/movielens/ml-1m-2998u \
+        --out benchmarks/results/privacy_table.json
 
 Every run uses the same aggregation so the rows differ only by noise: uniform weights, each update clipped
-to ``--clip``, Poisson sampling of ``--clients-per-round`` expected users out of the training population,
+to ``--clip``, ``--clients-per-round`` users per round out of the training population (fixed-size
+selection as a coordinator does, or ``--sampling poisson``),
 the tuned MovieLens configuration of ``movielens_table.py`` otherwise. For a finite ε the noise multiplier
 is calibrated by the accountant so that ``--rounds`` rounds spend exactly ε at ``--delta``; the ε = ∞ row is
 the same pipeline without noise. Model selection uses validation users (outside the guarantee, like all
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=1e-6)
     parser.add_argument("--epsilons", default="inf,8,3,1")
     parser.add_argument("--accountant", choices=[a.value for a in AccountantKind], default="rdp")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dp_cost.json"))
+    parser.add_argument("--sampling", choices=[s.value for s in Sampling], default="fixed")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy_table.json"))
     args = parser.parse_args()
 
     data = load_dataset(args.data)
@@ -83,16 +85,17 @@ def main() -> None:
     groups = {"fewest_ratings": by_count[:third], "most_ratings": by_count[-third:]}
     counts = {g: [len(data.test[u]) for u in users] for g, users in groups.items()}
 
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = {}  # by ε as given
     for text in args.epsilons.split(","):
         epsilon = float(text)
         privacy = None if math.isinf(epsilon) else DpOptions(
-            target_epsilon=epsilon, delta=args.delta, sampling=Sampling.POISSON,
+            target_epsilon=epsilon, delta=args.delta, sampling=Sampling(args.sampling),
             accountant=AccountantKind(args.accountant))
         run_spec = dataclasses.replace(spec, privacy=privacy)
         t0 = time.perf_counter()
         result = run_experiment(run_spec, data)
-        row = {"epsilon": epsilon, "test_rmse": result.test["rmse"], "test_accuracy": result.test["accuracy"],
+        row = {"epsilon": epsilon if math.isfinite(epsilon) else None,  # null: no noise (ε = ∞)
+               "test_rmse": result.test["rmse"], "test_accuracy": result.test["accuracy"],
                "validation_rmse": result.selected.get("rmse"), "selected_round": result.selected.get("round"),
                "wall_seconds": time.perf_counter() - t0,
                "rmse_by_group": {g: per_user_rmse(result, spec, data, users) for g, users in groups.items()}}
@@ -105,7 +108,7 @@ def main() -> None:
             row["population_1e6"] = {
                 str(k): {"noise_multiplier": (z6 := noise_multiplier_for(
                     epsilon, rounds=args.rounds, population=10**6, clients_per_round=k, delta=args.delta,
-                    sampling=Sampling.POISSON, accountant=AccountantKind(args.accountant))),
+                    sampling=Sampling(args.sampling), accountant=AccountantKind(args.accountant))),
                     "noise_std_on_mean": z6 * args.clip / k}
                 for k in (args.clients_per_round, 10 * args.clients_per_round)}
         rows[text] = row
@@ -116,15 +119,22 @@ def main() -> None:
                  f"{row['population_1e6'][str(args.clients_per_round)]['noise_multiplier']:.4f}"
                  if "noise_multiplier" in row else ""), flush=True)
 
-    out = {"data": args.data, "population": population, "rounds": args.rounds,
+    dp = [{"epsilon": r["epsilon"], "delta": args.delta if r["epsilon"] is not None else None,
+           "noise_multiplier": r.get("noise_multiplier", 0.0), "rmse": r["test_rmse"],
+           "accuracy": r["test_accuracy"], "rmse_few_ratings": r["rmse_by_group"]["fewest_ratings"],
+           "rmse_many_ratings": r["rmse_by_group"]["most_ratings"]} for r in rows.values()]
+    out = {"dp": dp,
+           "population_1e6_noise_multiplier": {text: r["population_1e6"] for text, r in rows.items()
+                                               if "population_1e6" in r},
+           "data": args.data, "population": population, "rounds": args.rounds, "sampling": args.sampling,
            "clients_per_round": args.clients_per_round, "sampling_rate": args.clients_per_round / population,
            "clip": args.clip, "delta": args.delta, "accountant": args.accountant, "server_lr": args.server_lr,
            "groups": {g: {"users": len(u), "ratings_min": min(counts[g]), "ratings_max": max(counts[g])}
                       for g, u in groups.items()},
-           "rows": rows, "spec": spec.to_dict(),
+           "runs": rows, "spec": spec.to_dict(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=str))
+    args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
     print(f"wrote {args.out}")
 
 
