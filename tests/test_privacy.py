@@ -139,7 +139,7 @@ def test_budgeted_simulation_stops_and_reports_epsilon_per_round() -> None:
     data = load_dataset("synthetic")
     options = DpOptions(noise_multiplier=1.0, delta=1e-5)
     population = len(data.train)
-    budget = PrivacyParameters(1.0, population, 20, 1e-5).epsilon_after(6)
+    budget = PrivacyParameters(1.0, population, 20, 1e-5, sampling=Sampling.FIXED).epsilon_after(6)
     spec = ExperimentSpec(num_factors=4, settings=SimulationSettings(rounds=50, clients_per_round=20,
                                                                      eval_every=3),
                           aggregation=AggregationConfig(weighting=Weighting.UNIFORM),
