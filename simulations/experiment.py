@@ -128,6 +128,10 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         parameters = spec.privacy.resolve(rounds=spec.settings.rounds, population=len(data.train),
                                           clients_per_round=spec.settings.clients_per_round)
         ledger = spec.privacy.ledger(parameters)
+        if not ledger.next_round_fits():
+            raise ValueError(f"differential privacy: one round already spends ε = "
+                             f"{ledger.epsilon_if_another_round():.3f}, above the budget "
+                             f"{ledger.epsilon_budget:g}; raise the noise multiplier or the budget")
         try:  # the sensitivity the accountant assumes: every update clipped, each counting 1
             aggregation = dataclasses.replace(spec.aggregation, noise_multiplier=parameters.noise_multiplier)
         except ValueError as err:

@@ -152,3 +152,15 @@ def test_budgeted_simulation_stops_and_reports_epsilon_per_round() -> None:
     assert "privacy budget" in result.privacy["stopped"]
     assert np.isfinite(result.test["rmse"])
     assert options.sampling == Sampling.FIXED  # the coordinator's kind of selection, by default
+
+
+def test_a_budget_below_one_round_is_refused_before_training() -> None:
+    from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
+    from fedrecon.simulations.ratings import load_dataset
+    from fedrecon.simulations.runner import SimulationSettings
+
+    spec = ExperimentSpec(num_factors=4, settings=SimulationSettings(rounds=5, clients_per_round=20),
+                          aggregation=AggregationConfig(weighting=Weighting.UNIFORM),
+                          privacy=DpOptions(noise_multiplier=0.5, epsilon_budget=0.01))
+    with pytest.raises(ValueError, match="one round already spends"):
+        run_experiment(spec, load_dataset("synthetic"))
