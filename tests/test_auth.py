@@ -89,4 +89,5 @@ def test_token_commands(tmp_path: Path) -> None:
     assert runner.invoke(app, ["token", "revoke", "1", "--store", store]).exit_code == 0
     with SqlStore(store) as sql:
         assert not check_token(sql, token)
-    assert runner.invoke(app, ["token", "revoke", "7", "--store", store]).exit_code == 1
+    unknown = runner.invoke(app, ["token", "revoke", "7", "--store", store])
+    assert unknown.exit_code == 2 and unknown.stderr.strip() == "no credential 7", unknown.output  # bad input

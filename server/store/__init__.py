@@ -18,6 +18,7 @@ Design:
   (`fedrecon.server.migrations`).
 """
 
+from .opening import open_store
 from .records import (
     CredentialRecord,
     DuplicateTask,
@@ -31,7 +32,9 @@ from .records import (
     StaleRound,
     StoreError,
     StoreFault,
+    StoreNotFound,
     StoreUnavailable,
+    StoreUnopenable,
     StoreVanished,
     TaskRecord,
     UnknownCredential,
@@ -56,7 +59,9 @@ __all__ = [
     "StaleRound",
     "StoreError",
     "StoreFault",
+    "StoreNotFound",
     "StoreUnavailable",
+    "StoreUnopenable",
     "StoreVanished",
     "TaskRecord",
     "UnknownCredential",
@@ -64,5 +69,6 @@ __all__ = [
     "UnknownTask",
     "UnknownVersion",
     "VersionRecord",
+    "open_store",
     "require_label",
 ]
