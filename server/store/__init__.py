@@ -13,6 +13,10 @@ Design:
   apart; values that do not fit their columns are refused in Python (``ValueError``) before any SQL.
 * A round is closed and its model version written in ONE transaction: a crash or a lost race never leaves a
   committed round without its version, or a version without its round.
+* Operators' commands open a store through `open_store` (``opening``), which turns every way opening can
+  fail (a missing folder, a relative path meant as absolute, a database never created, a server that is
+  down, a bad URL) into a one-line diagnosis: `StoreUnopenable` / `StoreNotFound` (fix the command) or
+  `StoreUnavailable` (retry); a command that only reads never creates a store.
 * SQLite is the default (a file next to the coordinator, nothing to operate); any SQLAlchemy URL works, and
   the test suite runs the same contract against PostgreSQL. The schema is migrated by Alembic on start
   (`fedrecon.server.migrations`).
