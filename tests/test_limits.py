@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedrecon.retry_hint import retry_after_ms
+from fedrecon.protocol import retry_after_ms
 from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.limits import ServerLimits
