@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from fedrecon.protocol import ReportOutcome, RoundOutcome
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # one message, one line, whatever the width
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -271,9 +271,12 @@ def client(
     summary = summarize(outcomes, states)
     console.print(summary.line(len(chosen)))
     capped = summary.other["capped"]
-    if capped:
+    if capped and token:
         console.print(f"{capped} of {len(chosen)} users were capped: one token is one device unless issued "
                       f"for more; run {len(chosen)} users with 'fedrecon token issue --max-devices "
                       f"{len(chosen)}'.")
+    elif capped:
+        console.print(f"{capped} of {len(chosen)} users were capped: one client certificate is one device; "
+                      "run one user per certificate.")
     if not summary.accepted:
         raise typer.Exit(1)
