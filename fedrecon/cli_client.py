@@ -177,6 +177,10 @@ def client(
     from fedrecon.protocol import CREDENTIAL_SHARE_HINT, ReportOutcome
     from fedrecon.simulations.ratings import load_dataset
 
+    try:
+        dataset = load_dataset(data, seed=split_seed)
+    except (OSError, ValueError) as err:
+        _fail(f"cannot load --data {data}: {err}")
     policy = RetryPolicy(connect_timeout_s=connect_timeout)
     console.print(f"connecting to {coordinator} ({'TLS' if credentials else 'plaintext'})")
     channel = CoordinatorChannel(coordinator, retry=policy, token=token, tls=credentials)
@@ -187,10 +191,6 @@ def client(
         _fail(str(err))
     except grpc.RpcError as err:
         _fail(f"the coordinator at {coordinator} refused: {err.code().name}: {err.details()}")  # type: ignore[attr-defined]
-    try:
-        dataset = load_dataset(data, seed=split_seed)
-    except (OSError, ValueError) as err:
-        _fail(f"cannot load --data {data}: {err}")
     population = getattr(dataset, split)
     chosen = sorted(population)[:users]
     if not chosen:
