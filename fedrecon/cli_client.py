@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,9 +181,14 @@ def client(
         dataset = load_dataset(data, seed=split_seed)
     except (OSError, ValueError) as err:
         _fail(f"cannot load --data {data}: {err}")
+    def retry_line(who: str, event: RetryEvent) -> Text:
+        return Text(f"{who}: {event.call} {event.code}, retry {event.attempt} in {event.delay_s:.1f} s"
+                    f"{' (as the coordinator asked)' if event.hinted else ''}")
+
     policy = RetryPolicy(connect_timeout_s=connect_timeout)
     console.print(f"connecting to {coordinator} ({'TLS' if credentials else 'plaintext'})")
-    channel = CoordinatorChannel(coordinator, retry=policy, token=token, tls=credentials)
+    channel = CoordinatorChannel(coordinator, retry=policy, token=token, tls=credentials,
+                                 on_retry=lambda event: console.print(retry_line("coordinator", event)))
     try:
         channel.connect()
         latest = channel.latest_model(task)  # the task exists, and we may call it
@@ -202,12 +207,8 @@ def client(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
 
-        def on_retry(user: int) -> object:
-            def show(event: RetryEvent) -> None:
-                progress.console.print(
-                    Text(f"user-{user}: {event.call} {event.code}, retry {event.attempt} in "
-                         f"{event.delay_s:.1f} s{' (as the coordinator asked)' if event.hinted else ''}"))
-            return show
+        def on_retry(user: int) -> Callable[[RetryEvent], None]:
+            return lambda event: progress.console.print(retry_line(f"user-{user}", event))
 
         def examples_of(user: int) -> ClientExamples:
             e = population[user]
@@ -215,7 +216,7 @@ def client(
 
         def run_one(user: int) -> list[ReportOutcome | str]:
             with FederatedClient(coordinator, task, f"user-{user}", examples_of(user), token=token,
-                                 tls=credentials, retry=policy, on_retry=on_retry(user)) as c:  # type: ignore[arg-type]
+                                 tls=credentials, retry=policy, on_retry=on_retry(user)) as c:
                 if evaluate:
                     try:
                         c.evaluate()

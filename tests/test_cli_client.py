@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.client import FederatedClient, RetryEvent, RetryPolicy
+from fedrecon.protocol import retry_after_metadata
 from fedrecon.server.app import TlsFiles, start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.process import CoordinatorProcess
@@ -188,3 +190,48 @@ def test_retries_are_told_to_the_callback(tmp_path: Path) -> None:
         assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
     assert events and all(e.call == "GetLatestModel" and e.code == "UNAVAILABLE" for e in events)
     assert [e.attempt for e in events] == list(range(1, len(events) + 1))
+
+
+class _Busy(grpc.aio.ServerInterceptor):
+    """Answers the first ``times[method]`` calls of each method RESOURCE_EXHAUSTED with a retry hint, as
+    a coordinator with no free slot does."""
+
+    def __init__(self, times: dict[str, int], hint_ms: int) -> None:
+        self.left = dict(times)
+        self.hint_ms = hint_ms
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        method = str(details.method).rsplit("/", 1)[-1]
+        if handler is None or self.left.get(method, 0) <= 0:
+            return handler
+        self.left[method] -= 1
+
+        async def busy(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free slot",
+                                retry_after_metadata(self.hint_ms))
+
+        return grpc.unary_unary_rpc_method_handler(busy, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+def test_the_command_prints_retries_as_they_happen(tmp_path: Path) -> None:
+    """A busy coordinator (RESOURCE_EXHAUSTED with a retry hint): the command's own calls and each user's
+    are retried after the hinted delay, each retry is one printed line, and the round still goes through."""
+    busy = _Busy({"GetLatestModel": 2, "CheckIn": 1}, hint_ms=200)
+    with SqlStore(f"sqlite:///{tmp_path / 'b.db'}") as store, \
+            start_server(Coordinator(store, _task_spec()), interceptors=[busy]) as server:
+        ran = CliRunner().invoke(app, ["client", "--task", "cli", "--data", "synthetic", "--users", "1",
+                                       "--coordinator", server.address, "--max-wait", "60"])
+    assert ran.exit_code == 0, ran.output
+    retries = [line for line in _lines(ran.output) if ", retry " in line]
+    assert [line.split(" in ")[0] for line in retries] == [
+        "coordinator: GetLatestModel RESOURCE_EXHAUSTED, retry 1",
+        "coordinator: GetLatestModel RESOURCE_EXHAUSTED, retry 2",
+        f"user-{_first_user()}: CheckIn RESOURCE_EXHAUSTED, retry 1"], ran.output
+    assert all(line.endswith("s (as the coordinator asked)") for line in retries)
+    assert _lines(ran.output)[-1] == "1 clients: accepted 1 (committed 1 into version 1), refused 0"
+
+
+def _first_user() -> int:
+    return sorted(load_dataset("synthetic", seed=42).train)[0]
