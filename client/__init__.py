@@ -22,8 +22,9 @@ from fedrecon.client.transport import (
     tls_credentials,
 )
 from fedrecon.client.vocabulary import ItemVocabulary
+from fedrecon.core.batching import ClientExamples
 from fedrecon.protocol import PROTOCOL_VERSION, Assignment, ReportOutcome, RoundOutcome, RoundState
 
-__all__ = ["PROTOCOL_VERSION", "Assignment", "CoordinatorChannel", "CoordinatorUnreachable",
+__all__ = ["PROTOCOL_VERSION", "Assignment", "ClientExamples", "CoordinatorChannel", "CoordinatorUnreachable",
            "FederatedClient", "ItemVocabulary", "ModelFile", "NoAssignment", "Personalization",
            "ReportOutcome", "RetryEvent", "RetryPolicy", "RoundOutcome", "RoundState", "tls_credentials"]

@@ -54,8 +54,11 @@ class Personalization:
     @classmethod
     def from_model_file(cls, path: str, examples: ClientExamples, *, rng: np.random.Generator | None = None,
                         vocabulary: ItemVocabulary | None = None) -> Personalization:
-        """Personalize against an exported model version, no coordinator needed."""
+        """Personalize against an exported model version, no coordinator needed. Items are the dataset's
+        ids per ``vocabulary`` (default: the file's, if it has one; else the model's indices)."""
         f = ModelFile.load(path)  # type: ignore[arg-type]
+        if vocabulary is None:  # the file's own vocabulary, once model files carry one
+            vocabulary = ItemVocabulary.of(tuple(getattr(f, "item_ids", None) or ()))
         return cls.fit(model_from_config(f.model_spec), FedReconConfig.from_dict(f.training), f.arrays,
                        examples, batch_size=f.batch_size, version=f.version, rng=rng, vocabulary=vocabulary)
 
