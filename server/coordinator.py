@@ -44,6 +44,15 @@ import numpy as np
 from fedrecon.core.aggregation import Aggregator
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.model_spec import model_from_config
+from fedrecon.protocol import (
+    CREDENTIAL_SHARE_HINT,
+    PROTOCOL_VERSION,
+    Assignment,
+    ReportOutcome,
+    RetryLater,
+    RoundOutcome,
+)
+from fedrecon.protocol import RoundState as RoundView
 from fedrecon.server.checkpoints import (
     globals_from_bytes,
     globals_to_bytes,
@@ -51,7 +60,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_to_bytes,
 )
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
-from fedrecon.server.identity import CREDENTIAL_SHARE_HINT, Caller
+from fedrecon.server.identity import Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
@@ -70,37 +79,10 @@ from fedrecon.tensors import TensorLayout
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 MAX_WEIGHT = 1e9  # a client weight above this is absurd (examples on one device)
 MAX_METRICS = 64  # entries in a report's metric map (a device sends a handful: loss, examples, ...)
 MAX_METRIC_KEY_CHARS = 64
 MAX_ECHO_CHARS = 64  # a client's string quoted back in an error message is cut to this (see ``shown``)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    task_name: str
-    round_id: int
-    round_num: int
-    model_version: int
-    token: str
-    deadline: datetime
-    model_spec_json: str
-    training_config_json: str
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class RetryLater:
-    delay_min_s: float
-    delay_max_s: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class ReportOutcome:
-    accepted: bool  # False: the very same update had already been accepted (an idempotent retry)
-    message: str
 
 
 @dataclass
@@ -553,6 +535,35 @@ class Coordinator:
             if not r.selecting and r.answered() == len(r.assigned):
                 self._close_when_all_answered(r)
         raise Refusal(status, reason, message)
+
+    # ----- round outcomes ------------------------------------------------------------------------------
+    def round_outcome(self, task_name: str, round_id: int) -> RoundOutcome:
+        """Where round ``round_id`` of the task is: open (still taking reports, or its commit waits for the
+        store), committed into a version, or failed. Lets a client tell whether the updates it had accepted
+        went into a model version. NOT_FOUND for a round the task does not have."""
+        self._check_task(task_name)
+        with self._lock:
+            r = self._round
+            if r is not None and r.round_id == round_id:
+                return RoundOutcome(round_id, r.round_num, RoundView.OPEN, num_accepted=len(r.accepted))
+        unknown = Refusal(Status.NOT_FOUND, "unknown_round", f"task {task_name!r} has no round id {round_id}")
+        if not 1 <= round_id < 2**31:  # never asks the store about a value it cannot hold
+            raise unknown
+        try:
+            record = self.store.get_round(round_id)
+        except UnknownRound:
+            raise unknown from None
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
+        if record.task != self.task.name:
+            raise unknown
+        if record.state == RoundState.COMMITTED:
+            return RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
+                                record.num_accepted)
+        if record.state == RoundState.FAILED:
+            return RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
+                                record.failure_reason or "failed")
+        return RoundOutcome(round_id, record.round_num, RoundView.OPEN, num_accepted=record.num_accepted)
 
     # ----- evaluation ----------------------------------------------------------------------------------
     def report_evaluation(self, task_name: str, client: str | Caller, version: int, squared_error: float,

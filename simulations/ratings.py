@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +139,9 @@ class FederatedRatings:
     test: dict[int, ClientExamples]
     num_items: int
     mean_rating: float  # over training users' kept ratings (a data statistic the server may know)
+    # The dataset's own id (e.g. the MovieLens movie id) of each dense item index, in dense order: what a
+    # task's item vocabulary lists, and how examples are turned back into the dataset's ids.
+    item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def split_users(ratings: Ratings, *, seed: int = 42, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
@@ -164,7 +167,7 @@ def split_users(ratings: Ratings, *, seed: int = 42, fractions: tuple[float, flo
     train, val, test = ({u: examples[u] for u in part} for part in parts)
     kept = np.concatenate([e.y for e in train.values()]) if train else np.zeros(1)
     return FederatedRatings(train=train, validation=val, test=test, num_items=ratings.num_items,
-                            mean_rating=float(kept.mean()))
+                            mean_rating=float(kept.mean()), item_ids=np.asarray(ratings.item_ids, np.int64))
 
 
 def load_dataset(source: str, *, seed: int = 42, max_examples_per_user: int | None = 300) -> FederatedRatings:

@@ -58,6 +58,8 @@ def test_every_call_needs_a_valid_unrevoked_token(tmp_path: Path) -> None:
                 "ReportUpdate": lambda md: stub.ReportUpdate(iter([pb.ReportUpdateRequest()]), metadata=md),
                 "GetLatestModel": lambda md: stub.GetLatestModel(pb.GetLatestModelRequest(task_name="auth"),
                                                                  metadata=md),
+                "GetRound": lambda md: stub.GetRound(pb.GetRoundRequest(task_name="auth", round_id=1),
+                                                     metadata=md),
             }
             for name, call in calls.items():
                 for metadata in (None, (("authorization", "Bearer frc_1_forged"),)):
