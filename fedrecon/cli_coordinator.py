@@ -118,16 +118,15 @@ def serve(
         refuse(f"cannot load task {task}: {err}", err)
     initial = None
     if init_model is not None:
-        from fedrecon.client.model_file import ModelFile
         from fedrecon.core.model_spec import model_from_config
+        from fedrecon.model_file import ModelFile, globals_for_model
 
         try:
-            given = ModelFile.load(init_model)
-            named = dict(zip(given.names, given.arrays, strict=True))
-            # By name, in the task's order: a file from another tool may list its variables differently.
-            initial = [named[v.name] for v in model_from_config(spec.model).global_variables]
-        except (ValueError, OSError, KeyError) as err:
-            refuse(f"cannot use model {init_model} for task {spec.name}: {err!r}", err)
+            # By name, in the task's order; the first missing or differently shaped variable is named.
+            initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
+                                        f"task {spec.name}")
+        except (ValueError, OSError) as err:
+            refuse(f"cannot use model {init_model} for task {spec.name}: {err}", err)
     if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
         refuse("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
     tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
@@ -297,7 +296,7 @@ def export(
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
 ) -> None:
     """Write a model version to a file the client library (personalize) and the simulator can load."""
-    from fedrecon.client.model_file import ModelFile
+    from fedrecon.model_file import ModelFile
     from fedrecon.server.checkpoints import globals_from_bytes
     from fedrecon.server.store import SqlStore, StoreError
 
