@@ -70,11 +70,11 @@ def check_finite(record: RoundRecord, metrics: dict[str, float] | None) -> None:
     """Raise ``NonFiniteTraining`` naming the round and what went non-finite, with a hint."""
     what = None
     if not np.isfinite(record.train_loss):
-        what = f"the training loss is {record.train_loss}"
+        what = f"the training loss is not finite ({record.train_loss})"
     elif record.non_finite_clients:
         what = f"{record.non_finite_clients} of {record.num_clients} client updates are not finite"
     elif metrics is not None and not np.isfinite(metrics["rmse"]):
-        what = f"the validation RMSE is {metrics['rmse']}"
+        what = f"the validation RMSE is not finite ({metrics['rmse']})"
     if what is not None:
         raise NonFiniteTraining(f"round {record.round_num}: {what}; {DIVERGENCE_HINT}")
 
