@@ -325,6 +325,9 @@ def _run(run: _Run) -> None:
             model_note = f" (model.npz: {kept})" if "model.npz" in written else ""
             _fail(f"interrupted after {stop.rounds_done} {unit}s: wrote {', '.join(written)} in {run.out}"
                   f"{model_note}", code=130)
+        except KeyboardInterrupt:  # where no partial result exists (centralized training, start-up)
+            progress.stop()
+            _fail("interrupted: nothing written", code=130)
         except (ValueError, RuntimeError) as err:
             progress.stop()
             _fail(str(err), err)
