@@ -209,19 +209,18 @@ def serve(
             refuse(f"cannot load task {task}: {err}")
         initial = None
         if init_model is not None:
-            from fedrecon.client.model_file import ModelFile
             from fedrecon.core.model_spec import model_from_config
+            from fedrecon.model_file import ModelFile, globals_for_model
 
             if not init_model.is_file():
                 what = "is a folder" if init_model.is_dir() else "does not exist"
                 refuse(f"model file {init_model} {what}")
             try:
-                given = ModelFile.load(init_model)
-                named = dict(zip(given.names, given.arrays, strict=True))
-                # By name, in the task's order: a file from another tool may list its variables differently.
-                initial = [named[v.name] for v in model_from_config(spec.model).global_variables]
-            except (ValueError, OSError, KeyError) as err:
-                refuse(f"cannot use model {init_model} for task {spec.name}: {err!r}")
+                # By name, in the task's order; the first missing or differently shaped variable is named.
+                initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
+                                            f"task {spec.name}")
+            except (ValueError, OSError) as err:
+                refuse(f"cannot use model {init_model} for task {spec.name}: {err}")
         if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
             refuse("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
         tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
@@ -421,15 +420,16 @@ def export(
             latest = sql.latest_version(task, with_payload=False).version
             _fail(f"{err} (its versions are 0 to {latest})", 2)
     # TensorFlow only now: its start-up lines on stderr must not come before a one-line store error.
-    from fedrecon.client.model_file import ModelFile
     from fedrecon.core.model_spec import model_from_config
+    from fedrecon.model_file import ModelFile
     from fedrecon.server.checkpoints import globals_from_bytes
 
     names = [v.name for v in model_from_config(spec["model"]).global_variables]
     try:
         ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
                   arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
-                  batch_size=spec["batch_size"]).save(out)
+                  batch_size=spec["batch_size"],
+                  extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror or err}", 2)
     console.print(f"wrote version {record.version} of {task} to {out}", markup=False, highlight=False)

@@ -165,9 +165,7 @@ class TaskSpec:
     @classmethod
     def load(cls, path: Path) -> TaskSpec:
         """Read a ``.toml`` or ``.json`` task description."""
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        return cls.from_dict(data, base=path.parent)
+        return cls.from_dict(read_task_table(path), base=Path(path).parent)
 
 
 def read_vocabulary(path: Path) -> tuple[int, ...]:
@@ -205,6 +203,21 @@ def _check_vocabulary(item_ids: tuple[int, ...], num_items: object) -> None:
     if isinstance(num_items, int) and len(item_ids) != num_items:
         raise ValueError(f"the item vocabulary has {len(item_ids)} ids but the model has num_items = "
                          f"{num_items}")
+
+
+def read_task_table(path: Path) -> dict[str, Any]:
+    """A task file's tables as written (``.toml``, or ``.json`` by suffix), before defaults are filled in,
+    so a reader can tell what the file sets from what it leaves out (``simulate --config`` lays the file's
+    ``[training]`` over an algorithm's own defaults). Needs no store and no network. Raises ``OSError`` if
+    the file cannot be read and ``ValueError`` (naming the file) if it is not valid TOML/JSON."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text) if Path(path).suffix == ".json" else tomllib.loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a task file holds a table, not {type(data).__name__}")
+    return data
 
 
 def _with_legacy_bound(aggregation: dict[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:

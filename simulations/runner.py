@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import EvaluationSums
 from fedrecon.core.config import FedReconConfig
@@ -37,6 +37,12 @@ class RoundRecord:
     num_clients: int
     total_weight: float
     aggregation: dict[str, float] = field(default_factory=dict)  # ``AggregationReport.metrics()``
+    non_finite_clients: int = 0  # clients whose update was not finite (zeroed, weight 0)
+
+
+class NonFiniteTraining(ValueError):
+    """Training diverged: a round's loss, some client's update, the model or a validation metric is not
+    finite. A simulation stops at once rather than spend its remaining rounds on a broken model."""
 
 
 @dataclass
@@ -55,6 +61,22 @@ def select_clients(user_ids: Sequence[int], count: int, *, seed: int, round_num:
 def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     """The generator of a client's fresh local variables in a round (independent of transport)."""
     return np.random.default_rng([seed, round_num, user_id, 0x10CA1])
+
+
+DIVERGENCE_HINT = "training diverged: lower the client learning rate (--client-lr)"
+
+
+def check_finite(record: RoundRecord, metrics: dict[str, float] | None) -> None:
+    """Raise ``NonFiniteTraining`` naming the round and what went non-finite, with a hint."""
+    what = None
+    if not np.isfinite(record.train_loss):
+        what = f"the training loss is not finite ({record.train_loss})"
+    elif record.non_finite_clients:
+        what = f"{record.non_finite_clients} of {record.num_clients} client updates are not finite"
+    elif metrics is not None and not np.isfinite(metrics["rmse"]):
+        what = f"the validation RMSE is not finite ({metrics['rmse']})"
+    if what is not None:
+        raise NonFiniteTraining(f"round {record.round_num}: {what}; {DIVERGENCE_HINT}")
 
 
 RoundRunner = Callable[[ServerState], tuple[ServerState, RoundRecord]]
@@ -79,6 +101,10 @@ class Simulation:
         self.round_runner: RoundRunner = round_runner or self.run_round
         # How users are scored: by the shared client step here, or by another engine (the TFF backend).
         self._evaluator = evaluator
+        # Progress of ``run`` (kept on the object so an interrupted run can still report it).
+        self.history = History()
+        self.best_state: ServerState | None = None
+        self.latest_state: ServerState | None = None
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
@@ -91,12 +117,16 @@ class Simulation:
         result = self.algorithm.client_step.train_clients(state.globals, packed)
         aggregate = self.algorithm.new_aggregate(max_clients=len(chosen), batch_size=s.batch_size)
         aggregate.fold(result.deltas, result.weights)
-        new_state = self.algorithm.server_update(state, aggregate)  # NonFiniteUpdate stops the run
+        try:
+            new_state = self.algorithm.server_update(state, aggregate)
+        except NonFiniteUpdate as err:
+            raise NonFiniteTraining(f"{err}; {DIVERGENCE_HINT}") from err
         examples = float(result.post_examples.sum())
         record = RoundRecord(round_num=round_num, seconds=time.perf_counter() - t0,
                              train_loss=float(result.loss_sum.sum()) / max(examples, 1.0),
                              num_clients=len(chosen), total_weight=aggregate.report.total_weight,
-                             aggregation=aggregate.report.metrics())
+                             aggregation=aggregate.report.metrics(),
+                             non_finite_clients=int((~result.finite).sum()))
         return new_state, record
 
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
@@ -121,22 +151,29 @@ class Simulation:
         """Train for ``settings.rounds`` rounds; evaluate on ``validation`` every ``eval_every`` rounds.
 
         With ``keep_best`` the state returned is the one with the lowest validation RMSE seen (model
-        selection on validation users only; test users are never looked at here).
+        selection on validation users only; test users are never looked at here). A round whose loss,
+        updates or validation metrics are not finite stops the run (``NonFiniteTraining``). What was done
+        so far stays readable while it runs and after an interruption: ``history``, ``best_state`` (the
+        validation-best round so far; the start before any evaluation) and ``latest_state``.
         """
-        history = History()
-        best_state, best_rmse = state, float("inf")
+        history = self.history = History()
+        self.latest_state = self.best_state = state
+        best_rmse = float("inf")
         for _ in range(self.settings.rounds):
             state, record = self.round_runner(state)
-            history.rounds.append(record)
             metrics = None
-            last = len(history.rounds) == self.settings.rounds
+            last = len(history.rounds) + 1 == self.settings.rounds
             if validation and (record.round_num % self.settings.eval_every == 0 or last):
                 metrics = {"round": record.round_num, **self.evaluate(state, validation)}
+            check_finite(record, metrics)
+            history.rounds.append(record)
+            self.latest_state = state
+            if metrics is not None:
                 history.validation.append(metrics)
                 if metrics["rmse"] < best_rmse:
-                    best_state, best_rmse = state, metrics["rmse"]
+                    self.best_state, best_rmse = state, metrics["rmse"]
             if on_round is not None:
                 on_round(record, metrics)
         if keep_best and validation and best_rmse < float("inf"):
-            return best_state, history
+            return self.best_state, history
         return state, history
