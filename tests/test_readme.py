@@ -35,7 +35,8 @@ How the walk works:
   TFF environment (``.venv-tff`` or ``$FEDRECON_TFF_PYTHON``): skipped when absent, failures under CI
   (``FEDRECON_REQUIRE_ALL=1``), as everywhere in the suite.
 
-``pytest -m "not readme"`` leaves the walk out of a quick local run; ``make test`` and CI run it.
+The walk's tests are marked ``readme``: ``pytest -m "not readme"`` leaves it out of a quick local run;
+``make test`` and CI run it.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.readme
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "deploy/README.md")
@@ -373,6 +372,7 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
         print(f"\nreadme walk: {total:.0f} s in all ({timing})")
 
 
+@pytest.mark.readme
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=[b.name for b in ALL_BLOCKS])
 def test_block_runs_as_written(block: Block, request: pytest.FixtureRequest,
                                require: Callable[[bool, str], None]) -> None:
@@ -389,12 +389,14 @@ def test_block_runs_as_written(block: Block, request: pytest.FixtureRequest,
     assert outcome.ok, f"{block.name} failed ({outcome.seconds:.0f} s):\n{outcome.output[-6000:]}"
 
 
+@pytest.mark.readme
 def test_servers_stop_cleanly_on_sigterm(walk: Walk) -> None:
     """Every coordinator the README starts stops on SIGTERM with exit 0 (nothing accepted was lost)."""
     assert walk.server_exits, "the README starts no coordinator"
     assert all(code == 0 for code in walk.server_exits.values()), walk.server_exits
 
 
+@pytest.mark.readme
 def test_outputs_land_in_ignored_places(walk: Walk) -> None:
     """Run in a checkout, the README's commands leave ``git status`` clean: outputs are all git-ignored."""
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=walk.copy,
@@ -419,3 +421,31 @@ def test_every_documented_install_extra_exists() -> None:
     assert documented <= set(project["optional-dependencies"]), documented
     minimum = re.fullmatch(r">=(3\.\d+)", project["requires-python"])
     assert minimum and f"Python {minimum.group(1)} or newer" in readme
+
+
+def test_every_marker_is_well_formed_and_stands_before_a_block() -> None:
+    """A misspelt marker would silently run (or fail) a block meant to be skipped: each one must parse and
+    sit on the line right before an opening fence."""
+    for document in DOCUMENTS:
+        lines = (REPO / document).read_text(encoding="utf-8").splitlines()
+        for k, line in enumerate(lines):
+            if "readme-test:" in line and not line.lstrip().startswith("``"):
+                assert MARKER.match(line.strip()), f"{document}:{k + 1}: malformed marker {line!r}"
+                assert k + 1 < len(lines) and FENCE.match(lines[k + 1]), \
+                    f"{document}:{k + 1}: a marker must be on the line before a block's opening fence"
+
+
+def test_the_quick_rules_rewrite_what_the_docstring_says() -> None:
+    serve = rewrite_command("fedrecon serve --task t.toml --port 41000  ")
+    assert serve.startswith("__readme_serve 41000 fedrecon serve")
+    assert rewrite_command("make simulate").startswith(f"make -o setup VENV={VENV}")
+    if not QUICK:
+        return
+    assert rewrite_command("fedrecon simulate --data x").endswith("--rounds 3")
+    assert "--rounds 3" in rewrite_command("fedrecon simulate --rounds 500 --biases")
+    assert "--rounds 2 " in rewrite_command("fedrecon simulate --rounds 2 --biases")
+    assert rewrite_command("fedrecon simulate --algorithm centralized").endswith("--centralized-epochs 2")
+    assert rewrite_command("fedrecon simulate --help") == "fedrecon simulate --help"
+    assert "--rounds 1" in rewrite_command("fedrecon client --task t --rounds 5 --users 9")
+    assert "ROUNDS=3" in rewrite_command("make simulate")
+    assert _split_comment('fedrecon x --token "#1" # note') == ('fedrecon x --token "#1"', " # note")
