@@ -13,8 +13,9 @@ setup: $(BIN)/python
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[server,dev]'
 
 # The main job: FedRecon on the embedded synthetic data (no download), outputs in runs/latest/.
+ROUNDS ?= 200
 simulate: setup
-	$(BIN)/fedrecon simulate --data synthetic --rounds 200 --biases --clip --out runs/latest
+	$(BIN)/fedrecon simulate --data synthetic --rounds $(ROUNDS) --biases --clip --out runs/latest
 
 test: setup
 	$(BIN)/ruff check .

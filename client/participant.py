@@ -21,40 +21,24 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
 
 from fedrecon.client.personalization import Personalization
-from fedrecon.client.transport import TRANSIENT, CoordinatorChannel, RetryPolicy
-from fedrecon.core.batching import ClientExamples, pack_clients
-from fedrecon.core.client_work import ClientStep, ClientUpdate, EvaluationSums, client_update
+from fedrecon.client.transport import TRANSIENT, CoordinatorChannel, RetryEvent, RetryPolicy
+from fedrecon.client.vocabulary import ItemVocabulary
+from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model_spec import model_from_config
-from fedrecon.v1 import coordinator_pb2 as pb
+from fedrecon.protocol import Assignment, LatestModel, ReportOutcome, RetryLater, RoundOutcome
 
-RngFor = Callable[[pb.Assignment], np.random.Generator]
+if TYPE_CHECKING:  # TensorFlow: imported when a client step first runs, not with the library
+    from fedrecon.core.client_work import ClientStep, ClientUpdate, EvaluationSums
 
-
-@dataclass(frozen=True)
-class RoundReport:
-    """What happened to this client's round (as the coordinator answered it)."""
-
-    round_id: int
-    round_num: int
-    model_version: int
-    accepted: bool  # this call folded the update into the round
-    weight: float
-    metrics: dict[str, float]
-    message: str
-    status: str = "OK"  # the gRPC status of the report: OK, or why it was refused (ABORTED, ...)
-
-    @property
-    def in_round(self) -> bool:
-        """The update is in the round's aggregate (now, or by an earlier identical attempt)."""
-        return self.status == "OK"
+RngFor = Callable[[Assignment], np.random.Generator]
 
 
 class NoAssignment(Exception):
@@ -68,6 +52,8 @@ _steps_lock = threading.Lock()
 def client_step_for(model_spec_json: str, training_json: str) -> ClientStep:
     """One ``ClientStep`` per (model, configuration) in a process, so many simulated clients share one
     traced TensorFlow graph."""
+    from fedrecon.core.client_work import ClientStep
+
     key = (model_spec_json, training_json)
     with _steps_lock:
         if key not in _steps:
@@ -77,19 +63,27 @@ def client_step_for(model_spec_json: str, training_json: str) -> ClientStep:
 
 
 class FederatedClient:
-    """One device's handle on a task served by a coordinator."""
+    """One device's handle on a task served by a coordinator.
+
+    ``data`` holds the device's examples with items as the dataset's own ids when the task has an item
+    vocabulary (the coordinator serves it with the model), as the model's item indices otherwise.
+    ``on_retry`` is told about every automatic retry (see ``transport``)."""
 
     def __init__(self, target: str | None, task: str, client_id: str,
                  data: ClientExamples | Callable[[], ClientExamples], *,
                  channel: grpc.Channel | None = None, retry: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep, token: str | None = None,
-                 tls: grpc.ChannelCredentials | None = None) -> None:
+                 tls: grpc.ChannelCredentials | None = None,
+                 on_retry: Callable[[RetryEvent], None] | None = None) -> None:
         self.task = task
         self.client_id = client_id
         self._data = data
-        self.transport = CoordinatorChannel(target, channel=channel, retry=retry, token=token, tls=tls)
+        self.transport = CoordinatorChannel(target, channel=channel, retry=retry, token=token, tls=tls,
+                                            on_retry=on_retry)
         self._sleep = sleep
         self._cache: tuple[int, list[str], list[np.ndarray]] | None = None
+        self._vocabulary: ItemVocabulary | None = None
+        self.dropped_examples = 0  # examples of the last step whose item the task's vocabulary lacks
 
     def close(self) -> None:
         self.transport.close()
@@ -101,23 +95,32 @@ class FederatedClient:
         self.close()
 
     def examples(self) -> ClientExamples:
+        """The device's examples as the app gave them (the dataset's item ids)."""
         return self._data() if callable(self._data) else self._data
 
+    def vocabulary(self) -> ItemVocabulary:
+        """The task's item vocabulary (fetched once: a task never changes it)."""
+        if self._vocabulary is None:
+            self._vocabulary = ItemVocabulary.of(self.transport.latest_model(self.task).item_ids)
+        return self._vocabulary
+
+    def model_examples(self) -> ClientExamples:
+        """The device's examples with the model's item indices (unknown items dropped and counted)."""
+        examples, self.dropped_examples = self.vocabulary().examples(self.examples())
+        return examples
+
     # ----- rounds --------------------------------------------------------------------------------------
-    def check_in(self, *, max_wait_s: float = 600.0) -> pb.Assignment:
+    def check_in(self, *, max_wait_s: float = 600.0) -> Assignment:
         """Check in until assigned, honouring each retry window; ``NoAssignment`` after ``max_wait_s``."""
         give_up = time.monotonic() + max_wait_s
         capabilities = {"num_examples": str(len(self.examples()))}
         while True:
-            response = self.transport.check_in(self.task, self.client_id, capabilities)
-            if response.WhichOneof("outcome") == "assignment":
-                return response.assignment
-            window = response.retry
-            lo = window.delay_min.ToNanoseconds() / 1e9
-            hi = max(lo, window.delay_max.ToNanoseconds() / 1e9)
-            delay = random.uniform(lo, hi)
+            answer = self.transport.check_in(self.task, self.client_id, capabilities)
+            if not isinstance(answer, RetryLater):
+                return answer
+            delay = random.uniform(answer.delay_min_s, answer.delay_max_s)
             if time.monotonic() + delay > give_up:
-                raise NoAssignment(f"no assignment within {max_wait_s:g} s (last answer: {window.reason})")
+                raise NoAssignment(f"no assignment within {max_wait_s:g} s (last answer: {answer.reason})")
             self._sleep(delay)
 
     def globals_for(self, version: int) -> tuple[list[str], list[np.ndarray]]:
@@ -126,38 +129,41 @@ class FederatedClient:
             self._cache = (version, names, arrays)
         return self._cache[1], self._cache[2]
 
-    def train(self, assignment: pb.Assignment, rng: np.random.Generator | None = None
+    def train(self, assignment: Assignment, rng: np.random.Generator | None = None
               ) -> tuple[list[str], ClientUpdate]:
         """Download and run the FedRecon client step for ``assignment``; nothing is sent."""
+        from fedrecon.core.client_work import client_update
+
         step = client_step_for(assignment.model_spec_json, assignment.training_config_json)
         names, globals_ = self.globals_for(assignment.model_version)
         expected = [v.name for v in step.model.global_variables]
         if names != expected:
             raise ValueError(f"coordinator sent variables {names}, the task's model has {expected}")
-        update = client_update(step, globals_, self.examples(), batch_size=assignment.batch_size,
+        update = client_update(step, globals_, self.model_examples(), batch_size=assignment.batch_size,
                                rng=rng if rng is not None else np.random.default_rng())
         trainable = [names[i] for i in step.model.global_trainable]
         return trainable, update
 
-    def participate(self, *, rng_for: RngFor | None = None, max_wait_s: float = 600.0) -> RoundReport:
-        """Take part in one round: check in, download, reconstruct and train, report."""
+    def participate(self, *, rng_for: RngFor | None = None, max_wait_s: float = 600.0) -> ReportOutcome:
+        """Take part in one round: check in, download, reconstruct and train, report. A refused report is
+        an outcome with its ``status`` (the round's answer), not an exception; an unreachable coordinator
+        (retries spent) raises ``grpc.RpcError``."""
         assignment = self.check_in(max_wait_s=max_wait_s)
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
-        result = partial(RoundReport, assignment.round_id, assignment.round_num, assignment.model_version)
         try:
-            response = self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
-                                             update.metrics)
+            return self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
+                                         update.metrics)
         except grpc.RpcError as err:
             if err.code() in TRANSIENT:  # type: ignore[attr-defined]
                 raise  # retries ran out: the coordinator is unreachable, not refusing
             # A refusal (round already over, late, ...) is the round's answer, not a failure of the app.
-            return result(False, update.weight, dict(update.metrics), err.details(),  # type: ignore[attr-defined]
-                          err.code().name)  # type: ignore[attr-defined]
-        return result(response.accepted, update.weight, dict(update.metrics), response.message)
+            return ReportOutcome(False, err.details() or "", err.code().name,  # type: ignore[attr-defined]
+                                 assignment.round_id, assignment.round_num, assignment.model_version,
+                                 float(update.weight), dict(update.metrics))
 
     def run(self, rounds: int, *, stop: threading.Event | None = None, max_wait_s: float = 600.0
-            ) -> list[RoundReport]:
-        """Take part in up to ``rounds`` rounds; a refused report is a ``RoundReport`` with its status."""
+            ) -> list[ReportOutcome]:
+        """Take part in up to ``rounds`` rounds; a refused report is an outcome with its status."""
         reports = []
         for _ in range(rounds):
             if stop is not None and stop.is_set():
@@ -165,17 +171,32 @@ class FederatedClient:
             reports.append(self.participate(max_wait_s=max_wait_s))
         return reports
 
+    def round_outcome(self, round_id: int) -> RoundOutcome:
+        """Where a round is now: open, committed (into which version) or failed."""
+        return self.transport.round_outcome(self.task, round_id)
+
+    def settle(self, report: ReportOutcome) -> ReportOutcome:
+        """``report`` with ``committed_version`` filled in once its round committed (unchanged while the
+        round is open, failed, or the report was refused)."""
+        if not report.in_round or report.committed_version is not None:
+            return report
+        outcome = self.round_outcome(report.round_id)
+        return replace(report, committed_version=outcome.new_version)
+
     # ----- evaluation and personalization --------------------------------------------------------------
-    def _latest(self) -> tuple[pb.GetLatestModelResponse, list[np.ndarray]]:
+    def _latest(self) -> tuple[LatestModel, list[np.ndarray]]:
         latest = self.transport.latest_model(self.task)
+        self._vocabulary = ItemVocabulary.of(latest.item_ids)
         _, arrays = self.globals_for(latest.model_version)
         return latest, arrays
 
     def evaluate(self, *, rng: np.random.Generator | None = None, report: bool = True) -> EvaluationSums:
         """Reconstruct-then-evaluate on this device's data against the latest model (and report the sums)."""
+        from fedrecon.core.batching import pack_clients
+
         latest, globals_ = self._latest()
         step = client_step_for(latest.model_spec_json, latest.training_config_json)
-        packed = pack_clients(step.model, [self.examples()], step.config, batch_size=latest.batch_size,
+        packed = pack_clients(step.model, [self.model_examples()], step.config, batch_size=latest.batch_size,
                               local_rngs=[rng if rng is not None else np.random.default_rng()],
                               evaluation=True)
         sums = step.evaluate(globals_, packed)
@@ -185,8 +206,11 @@ class FederatedClient:
         return sums
 
     def personalize(self, *, rng: np.random.Generator | None = None) -> Personalization:
-        """Reconstruct this user's local variables against the latest model, for on-device predictions."""
+        """Reconstruct this user's local variables against the latest model, for on-device predictions;
+        its recommendations are in the dataset's item ids."""
         latest, globals_ = self._latest()
         step = client_step_for(latest.model_spec_json, latest.training_config_json)
+        assert self._vocabulary is not None  # set by _latest
         return Personalization.fit(step.model, step.config, globals_, self.examples(),
-                                   batch_size=latest.batch_size, version=latest.model_version, rng=rng)
+                                   batch_size=latest.batch_size, version=latest.model_version, rng=rng,
+                                   vocabulary=self._vocabulary)

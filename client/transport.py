@@ -3,41 +3,94 @@
 Each call is one RPC; a call that fails with UNAVAILABLE (coordinator restarting, connection refused, store
 outage) or a transport-level DEADLINE_EXCEEDED is retried with exponential backoff and full jitter
 (tenacity), so a fleet of devices does not hammer a coordinator that has just come back. When the coordinator
-says how long to wait (trailing metadata ``retry-after-ms``, see ``fedrecon.retry_hint``) the wait is at least
+says how long to wait (trailing metadata ``retry-after-ms``, see ``fedrecon.protocol``) the wait is at least
 that; RESOURCE_EXHAUSTED is retried only with such a hint (no free stream slot), never without one (a rate
-limit). Refusals (INVALID_ARGUMENT, ABORTED, INTERNAL, ...) are not retried: they are answers.
+limit). Refusals (INVALID_ARGUMENT, ABORTED, INTERNAL, ...) are not retried: they are answers. Every retry
+is logged (logger ``fedrecon.client``) and passed to ``on_retry``, so a tool can show it.
 
+The first call on a channel waits at most ``RetryPolicy.connect_timeout_s`` for a connection: a coordinator
+that is down, or that speaks TLS to a plaintext client (or the reverse), is ``CoordinatorUnreachable`` in
+seconds rather than after minutes of retries. Once connected, an outage is retried as above.
+
+Every call returns the protocol's own types (``fedrecon.protocol``), never generated protobuf classes.
 Traffic is counted in ``bytes_downloaded`` / ``bytes_uploaded`` (serialized message sizes).
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 
 import grpc
 import numpy as np
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from fedrecon.retry_hint import retry_after_ms
+from fedrecon.protocol import (
+    PROTOCOL_VERSION,
+    Assignment,
+    LatestModel,
+    ReportOutcome,
+    RetryLater,
+    RoundOutcome,
+    RoundState,
+    retry_after_ms,
+)
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, manifest
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
-PROTOCOL_VERSION = 1
+log = logging.getLogger("fedrecon.client")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Backoff for transient failures: random delays growing from ``initial_s`` up to ``max_s`` each,
-    giving up after ``give_up_after_s`` in total."""
+    giving up after ``give_up_after_s`` in total. ``connect_timeout_s`` bounds the wait for the channel's
+    first connection (None: no bound, the retries alone decide)."""
 
     initial_s: float = 0.2
     max_s: float = 10.0
     give_up_after_s: float = 120.0
     rpc_timeout_s: float = 60.0
+    connect_timeout_s: float | None = 10.0
+
+
+@dataclass(frozen=True)
+class RetryEvent:
+    """One retry about to happen: which call, after which failure, and how long the client waits."""
+
+    call: str
+    attempt: int  # the attempt that failed (1: the first)
+    code: str  # the gRPC status name, e.g. UNAVAILABLE
+    details: str
+    delay_s: float
+    hinted: bool  # the coordinator said how long to wait (retry-after-ms)
+
+
+class CoordinatorUnreachable(grpc.RpcError):
+    """No connection to the coordinator within the connect timeout. A ``grpc.RpcError`` with code
+    UNAVAILABLE, so code that handles an unreachable coordinator that way keeps working."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def __str__(self) -> str:
+        return self._message
 
 
 def _hint_s(err: BaseException | None) -> float | None:
@@ -53,7 +106,7 @@ def _hint_s(err: BaseException | None) -> float | None:
 
 
 def _transient(err: BaseException) -> bool:
-    if not isinstance(err, grpc.RpcError):
+    if not isinstance(err, grpc.RpcError) or isinstance(err, CoordinatorUnreachable):
         return False
     code = err.code()  # type: ignore[attr-defined]
     return code in TRANSIENT or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and _hint_s(err) is not None)
@@ -61,15 +114,27 @@ def _transient(err: BaseException) -> bool:
 
 class _WaitWithHint:
     """Exponential backoff with full jitter, but never less than the server's hint (plus up to half of it
-    again at random, so clients told the same delay do not come back at the same instant)."""
+    again at random, so clients told the same delay do not come back at the same instant). Tells
+    ``on_retry`` about each wait."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, call: str, on_retry: Callable[[RetryEvent], None] | None) -> None:
         self._backoff = wait_random_exponential(multiplier=policy.initial_s, max=policy.max_s)
+        self._call = call
+        self._on_retry = on_retry
 
     def __call__(self, state: RetryCallState) -> float:
         backoff = self._backoff(state)
-        hint = _hint_s(state.outcome.exception() if state.outcome else None)
-        return backoff if hint is None else max(backoff, hint * random.uniform(1.0, 1.5))
+        err = state.outcome.exception() if state.outcome else None
+        hint = _hint_s(err)
+        delay = backoff if hint is None else max(backoff, hint * random.uniform(1.0, 1.5))
+        code = err.code().name if isinstance(err, grpc.RpcError) else type(err).__name__  # type: ignore[attr-defined]
+        details = (err.details() or "") if isinstance(err, grpc.RpcError) else str(err)  # type: ignore[attr-defined]
+        event = RetryEvent(self._call, state.attempt_number, code, details, delay, hint is not None)
+        log.info("%s failed (%s: %s); retry %d in %.1f s", event.call, event.code, event.details,
+                 event.attempt, event.delay_s)
+        if self._on_retry is not None:
+            self._on_retry(event)
+        return delay
 
 
 def tls_credentials(ca: bytes, *, cert_chain: bytes | None = None, private_key: bytes | None = None
@@ -84,7 +149,8 @@ class CoordinatorChannel:
 
     def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
-                 token: str | None = None, tls: grpc.ChannelCredentials | None = None) -> None:
+                 token: str | None = None, tls: grpc.ChannelCredentials | None = None,
+                 on_retry: Callable[[RetryEvent], None] | None = None) -> None:
         if channel is None:
             if target is None:
                 raise ValueError("give a target address or a channel")
@@ -92,20 +158,45 @@ class CoordinatorChannel:
                        ("grpc.max_send_message_length", max_message_bytes)]
             channel = (grpc.secure_channel(target, tls, options=options) if tls is not None
                        else grpc.insecure_channel(target, options=options))
+        self.target = target or "the given channel"
+        self.tls = tls is not None
         self.channel = channel
         self.stub = pb_grpc.CoordinatorStub(channel)
         self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
         self.bytes_downloaded = 0
         self.bytes_uploaded = 0
+        self._connected = False
+        self._connecting = threading.Lock()
         # The client token (``fedrecon token issue``), sent as call metadata on every RPC.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def close(self) -> None:
         self.channel.close()
 
+    def connect(self) -> None:
+        """Wait (at most ``connect_timeout_s``) until the channel is connected; ``CoordinatorUnreachable``
+        if it is not. Called by the first RPC; later outages are retried instead."""
+        timeout = self.retry.connect_timeout_s
+        with self._connecting:
+            if self._connected or timeout is None:
+                return
+            try:
+                grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            except grpc.FutureTimeoutError:
+                how = "TLS" if self.tls else "plaintext"
+                raise CoordinatorUnreachable(
+                    f"cannot reach the coordinator at {self.target} ({how}) within {timeout:g} s: is it "
+                    f"running there, and does it speak {how}?") from None
+            self._connected = True
+
     def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.connect()
         p = self.retry
-        for attempt in Retrying(retry=retry_if_exception(_transient), wait=_WaitWithHint(p),
+        name = getattr(fn, "_method", None) or getattr(fn, "__name__", "call")
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        for attempt in Retrying(retry=retry_if_exception(_transient),
+                                wait=_WaitWithHint(p, name.rsplit("/", 1)[-1], self.on_retry),
                                 stop=stop_after_delay(p.give_up_after_s), reraise=True):
             with attempt:
                 return fn(*args, timeout=p.rpc_timeout_s, metadata=self._metadata, **kwargs)
@@ -113,34 +204,43 @@ class CoordinatorChannel:
 
     # ----- calls ---------------------------------------------------------------------------------------
     def check_in(self, task: str, client_id: str, capabilities: Mapping[str, str] | None = None
-                 ) -> pb.CheckInResponse:
+                 ) -> Assignment | RetryLater:
         request = pb.CheckInRequest(task_name=task, client_id=client_id, protocol_version=PROTOCOL_VERSION,
                                     capabilities=dict(capabilities or {}))
         self.bytes_uploaded += request.ByteSize()
         response = self._call(self.stub.CheckIn, request)
         self.bytes_downloaded += response.ByteSize()
-        return response
+        if response.WhichOneof("outcome") == "assignment":
+            a = response.assignment
+            return Assignment(task_name=a.task_name, round_id=a.round_id, round_num=a.round_num,
+                              model_version=a.model_version, token=a.assignment_token,
+                              deadline=a.reporting_deadline.ToDatetime(tzinfo=UTC),
+                              model_spec_json=a.model_spec_json, training_config_json=a.training_config_json,
+                              batch_size=a.batch_size, max_chunk_bytes=a.max_chunk_bytes)
+        w = response.retry
+        lo = w.delay_min.ToNanoseconds() / 1e9
+        return RetryLater(lo, max(lo, w.delay_max.ToNanoseconds() / 1e9), w.reason)
 
     def download(self, task: str, version: int, client_id: str = "") -> tuple[list[str], list[np.ndarray]]:
         request = pb.DownloadModelRequest(task_name=task, model_version=version, client_id=client_id)
         self.bytes_uploaded += request.ByteSize()
 
-        def fetch(timeout: float, metadata: object) -> tuple[list[str], list[np.ndarray]]:
+        def DownloadModel(timeout: float, metadata: object) -> tuple[list[str], list[np.ndarray]]:
             return decode_tensor_stream(self._counted(self.stub.DownloadModel(request, timeout=timeout,
                                                                               metadata=metadata)))
 
-        return self._call(fetch)
+        return self._call(DownloadModel)
 
     def _counted(self, stream: Iterator[pb.TensorStreamMessage]) -> Iterator[pb.TensorStreamMessage]:
         for message in stream:
             self.bytes_downloaded += message.ByteSize()
             yield message
 
-    def report(self, assignment: pb.Assignment, client_id: str, names: Sequence[str],
-               delta: Sequence[np.ndarray], weight: float, metrics: Mapping[str, float]
-               ) -> pb.ReportUpdateResponse:
+    def report(self, assignment: Assignment, client_id: str, names: Sequence[str],
+               delta: Sequence[np.ndarray], weight: float, metrics: Mapping[str, float]) -> ReportOutcome:
+        """Send one update; the coordinator's answer (refusals raise ``grpc.RpcError``)."""
         header = pb.ReportHeader(task_name=assignment.task_name, client_id=client_id,
-                                 round_id=assignment.round_id, assignment_token=assignment.assignment_token,
+                                 round_id=assignment.round_id, assignment_token=assignment.token,
                                  weight=weight, metrics=dict(metrics), manifest=manifest(names, delta))
 
         def messages() -> Iterator[pb.ReportUpdateRequest]:
@@ -153,8 +253,13 @@ class CoordinatorChannel:
                 yield message
 
         # A fresh stream per attempt; the coordinator answers a repeated identical report idempotently.
-        return self._call(lambda timeout, metadata: self.stub.ReportUpdate(messages(), timeout=timeout,
-                                                                           metadata=metadata))
+        def ReportUpdate(timeout: float, metadata: object) -> pb.ReportUpdateResponse:
+            return self.stub.ReportUpdate(messages(), timeout=timeout, metadata=metadata)
+
+        response = self._call(ReportUpdate)
+        return ReportOutcome(response.accepted, response.message, round_id=assignment.round_id,
+                             round_num=assignment.round_num, model_version=assignment.model_version,
+                             weight=float(weight), metrics=dict(metrics))
 
     def report_evaluation(self, task: str, client_id: str, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:
@@ -164,5 +269,20 @@ class CoordinatorChannel:
         self.bytes_uploaded += request.ByteSize()
         self._call(self.stub.ReportEvaluation, request)
 
-    def latest_model(self, task: str) -> pb.GetLatestModelResponse:
-        return self._call(self.stub.GetLatestModel, pb.GetLatestModelRequest(task_name=task))
+    def latest_model(self, task: str) -> LatestModel:
+        r = self._call(self.stub.GetLatestModel, pb.GetLatestModelRequest(task_name=task))
+        return LatestModel(r.model_version, r.model_spec_json, r.training_config_json, r.batch_size,
+                           tuple(int(i) for i in r.item_ids))
+
+    def round_outcome(self, task: str, round_id: int) -> RoundOutcome:
+        """Where a round is: open, committed (into which version) or failed."""
+        r = self._call(self.stub.GetRound, pb.GetRoundRequest(task_name=task, round_id=round_id))
+        state = _ROUND_STATES.get(r.state)
+        if state is None:
+            raise ValueError(f"the coordinator answered round state {r.state}, unknown to this client")
+        version = r.new_version if state == RoundState.COMMITTED else None
+        return RoundOutcome(r.round_id, r.round_num, state, version, r.num_accepted, r.reason)
+
+
+_ROUND_STATES = {pb.ROUND_STATE_OPEN: RoundState.OPEN, pb.ROUND_STATE_COMMITTED: RoundState.COMMITTED,
+                 pb.ROUND_STATE_FAILED: RoundState.FAILED}

@@ -20,8 +20,10 @@ sparse gradients (``tf.IndexedSlices``) are applied as scatter updates.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +135,59 @@ def _per_client_where(ok: tf.Tensor, t: tf.Tensor, num_clients: tf.Tensor) -> tf
     return tf.reshape(tf.where(ok[:, None], shaped, tf.zeros_like(shaped)), tf.shape(t))
 
 
+ALL = 99  # relax every dimension
+
+
+def _relaxed(value: tf.Tensor, leading: int) -> tf.TensorSpec:
+    rank = value.shape.rank
+    n = min(leading, rank)
+    return tf.TensorSpec([None] * n + value.shape.as_list()[n:], value.dtype)
+
+
+class _TraceOnce:
+    """A ``tf.function`` traced once for every client group size.
+
+    Clients differ in examples, steps, distinct items and group size, so every call brings new shapes; a
+    plain ``tf.function`` retraces on them (and TensorFlow warns about it). On the first call this takes the
+    call's structure as the input signature with the dimensions that vary between calls left unknown: for
+    each argument, ``leading[i]`` leading dimensions (steps, clients, batch slots, view rows), the rest kept
+    (a model's own dimensions: a Keras model insists on them). One trace then serves every later call.
+    Every argument must be a tensor or a list of tensors.
+    """
+
+    def __init__(self, fn: Any, leading: Sequence[int]) -> None:
+        self._python = fn
+        self._leading = tuple(leading)
+        self._function: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._function is None:
+            signature = [tf.nest.map_structure(lambda t, n=n: _relaxed(t, n), a)
+                         for a, n in zip(args, self._leading, strict=True)]
+            self._function = tf.function(self._python, input_signature=signature)
+        return self._function(*args)
+
+    def tracing_count(self) -> int:
+        return 0 if self._function is None else int(self._function.experimental_get_tracing_count())
+
+
+# Leading dimensions that vary per call: globals (fixed), view index, locals [C, ...], step batches
+# [S, C, B, ...]; then the extra arguments (fixed).
+_CLIENT_ARGS = (0, ALL, 1, 3, 3, 3, 3, 3, 3)
+
+
+#: Compiled graphs by (model description, configuration): a process that builds many ``ClientStep``s for
+#: the same task (a client per round, a personalization per request) traces once, not once per object.
+_GRAPHS: dict[str, dict[str, _TraceOnce]] = {}
+
+
+def _graph_key(model: ReconstructionModel, config: FedReconConfig) -> str | None:
+    describe = getattr(model, "config", None)
+    if not callable(describe):  # e.g. a Keras model: no description, so no sharing between objects
+        return None
+    return json.dumps([type(model).__qualname__, describe(), config.to_dict()], sort_keys=True, default=str)
+
+
 class ClientStep:
     """Compiled FedRecon client work and evaluation for one model and one configuration."""
 
@@ -141,11 +196,26 @@ class ClientStep:
         self.config = config
         self._recon_lr = float(config.reconstruction_optimizer.learning_rate)
         self._client_lr = float(config.client_optimizer.learning_rate)
-        self._train_fn = tf.function(self._train, reduce_retracing=True)
-        self._train_reduced_fn = tf.function(self._train_reduced, reduce_retracing=True)
-        self._reduce_fn = tf.function(model.reduce_views, reduce_retracing=True)
-        self._expand_fn = tf.function(model.expand_views, reduce_retracing=True)
-        self._eval_fn = tf.function(self._evaluate, reduce_retracing=True)
+        key = _graph_key(model, config)
+        graphs = _GRAPHS.get(key) if key is not None else None
+        if graphs is None:
+            graphs = {"train": _TraceOnce(self._train, _CLIENT_ARGS),
+                      "train_reduced": _TraceOnce(self._train_reduced, (*_CLIENT_ARGS, 0)),
+                      "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL)),  # views [rows, ...]
+                      "expand": _TraceOnce(model.expand_views, (1, ALL, 0)),
+                      "evaluate": _TraceOnce(self._evaluate, (*_CLIENT_ARGS, 0, 0))}
+            if key is not None:
+                _GRAPHS[key] = graphs
+        self.graphs = graphs
+        self._train_fn = graphs["train"]
+        self._train_reduced_fn = graphs["train_reduced"]
+        self._reduce_fn = graphs["reduce"]
+        self._expand_fn = graphs["expand"]
+        self._eval_fn = graphs["evaluate"]
+
+    def tracing_count(self) -> int:
+        """How many times this step's graphs were traced so far (one per graph used: any client size)."""
+        return sum(g.tracing_count() for g in self.graphs.values())
 
     # ----- graph pieces --------------------------------------------------------------------------------
     def _run_phase(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
@@ -225,11 +295,11 @@ class ClientStep:
 
     def _train_reduced(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                        rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor,
-                       pm: tf.Tensor, weighted: bool):
+                       pm: tf.Tensor, weighted: tf.Tensor):
         """``_train`` and the reduction in one graph (one call: what a device's C = 1 step needs)."""
         views, _, weights, examples, se, finite = self._train(globals_, view_index, locals_, rx, ry, rm,
                                                               px, py, pm)
-        reduce_with = weights if weighted else tf.cast(finite, tf.float32)
+        reduce_with = tf.where(weighted, weights, tf.cast(finite, tf.float32))
         return self.model.reduce_views(views, reduce_with, view_index), weights, examples, se, finite
 
     def _evaluate(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
@@ -271,7 +341,7 @@ class ClientStep:
         p = packed.post_reconstruction
         sums, weights, examples, se, finite = self._train_reduced_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
-            tf.convert_to_tensor(p.mask), weighted)
+            tf.convert_to_tensor(p.mask), tf.constant(weighted))
         return ClientGroupResult(weighted_delta_sum=[s.numpy() for s in sums], weights=weights.numpy(),
                                  post_examples=examples.numpy(), loss_sum=se.numpy(), finite=finite.numpy())
 

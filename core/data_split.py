@@ -49,3 +49,10 @@ def build_batch_schedule(
         reconstruction=_repeat_capped(recon_batches, recon_epochs, recon_steps_max),
         post_reconstruction=_repeat_capped(post_batches, post_recon_epochs, post_recon_steps_max),
     )
+
+
+def has_held_out_batch(num_examples: int, *, batch_size: int, split_dataset: bool) -> bool:
+    """Whether a user with ``num_examples`` examples has a batch to train on or be scored on after
+    reconstruction: with the split, a user needs a second batch (more than ``batch_size`` examples)."""
+    num_batches = -(-num_examples // batch_size)
+    return num_batches >= (2 if split_dataset else 1)

@@ -12,6 +12,7 @@ gather is sparse (``IndexedSlices``), so a step costs ``O(C·B·F)`` instead of 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 
 import numpy as np
 
@@ -25,7 +26,13 @@ INIT_SCALE = 0.05
 #   build_fed_recon does: it evaluates the Keras initializer once when it builds the client computation
 #   (measured: every client's predictions before reconstruction are equal), and it learns faster early on;
 # - "zeros": the same start for every client, with no draw at all (exact-parity runs against TFF use it).
-LOCAL_INITS = ("uniform", "shared", "zeros")
+class LocalInit(StrEnum):
+    UNIFORM = "uniform"
+    SHARED = "shared"
+    ZEROS = "zeros"
+
+
+LOCAL_INITS = tuple(i.value for i in LocalInit)
 SHARED_INIT_SEED = 0x5EED
 
 

@@ -17,12 +17,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 from fedrecon.core.config import OptimizerSpec
 
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "adagrad", "yogi")
+
+class ServerOptimizerName(StrEnum):
+    """The server optimizers this module implements (the CLI's and a task file's choices)."""
+
+    SGD = "sgd"
+    MOMENTUM = "momentum"
+    ADAM = "adam"
+    ADAGRAD = "adagrad"
+    YOGI = "yogi"
+
+
+SERVER_OPTIMIZERS = tuple(o.value for o in ServerOptimizerName)
 _DEFAULT_EPSILON = {"adam": 1e-7, "adagrad": 1e-7, "yogi": 1e-3}
 _DEFAULT_ACCUMULATOR = {"adagrad": 0.1, "yogi": 1e-6}
 

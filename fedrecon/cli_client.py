@@ -1,20 +1,134 @@
 """``fedrecon client``: users of a dataset taking part in a coordinator's rounds (registered in ``cli``).
 
+It says what it connects to, fails in seconds with one line when it cannot (a coordinator that is down, TLS
+against plaintext or the reverse, unreadable or mismatched certificate files), prints automatic retries as
+they happen, and ends with what became of the reports: accepted, of those committed into a model version,
+and refused. It exits 1 when nothing was accepted.
+
 Heavy imports (TensorFlow, gRPC) happen inside the command so ``fedrecon --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-console = Console()
+if TYPE_CHECKING:
+    import grpc
+
+    from fedrecon.protocol import ReportOutcome, RoundOutcome
+
+console = Console(highlight=False, soft_wrap=True)  # one message, one line, whatever the width
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """One line for people, then exit (the text is printed as is, never as markup)."""
+    console.print(Text(f"fedrecon client: {message}", style="red"))
+    raise typer.Exit(code)
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        _fail(f"cannot read {flag} {path}: {err.strerror or err}")
+
+
+def tls_options(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.ChannelCredentials | None:
+    """Channel credentials from the command's TLS files, each checked so that a wrong file is one clear
+    line here rather than a handshake that never completes."""
+    from fedrecon.client import tls_credentials
+
+    if (cert is None) != (key is None):
+        _fail("--tls-cert and --tls-key go together (the client certificate for mutual TLS and its key)", 2)
+    if ca is None:
+        if cert is not None:
+            _fail("--tls-cert/--tls-key need --tls-ca (the CA that signed the coordinator's certificate)", 2)
+        return None
+    ca_pem = _read(ca, "--tls-ca")
+    try:
+        ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as err:
+        _fail(f"--tls-ca {ca} is not a PEM CA certificate ({getattr(err, 'reason', None) or err})")
+    if cert is None or key is None:
+        return tls_credentials(ca_pem)
+    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as err:
+        why = "the key does not belong to the certificate" if "MISMATCH" in str(err) else (
+            "not a PEM certificate and an unencrypted PEM private key")
+        _fail(f"--tls-cert {cert} / --tls-key {key}: {why} ({err.reason or err})")
+    return tls_credentials(ca_pem, cert_chain=cert_pem, private_key=key_pem)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What became of a run's reports, for the final line and the exit code."""
+
+    accepted: int
+    committed: int
+    versions: tuple[int, ...]
+    open_rounds: int  # accepted into rounds still open when the command ended
+    failed_rounds: int  # accepted into rounds that then failed (not in the model)
+    refused: Counter[str]
+    other: Counter[str]  # capped, no assignment, unreachable, ...
+
+    def line(self, clients: int) -> str:
+        parts = []
+        if self.versions:
+            lo, hi = min(self.versions), max(self.versions)
+            parts.append(f"committed {self.committed} into version{'s' if lo != hi else ''} "
+                         f"{lo}{f'-{hi}' if lo != hi else ''}")
+        else:
+            parts.append(f"committed {self.committed}")
+        if self.open_rounds:
+            parts.append(f"{self.open_rounds} in rounds still open")
+        if self.failed_rounds:
+            parts.append(f"{self.failed_rounds} in rounds that failed")
+        refused = sum(self.refused.values())
+        why = f" ({', '.join(f'{k} {v}' for k, v in sorted(self.refused.items()))})" if refused else ""
+        rest = "".join(f", {k} {v}" for k, v in sorted(self.other.items()))
+        return (f"{clients} clients: accepted {self.accepted} ({'; '.join(parts)}), "
+                f"refused {refused}{why}{rest}")
+
+
+def summarize(outcomes: Iterable[ReportOutcome | str], rounds: Mapping[int, RoundOutcome]) -> Summary:
+    """Reports (``ReportOutcome``) and other ends of a client round (strings), with the outcome of each
+    round a report was accepted into, as one ``Summary``."""
+    from fedrecon.protocol import RoundState
+
+    accepted = committed = open_rounds = failed_rounds = 0
+    versions: set[int] = set()
+    refused: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    for outcome in outcomes:
+        if isinstance(outcome, str):
+            other[outcome] += 1
+        elif not outcome.in_round:
+            refused[outcome.status] += 1
+        else:
+            accepted += 1
+            state = rounds.get(outcome.round_id)
+            version = outcome.committed_version or (state.new_version if state is not None else None)
+            if version is not None:
+                committed += 1
+                versions.add(version)
+            elif state is not None and state.state == RoundState.FAILED:
+                failed_rounds += 1
+            else:
+                open_rounds += 1
+    return Summary(accepted, committed, tuple(sorted(versions)), open_rounds, failed_rounds, refused, other)
 
 
 def client(
@@ -33,59 +147,137 @@ def client(
                                               "coordinator requires one")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="PEM CA that signed the coordinator's certificate: "
                                                      "connect over TLS")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM client certificate, for a coordinator that "
+                                                       "demands one (serve --tls-client-ca); with --tls-key")
+                        ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for the first "
+                                                                 "connection to the coordinator")] = 10.0,
 ) -> None:
     """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient.
 
     With --token all users share one credential, which a coordinator counts as one device unless the token
     was issued for more (fedrecon token issue --max-devices N): its other users are then refused
-    assignments or check-ins ("capped"), and the command says so."""
+    assignments or check-ins ("capped"), and the command says so. Exits 1 when no report was accepted."""
+    if split not in ("train", "validation", "test"):
+        _fail("--split must be train, validation or test", 2)
+    credentials = tls_options(tls_ca, tls_cert, tls_key)
+
     import grpc
 
-    from fedrecon.client import FederatedClient, NoAssignment, tls_credentials
-    from fedrecon.server.identity import CREDENTIAL_SHARE_HINT
+    from fedrecon.client import (
+        CoordinatorChannel,
+        CoordinatorUnreachable,
+        FederatedClient,
+        NoAssignment,
+        RetryEvent,
+        RetryPolicy,
+    )
+    from fedrecon.core.batching import ClientExamples
+    from fedrecon.protocol import CREDENTIAL_SHARE_HINT, ReportOutcome
     from fedrecon.simulations.ratings import load_dataset
 
-    credentials = tls_credentials(tls_ca.read_bytes()) if tls_ca else None
-    dataset = load_dataset(data, seed=split_seed)
-    if split not in ("train", "validation", "test"):
-        raise typer.BadParameter("split must be train, validation or test")
+    try:
+        dataset = load_dataset(data, seed=split_seed)
+    except (OSError, ValueError) as err:
+        _fail(f"cannot load --data {data}: {err}")
+    def retry_line(who: str, event: RetryEvent) -> Text:
+        return Text(f"{who}: {event.call} {event.code}, retry {event.attempt} in {event.delay_s:.1f} s"
+                    f"{' (as the coordinator asked)' if event.hinted else ''}")
+
+    policy = RetryPolicy(connect_timeout_s=connect_timeout)
+    console.print(f"connecting to {coordinator} ({'TLS' if credentials else 'plaintext'})")
+    channel = CoordinatorChannel(coordinator, retry=policy, token=token, tls=credentials,
+                                 on_retry=lambda event: console.print(retry_line("coordinator", event)))
+    try:
+        channel.connect()
+        latest = channel.latest_model(task)  # the task exists, and we may call it
+    except CoordinatorUnreachable as err:
+        _fail(str(err))
+    except grpc.RpcError as err:
+        _fail(f"the coordinator at {coordinator} refused: {err.code().name}: {err.details()}")  # type: ignore[attr-defined]
     population = getattr(dataset, split)
     chosen = sorted(population)[:users]
-    outcomes: Counter[str] = Counter()
+    if not chosen:
+        _fail(f"the {split} split of {data} has no users")
+    # With an item vocabulary the clients speak the dataset's own item ids; without, the model's indices.
+    item_ids = dataset.item_ids if latest.item_ids else None
     total = len(chosen) * (1 if evaluate else rounds)
-
-    def run_one(user: int) -> list[str]:
-        with FederatedClient(coordinator, task, f"user-{user}", population[user], token=token,
-                             tls=credentials) as c:
-            if evaluate:
-                c.evaluate()
-                return ["evaluated"]
-            results = []
-            for _ in range(rounds):
-                try:
-                    report = c.participate(max_wait_s=max_wait)
-                    results.append(("accepted" if report.accepted else "already accepted") if report.in_round
-                                   else f"refused ({report.status})")
-                except NoAssignment as err:
-                    results.append("capped" if CREDENTIAL_SHARE_HINT in str(err) else "no assignment")
-                    break
-                except Exception as err:  # an unreachable coordinator or a refused check-in: count it, go on
-                    if isinstance(err, grpc.RpcError) and CREDENTIAL_SHARE_HINT in (err.details() or ""):
-                        results.append("capped")  # the token's share is spent: asking again cannot help
-                        break
-                    results.append(err.code().name if hasattr(err, "code") else type(err).__name__)
-            return results
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as progress:
+
+        def on_retry(user: int) -> Callable[[RetryEvent], None]:
+            return lambda event: progress.console.print(retry_line(f"user-{user}", event))
+
+        def examples_of(user: int) -> ClientExamples:
+            e = population[user]
+            return e if item_ids is None else ClientExamples(x=item_ids[e.x], y=e.y)
+
+        def run_one(user: int) -> list[ReportOutcome | str]:
+            with FederatedClient(coordinator, task, f"user-{user}", examples_of(user), token=token,
+                                 tls=credentials, retry=policy, on_retry=on_retry(user)) as c:
+                if evaluate:
+                    try:
+                        c.evaluate()
+                        return ["evaluated"]
+                    except grpc.RpcError as err:
+                        return [f"evaluation refused ({err.code().name})"]  # type: ignore[attr-defined]
+                results: list[ReportOutcome | str] = []
+                for _ in range(rounds):
+                    try:
+                        results.append(c.participate(max_wait_s=max_wait))
+                    except NoAssignment as err:
+                        results.append("capped" if CREDENTIAL_SHARE_HINT in str(err) else "no assignment")
+                        break
+                    except grpc.RpcError as err:
+                        if CREDENTIAL_SHARE_HINT in (err.details() or ""):  # type: ignore[attr-defined]
+                            results.append("capped")  # the token's share is spent: asking again cannot help
+                            break
+                        code = err.code()  # type: ignore[attr-defined]
+                        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                            results.append(f"unreachable ({code.name})")
+                            break
+                        results.append(ReportOutcome(False, err.details() or "", code.name))  # type: ignore[attr-defined]
+                    except Exception as err:  # a local failure of one client: count it, go on
+                        results.append(f"failed ({type(err).__name__}: {err})")
+                        break
+                return results
+
         bar = progress.add_task("client rounds", total=total, info="")
+        outcomes: list[ReportOutcome | str] = []
+        shown: Counter[str] = Counter()
         with ThreadPoolExecutor(max_workers=threads or len(chosen)) as pool:
             for future in as_completed([pool.submit(run_one, u) for u in chosen]):
                 for outcome in future.result():
-                    outcomes[outcome] += 1
-                    progress.update(bar, advance=1, info=", ".join(f"{k} {v}" for k, v in outcomes.items()))
-    console.print(f"{len(chosen)} clients: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
-    if outcomes["capped"]:
-        console.print(f"{outcomes['capped']} of {len(chosen)} users were capped: one token is one device "
-                      f"unless issued for more; run {len(chosen)} users with 'fedrecon token issue "
-                      f"--max-devices {len(chosen)}'.", highlight=False)
+                    outcomes.append(outcome)
+                    shown[outcome if isinstance(outcome, str) else
+                          "accepted" if outcome.in_round else f"refused ({outcome.status})"] += 1
+                    progress.update(bar, advance=1, info=", ".join(f"{k} {v}" for k, v in shown.items()))
+
+    if evaluate:
+        done = sum(1 for o in outcomes if o == "evaluated")
+        console.print(f"{len(chosen)} clients: " + ", ".join(f"{k} {v}" for k, v in sorted(shown.items())))
+        if not done:
+            raise typer.Exit(1)
+        return
+    round_ids = {o.round_id for o in outcomes if not isinstance(o, str) and o.in_round}
+    states: dict[int, RoundOutcome] = {}
+    for round_id in sorted(round_ids):
+        try:
+            states[round_id] = channel.round_outcome(task, round_id)
+        except grpc.RpcError:  # the coordinator went away at the end: those reports stay "still open"
+            break
+    channel.close()
+    summary = summarize(outcomes, states)
+    console.print(summary.line(len(chosen)))
+    capped = summary.other["capped"]
+    if capped and token:
+        console.print(f"{capped} of {len(chosen)} users were capped: one token is one device unless issued "
+                      f"for more; run {len(chosen)} users with 'fedrecon token issue --max-devices "
+                      f"{len(chosen)}'.")
+    elif capped:
+        console.print(f"{capped} of {len(chosen)} users were capped: one client certificate is one device; "
+                      "run one user per certificate.")
+    if not summary.accepted:
+        raise typer.Exit(1)

@@ -1,11 +1,18 @@
 """The coordinator's commands: ``serve``, ``status``, ``export`` and ``token`` (registered in ``cli``).
 
 Heavy imports (TensorFlow, SQLAlchemy, gRPC) happen inside each command so ``fedrecon --help`` stays fast.
+
+What operators see: results on stdout (``token issue --quiet`` prints the token alone, for
+``TOKEN=$(...)``); every error as one line on stderr and a non-zero exit, never a traceback: 2 when the
+command must change (a bad flag or URL, a store or task that does not exist), 1 when the store failed at run
+time (unreachable, locked, broken). ``serve`` logs to stderr (``--log-level``), a line per round event.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import logging
 import math
 import signal
 import sys
@@ -13,8 +20,9 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,9 +32,89 @@ from rich.text import Text
 
 from fedrecon.server.limits import Keepalive, ServerLimits
 
+if TYPE_CHECKING:
+    from fedrecon.server.store import SqlStore
+
 console = Console()
 DEFAULT_STORE = "sqlite:///fedrecon.db"
-StoreOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the store (SQLite file by default)")]
+StoreOption = Annotated[str, typer.Option(
+    help="SQLAlchemy URL of the store: sqlite:///relative.db, sqlite:////absolute/path.db (four slashes) or "
+         "postgresql+psycopg://USER@HOST/DATABASE")]
+log = logging.getLogger("fedrecon.serve")
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def _fail(problem: BaseException | str, code: int = 1) -> NoReturn:
+    """Print an error for people as ONE line on stderr (newlines in a driver's message are joined; any
+    text in it, e.g. a label, is printed as is) and exit with ``code``."""
+    text = " ".join(str(problem).split()) or type(problem).__name__
+    typer.secho(text, err=True, fg=typer.colors.RED)
+    raise typer.Exit(code) from (problem if isinstance(problem, BaseException) else None)
+
+
+def _exit_code(err: BaseException) -> int:
+    """2 when the command itself must change (the URL names no usable store, or a task, version or
+    credential that does not exist), 1 when the store failed at run time (retrying may help)."""
+    from fedrecon.server.store import (
+        StoreUnopenable,
+        UnknownCredential,
+        UnknownTask,
+        UnknownVersion,
+    )
+
+    return 2 if isinstance(err, StoreUnopenable | UnknownTask | UnknownVersion | UnknownCredential) else 1
+
+
+@contextmanager
+def _store(url: str, *, create: bool = False) -> Iterator[SqlStore]:
+    """The store at ``url`` for one command, closed afterwards. Opening it (see ``open_store``) or any
+    store error in the body ends the command with one line and `_exit_code`. The store's own error logs
+    (a fault is logged with its traceback, for a coordinator's log) are kept out of the command's output:
+    the one line says it."""
+    from fedrecon.server.store import StoreError, open_store
+
+    quiet = logging.NullHandler()
+    logging.getLogger("fedrecon.server").addHandler(quiet)
+    try:
+        sql = open_store(url, create=create)
+        try:
+            yield sql
+        finally:
+            sql.close()
+    except StoreError as err:
+        _fail(err, _exit_code(err))
+    finally:
+        logging.getLogger("fedrecon.server").removeHandler(quiet)
+
+
+def _unknown_task(sql: SqlStore, name: str) -> NoReturn:
+    """Exit 2 naming the tasks the store does hold: the usual cause is a typo or the wrong --store."""
+    names = [t.name for t in sql.list_tasks()]
+    held = f"it holds {', '.join(repr(n) for n in names)}" if names else "it holds no task yet"
+    _fail(f"task {name!r} is not in the store {sql.url}; {held}", 2)
+
+
+@contextmanager
+def _serve_logging(level: LogLevel) -> Iterator[None]:
+    """``serve``'s log: the package's records at ``level`` to stderr, one line each with the time, for as
+    long as the command runs (then the handler goes: tests run several commands in one process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    package = logging.getLogger("fedrecon")
+    previous = package.level
+    package.addHandler(handler)
+    package.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 _LIMITS = ServerLimits()
@@ -34,7 +122,7 @@ _KEEPALIVE = Keepalive()
 
 
 def serve(
-    task: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="task description, .toml or .json")],
+    task: Annotated[Path, typer.Option(help="task description, .toml or .json")],
     store: StoreOption = DEFAULT_STORE,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
@@ -93,104 +181,112 @@ def serve(
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: demand client certificates it signed "
                                                             "(mutual TLS)")] = None,
     init_model: Annotated[Path | None, typer.Option(
-        exists=True, dir_okay=False,
         help="a model file (fedrecon export, or simulate's model.npz from either backend) to start a new "
              "task from; ignored if the task exists")]
     = None,
+    log_level: Annotated[LogLevel, typer.Option(
+        help="what to log on stderr: info shows a line per round event (opened, selected, committed or "
+             "failed, with figures)")] = LogLevel.INFO,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE.
 
     Every flag is checked (task file, model file, TLS files, limits, the port) before the store is opened:
     a mistyped flag must not cost a live round. Exits 1 if shutting down lost accepted updates."""
-    from fedrecon.server.app import TlsFiles, check_bindable, start_server
-    from fedrecon.server.auth import TokenAuthInterceptor
-    from fedrecon.server.coordinator import Coordinator
-    from fedrecon.server.store import SqlStore
-    from fedrecon.server.task import TaskSpec
+    with _serve_logging(log_level):  # the log goes to stderr while serving, a line per round event
+        from fedrecon.server.app import TlsFiles, check_bindable, start_server
+        from fedrecon.server.auth import TokenAuthInterceptor
+        from fedrecon.server.coordinator import Coordinator
+        from fedrecon.server.task import TaskSpec
 
-    def refuse(message: str, err: BaseException | None = None) -> NoReturn:
-        console.print(f"[red]{message}[/]", highlight=False)
-        raise typer.Exit(2) from err
+        def refuse(message: str) -> NoReturn:
+            _fail(message, 2)
 
-    try:
-        spec = TaskSpec.load(task)
-    except (ValueError, OSError) as err:
-        refuse(f"cannot load task {task}: {err}", err)
-    initial = None
-    if init_model is not None:
-        from fedrecon.client.model_file import ModelFile
-        from fedrecon.core.model_spec import model_from_config
-
+        if not task.is_file():
+            refuse(f"task file {task} {'is a folder' if task.is_dir() else 'does not exist'}")
         try:
-            given = ModelFile.load(init_model)
-            named = dict(zip(given.names, given.arrays, strict=True))
-            # By name, in the task's order: a file from another tool may list its variables differently.
-            initial = [named[v.name] for v in model_from_config(spec.model).global_variables]
-        except (ValueError, OSError, KeyError) as err:
-            refuse(f"cannot use model {init_model} for task {spec.name}: {err!r}", err)
-    if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
-        refuse("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
-    tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
-    try:
-        if tls is not None:
-            tls.check()
-        limits = ServerLimits(
-            coordinator_threads=max_workers, max_unary_calls=max_concurrent_rpcs,
-            max_report_streams=max_report_streams, max_downloads=max_downloads,
-            max_streams_per_credential=max_streams_per_credential, max_streams_per_peer=max_streams_per_peer,
-            first_message_s=first_message_s, chunk_gap_s=chunk_gap_s, report_s=report_s,
-            download_s=download_s, retry_hint_ms=retry_hint_ms)
-        keepalive = Keepalive(time_s=keepalive_s, timeout_s=keepalive_timeout_s,
-                              max_idle_s=max_connection_idle_s, max_age_s=max_connection_age_s,
-                              max_age_grace_s=max_connection_age_grace_s, min_client_ping_s=min_client_ping_s)
-    except ValueError as err:
-        refuse(str(err), err)
-    try:
-        check_bindable(host, port)
-    except OSError as err:
-        refuse(f"cannot listen on {host}:{port}: {err}", err)
-
-    sql = SqlStore(store)
-    try:
-        try:
-            coordinator = Coordinator(sql, spec, initial_globals=initial)
-        except ValueError as err:
-            refuse(str(err), err)
-        running = start_server(
-            coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
-            interceptors=[TokenAuthInterceptor(sql, retry_hint_ms=retry_hint_ms)] if require_token else [],
-            tls=tls, limits=limits, keepalive=keepalive, shutdown_grace_s=shutdown_grace_s)
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            spec = TaskSpec.load(task)
+        except (ValueError, OSError, KeyError, TypeError) as err:
+            refuse(f"cannot load task {task}: {err}")
+        initial = None
         if init_model is not None:
-            console.print(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
-                          f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
-        elif coordinator.created_task:  # say so: a store that lost its file would otherwise restart silently
-            console.print(f"[yellow]task {spec.name} was not in the store {sql.url}: created it at model "
-                          "version 0[/]", highlight=False)
-        if coordinator.interrupted_rounds:
-            console.print(f"marked {len(coordinator.interrupted_rounds)} interrupted round(s) failed: "
-                          f"{coordinator.interrupted_rounds}")
-        console.print(f"coordinator for task [bold]{spec.name}[/] listening on {running.address}; "
-                      f"model version {coordinator.version}; store {sql.url}"
-                      + ("; client tokens required" if require_token else "")
-                      + ("; TLS" + (" with client certificates" if tls_client_ca else "") if tls else ""))
-        if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
-            partial = port_file.with_name(port_file.name + ".tmp")
-            partial.write_text(str(running.port))
-            partial.replace(port_file)
-        sys.stdout.flush()
-        stop.wait()
-        console.print("shutting down: no new calls; the open round commits if it has enough reports")
-        outcome = running.stop()
-    finally:
-        sql.close()
-    if outcome.lost_updates:
-        console.print(f"[red]shutdown: {outcome.message}[/]", highlight=False)
-        raise typer.Exit(1)
-    console.print(f"shutdown: {outcome.message}; stopped at model version {coordinator.version}",
-                  highlight=False)
+            from fedrecon.core.model_spec import model_from_config
+            from fedrecon.model_file import ModelFile, globals_for_model
+
+            if not init_model.is_file():
+                what = "is a folder" if init_model.is_dir() else "does not exist"
+                refuse(f"model file {init_model} {what}")
+            try:
+                # By name, in the task's order; the first missing or differently shaped variable is named.
+                initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
+                                            f"task {spec.name}")
+            except (ValueError, OSError) as err:
+                refuse(f"cannot use model {init_model} for task {spec.name}: {err}")
+        if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
+            refuse("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
+        tls = TlsFiles(tls_cert, tls_key, tls_client_ca) if tls_cert and tls_key else None
+        try:
+            if tls is not None:
+                tls.check()
+            limits = ServerLimits(
+                coordinator_threads=max_workers, max_unary_calls=max_concurrent_rpcs,
+                max_report_streams=max_report_streams, max_downloads=max_downloads,
+                max_streams_per_credential=max_streams_per_credential,
+                max_streams_per_peer=max_streams_per_peer,
+                first_message_s=first_message_s, chunk_gap_s=chunk_gap_s, report_s=report_s,
+                download_s=download_s, retry_hint_ms=retry_hint_ms)
+            keepalive = Keepalive(time_s=keepalive_s, timeout_s=keepalive_timeout_s,
+                                  max_idle_s=max_connection_idle_s, max_age_s=max_connection_age_s,
+                                  max_age_grace_s=max_connection_age_grace_s,
+                                  min_client_ping_s=min_client_ping_s)
+        except ValueError as err:
+            refuse(str(err))
+        try:
+            check_bindable(host, port)
+        except OSError as err:
+            refuse(f"cannot listen on {host}:{port}: {err}")
+
+        with _store(store, create=True) as sql:
+            try:
+                coordinator = Coordinator(sql, spec, initial_globals=initial)
+            except ValueError as err:
+                refuse(str(err))
+            if coordinator.created_task:  # the coordinator logged it; a wrong --store is the usual cause
+                others = [t.name for t in sql.list_tasks() if t.name != spec.name]
+                if others:
+                    log.warning("the store %s holds other tasks (%s): is it the store you meant?", sql.url,
+                                ", ".join(others))
+            auth = [TokenAuthInterceptor(sql, retry_hint_ms=retry_hint_ms)] if require_token else []
+            try:
+                running = start_server(
+                    coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
+                    interceptors=auth, tls=tls, limits=limits, keepalive=keepalive,
+                    shutdown_grace_s=shutdown_grace_s)
+            except OSError as err:  # taken between the check and the bind
+                refuse(f"cannot listen on {host}:{port}: {err}")
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            if init_model is not None:
+                log.info(f"task {spec.name}: version 0 is {init_model}" if coordinator.created_task else
+                         f"task {spec.name} already exists in the store: --init-model {init_model} ignored")
+            if coordinator.interrupted_rounds:
+                log.warning("marked %d interrupted round(s) failed: %s", len(coordinator.interrupted_rounds),
+                            coordinator.interrupted_rounds)
+            log.info("coordinator for task %s listening on %s; model version %d; store %s%s%s", spec.name,
+                     running.address, coordinator.version, sql.url,
+                     "; client tokens required" if require_token else "",
+                     ("; TLS" + (" with client certificates" if tls_client_ca else "")) if tls else "")
+            if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
+                partial = port_file.with_name(port_file.name + ".tmp")
+                partial.write_text(str(running.port))
+                partial.replace(port_file)
+            stop.wait()
+            log.info("shutting down: no new calls; the open round commits if it has enough reports")
+            outcome = running.stop()
+        if outcome.lost_updates:
+            log.error("shutdown: %s", outcome.message)
+            raise typer.Exit(1)
+        log.info("shutdown: %s; stopped at model version %d", outcome.message, coordinator.version)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -198,11 +294,27 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
-    task = sql.get_task(name)
+def _open_round(r: Any, now: datetime) -> dict[str, Any]:
+    """A round still in flight as ``status`` shows it: its counts as the coordinator last recorded them
+    (every second or so while they change) and the time left to its deadline."""
+    return {"round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
+            "base_version": r.base_version, "target": r.target, "min_reports": r.min_reports,
+            "selected": r.num_selected, "reported": r.num_reported, "accepted": r.num_accepted,
+            "refused": r.num_refused, "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
+            "deadline": r.deadline.isoformat(), "seconds_left": round((r.deadline - now).total_seconds(), 1)}
+
+
+def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
+    from fedrecon.server.store import UnknownTask
+
+    try:
+        task = sql.get_task(name)
+    except UnknownTask:
+        _unknown_task(sql, name)
     versions = sql.list_versions(name)
     all_rounds = sql.list_rounds(name)
     states = Counter(str(r.state) for r in all_rounds)
+    unfinished = [r for r in all_rounds if not r.state.is_finished]
     return {
         "name": task.name,
         "created_at": task.created_at.isoformat(),
@@ -211,6 +323,7 @@ def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
         "versions": [{"version": v.version, "parent": v.parent, "round_id": v.round_id,
                       "created_at": v.created_at.isoformat()} for v in versions],
         "rounds": {s: states.get(s, 0) for s in ("open", "aggregating", "committed", "failed")},
+        "open_round": _open_round(unfinished[-1], datetime.now(UTC)) if unfinished else None,
         "recent_rounds": [{
             "round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
             "base_version": r.base_version, "new_version": r.new_version, "selected": r.num_selected,
@@ -226,21 +339,31 @@ def _task_status(sql: Any, name: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def _open_round_line(o: dict[str, Any]) -> str:
+    """The live round in one line; a deadline long past means no coordinator is running it any more."""
+    left = o["seconds_left"]
+    if left >= 0:
+        when = f"deadline {o['deadline'][11:19]} UTC (in {left:.0f} s)"
+    else:
+        when = (f"deadline {o['deadline'][11:19]} UTC passed {-left:.0f} s ago: is the coordinator running? "
+                "(it marks the round failed when it starts again)")
+    return (f"  open round {o['round_num']} ({o['state']}, on version {o['base_version']}): {o['selected']} "
+            f"selected, {o['reported']} reported ({o['accepted']} accepted, {o['refused']} refused) of the "
+            f"{o['target']} it commits at, at least {o['min_reports']} by the {when}")
+
+
 def status(
     store: StoreOption = DEFAULT_STORE,
     task: Annotated[str | None, typer.Option(help="one task (default: all)")] = None,
     rounds: Annotated[int, typer.Option(min=0, help="how many recent rounds to list")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
 ) -> None:
-    """Show tasks, model versions, rounds and evaluation metrics held in STORE."""
-    from fedrecon.server.store import StoreError
+    """Show tasks, model versions, the open round, recent rounds and evaluation metrics held in STORE.
 
-    try:
-        with _open_store(store) as sql:
-            names = [task] if task else [t.name for t in sql.list_tasks()]
-            report = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
-    except StoreError as err:
-        _fail(err)
+    A store that does not exist is an error (exit 2): status never creates one."""
+    with _store(store) as sql:
+        names = [task] if task else [t.name for t in sql.list_tasks()]
+        report: dict[str, Any] = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -250,6 +373,8 @@ def status(
         r = t["rounds"]
         console.print(f"[bold]{escape(t['name'])}[/]: model version {t['latest_version']}; rounds committed "
                       f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
+        if t["open_round"] is not None:
+            console.print(_open_round_line(t["open_round"]), markup=False, highlight=False, soft_wrap=True)
         table = Table(title=Text(f"recent rounds of {t['name']}"))
         for col in ("round", "state", "version", "selected", "accepted", "refused", "train loss", "note"):
             table.add_column(col, justify="right" if col not in ("state", "note") else "left")
@@ -272,24 +397,6 @@ def _number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-@contextmanager
-def _open_store(url: str) -> Iterator[Any]:
-    """The store at ``url`` for one command, closed afterwards; opening it may raise ``StoreError``."""
-    from fedrecon.server.store import SqlStore
-
-    sql = SqlStore(url)
-    try:
-        yield sql
-    finally:
-        sql.close()
-
-
-def _fail(err: Exception, code: int = 1) -> NoReturn:
-    """Print an error for people (any text in it, e.g. a label, is printed as is, never as markup)."""
-    console.print(Text(str(err), style="red"))
-    raise typer.Exit(code) from err
-
-
 def export(
     out: Annotated[Path, typer.Option(help="file to write (.npz)")],
     task: Annotated[str, typer.Option(help="task name")],
@@ -297,26 +404,35 @@ def export(
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
 ) -> None:
     """Write a model version to a file the client library (personalize) and the simulator can load."""
-    from fedrecon.client.model_file import ModelFile
-    from fedrecon.server.checkpoints import globals_from_bytes
-    from fedrecon.server.store import SqlStore, StoreError
+    from fedrecon.server.store import UnknownTask, UnknownVersion
 
-    sql = SqlStore(store)
-    try:
-        spec = sql.get_task(task).spec
-        record = sql.latest_version(task) if version is None else sql.get_version(task, version)
-    except StoreError as err:
-        console.print(f"[red]{err}[/]")
-        raise typer.Exit(1) from err
-    finally:
-        sql.close()
+    if out.is_dir():
+        _fail(f"--out {out} is a folder: name the file to write, e.g. {out / 'model.npz'}", 2)
+    if not out.parent.is_dir():
+        _fail(f"cannot write {out}: the folder {out.parent} does not exist", 2)
+    with _store(store) as sql:
+        try:
+            spec = sql.get_task(task).spec
+            record = sql.latest_version(task) if version is None else sql.get_version(task, version)
+        except UnknownTask:
+            _unknown_task(sql, task)
+        except UnknownVersion as err:
+            latest = sql.latest_version(task, with_payload=False).version
+            _fail(f"{err} (its versions are 0 to {latest})", 2)
+    # TensorFlow only now: its start-up lines on stderr must not come before a one-line store error.
     from fedrecon.core.model_spec import model_from_config
+    from fedrecon.model_file import ModelFile
+    from fedrecon.server.checkpoints import globals_from_bytes
 
     names = [v.name for v in model_from_config(spec["model"]).global_variables]
-    ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
-              arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
-              batch_size=spec["batch_size"]).save(out)
-    console.print(f"wrote version {record.version} of {task} to {out}")
+    try:
+        ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
+                  arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
+                  batch_size=spec["batch_size"],
+                  extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
+    except OSError as err:
+        _fail(f"cannot write {out}: {err.strerror or err}", 2)
+    console.print(f"wrote version {record.version} of {task} to {out}", markup=False, highlight=False)
 
 
 token_app = typer.Typer(help="Client tokens: issue, revoke, list (kept in the store as salted hashes).",
@@ -331,22 +447,41 @@ def token_issue(
     max_devices: Annotated[int, typer.Option(
         min=1, max=2**31 - 1, help="devices this token may speak for: 1 (default) is one device; more for a "
                                    "gateway, whose devices are told apart by their client ids")] = 1,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="print the token alone on stdout, for TOKEN=$(fedrecon token issue ... -q)")]
+    = False,
 ) -> None:
-    """Issue a client token; it is printed once and cannot be recovered later."""
+    """Issue a client token; it is printed once and cannot be recovered later.
+
+    Like serve, it creates the store when there is none yet (tokens are often issued before the
+    coordinator first starts), and says so on stderr: serve --require-token must name the same store."""
     from fedrecon.server.auth import issue_token
-    from fedrecon.server.store import StoreError, require_label
+    from fedrecon.server.store import StoreError, StoreNotFound, open_store, require_label
 
     try:
         require_label(label)  # before the store is opened: a bad label stores nothing
     except ValueError as err:
         _fail(err, 2)
-    try:
-        with _open_store(store) as sql:
+    try:  # does it exist? (without creating it: the notice below must be true)
+        open_store(store, create=False).close()
+        created = False
+    except StoreNotFound:
+        created = True
+    except StoreError:  # any other problem is told by _store below
+        created = False
+    with _store(store, create=True) as sql:
+        try:
             credential_id, token = issue_token(sql, label, max_devices=max_devices)
-    except (StoreError, ValueError) as err:
-        _fail(err)
-    devices = f", {max_devices} devices" if max_devices > 1 else ""
-    console.print(Text(f"credential {credential_id} ({label}{devices}); the token, shown only now:"))
+        except ValueError as err:
+            _fail(err, 2)
+        url = sql.url
+    if created:
+        typer.echo(f"there was no store at {url}: created it (serve --require-token must use the same "
+                   "--store)", err=True)
+    if not quiet:
+        devices = f", {max_devices} devices" if max_devices > 1 else ""
+        console.print(Text(f"credential {credential_id} ({label}{devices}); the token, shown only now:"),
+                      soft_wrap=True)
     typer.echo(token)
 
 
@@ -356,26 +491,17 @@ def token_revoke(
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Revoke a client token: calls with it are refused from then on."""
-    from fedrecon.server.store import StoreError
-
-    try:
-        with _open_store(store) as sql:
-            record = sql.revoke_credential(credential_id)
-    except StoreError as err:  # UnknownCredential among them
-        _fail(err)
-    console.print(Text(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}"))
+    with _store(store) as sql:
+        record = sql.revoke_credential(credential_id)  # UnknownCredential: exit 2
+    console.print(Text(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}"),
+                  soft_wrap=True)
 
 
 @token_app.command("list")
 def token_list(store: StoreOption = DEFAULT_STORE) -> None:
     """List credentials (ids, labels, devices, state); secrets are not stored and cannot be shown."""
-    from fedrecon.server.store import StoreError
-
-    try:
-        with _open_store(store) as sql:
-            records = sql.list_credentials()
-    except StoreError as err:
-        _fail(err)
+    with _store(store) as sql:
+        records = sql.list_credentials()
     table = Table(title="client credentials")
     for col in ("id", "label", "devices", "created", "state"):
         table.add_column(col)

@@ -5,10 +5,11 @@ Heavy imports (TensorFlow, the engine) happen inside the command so ``fedrecon -
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -16,148 +17,288 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedrecon.core.aggregation import AggregationConfig, NormPolicy, Reduction, Weighting
+from fedrecon.core.matrix_factorization import LocalInit
+from fedrecon.core.optimizers import ServerOptimizerName
+from fedrecon.simulations.algorithms import Algorithm, Backend, Transport
 
 AGGREGATION_DEFAULTS = AggregationConfig()  # simulate's aggregation options default to the dataclass's
+DEFAULT_SERVER_MOMENTUM = 0.9  # --server-optimizer momentum without --server-momentum
 console = Console()
 
 
-class Algorithm(StrEnum):
-    fedrecon = "fedrecon"
-    fedavg = "fedavg"
-    centralized = "centralized"
+class SimulateError(ValueError):
+    """Bad input to ``simulate``: printed as one line, exit 2."""
 
 
-class ServerOpt(StrEnum):
-    sgd = "sgd"
-    momentum = "momentum"
-    adam = "adam"
-    adagrad = "adagrad"
-    yogi = "yogi"
+def steps_cap(value: str | None, option: str) -> int | str | None:
+    """``N`` or ``none`` (no cap) for a ``--*-steps-max`` option; ``"unset"`` when not given."""
+    if value is None:
+        return "unset"
+    if value.strip().lower() in ("none", "no", "unlimited", "inf"):
+        return None
+    try:
+        steps = int(value)
+    except ValueError:
+        raise SimulateError(f"{option} takes a number of steps or 'none' (no cap), not {value!r}") from None
+    if steps < 0:
+        raise SimulateError(f"{option} must be non-negative (or 'none')")
+    return steps
 
 
-class Backend(StrEnum):
-    fedrecon = "fedrecon"
-    tff = "tff"
-
-
-class LocalInit(StrEnum):
-    uniform = "uniform"
-    shared = "shared"
-    zeros = "zeros"
-
-
-class Transport(StrEnum):
-    inprocess = "inprocess"
-    grpc = "grpc"
+StepsCapOption = typer.Option(metavar="N|none",
+                              help="at most N steps; 'none': no cap (default: the algorithm's, 50)")
 
 
 def simulate(
     data: Annotated[str, typer.Option(help="'synthetic' (embedded, no download) or a MovieLens folder/file")]
     = "synthetic",
-    algorithm: Annotated[Algorithm, typer.Option(help="what to train")] = Algorithm.fedrecon,
-    rounds: Annotated[int, typer.Option(min=1, help="training rounds (centralized: ignored)")] = 100,
-    clients_per_round: Annotated[int, typer.Option(min=1)] = 100,
-    batch_size: Annotated[int, typer.Option(min=1)] = 5,
-    factors: Annotated[int, typer.Option(min=1, help="embedding size")] = 50,
-    biases: Annotated[bool, typer.Option(help="add item/user biases and a global offset")] = False,
-    recon_lr: Annotated[float, typer.Option(help="reconstruction SGD learning rate")] = 0.1,
-    client_lr: Annotated[float, typer.Option(help="client SGD learning rate")] = 0.5,
-    server_optimizer: Annotated[ServerOpt, typer.Option()] = ServerOpt.sgd,
-    server_lr: Annotated[float, typer.Option()] = 1.0,
-    server_momentum: Annotated[float, typer.Option(help="for --server-optimizer momentum")] = 0.9,
-    recon_epochs: Annotated[int, typer.Option(min=0)] = 5,
-    recon_steps_max: Annotated[int, typer.Option(min=0)] = 50,
-    post_recon_epochs: Annotated[int, typer.Option(min=0)] = 1,
-    post_recon_steps_max: Annotated[int, typer.Option(min=0)] = 50,
-    split: Annotated[bool, typer.Option(help="even batches reconstruct, odd batches train/evaluate")] = True,
-    joint: Annotated[bool, typer.Option(help="train local variables in the global update too")] = False,
-    uniform_weights: Annotated[bool, typer.Option(help="weight clients equally, not by examples")] = False,
+    config: Annotated[Path | None, typer.Option(
+        "--config", exists=True, dir_okay=False,
+        help="a task file (TOML/JSON, as `serve --task` takes): its model, [training], [rounds], "
+             "[aggregation], batch_size and seed; flags given explicitly override it")] = None,
+    algorithm: Annotated[Algorithm, typer.Option(help="what to train")] = Algorithm.FEDRECON,
+    rounds: Annotated[int | None, typer.Option(
+        min=1, help="training rounds (default 100, or the task's max_rounds; centralized: ignored)")] = None,
+    clients_per_round: Annotated[int | None, typer.Option(min=1, help="default 100")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="default 5")] = None,
+    factors: Annotated[int | None, typer.Option(min=1, help="embedding size (default 50)")] = None,
+    biases: Annotated[bool | None, typer.Option(help="add item/user biases and a global offset")] = None,
+    recon_lr: Annotated[float | None, typer.Option(help="reconstruction SGD learning rate (default 0.1)")]
+    = None,
+    client_lr: Annotated[float | None, typer.Option(
+        help="client SGD learning rate (default per algorithm: fedrecon 0.5, fedavg 0.05)")] = None,
+    server_optimizer: Annotated[ServerOptimizerName | None, typer.Option(help="default sgd")] = None,
+    server_lr: Annotated[float | None, typer.Option(help="default 1.0")] = None,
+    server_momentum: Annotated[float | None, typer.Option(
+        help=f"for --server-optimizer momentum (default {DEFAULT_SERVER_MOMENTUM})")] = None,
+    recon_epochs: Annotated[int | None, typer.Option(min=0, help="default 5")] = None,
+    recon_steps_max: Annotated[str | None, StepsCapOption] = None,
+    post_recon_epochs: Annotated[int | None, typer.Option(min=0, help="default 1")] = None,
+    post_recon_steps_max: Annotated[str | None, StepsCapOption] = None,
+    recon_l2: Annotated[float | None, typer.Option(
+        min=0.0, help="L2 penalty on a user's factors while reconstructing (default 0)")] = None,
+    eval_recon_epochs: Annotated[int | None, typer.Option(
+        min=0, help="reconstruction epochs when scoring unseen users (default: --recon-epochs)")] = None,
+    eval_recon_steps_max: Annotated[str | None, typer.Option(
+        metavar="N|none", help="reconstruction step cap when scoring unseen users (default: "
+                               "--recon-steps-max; 'none': no cap)")] = None,
+    split: Annotated[bool | None, typer.Option(
+        help="even batches reconstruct, odd batches train/evaluate (default on)")] = None,
+    joint: Annotated[bool | None, typer.Option(help="train local variables in the global update too")]
+    = None,
+    uniform_weights: Annotated[bool | None, typer.Option(help="weight clients equally, not by examples")]
+    = None,
     clip: Annotated[bool, typer.Option(help="clip predictions to the rating range at evaluation")] = False,
-    aggregator: Annotated[Reduction, typer.Option(
-        help="how a round's updates are combined: mean (weighted, streaming), trimmed_mean or median "
-             "(coordinate-wise, each update counting once; they buffer the round's updates)")]
-    = AGGREGATION_DEFAULTS.reduction,
-    trim_fraction: Annotated[float, typer.Option(
-        min=0.0, max=0.49, help="with --aggregator trimmed_mean: fraction cut at each end of a coordinate")]
-    = AGGREGATION_DEFAULTS.trim_fraction,
-    max_update_norm: Annotated[float, typer.Option(
-        help="bound on the L2 norm of one client's update (positive)")]
-    = AGGREGATION_DEFAULTS.max_update_norm,
-    norm_policy: Annotated[NormPolicy, typer.Option(
-        help="an update above --max-update-norm is scaled down to it (clip), dropped (reject), or the bound "
-             "is off (none)")] = AGGREGATION_DEFAULTS.norm_policy,
+    aggregator: Annotated[Reduction | None, typer.Option(
+        help="how a round's updates are combined: mean (weighted, streaming; the default), trimmed_mean or "
+             "median (coordinate-wise, each update counting once; they buffer the round's updates)")]
+    = None,
+    trim_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.49, help="with --aggregator trimmed_mean: fraction cut at each end of a coordinate "
+                                f"(default {AGGREGATION_DEFAULTS.trim_fraction})")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(
+        help=f"bound on the L2 norm of one client's update (default {AGGREGATION_DEFAULTS.max_update_norm})")]
+    = None,
+    norm_policy: Annotated[NormPolicy | None, typer.Option(
+        help="an update above --max-update-norm is scaled down to it (clip, the default), dropped "
+             "(reject), or the bound is off (none)")] = None,
     max_client_weight: Annotated[float | None, typer.Option(
-        help="cap on a client's weight (default: batch size x post-recon-steps-max)")]
-    = AGGREGATION_DEFAULTS.max_client_weight,
-    server_weighting: Annotated[Weighting, typer.Option(
-        help="claimed: a client's weight (its examples, capped); uniform: every update counts 1")]
-    = AGGREGATION_DEFAULTS.weighting,
+        help="cap on a client's weight (default: batch size x post-recon-steps-max)")] = None,
+    server_weighting: Annotated[Weighting | None, typer.Option(
+        help="claimed: a client's weight (its examples, capped; the default); uniform: every update "
+             "counts 1")] = None,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int | None, typer.Option(help="default 0, or the task's seed")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the train/validation/test user split")] = 42,
-    out: Annotated[Path, typer.Option(help="folder for metrics.json and learning_curves.png")]
+    out: Annotated[Path, typer.Option(help="folder for metrics.json, model.npz and learning_curves.png")]
     = Path("runs/latest"),
     transport: Annotated[Transport, typer.Option(
         help="inprocess: the lock-step simulator; grpc: every round through a real coordinator on "
-             "loopback with the client library")] = Transport.inprocess,
+             "loopback with the client library")] = Transport.INPROCESS,
     store: Annotated[str | None, typer.Option(help="with --transport grpc: the coordinator's store URL "
                                                    "(default: a temporary SQLite file)")] = None,
-    init_model: Annotated[Path | None, typer.Option(exists=True, dir_okay=False,
-                                                    help="start from an exported model (fedrecon export)")]
+    init_model: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="start from a model file (fedrecon export, or a simulate run's "
+                                          "model.npz): the model is built from the file's description")]
     = None,
     backend: Annotated[Backend, typer.Option(
         help="fedrecon: this project's engine; tff: TensorFlow Federated's build_fed_recon in the "
              "environment `make tff-env` builds (same data, split, selection and metrics)")]
-    = Backend.fedrecon,
+    = Backend.FEDRECON,
     local_init: Annotated[LocalInit | None, typer.Option(
         help="how a client's user factors start: uniform (a ±0.05 draw per client and round; the default "
              "of the fedrecon backend), shared (one draw for all clients: what TFF does, the tff backend's "
              "default) or zeros (deterministic rounds)")] = None,
 ) -> None:
-    """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end."""
-    from fedrecon.core.config import ClientWeighting, FedReconConfig, OptimizerSpec
+    """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end.
+
+    Settings come from the algorithm's defaults, then the task file (--config), then the flags given.
+    """
+    flags = {k: v for k, v in locals().items()}
+    try:
+        run = _resolve(flags)
+    except (SimulateError, ValueError, OSError) as err:
+        _fail(str(err), err)
+    _run(run)
+
+
+def _fail(message: str, err: BaseException | None = None, code: int = 2) -> NoReturn:
+    console.print(f"[red]{message}[/]", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from err
+
+
+@dataclass
+class _Run:
+    """Everything ``simulate`` resolved from defaults, the task file and the flags."""
+
+    data: str
+    spec: Any  # ExperimentSpec
+    dataset: Any  # FederatedRatings
+    initial: list[Any] | None
+    transport: Transport
+    backend: Backend
+    store: str | None
+    out: Path
+    batch_size: int
+
+
+def _resolve(f: dict[str, Any]) -> _Run:
+    from fedrecon.core.config import ClientWeighting
+    from fedrecon.simulations.algorithms import training_config
     from fedrecon.simulations.baselines import CentralizedSettings
-    from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
-    from fedrecon.simulations.plotting import plot_learning_curves
-    from fedrecon.simulations.ratings import load_dataset
+    from fedrecon.simulations.experiment import ExperimentSpec
     from fedrecon.simulations.runner import SimulationSettings
 
-    config = FedReconConfig(
-        reconstruction_optimizer=OptimizerSpec("sgd", recon_lr),
-        client_optimizer=OptimizerSpec("sgd", client_lr),
-        server_optimizer=OptimizerSpec(server_optimizer.value, server_lr,
-                                       momentum=server_momentum if server_optimizer == ServerOpt.momentum
-                                       else 0.0),
-        recon_epochs=recon_epochs, recon_steps_max=recon_steps_max, post_recon_epochs=post_recon_epochs,
-        post_recon_steps_max=post_recon_steps_max, split_dataset=split, jointly_train_variables=joint,
-        client_weighting=ClientWeighting.UNIFORM if uniform_weights else ClientWeighting.NUM_EXAMPLES)
-    try:
-        aggregation = AggregationConfig(reduction=aggregator, trim_fraction=trim_fraction,
-                                        weighting=server_weighting, max_client_weight=max_client_weight,
-                                        max_update_norm=max_update_norm, norm_policy=norm_policy)
-    except ValueError as err:
-        console.print(f"[red]{err}[/]")
-        raise typer.Exit(2) from err
-    settings = SimulationSettings(rounds=rounds, clients_per_round=clients_per_round, batch_size=batch_size,
-                                  eval_every=eval_every, seed=seed, eval_clip=(1.0, 5.0) if clip else None)
-    spec = ExperimentSpec(algorithm=algorithm.value, num_factors=factors, use_biases=biases,
-                          local_init=(local_init or (LocalInit.shared if backend == Backend.tff
-                                                     else LocalInit.uniform)).value, config=config,
-                          settings=settings, aggregation=aggregation,
-                          centralized=CentralizedSettings(epochs=centralized_epochs, seed=seed))
+    algorithm: Algorithm = f["algorithm"]
+    task: dict[str, Any] = {}
+    if f["config"] is not None:
+        from fedrecon.server.task import TaskSpec, read_task_table
+
+        task = read_task_table(f["config"])
+        try:
+            TaskSpec.from_dict(task)  # the coordinator's own validation: a file serve refuses is refused
+        except ValueError as err:
+            raise SimulateError(f"{f['config']}: {err}") from err
+    model_table = dict(task.get("model") or {})
+    rounds_table = dict(task.get("rounds") or {})
+
+    def pick(flag: str, from_task: Any, default: Any) -> Any:
+        """An explicit flag, else the task file's value, else the default."""
+        if f[flag] is not None:
+            return f[flag]
+        return from_task if from_task is not None else default
+
+    # Training: algorithm defaults < the task's [training] < flags.
+    cli: dict[str, Any] = {}
+    for flag, key in (("recon_epochs", "recon_epochs"), ("post_recon_epochs", "post_recon_epochs"),
+                      ("recon_l2", "reconstruction_l2"), ("eval_recon_epochs", "eval_recon_epochs"),
+                      ("split", "split_dataset"), ("joint", "jointly_train_variables")):
+        if f[flag] is not None:
+            cli[key] = f[flag]
+    for flag in ("recon_steps_max", "post_recon_steps_max", "eval_recon_steps_max"):
+        cap = steps_cap(f[flag], "--" + flag.replace("_", "-"))
+        if cap != "unset":
+            cli[flag] = cap
+    if f["uniform_weights"] is not None:
+        cli["client_weighting"] = (ClientWeighting.UNIFORM if f["uniform_weights"]
+                                   else ClientWeighting.NUM_EXAMPLES).value
+    if f["recon_lr"] is not None:
+        cli["reconstruction_optimizer"] = {"learning_rate": f["recon_lr"]}
+    if f["client_lr"] is not None:
+        cli["client_optimizer"] = {"learning_rate": f["client_lr"]}
+    server: dict[str, Any] = {}
+    if f["server_optimizer"] is not None:
+        server["name"] = f["server_optimizer"].value
+    if f["server_lr"] is not None:
+        server["learning_rate"] = f["server_lr"]
+    if f["server_momentum"] is not None:
+        server["momentum"] = f["server_momentum"]
+    if server:
+        cli["server_optimizer"] = server
+    training = training_config(algorithm, dict(task.get("training") or {}), cli)
+    server_spec = training.server_optimizer
+    if server_spec.name == ServerOptimizerName.MOMENTUM and server_spec.momentum == 0:
+        training = training.replace(server_optimizer=dataclasses.replace(
+            server_spec, momentum=DEFAULT_SERVER_MOMENTUM))
+
+    # Aggregation: the dataclass's defaults < the task's [aggregation] < flags.
+    aggregation_fields = dict(task.get("aggregation") or {})
+    for flag, key in (("aggregator", "reduction"), ("trim_fraction", "trim_fraction"),
+                      ("max_update_norm", "max_update_norm"), ("norm_policy", "norm_policy"),
+                      ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting")):
+        if f[flag] is not None:
+            aggregation_fields[key] = f[flag]
+    aggregation = AggregationConfig.from_dict({**AGGREGATION_DEFAULTS.to_dict(), **aggregation_fields})
+
+    batch_size = pick("batch_size", task.get("batch_size"), 5)
+    seed = pick("seed", task.get("seed"), 0)
+    settings = SimulationSettings(
+        rounds=pick("rounds", rounds_table.get("max_rounds"), 100),
+        clients_per_round=pick("clients_per_round", rounds_table.get("clients_per_round"), 100),
+        batch_size=batch_size, eval_every=f["eval_every"], seed=seed,
+        eval_clip=(1.0, 5.0) if f["clip"] else None)
+    backend: Backend = f["backend"]
+    local_default = LocalInit.SHARED if backend == Backend.TFF else LocalInit.UNIFORM
+    num_factors = pick("factors", model_table.get("num_factors"), 50)
+    use_biases = pick("biases", model_table.get("use_biases"), False)
+    local_init = LocalInit(pick("local_init", model_table.get("local_init"), local_default))
+
+    model_file = None
+    if f["init_model"] is not None:  # the model is the file's: its description decides its shape
+        from fedrecon.model_file import ModelFile
+
+        model_file = ModelFile.load(f["init_model"])
+        described = model_file.model_spec
+        if described.get("kind") != "matrix_factorization":
+            raise SimulateError(f"{f['init_model']}: simulate trains matrix factorization models, the file "
+                                f"holds {described.get('kind')!r}")
+        shared = bool(described.get("shared_user", False))
+        if shared != (algorithm == Algorithm.FEDAVG):
+            raise SimulateError(f"{f['init_model']} holds a {'fedavg' if shared else 'fedrecon'} model "
+                                f"({'a shared' if shared else 'local'} user vector): use --algorithm "
+                                f"{'fedavg' if shared else 'fedrecon'}")
+        for flag, key, value in (("factors", "num_factors", num_factors),
+                                 ("biases", "use_biases", use_biases)):
+            if f[flag] is not None and value != described.get(key):
+                raise SimulateError(f"--{flag} {value} disagrees with {f['init_model']} ({key} = "
+                                    f"{described.get(key)}): leave it out to use the file's model")
+        num_factors = int(described.get("num_factors", num_factors))
+        use_biases = bool(described.get("use_biases", use_biases))
+        if f["local_init"] is None and described.get("local_init"):
+            local_init = LocalInit(described["local_init"])
+
+    spec = ExperimentSpec(algorithm=algorithm.value, num_factors=num_factors, use_biases=use_biases,
+                          local_init=local_init.value, config=training, settings=settings,
+                          aggregation=aggregation,
+                          centralized=CentralizedSettings(epochs=f["centralized_epochs"], seed=seed))
+    from fedrecon.simulations.ratings import load_dataset
+
+    with console.status(f"loading {f['data']}"):
+        dataset = load_dataset(f["data"], seed=f["split_seed"])
+    if model_table.get("num_items") not in (None, dataset.num_items):
+        console.print(f"note: the task's model has num_items = {model_table['num_items']}; {f['data']} has "
+                      f"{dataset.num_items} items, which the simulation uses", highlight=False)
     initial = None
-    if init_model is not None:
-        from fedrecon.client.model_file import ModelFile
+    if model_file is not None:
+        from fedrecon.model_file import globals_for_model
+        from fedrecon.simulations.experiment import build_model
 
-        initial = ModelFile.load(init_model).arrays
-    with console.status(f"loading {data}"):
-        dataset = load_dataset(data, seed=split_seed)
-    console.print(f"[bold]{data}[/]: {len(dataset.train)} training, {len(dataset.validation)} validation, "
-                  f"{len(dataset.test)} unseen test users; {dataset.num_items} items")
+        model = build_model(spec, dataset, shared_user=algorithm == Algorithm.FEDAVG)
+        initial = globals_for_model(model_file, model, f"{f['data']} ({dataset.num_items} items)")
+    return _Run(data=f["data"], spec=spec, dataset=dataset, initial=initial, transport=f["transport"],
+                backend=backend, store=f["store"], out=f["out"], batch_size=batch_size)
 
-    total = centralized_epochs if algorithm == Algorithm.centralized else rounds
-    unit = "epoch" if algorithm == Algorithm.centralized else "round"
+
+def _run(run: _Run) -> None:
+    from fedrecon.simulations.experiment import ExperimentInterrupted, run_experiment
+
+    spec, dataset = run.spec, run.dataset
+    algorithm = Algorithm(spec.algorithm)
+    console.print(f"[bold]{run.data}[/]: {len(dataset.train)} training, {len(dataset.validation)} "
+                  f"validation, {len(dataset.test)} unseen test users; {dataset.num_items} items")
+    total = spec.centralized.epochs if algorithm == Algorithm.CENTRALIZED else spec.settings.rounds
+    unit = "epoch" if algorithm == Algorithm.CENTRALIZED else "round"
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task(f"{algorithm.value} {unit}s", total=total, info="")
@@ -173,31 +314,26 @@ def simulate(
 
         try:
             result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch,
-                                    transport=transport.value, store_url=store, initial_globals=initial,
-                                    backend=backend.value)
+                                    transport=run.transport.value, store_url=run.store,
+                                    initial_globals=run.initial, backend=run.backend.value)
+        except ExperimentInterrupted as stop:
+            progress.stop()
+            written = _write_outputs(run, stop.partial, interrupted=stop.rounds_done)
+            selected = stop.partial.selected
+            kept = (f"round {int(selected['round'])}, best on validation so far" if selected
+                    else f"round {stop.rounds_done}, the last completed: no validation yet")
+            model_note = f" (model.npz: {kept})" if "model.npz" in written else ""
+            _fail(f"interrupted after {stop.rounds_done} {unit}s: wrote {', '.join(written)} in {run.out}"
+                  f"{model_note}", code=130)
+        except KeyboardInterrupt:  # where no partial result exists (centralized training, start-up)
+            progress.stop()
+            _fail("interrupted: nothing written", code=130)
         except (ValueError, RuntimeError) as err:
             progress.stop()
-            console.print(f"[red]{err}[/]")
-            raise typer.Exit(2) from err
+            _fail(str(err), err)
 
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"data": data, "backend": backend.value, "transport": transport.value, "spec": spec.to_dict(),
-               **result.summary()}
-    if backend == Backend.tff:
-        summary["train_loss_note"] = ("TFF's loss metric: the mean over post-reconstruction batches of each "
-                                      "batch's mean loss (fedrecon's backend weights by examples)")
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    if algorithm != Algorithm.centralized:
-        from fedrecon.client.model_file import ModelFile
-
-        # The selected model in the export format: loads into the client library, `serve --init-model`,
-        # or `simulate --init-model` (with either backend).
-        ModelFile(task=f"simulate-{backend.value}", version=int(result.selected.get("round", 0)),
-                  model_spec=result.model.config(), names=[v.name for v in result.model.global_variables],
-                  arrays=result.globals, training=spec.config.to_dict(), batch_size=batch_size
-                  ).save(out / "model.npz")
-    plot_learning_curves(summary, out / "learning_curves.png")
-    engine = " (TFF backend)" if backend == Backend.tff else ""
+    written = _write_outputs(run, result, interrupted=None)
+    engine = " (TFF backend)" if run.backend == Backend.TFF else ""
     table = Table(title=f"{algorithm.value}{engine} on unseen test users (selected {unit} "
                         f"{int(result.selected.get('round', 0))} on validation)")
     for col in ("RMSE", "accuracy", "examples", "s/round"):
@@ -206,6 +342,37 @@ def simulate(
     table.add_row(f"{result.test['rmse']:.4f}", f"{result.test['accuracy']:.4f}",
                   f"{int(result.test['num_examples'])}", spr)
     console.print(table)
-    written = "metrics.json, learning_curves.png"
-    written += ", model.npz" if algorithm != Algorithm.centralized else ""
-    console.print(f"wrote {written} in {out}")
+    console.print(f"wrote {', '.join(written)} in {run.out}")
+
+
+def _write_outputs(run: _Run, result: Any, *, interrupted: int | None) -> list[str]:
+    """metrics.json, model.npz (the selected round) and the plot; the names of the files written."""
+    from fedrecon.model_file import ModelFile
+
+    spec = run.spec
+    run.out.mkdir(parents=True, exist_ok=True)
+    summary = {"data": run.data, "backend": run.backend.value, "transport": run.transport.value,
+               "spec": spec.to_dict(), **result.summary()}
+    if interrupted is not None:
+        summary["interrupted_after"] = interrupted
+    if run.backend == Backend.TFF:
+        summary["train_loss_note"] = ("TFF's loss metric: the mean over post-reconstruction batches of each "
+                                      "batch's mean loss (fedrecon's backend weights by examples)")
+    (run.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    written = ["metrics.json"]
+    if spec.algorithm != Algorithm.CENTRALIZED and result.globals:
+        # The selected model in the model-file format: loads into the client library, `serve --init-model`,
+        # or `simulate --init-model` (with either backend).
+        version = int(result.selected.get("round", interrupted or 0))
+        ModelFile(task=f"simulate-{run.backend.value}", version=version, model_spec=result.model.config(),
+                  names=[v.name for v in result.model.global_variables], arrays=list(result.globals),
+                  training=spec.config.to_dict(), batch_size=run.batch_size,
+                  # The dataset's own item ids: personalization then speaks in them (e.g. movie ids).
+                  extra={"item_ids": [int(i) for i in run.dataset.item_ids]}).save(run.out / "model.npz")
+        written.append("model.npz")
+    if interrupted is None:
+        from fedrecon.simulations.plotting import plot_learning_curves
+
+        plot_learning_curves(summary, run.out / "learning_curves.png")
+        written.insert(1, "learning_curves.png")
+    return written

@@ -29,6 +29,9 @@ from fedrecon.tensors import DEFAULT_CHUNK_BYTES
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
+PROGRESS_EVERY_S = 1.0
+"""How often the open round's counts are written to the store for ``fedrecon status`` (when they changed):
+at most one small write a second, whatever the number of reports."""
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +90,7 @@ class RunningServer:
     _serving: threading.Thread
     _executor: ThreadPoolExecutor
     _ticker: threading.Thread
+    _progress: threading.Thread
     _stopped: threading.Event
     _outcome: ShutdownOutcome | None = field(default=None)
 
@@ -103,6 +107,7 @@ class RunningServer:
         self._serving.join()
         self._executor.shutdown(wait=True)  # coordinator calls already started finish
         self._ticker.join()
+        self._progress.join()
         self._outcome = self.coordinator.shut_down(self.shutdown_grace_s)
         return self._outcome
 
@@ -122,10 +127,12 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  tick_s: float = 0.2, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                  tls: TlsFiles | None = None, identifier: Identifier | None = None,
                  limits: ServerLimits | None = None, keepalive: Keepalive | None = None,
-                 shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> RunningServer:
+                 shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
+                 progress_s: float = PROGRESS_EVERY_S) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
 
     ``max_workers`` (if given) is ``limits.coordinator_threads``: the threads that run coordinator calls.
+    Every ``progress_s`` seconds the open round's counts go to the store (``Coordinator.record_progress``).
 
     Memory must not grow with the number of clients reporting at once: a report being read is assembled in
     memory, so ``limits.max_report_streams`` bounds how many are read at once (the rest are told to retry),
@@ -197,7 +204,19 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
             except Exception:  # the timer must outlive any one failure (a store outage, say)
                 log.exception("coordinator tick failed; trying again in %.1f s", tick_s)
 
+    def record_progress() -> None:
+        """On its own thread: a slow store write (a locked SQLite file waits for its busy timeout) must not
+        hold back the deadline timer."""
+        while not stopped.wait(progress_s):
+            try:
+                coordinator.record_progress()
+            except Exception:
+                log.exception("recording the open round's progress failed; trying again in %.1f s",
+                              progress_s)
+
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()
+    progress = threading.Thread(target=record_progress, name="coordinator-progress", daemon=True)
+    progress.start()
     return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
-                         serving, executor, ticker, stopped)
+                         serving, executor, ticker, progress, stopped)

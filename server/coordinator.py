@@ -44,6 +44,15 @@ import numpy as np
 from fedrecon.core.aggregation import Aggregator
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.model_spec import model_from_config
+from fedrecon.protocol import (
+    CREDENTIAL_SHARE_HINT,
+    PROTOCOL_VERSION,
+    Assignment,
+    ReportOutcome,
+    RetryLater,
+    RoundOutcome,
+)
+from fedrecon.protocol import RoundState as RoundView
 from fedrecon.server.checkpoints import (
     globals_from_bytes,
     globals_to_bytes,
@@ -51,7 +60,7 @@ from fedrecon.server.checkpoints import (
     optimizer_state_to_bytes,
 )
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
-from fedrecon.server.identity import CREDENTIAL_SHARE_HINT, Caller
+from fedrecon.server.identity import Caller
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import (
     Outcome,
@@ -70,37 +79,10 @@ from fedrecon.tensors import TensorLayout
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 MAX_WEIGHT = 1e9  # a client weight above this is absurd (examples on one device)
 MAX_METRICS = 64  # entries in a report's metric map (a device sends a handful: loss, examples, ...)
 MAX_METRIC_KEY_CHARS = 64
 MAX_ECHO_CHARS = 64  # a client's string quoted back in an error message is cut to this (see ``shown``)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    task_name: str
-    round_id: int
-    round_num: int
-    model_version: int
-    token: str
-    deadline: datetime
-    model_spec_json: str
-    training_config_json: str
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class RetryLater:
-    delay_min_s: float
-    delay_max_s: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class ReportOutcome:
-    accepted: bool  # False: the very same update had already been accepted (an idempotent retry)
-    message: str
 
 
 @dataclass
@@ -169,6 +151,7 @@ class Coordinator:
         self._state = ServerState(globals_from_bytes(parameters, self._names),
                                   optimizer_state_from_bytes(optimizer_state), latest.version)
         self._round: _Round | None = None
+        self._progress_written: tuple[int, int, int, int, int, float] | None = None  # see record_progress
         self._closed: OrderedDict[int, _ClosedRound] = OrderedDict()
         self._committed_rounds = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
         self.refusals: Counter[str] = Counter()
@@ -326,6 +309,7 @@ class Coordinator:
             r.group_assignments[caller.group] += 1
             if len(r.assigned) >= rounds.selection_goal:
                 r.selecting = False
+                log.info("round %d: %d clients selected (the goal)", r.round_num, len(r.assigned))
             return self._assignment(r, key)
 
     def _admit_check_in(self, caller: Caller, key: str, now: float) -> None:
@@ -385,6 +369,10 @@ class Coordinator:
                              now + s.selection_timeout_s, deadline,
                              self.algorithm.new_aggregate(max_clients=s.clients_per_round,
                                                           batch_size=self.task.batch_size))
+        log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at %d "
+                 "reports, or at least %d by the deadline %s", record.round_num, self._version,
+                 s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,
+                 datetime.fromtimestamp(deadline, UTC).strftime("%H:%M:%S UTC"))
         return self._round
 
     # ----- reporting -----------------------------------------------------------------------------------
@@ -548,6 +536,35 @@ class Coordinator:
                 self._close_when_all_answered(r)
         raise Refusal(status, reason, message)
 
+    # ----- round outcomes ------------------------------------------------------------------------------
+    def round_outcome(self, task_name: str, round_id: int) -> RoundOutcome:
+        """Where round ``round_id`` of the task is: open (still taking reports, or its commit waits for the
+        store), committed into a version, or failed. Lets a client tell whether the updates it had accepted
+        went into a model version. NOT_FOUND for a round the task does not have."""
+        self._check_task(task_name)
+        with self._lock:
+            r = self._round
+            if r is not None and r.round_id == round_id:
+                return RoundOutcome(round_id, r.round_num, RoundView.OPEN, num_accepted=len(r.accepted))
+        unknown = Refusal(Status.NOT_FOUND, "unknown_round", f"task {task_name!r} has no round id {round_id}")
+        if not 1 <= round_id < 2**31:  # never asks the store about a value it cannot hold
+            raise unknown
+        try:
+            record = self.store.get_round(round_id)
+        except UnknownRound:
+            raise unknown from None
+        except StoreUnavailable as err:
+            raise _store_unavailable(err) from err
+        if record.task != self.task.name:
+            raise unknown
+        if record.state == RoundState.COMMITTED:
+            return RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
+                                record.num_accepted)
+        if record.state == RoundState.FAILED:
+            return RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
+                                record.failure_reason or "failed")
+        return RoundOutcome(round_id, record.round_num, RoundView.OPEN, num_accepted=record.num_accepted)
+
     # ----- evaluation ----------------------------------------------------------------------------------
     def report_evaluation(self, task_name: str, client: str | Caller, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:
@@ -619,6 +636,8 @@ class Coordinator:
         s = self.task.rounds
         if r.selecting and now >= r.selection_ends:
             r.selecting = False
+            log.info("round %d: %d clients selected when the %g s selection window closed", r.round_num,
+                     len(r.assigned), s.selection_timeout_s)
             if len(r.assigned) < s.minimum:
                 self._fail(r, f"only {len(r.assigned)} clients checked in within "
                               f"{s.selection_timeout_s:g} s; the minimum is {s.minimum}")
@@ -689,6 +708,7 @@ class Coordinator:
         self._version += 1
         self._committed_rounds += 1
         self._forget(r, _ClosedRound("committed", why, dict(r.accepted), self._version))
+        log.info("round %d committed version %d (%s): %s", r.round_num, self._version, why, _figures(summary))
         self._version_changed.notify_all()
 
     def _fail(self, r: _Round, reason: str, *, why: str | None = None) -> None:
@@ -698,6 +718,7 @@ class Coordinator:
         self._unrecorded_failures.append((r.round_id, reason, summary, participations))
         self._record_failures()
         self._forget(r, _ClosedRound("failed", why or reason, {}))
+        log.warning("round %d failed: %s; %s", r.round_num, reason, _figures(summary))
 
     def _record_failures(self) -> None:
         while self._unrecorded_failures:
@@ -715,6 +736,30 @@ class Coordinator:
         while len(self._closed) > 8:
             self._closed.popitem(last=False)
         self._round = None
+
+    def record_progress(self) -> bool:
+        """Write the open round's counts to the store if they changed since last written, so that
+        ``fedrecon status`` shows a live round. The server calls this every second or so (never once per
+        report); the write happens outside the lock, and a store that refuses it now gets the counts on a
+        later call. True if something was written."""
+        with self._lock:
+            r = self._round
+            if r is None or r.commit_due is not None:
+                return False
+            progress = (r.round_id, len(r.assigned), r.answered(), len(r.accepted), len(r.refused),
+                        r.aggregate.total_weight)
+            if progress == self._progress_written:
+                return False
+        round_id, selected, reported, accepted, refused, weight = progress
+        try:
+            written = self.store.record_round_progress(
+                round_id, selected=selected, reported=reported, accepted=accepted, refused=refused,
+                total_weight=weight)
+        except StoreError as err:  # an outage, or the round closed meanwhile: the next call tries again
+            log.debug("round progress not recorded: %s", err)
+            return False
+        self._progress_written = progress
+        return written
 
     # ----- shutdown ------------------------------------------------------------------------------------
     def shut_down(self, grace_s: float = 0.0, *, retry_every_s: float = 0.5) -> ShutdownOutcome:
@@ -801,6 +846,16 @@ class _TokenBuckets:
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
             self._last_sweep = now
         return allowed
+
+
+def _figures(summary: RoundSummary) -> str:
+    """A closed round for the log: its reports, weight and duration, then its metrics (those that are not
+    zero: counts of capped or clipped updates matter when they happen)."""
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in summary.metrics.items()
+                        if k not in ("seconds", "train_examples") and (v or k == "train_loss"))
+    return (f"{summary.num_reported} reports ({summary.num_accepted} accepted, {summary.num_refused} "
+            f"refused) of {summary.num_selected} selected, weight {summary.total_weight:.6g}, "
+            f"{summary.metrics.get('seconds', 0.0):.1f} s" + (f"; {metrics}" if metrics else ""))
 
 
 def _store_unavailable(err: StoreError) -> Refusal:

@@ -26,10 +26,6 @@ from dataclasses import dataclass
 from fedrecon.server.refusals import Refusal, Status
 
 MAX_CLIENT_ID_CHARS = 256
-# Ends every refusal caused by a credential's share (its assignments in a round, its check-in budget), so
-# tools that run many users under one token can tell this from other refusals and say why (``fedrecon
-# client``).
-CREDENTIAL_SHARE_HINT = "a token issued with --max-devices N has the share of N devices"
 
 
 @dataclass(frozen=True)

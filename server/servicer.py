@@ -36,7 +36,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.protocol import Assignment, RoundState
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.identity import Caller, Identifier
 from fedrecon.server.limits import ServerLimits
 from fedrecon.server.refusals import Refusal, Status
@@ -95,6 +96,8 @@ class CoordinatorServicer:
                 self._unary_call(self.CheckIn, pb.CheckInRequest), response_serializer=reply),
             "GetLatestModel": grpc.unary_unary_rpc_method_handler(
                 self._unary_call(self.GetLatestModel, pb.GetLatestModelRequest), response_serializer=reply),
+            "GetRound": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.GetRound, pb.GetRoundRequest), response_serializer=reply),
             "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
                 self._unary_call(self.ReportEvaluation, pb.ReportEvaluationRequest),
                 response_serializer=reply),
@@ -271,6 +274,16 @@ class CoordinatorServicer:
                              ) -> pb.GetLatestModelResponse:
         return await self._run(self._latest_model, request.task_name)
 
+    async def GetRound(self, request: pb.GetRoundRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.GetRoundResponse:
+        """A round's state for a client that took part (did the update it had accepted get committed?).
+        The caller must be who the transport requires (a token or a certificate), like every other call."""
+        self._group(context)  # raises Unauthenticated when the transport proved no identity it needs
+        outcome = await self._run(self.coordinator.round_outcome, request.task_name, request.round_id)
+        return pb.GetRoundResponse(round_id=outcome.round_id, round_num=outcome.round_num,
+                                   state=_ROUND_STATES[outcome.state], new_version=outcome.new_version or 0,
+                                   num_accepted=outcome.num_accepted, reason=outcome.reason)
+
     # ----- blocking helpers (run on the pool) ----------------------------------------------------------
     def _check_report(self, header: pb.ReportHeader, caller: Caller) -> list[Any]:
         self.coordinator.check_report(header.task_name, caller, header.round_id, header.assignment_token)
@@ -281,7 +294,7 @@ class CoordinatorServicer:
         c.check_task(task_name)  # refuses an unknown task, echoing its name cut short
         return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
                                          training_config_json=c.training_config_json,
-                                         batch_size=c.task.batch_size)
+                                         batch_size=c.task.batch_size, item_ids=c.task.item_ids or ())
 
     def _download_messages(self, task: str, version: int, chunk: int) -> list[bytes]:
         """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
@@ -300,6 +313,10 @@ class CoordinatorServicer:
             while len(self._downloads) > 2:  # the current version and perhaps the one before
                 self._downloads.popitem(last=False)
         return messages
+
+
+_ROUND_STATES = {RoundState.OPEN: pb.ROUND_STATE_OPEN, RoundState.COMMITTED: pb.ROUND_STATE_COMMITTED,
+                 RoundState.FAILED: pb.ROUND_STATE_FAILED}
 
 
 def _parse(message_type: type[M], data: bytes) -> M:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from fedrecon.retry_hint import retry_after_metadata
+from fedrecon.protocol import retry_after_metadata
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import StoreError, StoreUnavailable, UnknownCredential
 from fedrecon.tensors import TensorDecodeError

@@ -19,6 +19,8 @@ Written by people as TOML (or JSON), for example::
     clients_per_round = 100
     over_selection = 1.3
 
+    item_vocabulary = "movielens.items"  # optional: the dataset's own item ids, one a line, in model order
+
     [aggregation]                    # AggregationConfig fields; omitted ones keep the defaults
     max_update_norm = 20.0           # each update is clipped to this L2 norm (norm_policy = "clip")
     reduction = "mean"               # or "trimmed_mean" (trim_fraction) or "median"
@@ -115,6 +117,11 @@ class TaskSpec:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     batch_size: int = 5
     seed: int = 0  # initial global variables
+    # The item vocabulary: item_ids[i] is the dataset's own id (a MovieLens movie id) of the model's item i.
+    # Served with the model, so clients speak their dataset's ids and recommendations come back in them.
+    # None: the model's item indices are the ids. Part of the stored description (another vocabulary is
+    # another task).
+    item_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -126,17 +133,21 @@ class TaskSpec:
             # coordinator cannot keep yet: refuse rather than run an unaccounted "DP" task.
             raise ValueError("[aggregation] noise_multiplier: differential privacy is available in "
                              "'fedrecon simulate' only; the coordinator does not account for it yet")
+        if self.item_ids is not None:
+            _check_vocabulary(self.item_ids, self.model.get("num_items"))
 
     def to_dict(self) -> dict[str, Any]:
         rounds = dataclasses.asdict(self.rounds)
         rounds["retry_delay_s"] = list(self.rounds.retry_delay_s)
         return {"name": self.name, "model": dict(self.model), "training": self.training.to_dict(),
                 "rounds": rounds, "aggregation": self.aggregation.to_dict(), "batch_size": self.batch_size,
-                "seed": self.seed}
+                "seed": self.seed, **({"item_ids": list(self.item_ids)} if self.item_ids is not None else {})}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskSpec:
-        known = {"name", "model", "training", "rounds", "aggregation", "batch_size", "seed"}
+    def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> TaskSpec:
+        """``base``: the folder a relative ``item_vocabulary`` path is read from (the task file's)."""
+        known = {"name", "model", "training", "rounds", "aggregation", "batch_size", "seed", "item_ids",
+                 "item_vocabulary"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown task fields {sorted(unknown)}; known: {sorted(known)}")
@@ -151,16 +162,67 @@ class TaskSpec:
             return cls(name=data["name"], model=dict(data["model"]),
                        training=FedReconConfig.from_dict(dict(data.get("training", {}))),
                        rounds=RoundSettings(**rounds), aggregation=AggregationConfig.from_dict(aggregation),
-                       batch_size=int(data.get("batch_size", 5)), seed=int(data.get("seed", 0)))
+                       batch_size=int(data.get("batch_size", 5)), seed=int(data.get("seed", 0)),
+                       item_ids=_item_ids(data, base))
         except TypeError as err:  # an unknown field in a sub-table
             raise ValueError(f"bad task description: {err}") from err
 
     @classmethod
     def load(cls, path: Path) -> TaskSpec:
         """Read a ``.toml`` or ``.json`` task description."""
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        return cls.from_dict(data)
+        return cls.from_dict(read_task_table(path), base=Path(path).parent)
+
+
+def read_vocabulary(path: Path) -> tuple[int, ...]:
+    """Item ids from a text file, one a line in model order (blank lines and ``#`` comments skipped)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read the item vocabulary {path}: {err.strerror or err}") from err
+    ids = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            ids.append(int(text))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: expected an integer item id, got {text!r}") from None
+    return tuple(ids)
+
+
+def _item_ids(data: Mapping[str, Any], base: Path | None) -> tuple[int, ...] | None:
+    if "item_ids" in data and "item_vocabulary" in data:
+        raise ValueError("give the item vocabulary once: item_ids (inline) or item_vocabulary (a file)")
+    if "item_vocabulary" in data:
+        path = Path(str(data["item_vocabulary"]))
+        return read_vocabulary(path if path.is_absolute() or base is None else base / path)
+    if data.get("item_ids") is None:
+        return None
+    return tuple(int(i) for i in data["item_ids"])
+
+
+def _check_vocabulary(item_ids: tuple[int, ...], num_items: object) -> None:
+    if len(set(item_ids)) != len(item_ids):
+        raise ValueError("the item vocabulary lists an item id twice")
+    if isinstance(num_items, int) and len(item_ids) != num_items:
+        raise ValueError(f"the item vocabulary has {len(item_ids)} ids but the model has num_items = "
+                         f"{num_items}")
+
+
+def read_task_table(path: Path) -> dict[str, Any]:
+    """A task file's tables as written (``.toml``, or ``.json`` by suffix), before defaults are filled in,
+    so a reader can tell what the file sets from what it leaves out (``simulate --config`` lays the file's
+    ``[training]`` over an algorithm's own defaults). Needs no store and no network. Raises ``OSError`` if
+    the file cannot be read and ``ValueError`` (naming the file) if it is not valid TOML/JSON."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text) if Path(path).suffix == ".json" else tomllib.loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a task file holds a table, not {type(data).__name__}")
+    return data
 
 
 def _with_legacy_bound(aggregation: dict[str, Any], legacy: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,10 @@ from fedrecon.core.aggregation import UNBOUNDED_MEAN, AggregationConfig
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.data_split import has_held_out_batch
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.core.privacy import DpOptions, PrivacyLedger
+from fedrecon.simulations.algorithms import Algorithm, Backend, Transport
 from fedrecon.simulations.baselines import (
     CentralizedSettings,
     fedavg_configs,
@@ -27,8 +29,11 @@ from fedrecon.simulations.grpc_transport import GrpcRounds
 from fedrecon.simulations.ratings import FederatedRatings
 from fedrecon.simulations.runner import Evaluator, RoundRecord, RoundRunner, Simulation, SimulationSettings
 
-ALGORITHMS = ("fedrecon", "fedavg", "centralized")
-BACKENDS = ("fedrecon", "tff")
+ALGORITHMS = tuple(a.value for a in Algorithm)
+
+
+BACKENDS = tuple(b.value for b in Backend)
+TRANSPORTS = tuple(t.value for t in Transport)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,26 @@ class ExperimentResult:
         return out
 
 
+class ExperimentInterrupted(Exception):
+    """The run was interrupted (Ctrl-C); ``partial`` holds what was done: the rounds and validation so far
+    and, as ``globals``, the validation-best round so far (``selected``; the latest round before any
+    evaluation). Its ``test`` is empty: unseen test users are scored only at the end of a run."""
+
+    def __init__(self, partial: ExperimentResult, rounds_done: int) -> None:
+        super().__init__(f"interrupted after {rounds_done} rounds")
+        self.partial = partial
+        self.rounds_done = rounds_done
+
+
+def check_scorable(data: FederatedRatings, spec: ExperimentSpec) -> None:
+    """Refuse data on which validation or test would score no example (an RMSE of 0 on nothing)."""
+    size = spec.settings.batch_size
+    for part, users in (("validation", data.validation), ("test", data.test)):
+        if not any(has_held_out_batch(len(e), batch_size=size, split_dataset=True) for e in users.values()):
+            raise ValueError(f"no {part} user has more than --batch-size {size} ratings: nothing would be "
+                             f"held out to score (the dataset is too small)")
+
+
 def selection_key(metrics: dict[str, float]) -> float:
     """Selection key: a diverged (NaN) evaluation must never be selected."""
     return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
@@ -107,8 +132,8 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     aggregates with its own weighted mean, so ``spec.aggregation`` (weight cap, norm clip, robust reducers)
     applies to the fedrecon backend only (in process or over gRPC).
     """
-    if transport not in ("inprocess", "grpc"):
-        raise ValueError(f"unknown transport {transport!r}; choose 'inprocess' or 'grpc'")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     if backend == "tff" and (spec.algorithm != "fedrecon" or transport != "inprocess"):
@@ -120,6 +145,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         spec = dataclasses.replace(spec, aggregation=UNBOUNDED_MEAN)
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
+    check_scorable(data, spec)
     ledger: PrivacyLedger | None = None
     if spec.privacy is not None:
         if spec.algorithm == "centralized" or backend != "fedrecon" or transport != "inprocess":
@@ -171,7 +197,10 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
 
         sim = Simulation(algorithm, data.train, spec.settings, eval_config=eval_config, round_runner=runner,
                          evaluator=evaluator, privacy=ledger)
-        best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
+        try:
+            best_state, history = sim.run(state, validation=data.validation, on_round=on_round)
+        except KeyboardInterrupt:
+            raise _interrupted(spec, sim, model) from None
         selected = min(history.validation, key=selection_key) if history.validation else {}
         test = sim.evaluate(best_state, data.test)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
@@ -190,6 +219,19 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         train_loss=[r.train_loss for r in history.rounds], selected=selected,
         seconds_per_round=statistics.median(times) if times else None, globals=best_state.globals,
         model=model, privacy=privacy)
+
+
+def _interrupted(spec: ExperimentSpec, sim: Simulation, model: MatrixFactorization) -> ExperimentInterrupted:
+    history = sim.history
+    selected = min(history.validation, key=selection_key) if history.validation else {}
+    kept = sim.best_state if history.validation else sim.latest_state
+    times = [r.seconds for r in history.rounds]
+    partial = ExperimentResult(
+        algorithm=spec.algorithm, test={}, validation=history.validation,
+        train_loss=[r.train_loss for r in history.rounds], selected=selected,
+        seconds_per_round=statistics.median(times) if times else None,
+        globals=kept.globals if kept is not None else [], model=model)
+    return ExperimentInterrupted(partial, len(history.rounds))
 
 
 def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,8 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="latin-1")
 
 
-def _rows(path: Path) -> Iterator[tuple[str, str, str]]:
+def _rows(path: Path) -> Iterator[tuple[int, str, str, str]]:
+    """(line number, user, item, rating) of each non-empty line."""
     name = path.name.removesuffix(".gz")
     with _open_text(path) as f:
         if name.endswith(".csv"):
@@ -64,8 +65,8 @@ def _rows(path: Path) -> Iterator[tuple[str, str, str]]:
                 continue
             parts = line.split(sep)
             if len(parts) < 3:
-                raise ValueError(f"{path}:{lineno}: expected user{sep}item{sep}rating, got {line!r}")
-            yield parts[0], parts[1], parts[2]
+                raise ValueError(f"{path}:{lineno}: expected user{sep}item{sep}rating, got {line[:80]!r}")
+            yield lineno, parts[0], parts[1], parts[2]
 
 
 def find_ratings_file(path: str | Path) -> Path:
@@ -73,6 +74,8 @@ def find_ratings_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"no such data folder or ratings file: {path}")
     for name in RATING_FILES:
         for candidate in (path / name, path / f"{name}.gz"):
             if candidate.is_file():
@@ -84,13 +87,20 @@ def read_ratings(path: str | Path) -> Ratings:
     """Read any of the three MovieLens rating formats into a dense-id table."""
     file = find_ratings_file(path)
     users, items, values = [], [], []
-    for u, i, r in _rows(file):
-        try:
-            users.append(int(u))
-            items.append(int(i))
-            values.append(float(r))
-        except ValueError as err:
-            raise ValueError(f"{file}: non-numeric field in {u!r}, {i!r}, {r!r}") from err
+    try:
+        for lineno, u, i, r in _rows(file):
+            try:
+                user, item, value = int(u), int(i), float(r)
+            except ValueError as err:
+                raise ValueError(f"{file}:{lineno}: expected integer user and item ids and a numeric rating, "
+                                 f"got {u[:20]!r}, {i[:20]!r}, {r[:20]!r}") from err
+            if not np.isfinite(value):
+                raise ValueError(f"{file}:{lineno}: rating {r!r} is not a finite number")
+            users.append(user)
+            items.append(item)
+            values.append(value)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as err:
+        raise ValueError(f"{file}: not a readable ratings file ({err})") from err
     if not values:
         raise ValueError(f"{file}: no ratings")
     raw_items = np.asarray(items, np.int64)
@@ -139,6 +149,9 @@ class FederatedRatings:
     test: dict[int, ClientExamples]
     num_items: int
     mean_rating: float  # over training users' kept ratings (a data statistic the server may know)
+    # The dataset's own id (e.g. the MovieLens movie id) of each dense item index, in dense order: what a
+    # task's item vocabulary lists, and how examples are turned back into the dataset's ids.
+    item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def split_users(ratings: Ratings, *, seed: int = 42, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
@@ -160,11 +173,16 @@ def split_users(ratings: Ratings, *, seed: int = 42, fractions: tuple[float, flo
     shuffled = [int(u) for u in np.random.default_rng(seed).permutation(user_ids)]
     n_train = round(fractions[0] * len(shuffled))
     n_val = round(fractions[1] * len(shuffled))
+    sizes = (n_train, n_val, len(shuffled) - n_train - n_val)
+    if any(n < 1 and f > 0 for n, f in zip(sizes, fractions, strict=True)):
+        # An empty part would train on nothing, or score 0 examples and print RMSE 0.
+        raise ValueError(f"too few users to split: {len(shuffled)} users give {sizes[0]} training, "
+                         f"{sizes[1]} validation and {sizes[2]} test users; every part needs at least one")
     parts = (shuffled[:n_train], shuffled[n_train:n_train + n_val], shuffled[n_train + n_val:])
     train, val, test = ({u: examples[u] for u in part} for part in parts)
     kept = np.concatenate([e.y for e in train.values()]) if train else np.zeros(1)
     return FederatedRatings(train=train, validation=val, test=test, num_items=ratings.num_items,
-                            mean_rating=float(kept.mean()))
+                            mean_rating=float(kept.mean()), item_ids=np.asarray(ratings.item_ids, np.int64))
 
 
 def load_dataset(source: str, *, seed: int = 42, max_examples_per_user: int | None = 300) -> FederatedRatings:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedrecon.core.algorithm import FedRecon, ServerState
+from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import EvaluationSums
 from fedrecon.core.config import FedReconConfig
@@ -42,6 +42,12 @@ class RoundRecord:
     total_weight: float
     aggregation: dict[str, float] = field(default_factory=dict)  # ``AggregationReport.metrics()``
     epsilon: float | None = None  # DP: ε spent after this round (at the ledger's δ)
+    non_finite_clients: int = 0  # clients whose update was not finite (zeroed, weight 0)
+
+
+class NonFiniteTraining(ValueError):
+    """Training diverged: a round's loss, some client's update, the model or a validation metric is not
+    finite. A simulation stops at once rather than spend its remaining rounds on a broken model."""
 
 
 @dataclass
@@ -77,6 +83,22 @@ def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_num, user_id, 0x10CA1])
 
 
+DIVERGENCE_HINT = "training diverged: lower the client learning rate (--client-lr)"
+
+
+def check_finite(record: RoundRecord, metrics: dict[str, float] | None) -> None:
+    """Raise ``NonFiniteTraining`` naming the round and what went non-finite, with a hint."""
+    what = None
+    if not np.isfinite(record.train_loss):
+        what = f"the training loss is not finite ({record.train_loss})"
+    elif record.non_finite_clients:
+        what = f"{record.non_finite_clients} of {record.num_clients} client updates are not finite"
+    elif metrics is not None and not np.isfinite(metrics["rmse"]):
+        what = f"the validation RMSE is not finite ({metrics['rmse']})"
+    if what is not None:
+        raise NonFiniteTraining(f"round {record.round_num}: {what}; {DIVERGENCE_HINT}")
+
+
 RoundRunner = Callable[[ServerState], tuple[ServerState, RoundRecord]]
 Evaluator = Callable[[ServerState, Mapping[int, ClientExamples]], dict[str, float]]
 
@@ -102,6 +124,10 @@ class Simulation:
         self._evaluator = evaluator
         # DP: ε per round, and the budget that stops the run before a round that would exceed it.
         self.privacy = privacy
+        # Progress of ``run`` (kept on the object so an interrupted run can still report it).
+        self.history = History()
+        self.best_state: ServerState | None = None
+        self.latest_state: ServerState | None = None
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
@@ -115,6 +141,7 @@ class Simulation:
                                                  expected_clients=s.clients_per_round,
                                                  noise_rng=noise_rng(s.seed, round_num))
         loss_sum = examples = 0.0
+        non_finite = 0
         if chosen:  # a Poisson round may select nobody: the DP sum is then noise alone
             packed = pack_clients(self.algorithm.model, [self.train[u] for u in chosen],
                                   self.algorithm.config, batch_size=s.batch_size,
@@ -122,11 +149,16 @@ class Simulation:
             result = self.algorithm.client_step.train_clients(state.globals, packed)
             aggregate.fold(result.deltas, result.weights)
             loss_sum, examples = float(result.loss_sum.sum()), float(result.post_examples.sum())
-        new_state = self.algorithm.server_update(state, aggregate)  # NonFiniteUpdate stops the run
+            non_finite = int((~result.finite).sum())
+        try:
+            new_state = self.algorithm.server_update(state, aggregate)
+        except NonFiniteUpdate as err:
+            raise NonFiniteTraining(f"{err}; {DIVERGENCE_HINT}") from err
         record = RoundRecord(round_num=round_num, seconds=time.perf_counter() - t0,
                              train_loss=loss_sum / max(examples, 1.0),
                              num_clients=len(chosen), total_weight=aggregate.report.total_weight,
-                             aggregation=aggregate.report.metrics())
+                             aggregation=aggregate.report.metrics(),
+                             non_finite_clients=non_finite)
         return new_state, record
 
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
@@ -151,10 +183,14 @@ class Simulation:
         """Train for ``settings.rounds`` rounds; evaluate on ``validation`` every ``eval_every`` rounds.
 
         With ``keep_best`` the state returned is the one with the lowest validation RMSE seen (model
-        selection on validation users only; test users are never looked at here).
+        selection on validation users only; test users are never looked at here). A round whose loss,
+        updates or validation metrics are not finite stops the run (``NonFiniteTraining``). What was done
+        so far stays readable while it runs and after an interruption: ``history``, ``best_state`` (the
+        validation-best round so far; the start before any evaluation) and ``latest_state``.
         """
-        history = History()
-        best_state, best_rmse = state, float("inf")
+        history = self.history = History()
+        self.latest_state = self.best_state = state
+        best_rmse = float("inf")
         for _ in range(self.settings.rounds):
             ledger = self.privacy
             if ledger is not None and not ledger.next_round_fits():
@@ -166,17 +202,20 @@ class Simulation:
             state, record = self.round_runner(state)
             if self.privacy is not None:
                 record.epsilon = self.privacy.record_round()
-            history.rounds.append(record)
             metrics = None
-            last = (len(history.rounds) == self.settings.rounds
+            last = (len(history.rounds) + 1 == self.settings.rounds
                     or (self.privacy is not None and not self.privacy.next_round_fits()))
             if validation and (record.round_num % self.settings.eval_every == 0 or last):
                 metrics = {"round": record.round_num, **self.evaluate(state, validation)}
+            check_finite(record, metrics)
+            history.rounds.append(record)
+            self.latest_state = state
+            if metrics is not None:
                 history.validation.append(metrics)
                 if metrics["rmse"] < best_rmse:
-                    best_state, best_rmse = state, metrics["rmse"]
+                    self.best_state, best_rmse = state, metrics["rmse"]
             if on_round is not None:
                 on_round(record, metrics)
         if keep_best and validation and best_rmse < float("inf"):
-            return best_state, history
+            return self.best_state, history
         return state, history

@@ -27,9 +27,10 @@ from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import client_update
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.core.model_spec import model_from_config
+from fedrecon.protocol import Assignment
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec

@@ -19,6 +19,7 @@ import pytest
 
 from fedrecon.client.transport import CoordinatorChannel
 from fedrecon.core.aggregation import DEFAULT_MAX_UPDATE_NORM, AggregationConfig
+from fedrecon.protocol import Assignment
 from fedrecon.server.app import start_server
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.coordinator import Coordinator
@@ -49,8 +50,8 @@ def serving(url: str, task: TaskSpec) -> Iterator[tuple[CoordinatorChannel, SqlS
 
 
 def _report(channel: CoordinatorChannel, task: str, client: str, value: float, weight: float) -> None:
-    assignment = channel.check_in(task, client).assignment
-    assert assignment.assignment_token, f"{client} got no assignment"
+    assignment = channel.check_in(task, client)
+    assert isinstance(assignment, Assignment), f"{client} got no assignment"
     channel.report(assignment, client, NAMES, [np.full((6, 2), value, np.float32)], weight,
                    {"post_recon_examples": min(weight, 1e6)})
 

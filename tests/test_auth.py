@@ -58,6 +58,8 @@ def test_every_call_needs_a_valid_unrevoked_token(tmp_path: Path) -> None:
                 "ReportUpdate": lambda md: stub.ReportUpdate(iter([pb.ReportUpdateRequest()]), metadata=md),
                 "GetLatestModel": lambda md: stub.GetLatestModel(pb.GetLatestModelRequest(task_name="auth"),
                                                                  metadata=md),
+                "GetRound": lambda md: stub.GetRound(pb.GetRoundRequest(task_name="auth", round_id=1),
+                                                     metadata=md),
             }
             for name, call in calls.items():
                 for metadata in (None, (("authorization", "Bearer frc_1_forged"),)):
@@ -89,4 +91,5 @@ def test_token_commands(tmp_path: Path) -> None:
     assert runner.invoke(app, ["token", "revoke", "1", "--store", store]).exit_code == 0
     with SqlStore(store) as sql:
         assert not check_token(sql, token)
-    assert runner.invoke(app, ["token", "revoke", "7", "--store", store]).exit_code == 1
+    unknown = runner.invoke(app, ["token", "revoke", "7", "--store", store])
+    assert unknown.exit_code == 2 and unknown.stderr.strip() == "no credential 7", unknown.output  # bad input

@@ -70,9 +70,16 @@ def test_serve_client_status_export_and_sigterm(tmp_path: Path) -> None:
         assert server.stop(timeout_s=30) == 0, server.log_text()
     output = server.log_path.read_text()
     assert "shutting down" in output and "stopped at model version 2" in output
+    # serve's log: a line per round event, with its figures
+    assert "round 1 opened on model version 0: selecting up to 6 clients" in output, output
+    assert "round 2: 6 clients selected (the goal)" in output, output
+    committed = [line for line in output.splitlines() if "round 2 committed version 2 (goal)" in line]
+    assert len(committed) == 1 and "6 reports (6 accepted, 0 refused) of 6 selected" in committed[0], output
+    assert "train_loss" in committed[0], output
 
     # The store outlives the process; a different description under the same task name is refused.
     task.write_text(TASK.replace("num_factors = 8", "num_factors = 9"))
     refused = subprocess.run([sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(task), "--store",
                               store, "--port", "0"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "different description" in refused.stdout
+    assert refused.returncode == 2 and "different description" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stdout == ""

@@ -13,9 +13,10 @@ import pytest
 
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.protocol import Assignment, RetryLater
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import Assignment, Coordinator, RetryLater
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import Outcome, RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec

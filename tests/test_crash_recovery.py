@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedrecon.cli import app
-from fedrecon.client import FederatedClient, RetryPolicy, RoundReport
+from fedrecon.client import FederatedClient, ReportOutcome, RetryPolicy
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.simulations.ratings import load_dataset
@@ -64,8 +64,8 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
     def client(user: int) -> FederatedClient:
         return FederatedClient(address, "crash", f"user-{user}", data.train[user], retry=retry)
 
-    def in_parallel(chosen: list[int]) -> list[RoundReport]:
-        reports: list[RoundReport] = []
+    def in_parallel(chosen: list[int]) -> list[ReportOutcome]:
+        reports: list[ReportOutcome] = []
         threads = [threading.Thread(target=lambda u=u: reports.append(client(u).participate(max_wait_s=90)))
                    for u in chosen]
         for t in threads:
@@ -85,7 +85,7 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
         first.stop()
 
     # A client that calls while the coordinator is dead rides it out with its retries.
-    patient: list[RoundReport] = []
+    patient: list[ReportOutcome] = []
     waiting = threading.Thread(target=lambda: patient.append(client(users[-1]).participate(max_wait_s=90)))
     waiting.start()
     time.sleep(0.5)

@@ -1,4 +1,4 @@
-from fedrecon.core.data_split import build_batch_schedule
+from fedrecon.core.data_split import build_batch_schedule, has_held_out_batch
 
 
 def test_split_gives_even_batches_to_reconstruction_and_odd_to_training() -> None:
@@ -28,3 +28,10 @@ def test_single_batch_client_has_nothing_to_train_on_when_split() -> None:
                              post_recon_epochs=1, post_recon_steps_max=50)
     assert s.reconstruction == (0, 0, 0, 0, 0)
     assert s.post_reconstruction == ()
+
+
+def test_held_out_batch_needs_a_second_batch_with_the_split() -> None:
+    assert not has_held_out_batch(5, batch_size=5, split_dataset=True)  # one batch: reconstruction only
+    assert has_held_out_batch(6, batch_size=5, split_dataset=True)
+    assert has_held_out_batch(1, batch_size=5, split_dataset=False)
+    assert not has_held_out_batch(0, batch_size=5, split_dataset=False)

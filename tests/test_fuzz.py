@@ -29,9 +29,10 @@ from hypothesis.extra import numpy as hnp
 
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.protocol import Assignment
 from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import MAX_METRIC_KEY_CHARS, MAX_METRICS, MAX_WEIGHT, Assignment, Coordinator
+from fedrecon.server.coordinator import MAX_METRIC_KEY_CHARS, MAX_METRICS, MAX_WEIGHT, Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import (

@@ -259,7 +259,7 @@ def test_over_selected_clients_get_a_refused_round_report(movielens: FederatedRa
             except grpc.RpcError as err:
                 reports.append((err.code().name, False))
         assert reports == [("OK", True), ("OK", True), ("ABORTED", False)]
-        # Through participate() the same refusal is a RoundReport, not an exception that loses the round.
+        # Through participate() the same refusal is a ReportOutcome, not an exception that loses the round.
         third = clients[2]
         third.check_in = lambda **_: assignments[2]  # type: ignore[method-assign]
         refused = third.participate()

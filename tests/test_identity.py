@@ -29,12 +29,13 @@ from fedrecon.cli import app
 from fedrecon.client import tls_credentials
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
+from fedrecon.protocol import CREDENTIAL_SHARE_HINT
 from fedrecon.server.app import TlsFiles, start_server
 from fedrecon.server.auth import TokenAuthInterceptor, issue_token
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Coordinator
-from fedrecon.server.identity import CREDENTIAL_SHARE_HINT, Identifier
+from fedrecon.server.identity import Identifier
 from fedrecon.server.store import SqlStore, StoreUnavailable
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.tensors import chunks, manifest

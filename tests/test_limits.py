@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedrecon.retry_hint import retry_after_ms
+from fedrecon.protocol import retry_after_ms
 from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.limits import ServerLimits
@@ -115,8 +115,11 @@ def test_no_rpc_hands_out_another_clients_data() -> None:
     answers = {m.name: m.output_type.name for m in service.methods}
     assert answers == {"CheckIn": "CheckInResponse", "DownloadModel": "TensorStreamMessage",
                        "ReportUpdate": "ReportUpdateResponse", "ReportEvaluation": "ReportEvaluationResponse",
-                       "GetLatestModel": "GetLatestModelResponse"}
+                       "GetLatestModel": "GetLatestModelResponse", "GetRound": "GetRoundResponse"}
     report_fields = {f.name for f in pb.ReportUpdateResponse.DESCRIPTOR.fields}
     assert report_fields == {"accepted", "message"}
     evaluation_fields = {f.name for f in pb.ReportEvaluationResponse.DESCRIPTOR.fields}
     assert evaluation_fields == set()
+    # A round's answer is its state and a count, never whose reports it took.
+    round_fields = {f.name for f in pb.GetRoundResponse.DESCRIPTOR.fields}
+    assert round_fields == {"round_id", "round_num", "state", "new_version", "num_accepted", "reason"}

@@ -81,6 +81,7 @@ def test_a_huge_task_name_is_not_echoed_back(tmp_path: Path) -> None:
                                                               protocol_version=1), timeout=30),
             "GetLatestModel": lambda: stub.GetLatestModel(pb.GetLatestModelRequest(task_name=name),
                                                           timeout=30),
+            "GetRound": lambda: stub.GetRound(pb.GetRoundRequest(task_name=name, round_id=1), timeout=30),
             "ReportEvaluation": lambda: stub.ReportEvaluation(pb.ReportEvaluationRequest(
                 task_name=name, client_id="c", num_examples=1), timeout=30),
             "DownloadModel": lambda: list(stub.DownloadModel(pb.DownloadModelRequest(task_name=name),

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrecon.simulations.ratings import read_ratings, split_users, synthetic_ratings
+from fedrecon.simulations.ratings import Ratings, read_ratings, split_users, synthetic_ratings
 
 ROWS = [(1, 10, 5.0), (1, 30, 3.0), (2, 20, 4.0), (3, 10, 1.0), (3, 40, 2.5)]
 
@@ -54,8 +54,12 @@ def test_ratings_csv_with_header(tmp_path: Path, gz: bool) -> None:
 def test_malformed_lines_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected user::item::rating"):
         read_ratings(_write(tmp_path / "ratings.dat", "1::2\n"))
-    with pytest.raises(ValueError, match="non-numeric"):
-        read_ratings(_write(tmp_path / "u.data", "1\tx\t3\t0\n"))
+    with pytest.raises(ValueError, match=r"u\.data:2: expected integer user and item ids"):
+        read_ratings(_write(tmp_path / "u.data", "1\t2\t3\t0\n1\tx\t3\t0\n"))
+    with pytest.raises(ValueError, match=r"ratings\.dat:1: rating 'nan' is not a finite number"):
+        read_ratings(_write(tmp_path / "ratings.dat", "1::2::nan::0\n"))
+    with pytest.raises(FileNotFoundError, match="no such data folder or ratings file"):
+        read_ratings(tmp_path / "absent")
     with pytest.raises(ValueError, match="expected header"):
         read_ratings(_write(tmp_path / "ratings.csv", "a,b,c\n1,2,3\n"))
     with pytest.raises(FileNotFoundError):
@@ -93,3 +97,10 @@ def test_shared_movielens_subset_reads_completely(ml_2998_dir: Path) -> None:
     assert len(np.unique(r.users)) == 2_998
     assert r.num_items == 3_615
     assert np.bincount(r.ratings.astype(int))[1:].tolist() == [27_452, 53_822, 127_155, 170_551, 108_535]
+
+
+def test_a_dataset_too_small_to_split_is_refused() -> None:
+    one_user = Ratings(users=np.ones(40, np.int64), items=np.arange(40, dtype=np.int32),
+                       ratings=np.full(40, 3.0, np.float32), item_ids=np.arange(40, dtype=np.int64))
+    with pytest.raises(ValueError, match="too few users to split: 1 users give 1 training, 0 validation"):
+        split_users(one_user)

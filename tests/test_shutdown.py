@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 import fedrecon.server.store.sql_store as sql_store
+from fedrecon.protocol import Assignment
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec

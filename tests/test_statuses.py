@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fedrecon.client.transport import CoordinatorChannel, RetryPolicy
-from fedrecon.retry_hint import retry_after_ms
+from fedrecon.protocol import retry_after_ms
 from fedrecon.server.app import start_server
 from fedrecon.server.auth import TokenAuthInterceptor, issue_token
 from fedrecon.server.coordinator import Coordinator
@@ -66,7 +66,8 @@ def _hostile_corpus(channel: grpc.Channel, token: str, revoked: str
         upload = channel.stream_unary(SERVICE + method, request_serializer=None, response_deserializer=None)
         return lambda: upload(iter([data]), metadata=metadata, timeout=30)
 
-    methods = [("CheckIn", "unary"), ("GetLatestModel", "unary"), ("ReportEvaluation", "unary"),
+    methods = [("CheckIn", "unary"), ("GetLatestModel", "unary"), ("GetRound", "unary"),
+               ("ReportEvaluation", "unary"),
                ("DownloadModel", "server-stream"), ("ReportUpdate", "client-stream")]
     corpus: list[tuple[str, Callable[[], Any], set[grpc.StatusCode]]] = []
     for method, kind in methods:
@@ -99,6 +100,12 @@ def _hostile_corpus(channel: grpc.Channel, token: str, revoked: str
         ("CheckIn: valid", lambda: stub.CheckIn(check_in, metadata=good), {C.OK}),
         ("GetLatestModel: unknown task", lambda: stub.GetLatestModel(pb.GetLatestModelRequest(
             task_name="other"), metadata=good), {C.NOT_FOUND}),
+        ("GetRound: unknown task", lambda: stub.GetRound(pb.GetRoundRequest(
+            task_name="other", round_id=1), metadata=good), {C.NOT_FOUND}),
+        ("GetRound: unknown round", lambda: stub.GetRound(pb.GetRoundRequest(
+            task_name=TASK, round_id=2**62), metadata=good), {C.NOT_FOUND}),
+        ("GetRound: negative round id", lambda: stub.GetRound(pb.GetRoundRequest(
+            task_name=TASK, round_id=-(2**63)), metadata=good), {C.NOT_FOUND}),
         ("DownloadModel: unknown version", lambda: list(stub.DownloadModel(pb.DownloadModelRequest(
             task_name=TASK, model_version=7), metadata=good)), {C.NOT_FOUND}),
         ("DownloadModel: negative version", lambda: list(stub.DownloadModel(pb.DownloadModelRequest(

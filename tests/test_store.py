@@ -153,6 +153,29 @@ def test_commit_writes_the_next_version_and_closes_the_round(store: SqlStore) ->
     assert store.participations(opened.round_id) == list(PARTICIPATIONS)
 
 
+def test_progress_of_an_unfinished_round_is_recorded_and_a_closed_round_keeps_its_counts(
+        store: SqlStore) -> None:
+    _task(store)
+    round_id = _open(store)
+    assert store.record_round_progress(round_id, selected=3, reported=2, accepted=1, refused=1,
+                                       total_weight=7.5)
+    live = store.get_round(round_id)
+    assert live.state is RoundState.OPEN
+    assert (live.num_selected, live.num_reported, live.num_accepted, live.num_refused) == (3, 2, 1, 1)
+    assert live.total_weight == 7.5
+    store.mark_aggregating(round_id)
+    assert store.record_round_progress(round_id, selected=4, reported=3, accepted=2, refused=1,
+                                       total_weight=9.0)
+    _commit(store, round_id)  # SUMMARY: 4 selected, 3 reported, 2 accepted, 1 refused, weight 30
+    late = store.record_round_progress(round_id, selected=9, reported=9, accepted=9, refused=0,
+                                       total_weight=99.0)
+    closed = store.get_round(round_id)
+    assert not late and (closed.num_selected, closed.num_accepted, closed.total_weight) == (4, 2, 30.0)
+    with pytest.raises(UnknownRound):
+        store.record_round_progress(round_id + 100, selected=1, reported=0, accepted=0, refused=0,
+                                    total_weight=0.0)
+
+
 def test_mark_aggregating_only_from_open(store: SqlStore) -> None:
     _task(store)
     rid = _open(store)

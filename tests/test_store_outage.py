@@ -16,10 +16,11 @@ import pytest
 
 import fedrecon.server.store.sql_store as sql_store
 from fedrecon.client import FederatedClient, RetryPolicy
+from fedrecon.protocol import Assignment
 from fedrecon.server.app import start_server
 from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
-from fedrecon.server.coordinator import Assignment, Coordinator
+from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec

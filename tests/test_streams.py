@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedrecon.retry_hint import retry_after_ms
+from fedrecon.protocol import retry_after_ms
 from fedrecon.server.app import RunningServer, start_server
 from fedrecon.server.auth import TokenAuthInterceptor, issue_token
 from fedrecon.server.coordinator import Coordinator

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrecon.server.task import RoundSettings, TaskSpec
+from fedrecon.server.task import RoundSettings, TaskSpec, read_task_table
 from fedrecon.simulations.ratings import load_dataset
 
 TASKS = Path(__file__).resolve().parents[1] / "deploy" / "tasks"
@@ -57,3 +57,15 @@ def test_the_coordinator_does_not_import_tensorflow() -> None:
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_task_table_is_read_as_written_and_bad_files_name_themselves(tmp_path: Path) -> None:
+    path = tmp_path / "task.toml"
+    path.write_text('name = "t"\n[model]\nkind = "matrix_factorization"\nnum_items = 3\n'
+                    '[training]\nrecon_epochs = 2\n')
+    table = read_task_table(path)
+    assert table["training"] == {"recon_epochs": 2}  # only what the file says, no defaults filled in
+    assert TaskSpec.load(path).training.recon_epochs == 2
+    path.write_text("name = \n")
+    with pytest.raises(ValueError, match=r"task\.toml: Invalid value"):
+        read_task_table(path)

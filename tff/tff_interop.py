@@ -12,7 +12,7 @@ anyone with TFF code of their own, with this folder on the path:
     ...
     >>> tff_interop.write_model_file("trained.npz", process.get_model_weights(state), spec, training)
 
-``write_model_file`` writes the format of fedrecon's ``client/model_file.py`` (``fedrecon.model/1``), which
+``write_model_file`` writes the format of fedrecon's ``fedrecon/model_file.py`` (``fedrecon.model/2``), which
 ``fedrecon serve --init-model``, ``simulate --init-model`` and the client library load; a test reads what this
 side writes with fedrecon's own reader.
 
@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-MODEL_FILE_FORMAT = "fedrecon.model/1"  # client/model_file.py
+MODEL_FILE_FORMAT = "fedrecon.model/2"  # fedrecon/model_file.py
+READABLE_MODEL_FILE_FORMATS = ("fedrecon.model/1", MODEL_FILE_FORMAT)
 META_KEY = "__meta__"  # fedrecon/tensors.py
 
 INIT_SCALE = 0.05
@@ -285,9 +286,10 @@ def read_model_file(path: str) -> tuple[tff.learning.models.ModelWeights, dict[s
     """A fedrecon model file as TFF ``ModelWeights``, with its model description and training config."""
     with np.load(path, allow_pickle=False) as archive:
         meta = json.loads(str(archive[META_KEY]))
-        if meta.get("format") != MODEL_FILE_FORMAT:
+        if meta.get("format") not in READABLE_MODEL_FILE_FORMATS:
             raise ValueError(f"{path} is not a fedrecon model file (format {meta.get('format')!r})")
-        arrays = {name: archive[name] for name in meta["names"]}
+        names = [v["name"] for v in meta["variables"]] if "variables" in meta else meta["names"]
+        arrays = {name: archive[name] for name in names}
     spec = dict(meta["model"])
     return to_model_weights(arrays, spec), spec, dict(meta["training"])
 
@@ -297,9 +299,11 @@ def write_model_file(path: str, weights: tff.learning.models.ModelWeights, spec:
                      ) -> None:
     """TFF global weights as a fedrecon model file (``fedrecon serve --init-model`` starts a task from it)."""
     names = global_names(spec)
-    meta = {"format": MODEL_FILE_FORMAT, "task": task, "version": int(version), "model": spec,
-            "training": training, "batch_size": int(batch_size), "names": names}
     arrays = from_model_weights(weights, spec)
+    variables = [{"name": n, "shape": list(np.shape(arrays[n])), "dtype": np.asarray(arrays[n]).dtype.name}
+                 for n in names]
+    meta = {"format": MODEL_FILE_FORMAT, "task": task, "version": int(version), "model": spec,
+            "training": training, "batch_size": int(batch_size), "variables": variables}
     payload = {n: arrays[n] for n in names}
     payload[META_KEY] = np.asarray(json.dumps(meta, sort_keys=True))
     with open(path, "wb") as f:

@@ -13,11 +13,16 @@ Design:
   apart; values that do not fit their columns are refused in Python (``ValueError``) before any SQL.
 * A round is closed and its model version written in ONE transaction: a crash or a lost race never leaves a
   committed round without its version, or a version without its round.
+* Operators' commands open a store through `open_store` (``opening``), which turns every way opening can
+  fail (a missing folder, a relative path meant as absolute, a database never created, a server that is
+  down, a bad URL) into a one-line diagnosis: `StoreUnopenable` / `StoreNotFound` (fix the command) or
+  `StoreUnavailable` (retry); a command that only reads never creates a store.
 * SQLite is the default (a file next to the coordinator, nothing to operate); any SQLAlchemy URL works, and
   the test suite runs the same contract against PostgreSQL. The schema is migrated by Alembic on start
   (`fedrecon.server.migrations`).
 """
 
+from .opening import open_store
 from .records import (
     CredentialRecord,
     DuplicateTask,
@@ -31,7 +36,9 @@ from .records import (
     StaleRound,
     StoreError,
     StoreFault,
+    StoreNotFound,
     StoreUnavailable,
+    StoreUnopenable,
     StoreVanished,
     TaskRecord,
     UnknownCredential,
@@ -56,7 +63,9 @@ __all__ = [
     "StaleRound",
     "StoreError",
     "StoreFault",
+    "StoreNotFound",
     "StoreUnavailable",
+    "StoreUnopenable",
     "StoreVanished",
     "TaskRecord",
     "UnknownCredential",
@@ -64,5 +73,6 @@ __all__ = [
     "UnknownTask",
     "UnknownVersion",
     "VersionRecord",
+    "open_store",
     "require_label",
 ]

@@ -227,6 +227,19 @@ class StoreVanished(StoreFault):
     refused until the coordinator is restarted on the right file."""
 
 
+class StoreUnopenable(StoreError):
+    """The store URL names nothing that can be opened as a store, and retrying will not change that: a URL
+    that does not parse, a driver that is not installed, a SQLite path in a missing or unwritable folder
+    or naming a folder, a file that is not SQLite, a login the database server refuses. The operator must
+    fix the URL or the system (``fedrecon`` exits 2)."""
+
+
+class StoreNotFound(StoreUnopenable):
+    """The URL is well formed and its server answers, but no store is there: a SQLite file that does not
+    exist, a PostgreSQL database that does not exist, or a database without the store's tables, opened by a
+    command that must not create one (``status``, ``export``, ``token list``)."""
+
+
 class UnknownCredential(StoreError):
     def __init__(self, credential_id: int) -> None:
         super().__init__(f"no credential {credential_id}")

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, Numeric, cast, create_engine, distinct, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
@@ -78,6 +79,10 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30.0
 """How long a SQLite transaction waits for another's write lock before failing with "database is locked"."""
 
+CONNECT_TIMEOUT_S = 10
+"""How long a connection attempt to a database server (PostgreSQL) may take, unless the URL sets
+``connect_timeout`` itself."""
+
 _READ_ONLY = "fedrecon_read_only"  # execution option: this transaction only reads
 
 
@@ -112,8 +117,7 @@ class SqlStore:
             threading.Lock() if _is_memory_sqlite(url) else nullcontext()
         )
         if migrate:
-            with _refusals_as_store_errors(), self._engine.begin() as connection:
-                upgrade_to_head(connection)
+            self.migrate()
         self._file = _sqlite_file(url)
         self._file_identity = _file_identity(self._file) if self._file else None
         if self._file and self._file_identity is None:  # not created yet (migrate=False): create it now
@@ -126,6 +130,19 @@ class SqlStore:
         )
         for sessions in (self._writes, self._reads):
             event.listen(sessions, "before_flush", _check_rows_fit)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (creating it in an empty database), in one
+        transaction; a no-op on an up-to-date database."""
+        with _refusals_as_store_errors(), self._engine.begin() as connection:
+            upgrade_to_head(connection)
+
+    def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at; None when it holds no store schema at all (an empty
+        database, or someone else's): what tells a command that must not create a store that none is there.
+        """
+        with _refusals_as_store_errors(), self._engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
 
     @property
     def url(self) -> str:
@@ -381,6 +398,21 @@ class SqlStore:
             s.flush()
             return [_round_record(row, task) for row in rows]
 
+    def record_round_progress(self, round_id: int, *, selected: int, reported: int, accepted: int,
+                              refused: int, total_weight: float) -> bool:
+        """Write an unfinished round's counts so far, for ``status`` to show a live round (the coordinator
+        calls this now and then, never once per report). A round already committed or failed keeps the
+        counts it closed with: nothing is written and the answer is False. Raises `UnknownRound`."""
+        with self._write() as s:
+            row, _task_name = _round(s, round_id, lock=True)
+            if RoundState(row.state).is_finished:
+                return False
+            row.num_selected, row.num_reported = selected, reported
+            row.num_accepted, row.num_refused = accepted, refused
+            row.total_weight = float(total_weight)
+            s.flush()
+            return True
+
     def get_round(self, round_id: int) -> RoundRecord:
         """Round ``round_id``; raises `UnknownRound`."""
         with self._read() as s:
@@ -557,7 +589,11 @@ def _create_engine(url: str) -> Engine:
     transactions (and DDL) are real transactions."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        # A server that drops packets would otherwise hold every connection attempt for minutes.
+        libpq = parsed.get_driver_name() in ("psycopg", "psycopg2")  # drivers taking libpq's parameters
+        timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} \
+            if libpq and "connect_timeout" not in parsed.query else {}
+        return create_engine(parsed, pool_pre_ping=True, **timeout)
     memory = _is_memory_sqlite(url)
     extra: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
     engine = create_engine(

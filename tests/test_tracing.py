@@ -1,0 +1,74 @@
+"""The client step is traced once for any client size: no TensorFlow retracing (nor its warning) when a
+process runs many clients of different sizes, each through a new ``ClientStep`` as the client library does."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedrecon.core.batching import ClientExamples, pack_clients
+from fedrecon.core.client_work import ClientStep, client_update
+from fedrecon.core.config import FedReconConfig
+from fedrecon.core.matrix_factorization import MatrixFactorization
+
+SIZES = [7, 13, 30, 55, 120, 200, 3, 41]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def tf_warnings():  # type: ignore[no-untyped-def]
+    handler = _Records()
+    tf.get_logger().addHandler(handler)
+    yield handler.messages
+    tf.get_logger().removeHandler(handler)
+
+
+def _client(rng: np.random.Generator, n: int, num_items: int) -> ClientExamples:
+    return ClientExamples(rng.choice(num_items, n, replace=False).astype(np.int32),
+                          rng.integers(1, 6, n).astype(np.float32))
+
+
+def test_client_runs_of_different_sizes_trace_once(tf_warnings: list[str]) -> None:
+    model = MatrixFactorization(300, 6, use_biases=True)
+    config = FedReconConfig(recon_epochs=2, recon_steps_max=7)  # a configuration no other test uses
+    globals_ = model.initial_globals(0)
+    rng = np.random.default_rng(0)
+    steps = []
+    for n in SIZES:
+        step = ClientStep(model, config)  # a fresh step per run, as a device process would build it
+        steps.append(step)
+        update = client_update(step, globals_, _client(rng, n, 300), batch_size=5, rng=rng)
+        assert update.weight > 0 or n <= 5
+        packed = pack_clients(model, [_client(rng, n, 300)], config, batch_size=5, local_rngs=[rng],
+                              evaluation=True)
+        step.evaluate(globals_, packed)
+    # One trace of the device's training graph and one of evaluation, for all eight sizes and steps.
+    assert steps[-1].tracing_count() == 2
+    assert not [m for m in tf_warnings if "retracing" in m], tf_warnings
+
+
+def test_simulated_rounds_of_different_group_sizes_trace_once(tf_warnings: list[str]) -> None:
+    model = MatrixFactorization(300, 5)
+    config = FedReconConfig(post_recon_steps_max=9)
+    step = ClientStep(model, config)
+    globals_ = model.initial_globals(0)
+    rng = np.random.default_rng(1)
+    for count in (3, 8, 1, 5):
+        clients = [_client(rng, int(n), 300) for n in rng.integers(6, 150, count)]
+        packed = pack_clients(model, clients, config, batch_size=5, local_rngs=[rng] * count)
+        result = step.train_clients(globals_, packed)
+        result.deltas.weighted_sum(result.weights)
+        result.deltas.stacked()
+    assert step.tracing_count() == 3  # client work, weighted sum, dense per-client deltas
+    assert not [m for m in tf_warnings if "retracing" in m], tf_warnings
