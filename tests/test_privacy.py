@@ -164,3 +164,35 @@ def test_a_budget_below_one_round_is_refused_before_training() -> None:
                           privacy=DpOptions(noise_multiplier=0.5, epsilon_budget=0.01))
     with pytest.raises(ValueError, match="one round already spends"):
         run_experiment(spec, load_dataset("synthetic"))
+
+
+def test_simulate_with_a_target_epsilon_writes_epsilon_per_round(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedrecon.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "6", "--clients-per-round", "40",
+                                      "--factors", "4", "--eval-every", "3", "--dp-epsilon", "5", "--dp-delta", "1e-5",
+                                      "--max-update-norm", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    privacy = metrics["privacy"]
+    assert len(privacy["epsilon_per_round"]) == 6
+    assert privacy["epsilon_per_round"][-1] == pytest.approx(5.0, abs=0.01)
+    assert privacy["sampling"] == "fixed" and privacy["delta"] == 1e-5
+    assert metrics["spec"]["aggregation"]["weighting"] == "uniform"  # set for DP when not given
+    assert "ε = 5.000" in result.output.replace("\n", " ") or "ε = 4.99" in result.output
+
+
+def test_simulate_refuses_dp_with_claimed_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from fedrecon.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--rounds", "2", "--dp-noise-multiplier", "1",
+                                      "--server-weighting", "claimed", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "uniform" in result.output and "Traceback" not in result.output
