@@ -175,7 +175,8 @@ def test_simulate_with_a_target_epsilon_writes_epsilon_per_round(tmp_path) -> No
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["simulate", "--rounds", "6", "--clients-per-round", "40",
-                                      "--factors", "4", "--eval-every", "3", "--dp-epsilon", "5", "--dp-delta", "1e-5",
+                                      "--factors", "4", "--eval-every", "3", "--dp-epsilon", "5",
+                                      "--dp-delta", "1e-5",
                                       "--max-update-norm", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
