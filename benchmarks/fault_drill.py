@@ -380,7 +380,7 @@ class Drill:
 
         posed = check_in_as(victim.client_id)
         if posed is not None and posed.HasField("assignment") \
-                and posed.assignment.assignment_token == got.assignment_token:
+                and posed.assignment.assignment_token == got.token:
             tricks += 1  # the victim's assignment handed to someone else
         hoard = [check_in_as(f"sybil-{i}") for i in range(26)]
         tokens = {r.assignment.assignment_token for r in [posed, *hoard]
@@ -388,7 +388,7 @@ class Drill:
         self.figures["hoarded_assignments"] = len(tokens)
         # The stolen assignment token, used with the attacker's own credential.
         header = pb.ReportHeader(task_name="drill", client_id=victim.client_id, round_id=got.round_id,
-                                 assignment_token=got.assignment_token, weight=1.0,
+                                 assignment_token=got.token, weight=1.0,
                                  manifest=manifest(NAMES, [np.zeros(SHAPE, np.float32)]))
         if self.hostile("stolen assignment token", lambda: stub.ReportUpdate(iter(
                 [pb.ReportUpdateRequest(header=header),
