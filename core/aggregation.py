@@ -335,11 +335,12 @@ class WeightedMean(Reducer):
         return [(s / self._total).astype(np.float32) for s in self._sums]
 
 
-class GaussianSum(Reducer):
+class GaussianSum(WeightedMean):
     """The Gaussian mechanism of DP-FedAvg: Σ s·Δ over uniformly weighted, clipped updates, plus
     N(0, (z·S)²) per coordinate, divided by the *expected* number of clients K (a fixed denominator: the
     count itself would reveal who took part). The noise is released even when nobody reported, so the
-    output never depends on whether a given user was selected."""
+    output never depends on whether a given user was selected. It folds as ``WeightedMean`` does (the
+    weights are all 1 here); only the release differs."""
 
     name = "gaussian_sum"
 
@@ -347,17 +348,10 @@ class GaussianSum(Reducer):
                  expected_clients: int, rng: np.random.Generator) -> None:
         if expected_clients < 1:
             raise ValueError("expected_clients must be at least 1")
-        self._sums = [np.zeros(s, np.float64) for s in shapes]
+        super().__init__(shapes)
         self.noise_std = noise_multiplier * clip
         self.expected_clients = expected_clients
         self._rng = rng
-
-    def fold(self, deltas: ClientDeltas, keep: np.ndarray, factors: ClientFactors) -> None:
-        weights = np.where(keep, factors.weights, 0.0)
-        if not weights.any():
-            return
-        for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
-            acc += s
 
     def mean(self) -> list[np.ndarray] | None:
         out = []
