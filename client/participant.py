@@ -144,15 +144,19 @@ class FederatedClient:
         trainable = [names[i] for i in step.model.global_trainable]
         return trainable, update
 
-    def participate(self, *, rng_for: RngFor | None = None, max_wait_s: float = 600.0) -> ReportOutcome:
+    def participate(self, *, rng_for: RngFor | None = None, upload_rng_for: RngFor | None = None,
+                    max_wait_s: float = 600.0) -> ReportOutcome:
         """Take part in one round: check in, download, reconstruct and train, report. A refused report is
         an outcome with its ``status`` (the round's answer), not an exception; an unreachable coordinator
-        (retries spent) raises ``grpc.RpcError``."""
+        (retries spent) raises ``grpc.RpcError``. ``rng_for`` seeds the fresh local variables and
+        ``upload_rng_for`` the stochastic rounding of a quantised upload (simulations reproduce a round
+        with them; a device leaves both to fresh entropy)."""
         assignment = self.check_in(max_wait_s=max_wait_s)
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
         try:
             return self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
-                                         update.metrics)
+                                         update.metrics,
+                                         rng=upload_rng_for(assignment) if upload_rng_for else None)
         except grpc.RpcError as err:
             if err.code() in TRANSIENT:  # type: ignore[attr-defined]
                 raise  # retries ran out: the coordinator is unreachable, not refusing

@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from fedrecon.core.compression import UploadCodec, encode_update
 from fedrecon.protocol import (
     PROTOCOL_VERSION,
     Assignment,
@@ -40,6 +41,7 @@ from fedrecon.protocol import (
     retry_after_ms,
 )
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, manifest
+from fedrecon.update_encoding import codec_from_wire, payload_arrays, tensor_encoding
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -216,7 +218,8 @@ class CoordinatorChannel:
                               model_version=a.model_version, token=a.assignment_token,
                               deadline=a.reporting_deadline.ToDatetime(tzinfo=UTC),
                               model_spec_json=a.model_spec_json, training_config_json=a.training_config_json,
-                              batch_size=a.batch_size, max_chunk_bytes=a.max_chunk_bytes)
+                              batch_size=a.batch_size, max_chunk_bytes=a.max_chunk_bytes,
+                              upload_codec=codec_from_wire(a.upload_codec).value)
         w = response.retry
         lo = w.delay_min.ToNanoseconds() / 1e9
         return RetryLater(lo, max(lo, w.delay_max.ToNanoseconds() / 1e9), w.reason)
@@ -237,17 +240,28 @@ class CoordinatorChannel:
             yield message
 
     def report(self, assignment: Assignment, client_id: str, names: Sequence[str],
-               delta: Sequence[np.ndarray], weight: float, metrics: Mapping[str, float]) -> ReportOutcome:
-        """Send one update; the coordinator's answer (refusals raise ``grpc.RpcError``)."""
+               delta: Sequence[np.ndarray], weight: float, metrics: Mapping[str, float], *,
+               rng: np.random.Generator | None = None) -> ReportOutcome:
+        """Send one update, encoded as the assignment's ``upload_codec`` says (``rng`` draws the stochastic
+        rounding of a quantising codec; default: fresh entropy); the coordinator's answer (refusals raise
+        ``grpc.RpcError``)."""
+        codec = UploadCodec(assignment.upload_codec)
+        encodings: list[pb.TensorEncoding] = []
+        payload: Sequence[np.ndarray] = delta
+        if codec != UploadCodec.NONE:  # encoded once: a retried stream sends the very same bytes
+            encoded = encode_update(delta, codec, rng if rng is not None else np.random.default_rng())
+            encodings = [tensor_encoding(e) for e in encoded]
+            payload = payload_arrays(encoded)
         header = pb.ReportHeader(task_name=assignment.task_name, client_id=client_id,
                                  round_id=assignment.round_id, assignment_token=assignment.token,
-                                 weight=weight, metrics=dict(metrics), manifest=manifest(names, delta))
+                                 weight=weight, metrics=dict(metrics), manifest=manifest(names, delta),
+                                 encodings=encodings)
 
         def messages() -> Iterator[pb.ReportUpdateRequest]:
             first = pb.ReportUpdateRequest(header=header)
             self.bytes_uploaded += first.ByteSize()
             yield first
-            for chunk in chunks(delta, assignment.max_chunk_bytes or DEFAULT_CHUNK_BYTES):
+            for chunk in chunks(payload, assignment.max_chunk_bytes or DEFAULT_CHUNK_BYTES):
                 message = pb.ReportUpdateRequest(chunk=chunk)
                 self.bytes_uploaded += message.ByteSize()
                 yield message

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedrecon.core.compression import DecodedUpdates, RowSparse, UpdateTensor, UploadCodec
 from fedrecon.core.config import FedReconConfig
 
 #: Default bound S on the L2 norm of one client's update (all trainable tensors together), from the honest
@@ -90,12 +91,22 @@ class AggregationConfig:
     # User-level DP (``core.privacy``): Gaussian noise of std noise_multiplier × max_update_norm on the sum
     # of the clipped updates, divided by the expected number of clients. None: no noise.
     noise_multiplier: float | None = None
+    # How clients encode their delta for upload (``core.compression``): quantised (q16, q8), row-sparse
+    # (rowsparse) or both. The coordinator names it in every assignment; the simulator applies it too.
+    # Secure aggregation, once it exists as a setting here, must refuse any codec but "none" (its masked
+    # sum needs every client's dense, fixed-layout vector): that check belongs in this __post_init__.
+    upload_codec: UploadCodec = UploadCodec.NONE
 
     def __post_init__(self) -> None:
         # Coerce strings from task files and the CLI, so equal settings compare equal however given.
         object.__setattr__(self, "reduction", Reduction(self.reduction))
         object.__setattr__(self, "weighting", Weighting(self.weighting))
         object.__setattr__(self, "norm_policy", NormPolicy(self.norm_policy))
+        try:
+            object.__setattr__(self, "upload_codec", UploadCodec(self.upload_codec))
+        except ValueError:
+            raise ValueError(f"upload_codec {self.upload_codec!r} is not one of "
+                             f"{', '.join(c.value for c in UploadCodec)}") from None
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError("trim_fraction must be in [0, 0.5)")
         if self.max_client_weight is not None and not (math.isfinite(self.max_client_weight)
@@ -125,7 +136,7 @@ class AggregationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("reduction", "weighting", "norm_policy"):
+        for key in ("reduction", "weighting", "norm_policy", "upload_codec"):
             data[key] = str(data[key])
         return data
 
@@ -325,8 +336,11 @@ class WeightedMean(Reducer):
         weights = np.where(keep, factors.weights, 0.0)
         if not weights.any():
             return
-        for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
-            acc += s
+        if isinstance(deltas, DecodedUpdates):  # row-sparse updates add their rows into the sums in place
+            deltas.add_weighted_into(self._sums, weights * factors.scales)
+        else:
+            for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
+                acc += s
         self._total += float(weights.sum())
 
     def mean(self) -> list[np.ndarray] | None:
@@ -472,8 +486,13 @@ class Aggregator:
             r.max_norm = max(r.max_norm, float(norms[contributing].max()))
         return FoldResult(dict(factors.refused), r.updates_clipped - clipped_before)
 
-    def fold_one(self, delta: Sequence[np.ndarray], weight: float) -> FoldResult:
-        return self.fold(StackedDeltas.one(delta), np.array([weight], np.float64))
+    def fold_one(self, delta: Sequence[UpdateTensor], weight: float) -> FoldResult:
+        """Fold one report (the coordinator). A row-sparse tensor is added into a streaming sum row by
+        row; a buffering reducer (trimmed mean, median) needs the dense update and makes it."""
+        weights = np.array([weight], np.float64)
+        if any(isinstance(d, RowSparse) for d in delta):
+            return self.fold(DecodedUpdates([delta]), weights)
+        return self.fold(StackedDeltas.one(delta), weights)  # type: ignore[arg-type]  # all dense here
 
     def mean(self) -> list[np.ndarray] | None:
         """The round's delta; None when nothing was folded (the model must stay unchanged)."""

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedrecon.core.aggregation import AggregationConfig, NormPolicy, Reduction, Weighting
+from fedrecon.core.compression import UploadCodec
 from fedrecon.core.matrix_factorization import LocalInit
 from fedrecon.core.optimizers import ServerOptimizerName
 from fedrecon.core.privacy import DEFAULT_DELTA, AccountantKind, Sampling
@@ -123,6 +124,11 @@ def simulate(
     = AccountantKind.RDP,
     dp_epsilon_budget: Annotated[float | None, typer.Option(
         help="stop before a round that would spend more than this ε (default: --dp-epsilon)")] = None,
+    upload_codec: Annotated[UploadCodec | None, typer.Option(
+        help="how each client's delta is encoded for upload: none (float32), q16 / q8 (16- or 8-bit "
+             "stochastic rounding, a scale per row; unbiased), rowsparse (only the rows a client touched, "
+             "lossless) or rowsparse_q16 / rowsparse_q8 (both); the same code as a coordinator's clients "
+             "(default: none, or the task's)")] = None,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
     seed: Annotated[int | None, typer.Option(help="default 0, or the task's seed")] = None,
@@ -242,7 +248,8 @@ def _resolve(f: dict[str, Any]) -> _Run:
     aggregation_fields = dict(task.get("aggregation") or {})
     for flag, key in (("aggregator", "reduction"), ("trim_fraction", "trim_fraction"),
                       ("max_update_norm", "max_update_norm"), ("norm_policy", "norm_policy"),
-                      ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting")):
+                      ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting"),
+                      ("upload_codec", "upload_codec")):
         if f[flag] is not None:
             aggregation_fields[key] = f[flag]
     privacy = None

@@ -63,6 +63,8 @@ class Assignment:
     training_config_json: str
     batch_size: int
     max_chunk_bytes: int = 0  # largest tensor chunk the coordinator accepts in a report (0: its default)
+    # How the report's delta is to be encoded (``fedrecon.core.compression.UploadCodec``'s values).
+    upload_codec: str = "none"
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,16 @@ def check_layouts(received: Sequence[TensorLayout], expected: Sequence[TensorLay
 class TensorAssembler:
     """Rebuilds the tensors of one manifest from its chunks, refusing anything out of place."""
 
-    def __init__(self, layouts: Sequence[TensorLayout]) -> None:
+    def __init__(self, layouts: Sequence[TensorLayout], *,
+                 payload_bytes: Sequence[int] | None = None) -> None:
+        """``payload_bytes``: what each tensor's chunks carry when it travels encoded (default: its plain
+        bytes); such a stream is read with ``finish_payloads``."""
         self.layouts = list(layouts)
-        self._buffers = [bytearray(layout.num_bytes) for layout in self.layouts]
+        sizes = ([layout.num_bytes for layout in self.layouts] if payload_bytes is None
+                 else list(payload_bytes))
+        if len(sizes) != len(self.layouts):
+            raise ValueError(f"{len(sizes)} payload sizes for {len(self.layouts)} tensors")
+        self._buffers = [bytearray(size) for size in sizes]
         self._filled = [0] * len(self.layouts)
         self._current = 0
 
@@ -156,11 +163,16 @@ class TensorAssembler:
         self._buffers[i][self._filled[i]:end] = chunk.data
         self._filled[i] = end
 
-    def finish(self) -> list[np.ndarray]:
+    def finish_payloads(self) -> list[bytearray]:
+        """Each tensor's bytes as they arrived, once every byte has."""
         for layout, buf, filled in zip(self.layouts, self._buffers, self._filled, strict=True):
             if filled != len(buf):
                 raise TensorDecodeError(f"tensor {layout.name!r}: stream ended after {filled} of "
                                         f"{len(buf)} bytes")
+        return self._buffers
+
+    def finish(self) -> list[np.ndarray]:
+        self.finish_payloads()
         arrays = []
         for layout, buf in zip(self.layouts, self._buffers, strict=True):
             # Shares the assembled buffer (no copy), read-only so that no reader can alter what others see.

@@ -43,6 +43,7 @@ import numpy as np
 
 from fedrecon.core.aggregation import Aggregator
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
+from fedrecon.core.compression import RowSparse, UpdateTensor
 from fedrecon.core.model_spec import model_from_config
 from fedrecon.protocol import (
     CREDENTIAL_SHARE_HINT,
@@ -354,7 +355,7 @@ class Coordinator:
     def _assignment(self, r: _Round, key: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, r.assigned[key],
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
-                          self.task.batch_size)
+                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value)
 
     def _open_round(self, now: float) -> _Round:
         s = self.task.rounds
@@ -415,8 +416,9 @@ class Coordinator:
                      "a refused report is its answer for the round", record=False)
 
     def report(self, task_name: str, client: str | Caller, round_id: int, token: str, weight: float,
-               metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
+               metrics: Mapping[str, float], delta: Sequence[UpdateTensor]) -> ReportOutcome:
         """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise.
+        ``delta`` as decoded: dense arrays, or ``RowSparse`` tensors that are folded row by row.
 
         Every check of ``check_report`` is made again here, under the lock, since the round may have moved
         on while the tensor bytes were read."""
@@ -863,14 +865,20 @@ def _store_unavailable(err: StoreError) -> Refusal:
                    f"the coordinator's store is unavailable ({err}); retry later")
 
 
-def _digest(weight: float, delta: Sequence[np.ndarray]) -> str:
+def _digest(weight: float, delta: Sequence[UpdateTensor]) -> str:
+    """What identifies an update (an identical retry has the same digest); a row-sparse tensor by its rows
+    and their values, so no dense copy is made for it."""
     h = hashlib.sha256(np.float64(weight).tobytes())
     for d in delta:
-        h.update(np.ascontiguousarray(d).tobytes())
+        if isinstance(d, RowSparse):
+            h.update(b"rows:" + np.ascontiguousarray(d.indices, np.int64).tobytes())
+            h.update(np.ascontiguousarray(d.values).tobytes())
+        else:
+            h.update(np.ascontiguousarray(d).tobytes())
     return h.hexdigest()
 
 
-def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[np.ndarray],
+def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[UpdateTensor],
                     layouts: Sequence[TensorLayout]) -> tuple[str, str] | None:
     """(reason, message) if the update must be refused; shapes were checked when its manifest arrived."""
     if not math.isfinite(weight) or weight < 0:
@@ -880,9 +888,9 @@ def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence
     if len(delta) != len(layouts):
         return "bad_tensors", f"expected {len(layouts)} tensors, got {len(delta)}"
     for d, layout in zip(delta, layouts, strict=True):
-        if d.shape != layout.shape or d.dtype != layout.dtype:
+        if tuple(d.shape) != layout.shape or d.dtype != layout.dtype:
             return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
-        if not np.isfinite(d).all():
+        if not np.isfinite(d.values if isinstance(d, RowSparse) else d).all():
             return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
     return _invalid_metrics(metrics)
 

@@ -36,6 +36,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fedrecon.core.compression import UploadCodec
 from fedrecon.protocol import Assignment, RoundState
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.identity import Caller, Identifier
@@ -45,12 +46,12 @@ from fedrecon.server.slots import Slots
 from fedrecon.server.statuses import CallStatus, StreamRefused, Unauthenticated, status_of
 from fedrecon.tensors import (
     DEFAULT_CHUNK_BYTES,
-    TensorAssembler,
     TensorDecodeError,
     check_layouts,
     layouts_from_manifest,
     tensor_stream,
 )
+from fedrecon.update_encoding import UPLOAD_CODECS, UpdateAssembler
 from fedrecon.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ class CoordinatorServicer:
                 model_version=result.model_version, assignment_token=result.token,
                 reporting_deadline=deadline, model_spec_json=result.model_spec_json,
                 training_config_json=result.training_config_json, batch_size=result.batch_size,
-                max_chunk_bytes=self.max_chunk_bytes))
+                max_chunk_bytes=self.max_chunk_bytes,
+                upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)]))
         lo, hi = Duration(), Duration()
         lo.FromNanoseconds(int(result.delay_min_s * 1e9))
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
@@ -249,7 +251,8 @@ class CoordinatorServicer:
             expected = await self._run(self._check_report, header, caller)
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
             check_layouts(layouts, expected)
-            assembler = TensorAssembler(layouts)
+            # Plain float32, or encoded (quantised / row-sparse) as the header's encodings say; strict.
+            assembler = UpdateAssembler(layouts, header.encodings)
             gap = f"no message for {limits.chunk_gap_s:g} s"
             while (message := await next_message(limits.chunk_gap_s, gap)) is not None:
                 if message.WhichOneof("kind") != "chunk":

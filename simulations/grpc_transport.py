@@ -24,7 +24,13 @@ from fedrecon.core.algorithm import ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
-from fedrecon.simulations.runner import RoundRecord, SimulationSettings, local_rng, select_clients
+from fedrecon.simulations.runner import (
+    RoundRecord,
+    SimulationSettings,
+    local_rng,
+    select_clients,
+    upload_rng,
+)
 
 
 def simulation_task(name: str, model: ReconstructionModel, config: FedReconConfig,
@@ -86,6 +92,7 @@ class GrpcRounds:
     def _play(self, user: int, round_num: int) -> tuple[float, float, float]:
         client = FederatedClient(None, self.task.name, f"user-{user}", self.train[user], channel=self.channel)
         report = client.participate(rng_for=lambda _a: local_rng(self.settings.seed, round_num, user),
+                                    upload_rng_for=lambda _a: upload_rng(self.settings.seed, round_num, user),
                                     max_wait_s=60.0)
         if not report.in_round:
             raise RuntimeError(f"user {user}: report refused in round {round_num}: {report.status} "

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedrecon.core.aggregation import ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import EvaluationSums
+from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
 
@@ -83,6 +85,24 @@ def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_num, user_id, 0x10CA1])
 
 
+def upload_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
+    """The generator of a client's stochastic rounding when its upload is quantised (the same in process
+    and over gRPC, so both transports decode the very same update)."""
+    return np.random.default_rng([seed, round_num, user_id, 0xC0DEC])
+
+
+def uploaded(deltas: ClientDeltas, codec: UploadCodec, users: Sequence[int], *, seed: int, round_num: int
+             ) -> ClientDeltas:
+    """The round's updates as the coordinator would decode them from uploads with ``codec``: each
+    client's dense delta encoded and decoded by the same functions the client library and the
+    coordinator use (``core.compression``)."""
+    if codec == UploadCodec.NONE:
+        return deltas
+    stacked = deltas.stacked()
+    return DecodedUpdates([roundtrip([t[c] for t in stacked], codec, upload_rng(seed, round_num, u))
+                           for c, u in enumerate(users)])
+
+
 DIVERGENCE_HINT = "training diverged: lower the client learning rate (--client-lr)"
 
 
@@ -147,7 +167,9 @@ class Simulation:
                                   self.algorithm.config, batch_size=s.batch_size,
                                   local_rngs=[local_rng(s.seed, round_num, u) for u in chosen])
             result = self.algorithm.client_step.train_clients(state.globals, packed)
-            aggregate.fold(result.deltas, result.weights)
+            deltas = uploaded(result.deltas, self.algorithm.aggregation.upload_codec, chosen, seed=s.seed,
+                              round_num=round_num)
+            aggregate.fold(deltas, result.weights)
             loss_sum, examples = float(result.loss_sum.sum()), float(result.post_examples.sum())
             non_finite = int((~result.finite).sum())
         try:
