@@ -145,9 +145,13 @@ def encode(delta: np.ndarray, codec: UploadCodec, rng: np.random.Generator) -> E
     # A scale rounded down to float32 could put |x / s| above L: take the next float up where it did.
     low = scales.astype(np.float64) * levels < peak
     scales[low] = np.nextafter(scales[low], np.float32(np.inf))
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float64)[:, None]
-    q = np.floor(flat / safe + rng.random(flat.shape))
-    q = np.clip(q, -levels, levels).astype(target)  # a no-op for finite input: |x / s| <= L
+    # Only rows with a non-zero value have anything to round (an untouched row of a delta is exactly
+    # zero), so only they draw from ``rng``: the cost follows the rows a client touched.
+    q = np.zeros(flat.shape, target)
+    live = np.flatnonzero(scales > 0)
+    if len(live):
+        part = flat[live] / scales[live].astype(np.float64)[:, None]
+        q[live] = np.clip(np.floor(part + rng.random(part.shape)), -levels, levels)  # clip: a no-op
     return EncodedTensor(shape, q.reshape(x.shape), rows, scales)
 
 
@@ -240,8 +244,12 @@ class DecodedUpdates:
         out = np.zeros(self.num_clients, np.float64)
         for c, update in enumerate(self.updates):
             for t in update:
-                v = (t.values if isinstance(t, RowSparse) else np.asarray(t)).reshape(-1).astype(np.float64)
-                out[c] += float(np.dot(v, v))
+                v = (t.values if isinstance(t, RowSparse) else np.asarray(t)).reshape(-1)
+                with np.errstate(over="ignore"):
+                    square = float(np.dot(v, v))  # BLAS in float32, as ``StackedDeltas`` does: fast
+                if not math.isfinite(square):  # a huge finite update overflowed float32: redo exactly
+                    square = float(np.square(v, dtype=np.float64).sum())
+                out[c] += square
         return np.sqrt(out)
 
     def add_weighted_into(self, sums: Sequence[np.ndarray], coefficients: np.ndarray) -> None:

@@ -1,12 +1,13 @@
 """Proof that local variables stay on the device (issue 13), from the bytes on the wire.
 
 A real client takes part in a real round against a real coordinator over loopback, through a TCP relay on
-127.0.0.1 that records every byte the client sends (HTTP/2 frames as they leave the client's socket: not
-the client's own bookkeeping, not an interceptor). The client's local variables are then recomputed from
-the same seed (their fresh draw, and the values reconstruction made of them, checked to be the client's by
-recomputing its whole update) and every 8-byte window of their float32 values, and each value as a float64,
-is searched for in the captured bytes: none may be there. The positive control runs the same search for the
-update the client uploaded, which must be found, so the search is not blind.
+127.0.0.1 (``simulations.wire_tap``) that records every byte the client sends (HTTP/2 frames as they leave
+the client's socket: not the client's own bookkeeping, not an interceptor). The client's local variables
+are then recomputed from the same seed (their fresh draw, and the values reconstruction made of them; the
+recomputed update is checked against the model version the coordinator committed from the client's
+report) and every 8-byte window of their float32 values, and each value as a float64, is searched for in
+the captured bytes: none may be there. The positive control runs the same search for the update the
+client uploaded, which must be found, so the search is not blind.
 
 Matrix factorization runs against the coordinator, with plain and with row-sparse uploads. A Keras model
 with a local layer cannot be served by the coordinator (a task describes its model as matrix-factorization
@@ -17,11 +18,8 @@ sends the client step's update through the same relay to a loopback endpoint tha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import socket
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -45,71 +43,12 @@ from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
+from fedrecon.simulations.wire_tap import WireTap
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 SEED = 1234
 WINDOW = 8  # bytes: two consecutive float32 values
-
-
-class Relay:
-    """A TCP relay on 127.0.0.1 (a free port) to ``127.0.0.1:target_port`` that keeps every byte sent
-    towards the target. Loopback only."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = ("127.0.0.1", target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._sent = bytearray()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
-
-    def sent(self) -> bytes:
-        with self._lock:
-            return bytes(self._sent)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            for src, dst, keep in ((client, server, True), (server, client, False)):
-                t = threading.Thread(target=self._pipe, args=(src, dst, keep), daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, keep: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if keep:
-                    with self._lock:
-                        self._sent += data
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:  # the other side is gone
-            pass
-
-    def close(self) -> None:
-        self._listener.close()
-        for s in self._sockets:
-            with contextlib.suppress(OSError):
-                s.close()
-        for t in self._threads:
-            t.join(timeout=10)
-
-
-@contextlib.contextmanager
-def relay_to(port: int) -> Iterator[Relay]:
-    relay = Relay(port)
-    try:
-        yield relay
-    finally:
-        relay.close()
 
 
 ZEROS = bytes(WINDOW)  # zeros say nothing about anyone (a bias starts at 0.0): not a pattern to look for
@@ -171,7 +110,7 @@ def test_a_real_round_sends_no_local_value(codec: UploadCodec, tmp_path) -> None
         return np.random.default_rng(SEED)
 
     with SqlStore(f"sqlite:///{tmp_path / 'coordinator.db'}") as store, \
-            start_server(Coordinator(store, task)) as server, relay_to(server.port) as relay, \
+            start_server(Coordinator(store, task)) as server, WireTap(server.port) as relay, \
             FederatedClient(relay.address, "home", f"user-{user}", examples) as client:
         report = client.participate(rng_for=rng_for, max_wait_s=30)
         assert report.accepted and report.status == "OK"
@@ -253,7 +192,7 @@ def test_a_keras_update_with_a_local_layer_sends_no_local_value() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        with relay_to(port) as relay:
+        with WireTap(port) as relay:
             channel = CoordinatorChannel(relay.address)
             assignment = Assignment(task_name="keras", round_id=1, round_num=1, model_version=0, token="t",
                                     deadline=datetime.now(UTC), model_spec_json="{}",
