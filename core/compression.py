@@ -130,8 +130,9 @@ def encode(delta: np.ndarray, codec: UploadCodec, rng: np.random.Generator) -> E
     if x.ndim == 0:  # a scalar: float32 whatever the codec
         return EncodedTensor(shape, x.copy())
     rows = None
+    row_size = math.prod(shape[1:])  # explicit: a reshape to (0, -1) is ambiguous for numpy
     if codec.row_sparse:
-        flat = x.reshape(len(x), -1)
+        flat = x.reshape(len(x), row_size)
         rows = np.flatnonzero(np.any(flat != 0, axis=1)).astype(np.int32)
         x = x[rows]
     target = codec.value_dtype
@@ -139,7 +140,7 @@ def encode(delta: np.ndarray, codec: UploadCodec, rng: np.random.Generator) -> E
         return EncodedTensor(shape, x, rows)
     levels = LEVELS[target]
     per_row = x.ndim >= 2
-    flat = x.reshape(len(x), -1) if per_row else x.reshape(1, -1)
+    flat = x.reshape(len(x), row_size) if per_row else x.reshape(1, x.size)
     peak = np.abs(flat).max(axis=1) if flat.size else np.zeros(len(flat), np.float32)
     scales = (peak.astype(np.float64) / levels).astype(np.float32)
     # A scale rounded down to float32 could put |x / s| above L: take the next float up where it did.

@@ -13,6 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from typer.testing import CliRunner
 
 from fedrecon.cli import app
@@ -26,6 +29,8 @@ from fedrecon.core.compression import (
     UploadCodec,
     decode,
     encode,
+    encode_update,
+    encoded_size,
     roundtrip,
 )
 from fedrecon.protocol import Assignment
@@ -33,7 +38,8 @@ from fedrecon.server.app import RunningServer, start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
-from fedrecon.tensors import chunks, manifest
+from fedrecon.tensors import TensorDecodeError, TensorLayout, chunks, manifest
+from fedrecon.update_encoding import UpdateAssembler, tensor_encoding
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -84,6 +90,17 @@ def test_rowsparse_sends_only_touched_rows_and_is_lossless() -> None:
     np.testing.assert_array_equal(back.dense(), x)
     q = encode(x, UploadCodec.ROWSPARSE_Q8, np.random.default_rng(0))
     assert len(q.payload()) == 2 * 4 + 2 * 4 + 2 * COLS  # indices, a scale per row, one byte per value
+
+
+@pytest.mark.parametrize("codec", list(UploadCodec))
+def test_an_all_zero_update_travels_under_every_codec(codec: UploadCodec) -> None:
+    """A client with no post-reconstruction examples reports zeros (weight 0): nothing to send sparsely."""
+    zeros = [np.zeros((ROWS, COLS), np.float32), np.zeros(ROWS, np.float32), np.float32(0)]
+    back = roundtrip(zeros, codec, np.random.default_rng(0))
+    for b, z in zip(back, zeros, strict=True):
+        np.testing.assert_array_equal(b.dense() if isinstance(b, RowSparse) else b, z)
+    if codec.row_sparse:
+        assert isinstance(back[0], RowSparse) and len(back[0].indices) == 0
 
 
 def _sparse(rows: list[int], sent: int | None = None) -> EncodedTensor:
@@ -289,3 +306,75 @@ def test_simulate_refuses_an_unknown_codec() -> None:
     result = CliRunner().invoke(app, ["simulate", "--upload-codec", "q4"])
     assert result.exit_code == 2
     assert "q4" in result.output
+
+
+# ----- the wire decoding, fuzzed -----------------------------------------------------------------------
+LAYOUTS = [TensorLayout("table", np.dtype(np.float32), (ROWS, COLS)),
+           TensorLayout("bias", np.dtype(np.float32), (ROWS,)),
+           TensorLayout("offset", np.dtype(np.float32), ())]
+
+
+def _assemble(encodings: list[pb.TensorEncoding], payloads: list[bytes]) -> list:
+    assembler = UpdateAssembler(LAYOUTS, encodings)
+    for c in chunks([np.frombuffer(p, np.uint8) for p in payloads], 7):
+        assembler.add(c)
+    return assembler.finish()
+
+
+_ENCODING = st.builds(pb.TensorEncoding, values=st.integers(0, 3), row_sparse=st.booleans(),
+                      num_rows=st.integers(0, ROWS + 1))
+
+
+def _framed(values: int, sparse: bool, rows: int) -> pb.TensorEncoding:
+    return pb.TensorEncoding(values=values, row_sparse=sparse, num_rows=rows if sparse else 0)
+
+
+# Encodings the framing accepts (so random bytes meet the indices, scales and values checks), or anything.
+_WELL_FRAMED = st.tuples(*(st.builds(_framed, st.integers(0, 2), st.booleans() if rank else st.just(False),
+                                     st.integers(0, ROWS)) for rank in (2, 1, 0))).map(list)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_WELL_FRAMED, st.lists(_ENCODING, max_size=4)), st.data())
+def test_random_encodings_and_bytes_only_raise_decode_errors(encodings: list[pb.TensorEncoding],
+                                                             data: st.DataObject) -> None:
+    """Random bytes, mostly of the length the encodings announce (so decoding gets past the framing and
+    meets random indices, scales and values): decoded into the right shapes, or a ``TensorDecodeError``."""
+    payloads = []
+    for i, layout in enumerate(LAYOUTS):
+        size = layout.num_bytes
+        if i < len(encodings) and encodings[i].values <= 2:
+            e = encodings[i]
+            dtype = np.dtype({0: "<f4", 1: "<i2", 2: "<i1"}[e.values])
+            size = encoded_size(layout.shape, dtype, e.num_rows if e.row_sparse else None)
+        size += data.draw(st.sampled_from([0, 0, 0, 1, -1]))
+        payloads.append(data.draw(st.binary(min_size=max(size, 0), max_size=max(size, 0))))
+    try:
+        out = _assemble(encodings, payloads)
+    except TensorDecodeError as err:
+        event(str(err).split(":")[-1][:30])
+        return
+    event("decoded")
+    assert [tuple(t.shape) for t in out] == [layout.shape for layout in LAYOUTS]
+    assert all(t.dtype == np.float32 for t in out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(hnp.arrays(np.float32, (ROWS, COLS), elements=st.floats(-4, 4, width=32)),
+       st.lists(st.booleans(), min_size=ROWS, max_size=ROWS), st.sampled_from(list(UploadCodec)),
+       st.integers(0, 2**32))
+def test_the_wire_decodes_exactly_what_the_simulator_decodes(table: np.ndarray, zero_rows: list[bool],
+                                                               codec: UploadCodec, seed: int) -> None:
+    """Encoded, sent as bytes and decoded by the coordinator's assembler = ``roundtrip`` (the simulator)."""
+    table = np.where(np.array(zero_rows)[:, None], np.float32(0), table)
+    delta = [table, table[:, 0].copy(), np.float32(0.5)]
+    expected = roundtrip(delta, codec, np.random.default_rng(seed))
+    if codec == UploadCodec.NONE:
+        payloads, encodings = [np.asarray(d, "<f4").tobytes() for d in delta], []
+    else:
+        encoded = encode_update(delta, codec, np.random.default_rng(seed))
+        payloads, encodings = [e.payload() for e in encoded], [tensor_encoding(e) for e in encoded]
+    for got, want in zip(_assemble(encodings, payloads), expected, strict=True):
+        assert type(got) is type(want)
+        dense = got.dense() if isinstance(got, RowSparse) else got
+        np.testing.assert_array_equal(dense, want.dense() if isinstance(want, RowSparse) else want)
