@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 ROWS, COLS = 6, 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----- the codecs' numbers -----------------------------------------------------------------------------
@@ -378,3 +381,21 @@ def test_the_wire_decodes_exactly_what_the_simulator_decodes(table: np.ndarray, 
         assert type(got) is type(want)
         dense = got.dense() if isinstance(got, RowSparse) else got
         np.testing.assert_array_equal(dense, want.dense() if isinstance(want, RowSparse) else want)
+
+
+def test_compression_table_smoke_writes_the_documented_json(tmp_path: Path) -> None:
+    """Two clients' bytes and two training rounds per codec, on the embedded synthetic data."""
+    out = tmp_path / "compression.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compression_table.py"), "--data", "synthetic",
+         "--rounds", "2", "--clients-per-round", "10", "--byte-clients", "2", "--codecs", "none,rowsparse_q8",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["codec"]: r for r in json.loads(out.read_text())["compression"]}
+    assert set(rows) == {"none", "rowsparse_q8"}
+    trainable_bytes = (600 * 50 + 600 + 1) * 4  # tuned model, 600 synthetic items: table, biases, offset
+    assert trainable_bytes < rows["none"]["upload_bytes_per_client"] < trainable_bytes + 3000
+    assert rows["rowsparse_q8"]["upload_bytes_per_client"] < trainable_bytes / 10
+    for r in rows.values():
+        assert {"codec", "upload_bytes_per_client", "rmse"} <= set(r) and 0.5 < r["rmse"] < 4.0
+        assert r["connections"] == 2  # one per client: the bytes are each client's own
