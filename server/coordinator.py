@@ -20,6 +20,7 @@ only by a keyed hash of their id.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -37,6 +38,7 @@ import numpy as np
 
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.model_spec import model_from_config
+from fedrecon.core.privacy import PrivacyLedger
 from fedrecon.protocol import (
     CREDENTIAL_SHARE_HINT,
     PROTOCOL_VERSION,
@@ -122,11 +124,18 @@ class Coordinator:
         parameters, optimizer_state = latest.payload()
         self._state = ServerState(globals_from_bytes(parameters, self._names),
                                   optimizer_state_from_bytes(optimizer_state), latest.version)
+        committed = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
+        self.ledger = self._privacy_ledger(committed)
+        # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
+        noise_rng = np.random.default_rng(secrets.randbits(128)) if self.ledger is not None else None
         self.machine = RoundMachine(
-            task.rounds, version=latest.version,
-            committed_rounds=sum(1 for r in store.list_rounds(task.name) if r.state == "committed"),
-            new_aggregate=lambda: self.algorithm.new_aggregate(max_clients=task.rounds.clients_per_round,
-                                                               batch_size=task.batch_size))
+            task.rounds, version=latest.version, committed_rounds=committed,
+            new_aggregate=lambda: self.algorithm.new_aggregate(
+                max_clients=task.rounds.clients_per_round, batch_size=task.batch_size,
+                expected_clients=task.rounds.clients_per_round if noise_rng is not None else None,
+                noise_rng=noise_rng),
+            may_open=self._privacy_refusal if self.ledger is not None else None)
+        self._budget_logged = False
         self.refusals = self.machine.counts  # one counter: the machine's refusals and the driver's
         self._progress_written: tuple[int, int, int, int, int, float] | None = None  # see record_progress
         self._unrecorded_failures: list[FailRound] = []  # failures a store outage kept from the store
@@ -176,6 +185,35 @@ class Coordinator:
                              f"({', '.join(changed[:8])} differ); use a new task name to change the model or "
                              "hyper-parameters")
         return bytes.fromhex(record.pseudonym_salt)
+
+    def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
+        """ε spent by the task's committed rounds (each released one noisy sum), or None without noise."""
+        z, privacy = self.task.aggregation.noise_multiplier, self.task.privacy
+        if z is None or privacy is None:
+            return None
+        parameters = privacy.parameters(z, self.task.rounds.clients_per_round)
+        ledger = PrivacyLedger(parameters, epsilon_budget=privacy.epsilon_budget, rounds=committed_rounds,
+                               epsilon=parameters.epsilon_after(committed_rounds))
+        log.info("task %r: user-level DP with noise multiplier %g, clip %g, delta %g, %s; epsilon %.4g after "
+                 "%d committed rounds%s", self.task.name, z, self.task.aggregation.max_update_norm,
+                 parameters.delta, _sampling_text(parameters.population, parameters.clients_per_round),
+                 ledger.epsilon, committed_rounds,
+                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
+        return ledger
+
+    def _privacy_refusal(self) -> str | None:
+        """Why no further round may open (the next would take ε past the budget), or None. Called by the
+        round machine under the lock; the accountant's answer for the next round is cached."""
+        ledger = self.ledger
+        if ledger is None or ledger.next_round_fits():
+            return None
+        message = (f"the privacy budget is spent: epsilon {ledger.epsilon:.4g} after {ledger.rounds} rounds, "
+                   f"and one more round would reach {ledger.epsilon_if_another_round():.4g} > budget "
+                   f"{ledger.epsilon_budget:g} (delta {ledger.parameters.delta:g}); no further round")
+        if not self._budget_logged:
+            log.warning("task %r: %s", self.task.name, message)
+            self._budget_logged = True
+        return message
 
     def count_refusal(self, reason: str) -> None:
         """Count a refusal decided outside the coordinator (the servicer's stream decoding)."""
@@ -541,6 +579,11 @@ class Coordinator:
         accepted updates are not thrown away over a database hiccup; a non-finite model or a refused
         transition fails the round and the model stays."""
         state = self._state  # only a commit changes it, and one commit is in flight at a time
+        epsilon = None
+        if self.ledger is not None:  # the round's ε: this release composed with all committed before it
+            epsilon = self.ledger.parameters.epsilon_after(self.ledger.rounds + 1)
+            effect = dataclasses.replace(effect, summary=dataclasses.replace(
+                effect.summary, metrics={**effect.summary.metrics, "epsilon": epsilon}))
         try:
             if effect.first_attempt:
                 self.store.mark_aggregating(effect.round_id)
@@ -570,6 +613,8 @@ class Coordinator:
             raise
         with self._lock:
             self._state = new_state
+            if self.ledger is not None:
+                self.ledger.record_round(epsilon)
             closed = self.machine.commit_done(effect.round_id, effect.base_version + 1)
             effects = self.machine.take_effects()
         log.info("round %d committed version %d (%s): %s", effect.round_num, closed.new_version, effect.why,
@@ -723,6 +768,12 @@ def _figures(summary: RoundSummary) -> str:
     return (f"{summary.num_reported} reports ({summary.num_accepted} accepted, {summary.num_refused} "
             f"refused) of {summary.num_selected} selected, weight {summary.total_weight:.6g}, "
             f"{summary.metrics.get('seconds', 0.0):.1f} s" + (f"; {metrics}" if metrics else ""))
+
+
+def _sampling_text(population: int, clients_per_round: int) -> str:
+    if population == clients_per_round:
+        return "no amplification by sampling (every round counts for every user)"
+    return f"{clients_per_round} of {population} users a round, assumed uniformly random"
 
 
 def _store_unavailable(err: StoreError) -> Refusal:
