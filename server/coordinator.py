@@ -49,6 +49,7 @@ from fedrecon.protocol import (
 )
 from fedrecon.protocol import RoundState as RoundView
 from fedrecon.server.checkpoints import (
+    clip_bound_from_bytes,
     globals_from_bytes,
     globals_to_bytes,
     optimizer_state_from_bytes,
@@ -123,7 +124,8 @@ class Coordinator:
         latest = store.latest_version(task.name)
         parameters, optimizer_state = latest.payload()
         self._state = ServerState(globals_from_bytes(parameters, self._names),
-                                  optimizer_state_from_bytes(optimizer_state), latest.version)
+                                  optimizer_state_from_bytes(optimizer_state), latest.version,
+                                  clip_bound_from_bytes(optimizer_state))
         committed = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
         self.ledger = self._privacy_ledger(committed)
         # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
@@ -133,7 +135,7 @@ class Coordinator:
             new_aggregate=lambda: self.algorithm.new_aggregate(
                 max_clients=task.rounds.clients_per_round, batch_size=task.batch_size,
                 expected_clients=task.rounds.clients_per_round if noise_rng is not None else None,
-                noise_rng=noise_rng),
+                noise_rng=noise_rng, state=self._state),
             may_open=self._privacy_refusal if self.ledger is not None else None)
         self._budget_logged = False
         self.refusals = self.machine.counts  # one counter: the machine's refusals and the driver's
@@ -590,7 +592,8 @@ class Coordinator:
             new_state = self.algorithm.server_update(state, effect.aggregate)
             self.store.commit_round(effect.round_id,
                                     parameters=globals_to_bytes(self._names, new_state.globals),
-                                    optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state),
+                                    optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state,
+                                                                             clip_bound=new_state.clip_bound),
                                     summary=effect.summary, participations=effect.participations)
         except StoreUnavailable:
             with self._lock:
