@@ -39,9 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-import numpy as np
-
 from fedrecon.core.aggregation import Aggregator
+from fedrecon.core.compression import UpdateTensor
 from fedrecon.protocol import CREDENTIAL_SHARE_HINT, ReportOutcome, RetryLater, RoundOutcome
 from fedrecon.protocol import RoundState as RoundView
 from fedrecon.server.identity import Caller
@@ -304,9 +303,10 @@ class RoundMachine:
         self._refuse(r, key, status, reason, message, record=True)
 
     def fold(self, r: OpenRoundState, key: str, digest: str, weight: float, metrics: Mapping[str, float],
-             delta: Sequence[np.ndarray], now: float) -> ReportOutcome:
+             delta: Sequence[UpdateTensor], now: float) -> ReportOutcome:
         """Fold an admitted, validated report into ``r`` (weight cap, norm bound, reducer); the round closes
-        when this report completes it (the commit is then in the outbox)."""
+        when this report completes it (the commit is then in the outbox). ``delta`` as decoded: dense, or
+        row-sparse tensors whose rows are added into the running sum."""
         folded = r.aggregate.fold_one(delta, weight)
         if folded.refused:
             self._refuse(r, key, Status.INVALID_ARGUMENT, *folded.refused[0], record=True)
