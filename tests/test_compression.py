@@ -288,16 +288,17 @@ def test_the_coordinator_folds_what_the_client_encoded(codec: UploadCodec, tmp_p
 
 
 # ----- simulate ----------------------------------------------------------------------------------------
-def test_simulate_upload_codec_is_the_same_in_process_and_over_grpc(tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["q8", "rowsparse_q8"])
+def test_simulate_upload_codec_is_the_same_in_process_and_over_grpc(codec: str, tmp_path: Path) -> None:
     args = ["simulate", "--data", "synthetic", "--rounds", "2", "--clients-per-round", "10", "--factors", "8",
-            "--eval-every", "2", "--upload-codec", "rowsparse_q8"]
+            "--eval-every", "2", "--upload-codec", codec]
     runs = {}
     for transport in ("inprocess", "grpc"):
         out = tmp_path / transport
         result = CliRunner().invoke(app, [*args, "--transport", transport, "--out", str(out)])
         assert result.exit_code == 0, result.output
         runs[transport] = json.loads((out / "metrics.json").read_text())
-    assert runs["inprocess"]["spec"]["aggregation"]["upload_codec"] == "rowsparse_q8"
+    assert runs["inprocess"]["spec"]["aggregation"]["upload_codec"] == codec
     assert abs(runs["inprocess"]["test"]["rmse"] - runs["grpc"]["test"]["rmse"]) < 1e-4
     plain = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "plain")])
     assert plain.exit_code == 0, plain.output
