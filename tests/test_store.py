@@ -438,7 +438,7 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
-HEAD = "0005"  # the newest revision in server/migrations/versions
+HEAD = "0006"  # the newest revision in server/migrations/versions
 
 
 def _schema_diff(url: str) -> list[object]:

@@ -136,6 +136,7 @@ class RoundRecord:
     new_version: int | None
     failure_reason: str | None
     metrics: dict[str, Any]
+    stages: tuple[str, ...] | None = None  # the aggregation stages that ran, once closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,7 @@ class RoundSummary:
     num_refused: int
     total_weight: float
     metrics: dict[str, float]
+    stages: tuple[str, ...] = ()  # the aggregation stages that ran, in order (the round records them)
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,9 @@ class Round(Base):
     new_version: Mapped[int | None]
     failure_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]]
+    # The aggregation stages that ran, in order (e.g. uniform_weights, norm_clip, gaussian_sum); null for
+    # rounds closed before migration 0006 and for rounds still open.
+    stages: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class ModelVersion(Base):

@@ -730,6 +730,8 @@ def _apply_summary(row: Round, summary: RoundSummary) -> None:
     row.num_refused = summary.num_refused
     row.total_weight = float(summary.total_weight)
     row.metrics = _json_metrics(summary.metrics)
+    if summary.stages:
+        row.stages = [str(stage) for stage in summary.stages]
 
 
 def _participation_row(round_id: int, p: Participation) -> ParticipationRow:
@@ -805,6 +807,7 @@ def _round_record(row: Round, task: str) -> RoundRecord:
         num_selected=row.num_selected, num_reported=row.num_reported, num_accepted=row.num_accepted,
         num_refused=row.num_refused, total_weight=row.total_weight, new_version=row.new_version,
         failure_reason=row.failure_reason, metrics=dict(row.metrics),
+        stages=tuple(row.stages) if row.stages is not None else None,
     )
 
 
