@@ -7,6 +7,8 @@ to send; a client that raises ``ClientAbort`` simply stops (the protocol treats 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from enum import Enum
 
 import numpy as np
@@ -38,15 +40,19 @@ class ClientStage(Enum):
 class SecAggClient:
     """One client in one round. Call ``advertise_keys``, ``share_keys``, ``mask``, ``unmask`` in order."""
 
-    def __init__(self, client_id: int, parameters: RoundParameters) -> None:
+    def __init__(self, client_id: int, parameters: RoundParameters, *,
+                 entropy: Callable[[int], bytes] = os.urandom) -> None:
+        """``entropy(n)`` gives n random bytes for the client's seeds: the operating system's CSPRNG,
+        unless a test or a reproducible simulation passes a seeded source."""
         if client_id not in parameters.neighbours:
             raise ValueError(f"client {client_id} is not in this round")
         self.id = client_id
         self.parameters = parameters
-        self._mask_seed = crypto.new_seed()
-        self._self_seed = crypto.new_seed()
+        self._mask_seed = entropy(crypto.SEED_BYTES)
+        self._self_seed = entropy(crypto.SEED_BYTES)
         self._mask_key = crypto.mask_private_key(self._mask_seed)
-        self._encryption_key = crypto.mask_private_key(crypto.new_seed())  # any X25519 key; never shared
+        # Any X25519 key would do; deriving it the same way keeps every secret under ``entropy``.
+        self._encryption_key = crypto.mask_private_key(entropy(crypto.SEED_BYTES))
         self._stage = ClientStage.ADVERTISE
         self._roster: dict[int, bytes] = {}  # neighbour → mask public key, for the pairwise masks
         self._encryption_public: dict[int, bytes] = {}  # neighbour → encryption public key

@@ -47,11 +47,6 @@ def _hkdf(secret: bytes, *, length: int, salt: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
 
-def new_seed() -> bytes:
-    """16 bytes from the operating system's CSPRNG."""
-    return os.urandom(SEED_BYTES)
-
-
 def mask_private_key(mask_seed: bytes) -> X25519PrivateKey:
     """The X25519 key whose agreed secrets seed a client's pairwise masks, derived from its mask seed."""
     raw = _hkdf(mask_seed, length=32, salt=b"", info=b"fedrecon secagg mask key")
@@ -73,7 +68,8 @@ def seed_commitment(round_id: bytes, owner: int, self_seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed, advertised with the keys, so the coordinator can tell a
     correctly reconstructed seed from one made of a corrupted share (the seed has 128 bits of entropy, so
     the hash reveals nothing useful about it)."""
-    return hashlib.sha256(b"fedrecon secagg self seed" + round_id + owner.to_bytes(4, "big") + self_seed).digest()
+    material = b"fedrecon secagg self seed" + round_id + owner.to_bytes(4, "big") + self_seed
+    return hashlib.sha256(material).digest()
 
 
 def _prg(key: bytes, length: int) -> np.ndarray:

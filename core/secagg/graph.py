@@ -2,14 +2,15 @@
 
 Clients are placed on a ring in an order every party can compute from a public seed (sorted by
 SHA-256(seed ‖ id)); each client's neighbours are the k/2 nearest on either side (a Harary graph; k even).
-The seed should be drawn after the roster is fixed, so that no one chooses whose neighbour they become. With k = n − 1 every client neighbours every other, which
-is the original protocol of Bonawitz et al. (CCS 2017). A client's cost grows with k, not n.
+The seed should be drawn after the roster is fixed, so that no one chooses whose neighbour they become.
+With k = n − 1 every client neighbours every other, which is the original protocol of Bonawitz et al.
+(CCS 2017). A client's cost grows with k, not n.
 
 The threshold t is per neighbourhood: a client's secrets are split among its k neighbours and any t of
 them recover a secret. The default t = ⌊k/2⌋ + 1 (a strict majority) is what makes "never both secrets of
 one client" hold even against a coordinator that lies about who dropped: each honest neighbour reveals one
-of the two, so t of each would need 2t > k honest answers. An honest-but-curious coordinator learns nothing about an
-individual unless it colludes with at least t of that individual's neighbours.
+of the two, so t of each would need 2t > k honest answers. An honest-but-curious coordinator learns
+nothing about an individual unless it colludes with at least t of that individual's neighbours.
 
 ``recommended_degree`` picks k so that, with clients dropping independently at a rate δ, every
 neighbourhood keeps t survivors except with a stated probability; it grows as O(log n). It does not

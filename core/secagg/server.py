@@ -138,7 +138,8 @@ class SecAggServer:
         """Each client that shared gets the shares its sharing neighbours addressed to it."""
         self._advance(ServerStage.SHARE, ServerStage.MASK)
         self._shared = frozenset(self._sent_shares)
-        deliveries = {v: ShareDelivery(v, tuple(s for s in self._outbox.get(v, []) if s.owner in self._shared))
+        deliveries = {v: ShareDelivery(
+            v, tuple(s for s in self._outbox.get(v, []) if s.owner in self._shared))
                       for v in sorted(self._shared)}
         self._outbox.clear()
         return deliveries
@@ -187,9 +188,11 @@ class SecAggServer:
         self_owners = [r.owner for r in message.self_seed_shares]
         mask_owners = [r.owner for r in message.mask_seed_shares]
         if set(self_owners) & set(mask_owners):
-            raise InconsistentReveal(f"client {v} revealed both secrets of {set(self_owners) & set(mask_owners)}")
-        if (len(set(self_owners)) != len(self_owners) or len(set(mask_owners)) != len(mask_owners)
-                or not set(self_owners) <= request.survivors - {v} or not set(mask_owners) <= request.dropped):
+            both = sorted(set(self_owners) & set(mask_owners))
+            raise InconsistentReveal(f"client {v} revealed both secrets of clients {both}")
+        duplicates = len(set(self_owners)) != len(self_owners) or len(set(mask_owners)) != len(mask_owners)
+        if (duplicates or not set(self_owners) <= request.survivors - {v}
+                or not set(mask_owners) <= request.dropped):
             raise InconsistentReveal(f"client {v} revealed shares its request did not ask for")
         p = self.parameters
         for r in (*message.self_seed_shares, *message.mask_seed_shares):
