@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -49,19 +50,19 @@ def local_round(parameters: RoundParameters, quantised: Callable[[int], np.ndarr
                                                          for c in parameters.clients}
     costs = costs if costs is not None else RoundCosts()
 
-    def on_client(c: int, work: Callable[[], Message]) -> Message | None:
+    def on_client(c: int, work: Callable[..., Message], *args: Any) -> Message | None:
         start = time.process_time()
         try:
-            return work()
+            return work(*args)
         except ClientAbort:
             return None
         finally:
             costs.client_seconds[c] = costs.client_seconds.get(c, 0.0) + time.process_time() - start
 
-    def on_server(work: Callable[[], object]) -> object:
+    def on_server(work: Callable[..., object], *args: Any) -> object:
         start = time.process_time()
         try:
-            return work()
+            return work(*args)
         finally:
             costs.coordinator_seconds += time.process_time() - start
 
@@ -76,16 +77,16 @@ def local_round(parameters: RoundParameters, quantised: Callable[[int], np.ndarr
     for c in sorted(set(clients) - set(dropouts.before_keys)):
         advert = on_client(c, clients[c].advertise_keys)
         if sent(c, advert):
-            on_server(lambda a=advert: server.receive_keys(a))
+            on_server(server.receive_keys, advert)
     rosters = on_server(server.close_advertising)
     assert isinstance(rosters, dict)
     for c, roster in rosters.items():
         received(c, roster)
         if c in dropouts.before_shares:
             continue
-        shares = on_client(c, lambda c=c, r=roster: clients[c].share_keys(r))
+        shares = on_client(c, clients[c].share_keys, roster)
         if sent(c, shares):
-            on_server(lambda s=shares: server.receive_shares(s))
+            on_server(server.receive_shares, shares)
     deliveries = on_server(server.close_sharing)
     assert isinstance(deliveries, dict)
     for c, delivery in deliveries.items():
@@ -93,18 +94,18 @@ def local_round(parameters: RoundParameters, quantised: Callable[[int], np.ndarr
         if c in dropouts.before_masked_input:
             continue
         update = quantised(c)
-        masked = on_client(c, lambda c=c, d=delivery, q=update: clients[c].mask(d, q))
+        masked = on_client(c, clients[c].mask, delivery, update)
         if sent(c, masked):
-            on_server(lambda m=masked: server.receive_masked_input(m))
+            on_server(server.receive_masked_input, masked)
     requests = on_server(server.close_masking)
     assert isinstance(requests, dict)
     for c, request in requests.items():
         received(c, request)
         if c in dropouts.before_unmasking:
             continue
-        answer = on_client(c, lambda c=c, r=request: clients[c].unmask(r))
+        answer = on_client(c, clients[c].unmask, request)
         if sent(c, answer):
-            on_server(lambda a=answer: server.receive_unmasking(a))
+            on_server(server.receive_unmasking, answer)
     result = on_server(server.finish)
     assert isinstance(result, SumResult)
     return result

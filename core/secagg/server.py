@@ -219,13 +219,17 @@ class SecAggServer:
             raise RecoveryFailed(f"fewer than {p.threshold} shares were revealed for clients {short}; "
                                  "the round fails and no secret was reconstructed")
         total = self._masked_sum
+        def commits(u: int, seed: bytes) -> bool:
+            return crypto.seed_commitment(p.round_id, u, seed) == self._keys[u].self_seed_commitment
+
+        def derives_key(u: int, seed: bytes) -> bool:
+            return crypto.public_bytes(crypto.mask_private_key(seed)) == self._keys[u].mask_public_key
+
         for u in sorted(self._survivors):
-            seed = self._recover(u, self._self_seed_shares[u], lambda s, u=u: crypto.seed_commitment(
-                p.round_id, u, s) == self._keys[u].self_seed_commitment)
+            seed = self._recover(u, self._self_seed_shares[u], commits)
             total -= crypto.self_mask(seed, p.round_id, p.vector_length)
         for u in sorted(dropped):
-            seed = self._recover(u, self._mask_seed_shares[u], lambda s, u=u: crypto.public_bytes(
-                crypto.mask_private_key(s)) == self._keys[u].mask_public_key)
+            seed = self._recover(u, self._mask_seed_shares[u], derives_key)
             key = crypto.mask_private_key(seed)
             for v in p.neighbours[u]:
                 if v in self._survivors:  # v masked with +mask if v < u, so remove it with the opposite sign
@@ -238,7 +242,8 @@ class SecAggServer:
         self._masked_sum = np.zeros(0, dtype=np.uint32)  # the result is handed over, not kept
         return SumResult(total, self._survivors, frozenset(dropped), dict(self._complaints))
 
-    def _recover(self, owner: int, shares: list[RevealedShare], check: Callable[[bytes], bool]) -> bytes:
+    def _recover(self, owner: int, shares: list[RevealedShare], check: Callable[[int, bytes], bool]
+                 ) -> bytes:
         """The secret from t shares, checked against what the owner advertised; if a share was corrupted
         and one more is at hand, each leave-one-out subset of the first t + 1 is tried."""
         t = self.parameters.threshold
@@ -247,7 +252,7 @@ class SecAggServer:
                                      if len(points) > t else [])
         for subset in candidates:
             secret = crypto.combine_shares(subset)
-            if check(secret):
+            if check(owner, secret):
                 return secret
         self._fail()
         raise RecoveryFailed(f"the shares revealed for client {owner} do not reconstruct what it advertised")
