@@ -36,7 +36,7 @@ from fedrecon.core.secagg import (
     recommended_degree,
 )
 from fedrecon.core.secagg.graph import ring_order
-from fedrecon.core.secagg.local import DropoutPlan, local_round
+from fedrecon.core.secagg.local import DropoutPlan, local_round, secure_sum
 from fedrecon.core.secagg.messages import EncryptedShare, EncryptedShares, MaskedInput, UnmaskRequest
 
 
@@ -97,6 +97,17 @@ def test_the_unmasked_sum_equals_the_plaintext_sum_within_the_quantisation_error
     result = local_round(p, quantised.__getitem__, clients=clients)
     assert result.survivors == frozenset(range(1, 9)) and not result.dropped
     check_sum(result.total, result.survivors, p, updates, quantised)
+
+
+def test_secure_sum_of_hand_checkable_updates() -> None:
+    p = build_parameters(round_id=b"r", clients=[1, 2, 3, 4], vector_length=3, clip=1.0)
+    updates = {1: np.array([0.5, -1.0, 0.25]), 2: np.array([0.5, 1.0, 0.25]), 3: np.array([-0.25, 0.0, 3.0]),
+               4: np.array([9.0, 9.0, 9.0])}  # 3's last value and all of 4's are clipped to 1; 4 drops
+    total, result = secure_sum(updates, p, np.random.default_rng(0),
+                               dropouts=DropoutPlan(before_masked_input=[4]))
+    assert result.survivors == frozenset({1, 2, 3}) and (p.degree, p.threshold) == (3, 2)
+    np.testing.assert_allclose(total, [0.75, 0.0, 1.5], atol=p.quantiser.error_bound(3))
+    assert p.quantiser.error_bound(3) == pytest.approx(3 * 2 / 1_073_741_823)  # 3 · 2c / ⌊(2^32 − 1) / 4⌋
 
 
 def test_neighbourhoods_are_symmetric_k_regular_and_of_logarithmic_size() -> None:

@@ -109,3 +109,14 @@ def local_round(parameters: RoundParameters, quantised: Callable[[int], np.ndarr
     result = on_server(server.finish)
     assert isinstance(result, SumResult)
     return result
+
+
+def secure_sum(updates: Mapping[int, np.ndarray], parameters: RoundParameters, rng: np.random.Generator, *,
+               dropouts: DropoutPlan = DropoutPlan()) -> tuple[np.ndarray, SumResult]:
+    """The float sum of the survivors' updates as a simulation would get it through a secure round:
+    quantised (stochastic rounding from ``rng``), masked, summed and unmasked; and the round's result
+    (who is in the sum). Within ``parameters.quantiser.error_bound(result.count)`` of the plain sum of the
+    survivors' clipped updates."""
+    quantiser = parameters.quantiser
+    result = local_round(parameters, lambda c: quantiser.quantise(updates[c], rng), dropouts=dropouts)
+    return quantiser.dequantise_sum(result.total, result.count), result
