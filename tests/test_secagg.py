@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -116,7 +117,12 @@ def test_neighbourhoods_are_symmetric_k_regular_and_of_logarithmic_size() -> Non
     assert all(c in graph[v] for c, ns in graph.items() for v in ns)
     assert neighbourhoods([1, 2, 3], 8, b"seed") == {1: (2, 3), 2: (1, 3), 3: (1, 2)}  # the full graph
     small, large = recommended_degree(100), recommended_degree(1000)
-    assert small <= large < 1000 - 1 and large % 2 == 0
+    assert (small, large) == (99, 134)  # 100 clients at 30% dropout need the full graph; 1,000 need 134
+
+    def p_short(k: int) -> float:  # P[fewer than ⌊k/2⌋ + 1 of k neighbours survive at 70%], exactly
+        return sum(math.comb(k, s) * 0.7**s * 0.3 ** (k - s) for s in range(k // 2 + 1))
+
+    assert 1000 * p_short(134) <= 1e-3 < 1000 * p_short(132)  # the smallest even k within the budget
     assert recommended_degree(10_000) < 2 * large  # grows like log n, not n
 
 
