@@ -8,11 +8,12 @@ aggregation is (after TensorFlow Federated's aggregation factories):
    L2 norm of its update (all tensors together) and may change the weight, scale the update down, or
    refuse the client. Built in: the weight policy (``WeightCap``: a claimed weight above the task's cap is
    clipped to the cap; or ``UniformWeights``: every report counts 1) and the norm bound (``NormBound``:
-   scale an update down to norm S, or refuse it). Adaptive clipping or DP clipping plug in here.
+   scale an update down to norm S, or refuse it); with ``AdaptiveClip`` the bound follows a target quantile
+   of the update norms from round to round (``Aggregator.next_clip_bound``).
 2. A reducer (``Reducer``) folds the transformed updates: ``WeightedMean`` streams Σ w·s·Δ and Σ w (memory:
    one model, however many clients); ``TrimmedMean`` and ``Median`` (coordinate-wise, every report
    counting once) must see all updates, so they buffer them in one preallocated array whose size is bounded
-   by ``AggregationConfig.max_buffer_bytes``. Secure summation or noise would replace or follow the reducer.
+   by ``AggregationConfig.max_buffer_bytes``; ``GaussianSum`` is the DP release (noise on the clipped sum).
 3. ``Aggregator.result`` gives the mean delta (or None when nothing was folded) and an
    ``AggregationReport`` of what ran: the stages, how many updates were folded, clipped, capped, refused,
    and the largest share of the round's weight one client held.
@@ -90,6 +91,13 @@ class AggregationConfig:
     # User-level DP (``core.privacy``): Gaussian noise of std noise_multiplier × max_update_norm on the sum
     # of the clipped updates, divided by the expected number of clients. None: no noise.
     noise_multiplier: float | None = None
+    # Adaptive clipping (Andrew et al., NeurIPS 2021): the bound starts at max_update_norm and follows the
+    # target quantile γ of the update norms, C ← C·exp(−η(b̄ − γ)), where b̄ is the fraction of a round's
+    # updates within the bound, noised (std clipped_count_stddev on the count; default K/20 with DP noise,
+    # 0 without) when the round is differentially private. None: a fixed bound.
+    adaptive_clip_quantile: float | None = None
+    adaptive_clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
 
     def __post_init__(self) -> None:
         # Coerce strings from task files and the CLI, so equal settings compare equal however given.
@@ -114,6 +122,39 @@ class AggregationConfig:
                 raise ValueError("noise_multiplier (differential privacy) needs reduction 'mean', weighting "
                                  "'uniform' and norm_policy 'clip': only then is one user's influence on the "
                                  "sum bounded by max_update_norm")
+        if self.adaptive_clip_quantile is not None:
+            if not 0.0 < self.adaptive_clip_quantile < 1.0:
+                raise ValueError("adaptive_clip_quantile must be in (0, 1)")
+            if self.norm_policy != NormPolicy.CLIP:
+                raise ValueError("adaptive_clip_quantile needs norm_policy 'clip'")
+            if not (math.isfinite(self.adaptive_clip_learning_rate) and self.adaptive_clip_learning_rate > 0):
+                raise ValueError("adaptive_clip_learning_rate must be positive")
+        if self.clipped_count_stddev is not None:
+            if self.adaptive_clip_quantile is None:
+                raise ValueError("clipped_count_stddev is the noise of adaptive clipping: set "
+                                 "adaptive_clip_quantile too")
+            if not (math.isfinite(self.clipped_count_stddev) and self.clipped_count_stddev >= 0):
+                raise ValueError("clipped_count_stddev must be finite and non-negative")
+
+    def noise_split(self, expected_clients: int) -> tuple[float, float]:
+        """(noise multiplier of the sum, std of the noise on the within-bound count).
+
+        With adaptive clipping under DP the round releases two Gaussian queries, the sum (sensitivity C)
+        and the count of updates within the bound (sensitivity 1/2 after centring each indicator), and
+        together they must spend what ``noise_multiplier`` z alone would: z_sum = (z⁻² − (2σ_b)⁻²)^(−1/2)
+        (Andrew et al. 2021, Theorem 1), which needs 2σ_b > z."""
+        z = self.noise_multiplier
+        if self.adaptive_clip_quantile is None:
+            return (z or 0.0, 0.0)
+        sigma_b = self.clipped_count_stddev
+        if sigma_b is None:
+            sigma_b = expected_clients / 20.0 if z is not None else 0.0
+        if z is None or z == 0:
+            return (0.0, sigma_b)
+        if not 2 * sigma_b > z:
+            raise ValueError(f"adaptive clipping under DP needs 2 x clipped_count_stddev > noise_multiplier "
+                             f"(got {sigma_b:g} and {z:g}; the default is clients per round / 20)")
+        return ((z ** -2 - (2 * sigma_b) ** -2) ** -0.5, sigma_b)
 
     def weight_cap(self, training: FedReconConfig, batch_size: int) -> float:
         """The cap in force: explicit, else derived from the task's own bound on a client's examples."""
@@ -227,6 +268,8 @@ class AggregationReport:
     total_weight: float = 0.0
     max_client_weight: float = 0.0  # the largest weight one folded client held (after the transforms)
     max_norm: float = 0.0  # the largest update norm seen (before clipping)
+    updates_within_bound: int = 0  # updates whose norm was at most the bound (adaptive clipping counts them)
+    clip_bound: float | None = None  # the norm bound in force this round
 
     @property
     def max_single_client_share(self) -> float:
@@ -239,7 +282,8 @@ class AggregationReport:
                 "updates_clipped": float(self.updates_clipped),
                 "updates_refused": float(self.updates_refused),
                 "max_single_client_share": self.max_single_client_share,
-                "max_update_norm_seen": self.max_norm}
+                "max_update_norm_seen": self.max_norm,
+                **({"clip_bound": self.clip_bound} if self.clip_bound is not None else {})}
 
 
 class ClientTransform(abc.ABC):
@@ -289,6 +333,7 @@ class NormBound(ClientTransform):
 
     def apply(self, factors: ClientFactors, report: AggregationReport) -> None:
         over = factors.norms > self.bound
+        report.updates_within_bound += int((~over).sum())
         if self.reject:
             for c in np.flatnonzero(over):
                 factors.refused[int(c)] = ("norm_too_large", f"the update's L2 norm {factors.norms[c]:.4g} "
@@ -427,14 +472,49 @@ class FoldResult:
     clipped: int
 
 
+@dataclass
+class AdaptiveClip:
+    """How the norm bound moves between rounds (Andrew et al., "Differentially private learning with
+    adaptive clipping", NeurIPS 2021): geometric updates toward the target quantile γ of the update norms,
+    C ← C·exp(−η(b̄ − γ)), with b̄ the fraction of the round's updates within the bound. Under DP the count is
+    released with Gaussian noise (std ``count_stddev``) over the fixed ``denominator``, and the sum's noise
+    is lowered so that the two releases together spend what the task's noise multiplier states."""
+
+    bound: float
+    quantile: float
+    learning_rate: float
+    count_stddev: float = 0.0
+    denominator: int | None = None  # DP: the expected number of clients; None: the updates folded
+    rng: np.random.Generator | None = None
+
+    def next_bound(self, report: AggregationReport) -> float:
+        denominator = self.denominator if self.denominator is not None else report.updates_folded
+        if denominator <= 0:
+            return self.bound
+        count = float(report.updates_within_bound)
+        if self.count_stddev > 0:
+            rng = self.rng if self.rng is not None else np.random.default_rng()
+            count += float(rng.normal(0.0, self.count_stddev))
+        fraction = count / denominator
+        return float(self.bound * math.exp(-self.learning_rate * (fraction - self.quantile)))
+
+
 class Aggregator:
     """One round's aggregation: the transforms, then the reducer; ``result`` is what the round commits."""
 
-    def __init__(self, transforms: Sequence[ClientTransform], reducer: Reducer, *, weighted: bool) -> None:
+    def __init__(self, transforms: Sequence[ClientTransform], reducer: Reducer, *, weighted: bool,
+                 adaptive: AdaptiveClip | None = None) -> None:
         self.transforms = tuple(transforms)
         self.reducer = reducer
+        self.adaptive = adaptive
         self._weighted = weighted  # False: the reducer counts every report once, whatever its weight
         self.report = AggregationReport(stages=(*(t.name for t in self.transforms), reducer.name))
+        bounds = [t.bound for t in self.transforms if isinstance(t, NormBound)]
+        self.report.clip_bound = bounds[0] if bounds else None
+
+    def next_clip_bound(self) -> float | None:
+        """The bound for the next round: adapted from this round's norms, or None for a fixed bound."""
+        return self.adaptive.next_bound(self.report) if self.adaptive is not None else None
 
     @property
     def num_updates(self) -> int:
@@ -482,31 +562,42 @@ class Aggregator:
 
 def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], *, weight_cap: float,
                      max_clients: int, expected_clients: int | None = None,
-                     noise_rng: np.random.Generator | None = None) -> Aggregator:
+                     noise_rng: np.random.Generator | None = None,
+                     clip_bound: float | None = None) -> Aggregator:
     """The stages ``config`` asks for; ``max_clients`` bounds what a buffering reducer keeps. With a noise
     multiplier, ``expected_clients`` is the DP mean's fixed denominator (default ``max_clients``) and
-    ``noise_rng`` draws the noise (default: seeded from the operating system's entropy)."""
+    ``noise_rng`` draws the noise (default: seeded from the operating system's entropy). ``clip_bound`` is
+    the bound an adaptive clip reached (default ``max_update_norm``)."""
+    bound = clip_bound if clip_bound is not None and config.adaptive_clip_quantile is not None \
+        else config.max_update_norm
     transforms: list[ClientTransform] = []
     if config.weighting == Weighting.UNIFORM:
         transforms.append(UniformWeights())
     else:
         transforms.append(WeightCap(weight_cap))
     if config.norm_policy != NormPolicy.NONE:
-        transforms.append(NormBound(config.max_update_norm, reject=config.norm_policy == NormPolicy.REJECT))
+        transforms.append(NormBound(bound, reject=config.norm_policy == NormPolicy.REJECT))
+    denominator = expected_clients or max_clients
+    rng = noise_rng if noise_rng is not None else np.random.default_rng()
+    z_sum, count_stddev = config.noise_split(denominator)
+    adaptive = None
+    if config.adaptive_clip_quantile is not None:
+        adaptive = AdaptiveClip(bound, config.adaptive_clip_quantile, config.adaptive_clip_learning_rate,
+                                count_stddev, denominator if config.noise_multiplier is not None else None,
+                                rng)
     if config.noise_multiplier is not None:  # __post_init__ guarantees uniform weights, clip and mean
         return Aggregator(transforms, GaussianSum(
-            shapes, clip=config.max_update_norm, noise_multiplier=config.noise_multiplier,
-            expected_clients=expected_clients or max_clients,
-            rng=noise_rng if noise_rng is not None else np.random.default_rng()), weighted=True)
+            shapes, clip=bound, noise_multiplier=z_sum, expected_clients=denominator, rng=rng),
+            weighted=True, adaptive=adaptive)
     if config.reduction == Reduction.MEAN:
-        return Aggregator(transforms, WeightedMean(shapes), weighted=True)
+        return Aggregator(transforms, WeightedMean(shapes), weighted=True, adaptive=adaptive)
     check_buffer(config, shapes, max_clients)
     reducer: Reducer
     if config.reduction == Reduction.TRIMMED_MEAN:
         reducer = TrimmedMean(shapes, max_clients, config.trim_fraction)
     else:
         reducer = Median(shapes, max_clients)
-    return Aggregator(transforms, reducer, weighted=False)
+    return Aggregator(transforms, reducer, weighted=False, adaptive=adaptive)
 
 
 def check_buffer(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], max_clients: int) -> None:

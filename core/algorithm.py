@@ -44,6 +44,7 @@ class ServerState:
     globals: list[np.ndarray]
     optimizer_state: OptimizerState
     round_num: int
+    clip_bound: float | None = None  # where adaptive clipping has moved the norm bound (None: not adaptive)
 
 
 class FedRecon:
@@ -79,14 +80,17 @@ class FedRecon:
         check_buffer(self.aggregation, self._delta_shapes, max_clients)
 
     def new_aggregate(self, *, max_clients: int, batch_size: int, expected_clients: int | None = None,
-                      noise_rng: np.random.Generator | None = None) -> Aggregator:
+                      noise_rng: np.random.Generator | None = None,
+                      state: ServerState | None = None) -> Aggregator:
         """A round's aggregation stages; ``max_clients`` bounds the updates a buffering reducer keeps and
         ``batch_size`` derives the default weight cap (``AggregationConfig.weight_cap``). With DP noise,
-        ``expected_clients`` is the mean's fixed denominator and ``noise_rng`` draws the noise."""
+        ``expected_clients`` is the mean's fixed denominator and ``noise_rng`` draws the noise. ``state``:
+        the model the round trains, whose adaptive clip bound (if any) the round uses."""
         return build_aggregator(self.aggregation, self._delta_shapes,
                                 weight_cap=self.aggregation.weight_cap(self.config, batch_size),
                                 max_clients=max_clients, expected_clients=expected_clients,
-                                noise_rng=noise_rng)
+                                noise_rng=noise_rng,
+                                clip_bound=state.clip_bound if state is not None else None)
 
     def server_update(self, state: ServerState, aggregate: Aggregator) -> ServerState:
         """Apply the aggregated delta; with nothing folded the model stays as it was.
@@ -95,8 +99,9 @@ class FedRecon:
         are not all finite: finite but huge updates can still overflow float32, and a committed Inf would
         stay for good."""
         mean = aggregate.mean()
+        clip_bound = aggregate.next_clip_bound() or state.clip_bound
         if mean is None:
-            return ServerState(state.globals, state.optimizer_state, state.round_num + 1)
+            return ServerState(state.globals, state.optimizer_state, state.round_num + 1, clip_bound)
         if not all(np.isfinite(m).all() for m in mean):
             raise NonFiniteUpdate(f"round {state.round_num + 1}: the aggregated update is not finite")
         idx = self.model.global_trainable
@@ -109,4 +114,4 @@ class FedRecon:
         globals_ = list(state.globals)
         for i, w in zip(idx, new_trainable, strict=True):
             globals_[i] = w
-        return ServerState(globals_, opt_state, state.round_num + 1)
+        return ServerState(globals_, opt_state, state.round_num + 1, clip_bound)

@@ -153,9 +153,10 @@ class PrivacyLedger:
     def next_round_fits(self) -> bool:
         return self.epsilon_budget is None or self.epsilon_if_another_round() <= self.epsilon_budget
 
-    def record_round(self) -> float:
-        """Count a released round; returns ε after it."""
-        self.epsilon = self.epsilon_if_another_round()
+    def record_round(self, epsilon: float | None = None) -> float:
+        """Count a released round; returns ε after it (``epsilon``: already computed by the caller with
+        ``parameters.epsilon_after(rounds + 1)``, e.g. outside a lock)."""
+        self.epsilon = self.epsilon_if_another_round() if epsilon is None else epsilon
         self.rounds += 1
         self._next.clear()
         return self.epsilon

@@ -324,6 +324,7 @@ def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
                       "created_at": v.created_at.isoformat()} for v in versions],
         "rounds": {s: states.get(s, 0) for s in ("open", "aggregating", "committed", "failed")},
         "open_round": _open_round(unfinished[-1], datetime.now(UTC)) if unfinished else None,
+        "privacy": _privacy(task.spec, all_rounds),
         "recent_rounds": [{
             "round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
             "base_version": r.base_version, "new_version": r.new_version, "selected": r.num_selected,
@@ -337,6 +338,28 @@ def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
             e.num_examples), **{k: _finite_or_none(v) for k, v in e.metrics().items()}}
                         for e in sql.evaluation_summaries(name)],
     }
+
+
+def _privacy(spec: dict[str, Any], rounds: list[Any]) -> dict[str, Any] | None:
+    """A DP task's guarantee so far: ε at δ after its committed rounds, as the coordinator stored it with
+    each round (no accountant runs here), and the budget; None for a task without noise."""
+    privacy = spec.get("privacy")
+    if privacy is None:
+        return None
+    committed = [r for r in rounds if str(r.state) == "committed"]
+    spent = committed[-1].metrics.get("epsilon", 0.0) if committed else 0.0
+    return {"noise_multiplier": (spec.get("aggregation") or {}).get("noise_multiplier"),
+            "clip": (spec.get("aggregation") or {}).get("max_update_norm"), **privacy,
+            "rounds_accounted": len(committed), "epsilon": spent}
+
+
+def _privacy_line(p: dict[str, Any]) -> str:
+    budget = f" of the budget {p['epsilon_budget']:g}" if p.get("epsilon_budget") is not None else ""
+    sampling = ("no amplification by sampling" if p.get("population") is None
+                else f"population {p['population']}, sampling assumed uniformly random")
+    return (f"  privacy: epsilon {p['epsilon']:.4g}{budget} spent at delta {p['delta']:g} after "
+            f"{p['rounds_accounted']} rounds (noise multiplier {p['noise_multiplier']:g}, clip "
+            f"{p['clip']:g}, {sampling}, {p['accountant']} accountant)")
 
 
 def _open_round_line(o: dict[str, Any]) -> str:
@@ -375,6 +398,8 @@ def status(
                       f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
         if t["open_round"] is not None:
             console.print(_open_round_line(t["open_round"]), markup=False, highlight=False, soft_wrap=True)
+        if t["privacy"] is not None:
+            console.print(_privacy_line(t["privacy"]), markup=False, highlight=False, soft_wrap=True)
         table = Table(title=Text(f"recent rounds of {t['name']}"))
         for col in ("round", "state", "version", "selected", "accepted", "refused", "train loss", "note"):
             table.add_column(col, justify="right" if col not in ("state", "note") else "left")

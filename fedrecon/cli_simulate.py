@@ -108,6 +108,12 @@ def simulate(
     server_weighting: Annotated[Weighting | None, typer.Option(
         help="claimed: a client's weight (its examples, capped; the default); uniform: every update "
              "counts 1")] = None,
+    adaptive_clip_quantile: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="adaptive clipping (Andrew et al. 2021): the norm bound starts at "
+                               "--max-update-norm and follows this quantile of the update norms")] = None,
+    adaptive_clip_lr: Annotated[float | None, typer.Option(
+        min=0.0, help="learning rate of the adaptive bound's geometric update "
+                      f"(default {AGGREGATION_DEFAULTS.adaptive_clip_learning_rate})")] = None,
     dp_noise_multiplier: Annotated[float | None, typer.Option(
         min=0.0, help="user-level differential privacy: Gaussian noise of this many times --max-update-norm "
                       "on the sum of the clipped updates (weights become uniform)")] = None,
@@ -242,7 +248,9 @@ def _resolve(f: dict[str, Any]) -> _Run:
     aggregation_fields = dict(task.get("aggregation") or {})
     for flag, key in (("aggregator", "reduction"), ("trim_fraction", "trim_fraction"),
                       ("max_update_norm", "max_update_norm"), ("norm_policy", "norm_policy"),
-                      ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting")):
+                      ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting"),
+                      ("adaptive_clip_quantile", "adaptive_clip_quantile"),
+                      ("adaptive_clip_lr", "adaptive_clip_learning_rate")):
         if f[flag] is not None:
             aggregation_fields[key] = f[flag]
     privacy = None

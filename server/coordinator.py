@@ -1,22 +1,17 @@
-"""The round coordinator of one task: selection, configuration, reporting, commit (no transport here).
+"""The coordinator of one task: the driver of its round state machine, and everything around the rounds.
 
-A round (after Bonawitz et al., MLSys 2019), with ``RoundSettings`` giving the numbers:
+The round rules live in `server.round_machine` (pure: events in, decisions and effects out). This module is
+the driver that makes them run against the world:
 
-1. Selection. The first check-in opens a round on the latest model version (persisted as ``open``). The
-   coordinator assigns clients first come, first served, up to the over-selected goal, while the selection
-   window lasts; anyone else gets a retry window. Too few assignments when the window closes fail the
-   round.
-2. Configuration. An assigned client downloads the round's global variables (never local ones: the
-   model's local variables do not exist on the server).
-3. Reporting. Each accepted report is validated and folded at once through the task's aggregation stages
-   (``core.aggregation``, shared with the simulator: weight cap, norm clip, then a streaming weighted mean
-   whose memory is one model whatever the number of clients, or a buffering trimmed mean / median). The
-   round commits as soon as ``clients_per_round`` reports are in (later reporters are told ABORTED), or
-   when every assigned client has answered, or at the deadline with at least ``min_reports``; otherwise it
-   fails and the model is unchanged.
-4. Commit. ``FedRecon.server_update`` (the simulator's own server step) makes the next model version, and
-   the store writes it with the round's outcome and participations in one transaction. A round whose new
-   model would hold a NaN or infinite value fails ("non_finite") and the model stays.
+1. Every RPC calls the machine under one lock, with the time, and gets a decision (an assignment, a retry
+   window, a refusal, a report's outcome).
+2. What the machine emits (open a round, commit one, record a failure) is performed *outside* that lock:
+   the store writes and the server step (``FedRecon.server_update``, the simulator's own) never stall a
+   check-in, a download or another client's report. Results go back to the machine under the lock.
+3. A report's tensors are validated before the lock is taken and folded under it (the running aggregate is
+   one model's memory whatever the number of clients).
+4. Around the rounds: pseudonymous client keys, check-in rate limits, downloads of committed versions,
+   evaluation reports, the live round's progress for ``fedrecon status``, and a graceful shutdown.
 
 In-flight round state lives in memory only: a coordinator that dies mid-round loses at most that round,
 which the next start marks failed, and no partial aggregate is ever written. Clients are known to the store
@@ -25,6 +20,7 @@ only by a keyed hash of their id.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -33,17 +29,17 @@ import math
 import secrets
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import numpy as np
 
-from fedrecon.core.aggregation import Aggregator
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.model_spec import model_from_config
+from fedrecon.core.privacy import PrivacyLedger
 from fedrecon.protocol import (
     CREDENTIAL_SHARE_HINT,
     PROTOCOL_VERSION,
@@ -54,6 +50,7 @@ from fedrecon.protocol import (
 )
 from fedrecon.protocol import RoundState as RoundView
 from fedrecon.server.checkpoints import (
+    clip_bound_from_bytes,
     globals_from_bytes,
     globals_to_bytes,
     optimizer_state_from_bytes,
@@ -62,9 +59,21 @@ from fedrecon.server.checkpoints import (
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
 from fedrecon.server.identity import Caller
 from fedrecon.server.refusals import Refusal, Status
+from fedrecon.server.round_machine import (
+    AskStore,
+    Assigned,
+    Busy,
+    ClosedRound,
+    CommitRound,
+    Effect,
+    FailRound,
+    Fold,
+    OpenRound,
+    OpenRoundState,
+    RoundMachine,
+)
 from fedrecon.server.store import (
     Outcome,
-    Participation,
     RoundState,
     RoundSummary,
     SqlStore,
@@ -83,41 +92,10 @@ MAX_WEIGHT = 1e9  # a client weight above this is absurd (examples on one device
 MAX_METRICS = 64  # entries in a report's metric map (a device sends a handful: loss, examples, ...)
 MAX_METRIC_KEY_CHARS = 64
 MAX_ECHO_CHARS = 64  # a client's string quoted back in an error message is cut to this (see ``shown``)
-
-
-@dataclass
-class _Round:
-    """A round in flight (memory only)."""
-
-    round_id: int
-    round_num: int
-    base_version: int
-    opened: float
-    selection_ends: float
-    deadline: float
-    aggregate: Aggregator
-    selecting: bool = True
-    assigned: dict[str, str] = field(default_factory=dict)  # client key -> assignment token
-    accepted: dict[str, str] = field(default_factory=dict)  # client key -> digest of the accepted update
-    weights: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)  # client key -> reason
-    group_assignments: Counter[str] = field(default_factory=Counter)  # caller group -> assignments taken
-    loss_sum: float = 0.0
-    examples: float = 0.0
-    aggregating: bool = False  # the store has the round as "aggregating"
-    commit_due: str | None = None  # why the round must commit; set while the store is unavailable
-
-    def answered(self) -> int:
-        return len(self.accepted) + len(self.refused)
-
-
-@dataclass(frozen=True)
-class _ClosedRound:
-    state: str  # "committed" or "failed"
-    why: str  # "goal", "all answered", "deadline" or a failure reason
-    accepted: dict[str, str]
-    new_version: int | None = None  # the version a committed round wrote
+# How long a check-in waits for a round being opened or committed (a store write) before it is given a
+# retry window instead: long enough for a healthy store, short enough to free the gRPC worker.
+BUSY_WAIT_S = 10.0
+FINISHED_ROUNDS_CACHED = 4096  # GetRound answers of finished rounds kept (a few hundred bytes each)
 
 
 class Coordinator:
@@ -131,7 +109,7 @@ class Coordinator:
         self.task = task
         self._clock = clock
         self._lock = threading.RLock()
-        self._version_changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # a version committed, a round opened or closed
         self.model = model_from_config(task.model)
         self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
         self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
@@ -146,18 +124,30 @@ class Coordinator:
         self.interrupted_rounds = [r.round_id for r in store.fail_unfinished_rounds(
             task.name, "coordinator restarted before the round committed")]
         latest = store.latest_version(task.name)
-        self._version = latest.version
         parameters, optimizer_state = latest.payload()
         self._state = ServerState(globals_from_bytes(parameters, self._names),
-                                  optimizer_state_from_bytes(optimizer_state), latest.version)
-        self._round: _Round | None = None
+                                  optimizer_state_from_bytes(optimizer_state), latest.version,
+                                  clip_bound_from_bytes(optimizer_state))
+        stored_rounds = store.list_rounds(task.name)
+        committed = sum(1 for r in stored_rounds if r.state == "committed")
+        # Round outcomes for GetRound: a finished round never changes, so each is read from the store once;
+        # ids above the newest round this task has opened are no round of it and cost no read at all.
+        self._newest_round_id = max((r.round_id for r in stored_rounds), default=0)
+        self._finished: OrderedDict[int, RoundOutcome | None] = OrderedDict()  # None: not this task's
+        self.ledger = self._privacy_ledger(committed)
+        # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
+        noise_rng = np.random.default_rng(secrets.randbits(128)) if self.ledger is not None else None
+        self.machine = RoundMachine(
+            task.rounds, version=latest.version, committed_rounds=committed,
+            new_aggregate=lambda: self.algorithm.new_aggregate(
+                max_clients=task.rounds.clients_per_round, batch_size=task.batch_size,
+                expected_clients=task.rounds.clients_per_round if noise_rng is not None else None,
+                noise_rng=noise_rng, state=self._state),
+            may_open=self._privacy_refusal if self.ledger is not None else None)
+        self._budget_logged = False
+        self.refusals = self.machine.counts  # one counter: the machine's refusals and the driver's
         self._progress_written: tuple[int, int, int, int, int, float] | None = None  # see record_progress
-        self._closed: OrderedDict[int, _ClosedRound] = OrderedDict()
-        self._committed_rounds = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
-        self.refusals: Counter[str] = Counter()
-        self.reports_accepted = 0
-        self._stopping = False
-        self._unrecorded_failures: list[tuple[int, str, RoundSummary, list[Participation]]] = []
+        self._unrecorded_failures: list[FailRound] = []  # failures a store outage kept from the store
         self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
         self._peer_check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute_per_peer)
         self._evaluators: dict[tuple[int, str], set[str]] = {}  # (version, gateway) -> its evaluating ids
@@ -166,6 +156,7 @@ class Coordinator:
             counted_examples=task.aggregation.weight_cap(task.training, task.batch_size))
         self._evaluations = _TokenBuckets(MAX_EVALUATIONS_PER_MINUTE / 60.0,
                                           burst=MAX_EVALUATIONS_PER_MINUTE / 2.0)
+
 
     # ----- setup ---------------------------------------------------------------------------------------
     def _load_or_create_task(self, initial_globals: Sequence[np.ndarray] | None) -> bytes:
@@ -204,13 +195,42 @@ class Coordinator:
                              "hyper-parameters")
         return bytes.fromhex(record.pseudonym_salt)
 
+    def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
+        """ε spent by the task's committed rounds (each released one noisy sum), or None without noise."""
+        z, privacy = self.task.aggregation.noise_multiplier, self.task.privacy
+        if z is None or privacy is None:
+            return None
+        parameters = privacy.parameters(z, self.task.rounds.clients_per_round)
+        ledger = PrivacyLedger(parameters, epsilon_budget=privacy.epsilon_budget, rounds=committed_rounds,
+                               epsilon=parameters.epsilon_after(committed_rounds))
+        log.info("task %r: user-level DP with noise multiplier %g, clip %g, delta %g, %s; epsilon %.4g after "
+                 "%d committed rounds%s", self.task.name, z, self.task.aggregation.max_update_norm,
+                 parameters.delta, _sampling_text(parameters.population, parameters.clients_per_round),
+                 ledger.epsilon, committed_rounds,
+                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
+        return ledger
+
+    def _privacy_refusal(self) -> str | None:
+        """Why no further round may open (the next would take ε past the budget), or None. Called by the
+        round machine under the lock; the accountant's answer for the next round is cached."""
+        ledger = self.ledger
+        if ledger is None or ledger.next_round_fits():
+            return None
+        message = (f"the privacy budget is spent: epsilon {ledger.epsilon:.4g} after {ledger.rounds} rounds, "
+                   f"and one more round would reach {ledger.epsilon_if_another_round():.4g} > budget "
+                   f"{ledger.epsilon_budget:g} (delta {ledger.parameters.delta:g}); no further round")
+        if not self._budget_logged:
+            log.warning("task %r: %s", self.task.name, message)
+            self._budget_logged = True
+        return message
+
     def count_refusal(self, reason: str) -> None:
         """Count a refusal decided outside the coordinator (the servicer's stream decoding)."""
         self._count(reason)
 
     def _count(self, reason: str) -> None:
         with self._lock:
-            self.refusals[reason] += 1
+            self.machine.counts[reason] += 1
 
     # ----- identity ------------------------------------------------------------------------------------
     def client_key(self, client: str | Caller) -> str:
@@ -233,7 +253,17 @@ class Coordinator:
     @property
     def version(self) -> int:
         with self._lock:
-            return self._version
+            return self.machine.version
+
+    @property
+    def reports_accepted(self) -> int:
+        with self._lock:
+            return self.machine.reports_accepted
+
+    @property
+    def _round(self) -> OpenRoundState | None:
+        """The round in flight (tests look inside it)."""
+        return self.machine.round
 
     @property
     def delta_layouts(self) -> list[TensorLayout]:
@@ -250,16 +280,16 @@ class Coordinator:
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until the model reaches ``version`` (or ``timeout`` seconds pass); True if it did."""
-        with self._version_changed:
-            return self._version_changed.wait_for(lambda: self._version >= version, timeout)
+        with self._changed:
+            return self._changed.wait_for(lambda: self.machine.version >= version, timeout)
 
     def model_arrays(self, task_name: str, version: int) -> tuple[list[str], list[np.ndarray]]:
         """The global variables of a committed version (names, arrays)."""
         self._check_task(task_name)
         with self._lock:
-            if version == self._version:
+            if version == self.machine.version:
                 return list(self._names), list(self._state.globals)
-            if not 0 <= version < self._version:  # never asks the store about a value it cannot hold
+            if not 0 <= version < self.machine.version:  # never asks the store about a value it cannot hold
                 raise Refusal(Status.NOT_FOUND, "unknown_version",
                               f"task {task_name!r} has no model version {version}")
         try:
@@ -272,8 +302,13 @@ class Coordinator:
         return list(self._names), globals_from_bytes(record.payload()[0], self._names)
 
     # ----- selection -----------------------------------------------------------------------------------
+
     def check_in(self, task_name: str, client: str | Caller, protocol_version: int,
                  capabilities: Mapping[str, str] | None = None) -> Assignment | RetryLater:
+        """An assignment to the open round (a round opens on the first check-in), or a retry window.
+
+        While a round is being opened or committed (a store write, outside the lock) the check-in waits for
+        it, up to `BUSY_WAIT_S`, instead of being sent away for a whole retry window."""
         if protocol_version != PROTOCOL_VERSION:
             self._count("protocol_version")
             raise Refusal(Status.FAILED_PRECONDITION, "protocol_version",
@@ -282,35 +317,24 @@ class Coordinator:
         self._check_task(task_name)
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
         key = self.client_key(caller)
-        rounds = self.task.rounds
+        give_up = time.monotonic() + BUSY_WAIT_S
         with self._lock:
-            now = self._clock()
-            self._admit_check_in(caller, key, now)
-            self._advance(now)
-            if self._stopping:
-                return RetryLater(*rounds.retry_delay_s, reason="the coordinator is shutting down")
-            if rounds.max_rounds is not None and self._committed_rounds >= rounds.max_rounds:
-                return RetryLater(*rounds.retry_delay_s,
-                                  reason=f"training finished after {self._committed_rounds} rounds")
-            r = self._round or self._open_round(now)
-            if key in r.assigned:
-                if key in r.accepted or key in r.refused:
-                    return RetryLater(*rounds.retry_delay_s,
-                                      reason=f"already reported in round {r.round_num}")
-                return self._assignment(r, key)  # a retried check-in gets the same assignment
-            if not r.selecting:
-                return RetryLater(*rounds.retry_delay_s,
-                                  reason=f"round {r.round_num} has selected its clients")
-            capped = self._assignment_cap_reached(r, caller)
-            if capped is not None:
-                self._count("assignments_capped")
-                return RetryLater(*rounds.retry_delay_s, reason=capped)
-            r.assigned[key] = secrets.token_urlsafe(18)
-            r.group_assignments[caller.group] += 1
-            if len(r.assigned) >= rounds.selection_goal:
-                r.selecting = False
-                log.info("round %d: %d clients selected (the goal)", r.round_num, len(r.assigned))
-            return self._assignment(r, key)
+            self._admit_check_in(caller, key, self._clock())
+        while True:
+            with self._lock:
+                decision = self.machine.check_in(key, caller, self._clock())
+                effects = self.machine.take_effects()
+                if isinstance(decision, Busy) and not effects:  # someone else's write is out: wait for it
+                    remaining = give_up - time.monotonic()
+                    if remaining <= 0:
+                        return RetryLater(*self.task.rounds.retry_delay_s, reason=decision.why)
+                    self._changed.wait(min(remaining, 1.0))
+                    continue
+            self._perform(effects)
+            if isinstance(decision, Assigned):
+                return self._assignment(decision.round, decision.token)
+            if isinstance(decision, RetryLater):
+                return decision
 
     def _admit_check_in(self, caller: Caller, key: str, now: float) -> None:
         """Refuse (RESOURCE_EXHAUSTED) a check-in over its budget. With authentication the budget is the
@@ -337,43 +361,10 @@ class Coordinator:
         raise Refusal(Status.RESOURCE_EXHAUSTED, reason,
                       f"more than {per_minute:g} check-ins per minute from {who}; wait for the retry window")
 
-    def _assignment_cap_reached(self, r: _Round, caller: Caller) -> str | None:
-        """Why ``caller`` may take no further assignment in ``r`` (its group holds all it may), or None. With
-        authentication a credential holds at most one assignment per device it was issued for, however many
-        client ids it asserts; in the trusted-network mode the task may cap assignments per address."""
-        cap: int | None
-        if caller.authenticated:
-            cap, who, how = caller.max_assignments, "this credential", CREDENTIAL_SHARE_HINT
-        else:
-            cap, who = self.task.rounds.max_assignments_per_peer, "this network address"
-            how = "the task caps assignments per address (max_assignments_per_peer)"
-        if cap is None or r.group_assignments[caller.group] < cap:
-            return None
-        return f"{who} already holds {cap} assignment{'s' if cap != 1 else ''} in round {r.round_num} ({how})"
-
-    def _assignment(self, r: _Round, key: str) -> Assignment:
-        return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, r.assigned[key],
+    def _assignment(self, r: OpenRoundState, token: str) -> Assignment:
+        return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, token,
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
                           self.task.batch_size)
-
-    def _open_round(self, now: float) -> _Round:
-        s = self.task.rounds
-        deadline = now + s.selection_timeout_s + s.reporting_timeout_s
-        try:
-            record = self.store.open_round(self.task.name, base_version=self._version,
-                                           target=s.clients_per_round, min_reports=s.minimum,
-                                           deadline=datetime.fromtimestamp(deadline, UTC))
-        except StoreUnavailable as err:
-            raise _store_unavailable(err) from err
-        self._round = _Round(record.round_id, record.round_num, self._version, now,
-                             now + s.selection_timeout_s, deadline,
-                             self.algorithm.new_aggregate(max_clients=s.clients_per_round,
-                                                          batch_size=self.task.batch_size))
-        log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at %d "
-                 "reports, or at least %d by the deadline %s", record.round_num, self._version,
-                 s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,
-                 datetime.fromtimestamp(deadline, UTC).strftime("%H:%M:%S UTC"))
-        return self._round
 
     # ----- reporting -----------------------------------------------------------------------------------
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
@@ -382,133 +373,59 @@ class Coordinator:
         self._check_task(task_name)
         key = self.client_key(client)
         with self._lock:
-            self._advance(self._clock())
-            r = self._round
-            closed_round = r is None or r.round_id != round_id or r.commit_due is not None
-            closed = self._closed.get(round_id)
-            forgotten = closed_round and closed is None and self._forgotten(round_id)
-            if closed_round:
-                if not forgotten and (closed is None or key not in closed.accepted):
-                    self._report_to_closed_round(round_id, key, None)  # refuses: it cannot be a retry
-            elif r is not None and r.assigned.get(key) != token:  # (not closed_round: r is the open round)
-                self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
-                             f"this client holds no assignment to round {r.round_num}", record=False)
-            elif r is not None and key in r.refused:
-                self._refuse_refused(r, key)
-        if forgotten:  # a round this process does not remember (it closed before a restart): ask the store
+            admission = self.machine.admit(key, round_id, token, None, self._clock())
+            effects = self.machine.take_effects()
+        self._perform(effects)
+        if isinstance(admission, AskStore):  # a round this process does not remember: ask the store
             stored = self._stored_round(round_id, key)  # outside the lock: a read
-            if stored is None or stored.state != "committed" or key not in stored.accepted:
-                with self._lock:
-                    self._report_to_closed_round(round_id, key, None, stored, asked=True)  # refuses
+            with self._lock:
+                self.machine.answer_closed(round_id, key, None, stored)  # refuses unless a retry
         return key
-
-    def _forgotten(self, round_id: int) -> bool:
-        """Whether ``round_id`` may be a round of this task that closed before the rounds held in memory (an
-        earlier process's, or one pushed out of the memory of recent rounds): older than all of them.
-        Round ids only grow, so a newer id that is not in memory is no round of this task's past."""
-        known = [*self._closed, *([self._round.round_id] if self._round is not None else [])]
-        return round_id >= 1 and (not known or round_id < min(known))
-
-    def _refuse_refused(self, r: _Round, key: str) -> None:
-        self._refuse(r, key, Status.FAILED_PRECONDITION, "already_refused",
-                     f"this client's report in round {r.round_num} was refused ({r.refused[key]}); "
-                     "a refused report is its answer for the round", record=False)
 
     def report(self, task_name: str, client: str | Caller, round_id: int, token: str, weight: float,
                metrics: Mapping[str, float], delta: Sequence[np.ndarray]) -> ReportOutcome:
         """Validate one client's update and fold it in; raises ``Refusal`` and changes nothing otherwise.
 
         Every check of ``check_report`` is made again here, under the lock, since the round may have moved
-        on while the tensor bytes were read."""
+        on while the tensor bytes were read. The report that completes a round waits for its commit (outside
+        the lock) and is told if the commit failed."""
         self._check_task(task_name)
         key = self.client_key(client)
         digest = _digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
+        outcome: ReportOutcome | None = None
+        effects: list[Effect] = []
+        try:
+            with self._lock:
+                try:
+                    admission = self.machine.admit(key, round_id, token, digest, self._clock())
+                    if isinstance(admission, ReportOutcome):
+                        return admission
+                    if isinstance(admission, Fold):
+                        r = admission.round
+                        if problem is not None:
+                            self.machine.refuse_report(r, key, Status.INVALID_ARGUMENT, *problem)
+                        outcome = self.machine.fold(r, key, digest, weight, metrics, delta, self._clock())
+                finally:  # in the same hold: a refusal may have closed the round, and this thread commits it
+                    effects = self.machine.take_effects()
+        finally:
+            self._perform(effects)
+        if outcome is None:  # AskStore: a round this process does not remember
+            stored = self._stored_round(round_id, key)
+            with self._lock:
+                return self.machine.answer_closed(round_id, key, digest, stored)
         with self._lock:
-            self._advance(self._clock())
-            r = self._round
-            if r is None or r.round_id != round_id or r.commit_due is not None:
-                return self._report_to_closed_round(round_id, key, digest)
-            if r.assigned.get(key) != token:
-                self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
-                             f"this client holds no assignment to round {r.round_num}", record=False)
-            if key in r.accepted:
-                if r.accepted[key] == digest:
-                    return ReportOutcome(False, f"this update was already accepted in round {r.round_num}")
-                self._refuse(r, key, Status.ALREADY_EXISTS, "duplicate",
-                             f"a different update from this client was already accepted in round "
-                             f"{r.round_num}; one update per client per round", record=False)
-            if key in r.refused:
-                self._refuse_refused(r, key)
-            if problem is not None:
-                self._refuse(r, key, Status.INVALID_ARGUMENT, problem[0], problem[1], record=True)
-            folded = r.aggregate.fold_one(delta, weight)  # weight cap, norm bound, reducer
-            if folded.refused:
-                self._refuse(r, key, Status.INVALID_ARGUMENT, *folded.refused[0], record=True)
-            if folded.clipped:
-                self._count("clipped")
-            r.accepted[key] = digest
-            r.weights[key] = float(weight)
-            r.metrics[key] = {k: float(v) for k, v in metrics.items()}
-            seen = float(metrics.get("post_recon_examples", 0.0))
-            r.loss_sum += float(metrics.get("loss", 0.0)) * seen
-            r.examples += seen
-            self.reports_accepted += 1
-            num = r.round_num
-            if len(r.accepted) >= self.task.rounds.clients_per_round:
-                self._commit(r, "goal")
-            elif not r.selecting and r.answered() == len(r.assigned):
-                self._close_when_all_answered(r)
-            closed = self._closed.get(r.round_id)
+            closed = self.machine.closed.get(r.round_id)
             if closed is not None and closed.state == "failed":
-                self._count("commit_failed")
+                self.machine.counts["commit_failed"] += 1
                 raise Refusal(Status.ABORTED, "commit_failed",
-                              f"round {num} failed when it closed ({closed.why}); "
+                              f"round {r.round_num} failed when it closed ({closed.why}); "
                               "this update is not in the model")
-            if r.commit_due is not None:
-                return ReportOutcome(True, f"accepted in round {num}; the commit waits for the store")
-            return ReportOutcome(True, f"accepted in round {num}")
+            if self.machine.round is r and r.commit_due:
+                return ReportOutcome(True, f"accepted in round {r.round_num}; the commit waits for the store")
+        return outcome
 
-    def _report_to_closed_round(self, round_id: int, key: str, digest: str | None,
-                                stored: _ClosedRound | None = None, *, asked: bool = False) -> ReportOutcome:
-        """Answer a report for a round that is not taking reports: an idempotent retry, or a refusal.
-
-        A retry of an update the round accepted is answered as such: ``accepted=False`` with "already in
-        version N" once the round committed, ABORTED if it failed (the update is not in the model). The
-        last few rounds are remembered in memory; older ones, and rounds of a coordinator that died after
-        committing but before answering, are looked up in the store (the digest of every accepted update
-        is stored with its participation; ``asked``: the caller already did, and found ``stored``). A late
-        report is ABORTED rather than DEADLINE_EXCEEDED, so that no client confuses the answer with its own
-        call timing out (which it may retry)."""
-        closed = stored or self._closed.get(round_id)
-        r = self._round
-        if closed is None:
-            if r is not None and r.round_id == round_id:  # goal reached, commit waiting for the store
-                self._count("round_over")
-                raise Refusal(Status.ABORTED, "round_over", f"round {r.round_num} has all its reports")
-            if not asked and self._forgotten(round_id):
-                closed = self._stored_round(round_id, key)
-            if closed is None:
-                current = f"round id {r.round_id} is open" if r else "no round is open"
-                self._count("wrong_round")
-                raise Refusal(Status.FAILED_PRECONDITION, "wrong_round",
-                              f"round id {round_id} is not open ({current})")
-        if digest is not None and closed.accepted.get(key) == digest:
-            if closed.state == "committed":
-                return ReportOutcome(False, f"this update was already accepted in round id {round_id}: it "
-                                            f"is in version {closed.new_version}")
-            self._count("round_failed")
-            raise Refusal(Status.ABORTED, "round_failed",
-                          f"round id {round_id} failed ({closed.why}); this update is not in the model")
-        if closed.why == "deadline":
-            self._count("late")
-            raise Refusal(Status.ABORTED, "late",
-                          f"round id {round_id} passed its reporting deadline ({closed.state})")
-        self._count("round_over")
-        raise Refusal(Status.ABORTED, "round_over",
-                      f"round id {round_id} is over ({closed.state}: {closed.why})")
-
-    def _stored_round(self, round_id: int, key: str) -> _ClosedRound | None:
+    def _stored_round(self, round_id: int, key: str) -> ClosedRound | None:
         """A finished round of this task as the store has it, with ``key``'s accepted update digest (if
         any) as its only accepted entry; None for a round the task does not have or that is not finished.
         Raises UNAVAILABLE while the store is down (the client retries)."""
@@ -524,17 +441,8 @@ class Coordinator:
         if participation is not None and participation.outcome == Outcome.ACCEPTED and participation.digest:
             accepted[key] = participation.digest
         if record.state == RoundState.COMMITTED:
-            return _ClosedRound("committed", "committed", accepted, record.new_version)
-        return _ClosedRound("failed", record.failure_reason or "failed", accepted)
-
-    def _refuse(self, r: _Round, key: str, status: Status, reason: str, message: str, *,
-                record: bool) -> None:
-        self._count(reason)
-        if record and key in r.assigned and key not in r.accepted:
-            r.refused[key] = reason
-            if not r.selecting and r.answered() == len(r.assigned):
-                self._close_when_all_answered(r)
-        raise Refusal(status, reason, message)
+            return ClosedRound("committed", "committed", accepted, record.new_version, record.round_num)
+        return ClosedRound("failed", record.failure_reason or "failed", accepted, round_num=record.round_num)
 
     # ----- round outcomes ------------------------------------------------------------------------------
     def round_outcome(self, task_name: str, round_id: int) -> RoundOutcome:
@@ -542,28 +450,47 @@ class Coordinator:
         store), committed into a version, or failed. Lets a client tell whether the updates it had accepted
         went into a model version. NOT_FOUND for a round the task does not have."""
         self._check_task(task_name)
-        with self._lock:
-            r = self._round
-            if r is not None and r.round_id == round_id:
-                return RoundOutcome(round_id, r.round_num, RoundView.OPEN, num_accepted=len(r.accepted))
         unknown = Refusal(Status.NOT_FOUND, "unknown_round", f"task {task_name!r} has no round id {round_id}")
-        if not 1 <= round_id < 2**31:  # never asks the store about a value it cannot hold
-            raise unknown
+        with self._lock:
+            open_round = self.machine.outcome(round_id)
+            if open_round is not None:
+                return open_round
+            if not 1 <= round_id <= self._newest_round_id:  # not opened by this task (yet): no store read
+                raise unknown
+            if round_id in self._finished:
+                cached = self._finished[round_id]
+                if cached is None:
+                    raise unknown
+                return cached
         try:
             record = self.store.get_round(round_id)
         except UnknownRound:
-            raise unknown from None
+            record = None
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
-        if record.task != self.task.name:
+        if record is None or record.task != self.task.name:
+            self._remember_finished(round_id, None)
             raise unknown
+        outcome = None
         if record.state == RoundState.COMMITTED:
-            return RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
-                                record.num_accepted)
-        if record.state == RoundState.FAILED:
-            return RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
-                                record.failure_reason or "failed")
+            outcome = RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
+                                   record.num_accepted)
+        elif record.state == RoundState.FAILED:
+            outcome = RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
+                                   record.failure_reason or "failed")
+        if outcome is not None:
+            self._remember_finished(round_id, outcome)
+            return outcome
+        # Unfinished in the store but not the open round here: it is closing (its commit or failure is
+        # being written), so it is not cached.
         return RoundOutcome(round_id, record.round_num, RoundView.OPEN, num_accepted=record.num_accepted)
+
+    def _remember_finished(self, round_id: int, outcome: RoundOutcome | None) -> None:
+        with self._lock:
+            self._finished[round_id] = outcome
+            while len(self._finished) > FINISHED_ROUNDS_CACHED:
+                self._finished.popitem(last=False)
+
 
     # ----- evaluation ----------------------------------------------------------------------------------
     def report_evaluation(self, task_name: str, client: str | Caller, version: int, squared_error: float,
@@ -620,122 +547,133 @@ class Coordinator:
             raise Refusal(Status.NOT_FOUND, "unknown_version", str(err)) from err
 
     # ----- time ----------------------------------------------------------------------------------------
+
+    # ----- time ----------------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Apply timeouts; called periodically by the server so a silent round still ends on time."""
+        """Apply timeouts (and retry what a store outage held back); called periodically by the server so a
+        silent round still ends on time."""
         with self._lock:
-            self._advance(self._clock())
-
-    def _advance(self, now: float) -> None:
+            self.machine.advance(self._clock())
+            effects = self.machine.take_effects()
+        self._perform(effects)
         self._record_failures()
-        r = self._round
-        if r is None:
-            return
-        if r.commit_due is not None:  # the store was unavailable at commit time: try again
-            self._commit(r, r.commit_due)
-            return
-        s = self.task.rounds
-        if r.selecting and now >= r.selection_ends:
-            r.selecting = False
-            log.info("round %d: %d clients selected when the %g s selection window closed", r.round_num,
-                     len(r.assigned), s.selection_timeout_s)
-            if len(r.assigned) < s.minimum:
-                self._fail(r, f"only {len(r.assigned)} clients checked in within "
-                              f"{s.selection_timeout_s:g} s; the minimum is {s.minimum}")
-                return
-            if r.answered() == len(r.assigned):
-                self._close_when_all_answered(r)
-                return
-        if now >= r.deadline:
-            if len(r.accepted) >= s.minimum:
-                self._commit(r, "deadline")
+
+    # ----- effects (outside the lock) ------------------------------------------------------------------
+    def _perform(self, effects: list[Effect]) -> None:
+        """Perform the machine's effects in order, outside the lock, feeding each result back (which may
+        emit more). The first refusal for the caller (the store could not open a round) is raised last."""
+        refusal: Refusal | None = None
+        pending = list(effects)
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, OpenRound):
+                refusal = self._open(effect) or refusal
+            elif isinstance(effect, CommitRound):
+                pending.extend(self._commit(effect))
             else:
-                self._fail(r, f"only {len(r.accepted)} reports by the deadline; the minimum is {s.minimum}",
-                           why="deadline")
+                self._record_failure(effect)
+        if effects:
+            with self._lock:
+                self._changed.notify_all()
+        if refusal is not None:
+            raise refusal
 
-    def _close_when_all_answered(self, r: _Round) -> None:
-        if len(r.accepted) >= self.task.rounds.minimum:
-            self._commit(r, "all answered")
-        else:
-            self._fail(r, f"every assigned client answered but only {len(r.accepted)} reports were accepted; "
-                          f"the minimum is {self.task.rounds.minimum}")
-
-    # ----- commit --------------------------------------------------------------------------------------
-    def _summary(self, r: _Round) -> tuple[RoundSummary, list[Participation]]:
-        participations = []
-        for key in r.assigned:
-            if key in r.accepted:  # with its digest: a retry after a restart is recognised (see check_report)
-                participations.append(Participation(key, Outcome.ACCEPTED, r.weights[key], r.metrics[key],
-                                                    digest=r.accepted[key]))
-            elif key in r.refused:
-                participations.append(Participation(key, Outcome.REFUSED, 0.0, {}, r.refused[key]))
-            else:
-                participations.append(Participation(key, Outcome.DROPPED, 0.0, {}, "no report"))
-        metrics = {"train_loss": r.loss_sum / r.examples if r.examples else float("nan"),
-                   "train_examples": r.examples,
-                   **r.aggregate.report.metrics(),
-                   "seconds": self._clock() - r.opened}
-        summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
-                               num_accepted=len(r.accepted), num_refused=len(r.refused),
-                               total_weight=r.aggregate.total_weight,  # as folded: capped (or 1 each)
-                               metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
-        return summary, participations
-
-    def _commit(self, r: _Round, why: str) -> None:
-        """Commit ``r``; if the store is unavailable the round waits (``commit_due``) and every tick tries
-        again until the store answers, so accepted updates are not thrown away over a database hiccup."""
-        summary, participations = self._summary(r)
+    def _open(self, effect: OpenRound) -> Refusal | None:
         try:
-            if not r.aggregating:
-                self.store.mark_aggregating(r.round_id)
-                r.aggregating = True
-            new_state = self.algorithm.server_update(self._state, r.aggregate)
-            self.store.commit_round(r.round_id,
-                                    parameters=globals_to_bytes(self._names, new_state.globals),
-                                    optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state),
-                                    summary=summary, participations=participations)
-        except StoreUnavailable:
-            r.commit_due = why
-            r.selecting = False
-            return
-        except StoreError as err:  # another writer moved the task on (StaleRound), or the round was closed
-            self._fail(r, f"commit failed: {err}")
-            return
-        except NonFiniteUpdate as err:  # a committed Inf or NaN would stay for good: the model stays
-            self._count("non_finite_round")
-            self._fail(r, f"non_finite: {err}; the model stays at version {self._version}")
-            return
-        self._state = new_state
-        self._version += 1
-        self._committed_rounds += 1
-        self._forget(r, _ClosedRound("committed", why, dict(r.accepted), self._version))
-        log.info("round %d committed version %d (%s): %s", r.round_num, self._version, why, _figures(summary))
-        self._version_changed.notify_all()
+            record = self.store.open_round(self.task.name, base_version=effect.base_version,
+                                           target=effect.target, min_reports=effect.min_reports,
+                                           deadline=datetime.fromtimestamp(effect.deadline, UTC))
+        except StoreUnavailable as err:
+            with self._lock:
+                self.machine.open_failed()
+            return _store_unavailable(err)
+        except BaseException:  # a store fault: the next check-in asks again rather than wait for ever
+            with self._lock:
+                self.machine.open_failed()
+            raise
+        s = self.task.rounds
+        with self._lock:  # logged before any assignment to the round can be
+            self.machine.round_opened(effect, record.round_id, record.round_num)
+            self._newest_round_id = max(self._newest_round_id, record.round_id)
+            log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at "
+                     "%d reports, or at least %d by the deadline %s", record.round_num, effect.base_version,
+                     s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,
+                     datetime.fromtimestamp(effect.deadline, UTC).strftime("%H:%M:%S UTC"))
+        return None
 
-    def _fail(self, r: _Round, reason: str, *, why: str | None = None) -> None:
-        summary, participations = self._summary(r)
-        # The round is abandoned either way; a failure the store cannot record now is recorded by a later
-        # tick (or, if the process dies first, by the next start).
-        self._unrecorded_failures.append((r.round_id, reason, summary, participations))
+    def _commit(self, effect: CommitRound) -> list[Effect]:
+        """Make the next version from the round's aggregate and write it with the round's outcome in one
+        transaction. A store outage leaves the commit due (the machine emits it again at a later event), so
+        accepted updates are not thrown away over a database hiccup; a non-finite model or a refused
+        transition fails the round and the model stays."""
+        state = self._state  # only a commit changes it, and one commit is in flight at a time
+        epsilon = None
+        if self.ledger is not None:  # the round's ε: this release composed with all committed before it
+            epsilon = self.ledger.parameters.epsilon_after(self.ledger.rounds + 1)
+            effect = dataclasses.replace(effect, summary=dataclasses.replace(
+                effect.summary, metrics={**effect.summary.metrics, "epsilon": epsilon}))
+        try:
+            if effect.first_attempt:
+                self.store.mark_aggregating(effect.round_id)
+            new_state = self.algorithm.server_update(state, effect.aggregate)
+            self.store.commit_round(effect.round_id,
+                                    parameters=globals_to_bytes(self._names, new_state.globals),
+                                    optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state,
+                                                                             clip_bound=new_state.clip_bound),
+                                    summary=effect.summary, participations=effect.participations)
+        except StoreUnavailable:
+            with self._lock:
+                self.machine.commit_unavailable(effect.round_id)
+                return self.machine.take_effects()
+        except StoreError as err:  # another writer moved the task on (StaleRound), or the round was closed
+            with self._lock:
+                self.machine.commit_refused(effect.round_id, f"commit failed: {err}", self._clock())
+                return self.machine.take_effects()
+        except NonFiniteUpdate as err:  # a committed Inf or NaN would stay for good: the model stays
+            with self._lock:
+                self.machine.counts["non_finite_round"] += 1
+                self.machine.commit_refused(
+                    effect.round_id, f"non_finite: {err}; the model stays at version {effect.base_version}",
+                    self._clock())
+                return self.machine.take_effects()
+        except BaseException:  # a fault (a bug, a broken store): the commit stays due, never stuck in flight
+            with self._lock:
+                self.machine.commit_unavailable(effect.round_id)
+            raise
+        with self._lock:
+            self._state = new_state
+            if self.ledger is not None:
+                self.ledger.record_round(epsilon)
+            closed = self.machine.commit_done(effect.round_id, effect.base_version + 1)
+            effects = self.machine.take_effects()
+        log.info("round %d committed version %d (%s): %s", effect.round_num, closed.new_version, effect.why,
+                 _figures(effect.summary))
+        return effects
+
+    def _record_failure(self, effect: FailRound) -> None:
+        log.warning("round %d failed: %s; %s", effect.round_num, effect.reason, _figures(effect.summary))
+        with self._lock:
+            self._unrecorded_failures.append(effect)
         self._record_failures()
-        self._forget(r, _ClosedRound("failed", why or reason, {}))
-        log.warning("round %d failed: %s; %s", r.round_num, reason, _figures(summary))
 
     def _record_failures(self) -> None:
-        while self._unrecorded_failures:
-            round_id, reason, summary, participations = self._unrecorded_failures[0]
+        """Write the failed rounds a store outage held back (the round is abandoned either way; if the
+        process dies first, the next start marks it failed)."""
+        while True:
+            with self._lock:
+                if not self._unrecorded_failures:
+                    return
+                effect = self._unrecorded_failures[0]
             try:
-                self.store.fail_round(round_id, reason, summary=summary, participations=participations)
+                self.store.fail_round(effect.round_id, effect.reason, summary=effect.summary,
+                                      participations=effect.participations)
             except StoreUnavailable:
                 return
             except StoreError:
                 pass  # already closed by someone else (a restart): nothing left to record
-            self._unrecorded_failures.pop(0)
-
-    def _forget(self, r: _Round, closed: _ClosedRound) -> None:
-        self._closed[r.round_id] = closed
-        while len(self._closed) > 8:
-            self._closed.popitem(last=False)
-        self._round = None
+            with self._lock:
+                if self._unrecorded_failures and self._unrecorded_failures[0] is effect:
+                    self._unrecorded_failures.pop(0)
 
     def record_progress(self) -> bool:
         """Write the open round's counts to the store if they changed since last written, so that
@@ -743,12 +681,8 @@ class Coordinator:
         report); the write happens outside the lock, and a store that refuses it now gets the counts on a
         later call. True if something was written."""
         with self._lock:
-            r = self._round
-            if r is None or r.commit_due is not None:
-                return False
-            progress = (r.round_id, len(r.assigned), r.answered(), len(r.accepted), len(r.refused),
-                        r.aggregate.total_weight)
-            if progress == self._progress_written:
+            progress = self.machine.progress()
+            if progress is None or progress == self._progress_written:
                 return False
         round_id, selected, reported, accepted, refused, weight = progress
         try:
@@ -772,38 +706,45 @@ class Coordinator:
         that are in no model version, for the caller to report and to exit non-zero with."""
         give_up = time.monotonic() + grace_s
         with self._lock:
-            self._stopping = True
-            r = self._round
-            if r is None:
-                self._record_failures()
-                return ShutdownOutcome("idle", "no round was open")
-            if r.commit_due is None and len(r.accepted) < self.task.rounds.minimum:
-                self._fail(r, "the coordinator shut down before the round had enough reports")
-                return ShutdownOutcome("failed", f"round {r.round_num} failed: it had {len(r.accepted)} of "
-                                                 f"the {self.task.rounds.minimum} reports it needs",
-                                       round_num=r.round_num)
-        attempts = 0
+            r = self.machine.round
+            what = self.machine.stop(self._clock())
+            effects = self.machine.take_effects()
+        self._perform(effects)
+        self._record_failures()
+        if r is None or what is None:
+            return ShutdownOutcome("idle", "no round was open")
+        if what == "failed":
+            return ShutdownOutcome("failed", f"round {r.round_num} failed: it had {len(r.accepted)} of "
+                                             f"the {self.task.rounds.minimum} reports it needs",
+                                   round_num=r.round_num)
+        attempts = 1
         while True:
             with self._lock:
-                attempts += 1
-                self._commit(r, r.commit_due or "shutdown")
-                closed = self._closed.get(r.round_id)
-                if closed is not None:
-                    self._record_failures()
-                    if closed.state == "committed":
-                        return ShutdownOutcome("committed", f"round {r.round_num} committed version "
-                                                            f"{self._version} with {len(r.accepted)} updates",
-                                               round_num=r.round_num)
-                    return ShutdownOutcome("failed", f"round {r.round_num} failed: {closed.why}",
-                                           round_num=r.round_num)
+                closed = self.machine.closed.get(r.round_id)
+                in_flight = self.machine.round is r and r.committing
+            if closed is not None:
+                self._record_failures()
+                if closed.state == "committed":
+                    return ShutdownOutcome(
+                        "committed", f"round {r.round_num} committed version {closed.new_version} with "
+                                     f"{len(r.accepted)} updates", round_num=r.round_num)
+                return ShutdownOutcome("failed", f"round {r.round_num} failed: {closed.why}",
+                                       round_num=r.round_num)
             if time.monotonic() + retry_every_s > give_up:
                 break
+            if in_flight:  # another thread's commit attempt is out: wait for its answer
+                with self._changed:
+                    self._changed.wait(retry_every_s)
+                continue
             time.sleep(retry_every_s)
+            attempts += 1
+            self.tick()  # the commit is due again: the machine emits it
         return ShutdownOutcome(
             "lost", f"LOST {len(r.accepted)} accepted update(s) of round {r.round_num} (round id "
                     f"{r.round_id}): its commit was due but the store stayed unavailable for the "
                     f"{grace_s:g} s shutdown grace ({attempts} attempts); they are in no model version",
             round_num=r.round_num, lost_updates=len(r.accepted))
+
 
 
 @dataclass(frozen=True)
@@ -856,6 +797,12 @@ def _figures(summary: RoundSummary) -> str:
     return (f"{summary.num_reported} reports ({summary.num_accepted} accepted, {summary.num_refused} "
             f"refused) of {summary.num_selected} selected, weight {summary.total_weight:.6g}, "
             f"{summary.metrics.get('seconds', 0.0):.1f} s" + (f"; {metrics}" if metrics else ""))
+
+
+def _sampling_text(population: int, clients_per_round: int) -> str:
+    if population == clients_per_round:
+        return "no amplification by sampling (every round counts for every user)"
+    return f"{clients_per_round} of {population} users a round, assumed uniformly random"
 
 
 def _store_unavailable(err: StoreError) -> Refusal:

@@ -25,6 +25,13 @@ Written by people as TOML (or JSON), for example::
     max_update_norm = 20.0           # each update is clipped to this L2 norm (norm_policy = "clip")
     reduction = "mean"               # or "trimmed_mean" (trim_fraction) or "median"
 
+    # User-level differential privacy: noise_multiplier in [aggregation] (with weighting = "uniform" and
+    # the clip above) adds Gaussian noise to each round's sum; [privacy] says how it is accounted.
+    [privacy]
+    delta = 1e-6
+    epsilon_budget = 8.0             # no round is committed that would take epsilon past this
+    population = 1000000             # optional: see PrivacySettings (absent: no sampling amplification)
+
 The whole description is stored with the task, so ``fedrecon status`` and a restarted coordinator see what
 was run; a coordinator refuses to serve a task whose stored description differs from the one it is given.
 """
@@ -42,6 +49,7 @@ from typing import Any
 
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.privacy import DEFAULT_DELTA, AccountantKind, PrivacyParameters, Sampling
 
 #: Fields of ``[rounds]`` written by older releases, now settings of ``[aggregation]``.
 LEGACY_ROUND_FIELDS = ("max_update_norm", "norm_policy")
@@ -109,6 +117,46 @@ class RoundSettings:
 
 
 @dataclass(frozen=True)
+class PrivacySettings:
+    """How the coordinator accounts for a task's DP noise (``[aggregation] noise_multiplier``).
+
+    Every committed round releases one noisy sum; ε at ``delta`` after the rounds committed so far is
+    computed by the ``dp-accounting`` library and stored with each round. Without ``population`` each round
+    is accounted as the plain Gaussian mechanism on every user (no amplification by sampling: the honest
+    default, since a coordinator takes the devices that check in first, not a random sample). With
+    ``population`` = N the accountant assumes the K reporting devices of a round are a uniform random
+    sample of N devices (fixed-size sampling, replace-one; the RDP accountant): state it only if check-ins
+    are randomised (devices check in at random times) and N is the eligible population."""
+
+    delta: float = DEFAULT_DELTA
+    epsilon_budget: float | None = None  # no round commits that would take ε past it
+    population: int | None = None
+    accountant: AccountantKind = AccountantKind.RDP
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "accountant", AccountantKind(self.accountant))
+        if not 0 < self.delta < 1:
+            raise ValueError("[privacy] delta must be in (0, 1)")
+        if self.epsilon_budget is not None and not (self.epsilon_budget > 0 and math.isfinite(
+                self.epsilon_budget)):
+            raise ValueError("[privacy] epsilon_budget must be positive and finite (or absent)")
+        if self.population is not None and self.population < 1:
+            raise ValueError("[privacy] population must be at least 1 (or absent)")
+
+    def parameters(self, noise_multiplier: float, clients_per_round: int) -> PrivacyParameters:
+        """The accountant's view of a round: K of N users (N = K, q = 1, without a population)."""
+        if self.population is None:
+            return PrivacyParameters(noise_multiplier, clients_per_round, clients_per_round, self.delta,
+                                     Sampling.POISSON, self.accountant)
+        return PrivacyParameters(noise_multiplier, self.population, clients_per_round, self.delta,
+                                 Sampling.FIXED, self.accountant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"delta": self.delta, "epsilon_budget": self.epsilon_budget, "population": self.population,
+                "accountant": str(self.accountant)}
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     model: dict[str, Any]
@@ -122,17 +170,25 @@ class TaskSpec:
     # None: the model's item indices are the ids. Part of the stored description (another vocabulary is
     # another task).
     item_ids: tuple[int, ...] | None = None
+    # Set (defaults filled in) whenever the aggregation adds DP noise; None for a task without noise.
+    privacy: PrivacySettings | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"task name {self.name!r} must be letters, digits, '-' or '_'")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        if self.aggregation.noise_multiplier is not None:
-            # Noise without the accountant, the budget and the stated guarantee would be a promise the
-            # coordinator cannot keep yet: refuse rather than run an unaccounted "DP" task.
-            raise ValueError("[aggregation] noise_multiplier: differential privacy is available in "
-                             "'fedrecon simulate' only; the coordinator does not account for it yet")
+        z = self.aggregation.noise_multiplier
+        if z is None and self.privacy is not None:
+            raise ValueError("[privacy] accounts for DP noise, but [aggregation] sets no noise_multiplier")
+        if z is not None:
+            if self.privacy is None:  # noise is always accounted: the defaults, stated in the description
+                object.__setattr__(self, "privacy", PrivacySettings())
+            assert self.privacy is not None
+            try:
+                self.privacy.parameters(z, self.rounds.clients_per_round)
+            except ValueError as err:
+                raise ValueError(f"[privacy] {err}") from err
         if self.item_ids is not None:
             _check_vocabulary(self.item_ids, self.model.get("num_items"))
 
@@ -141,13 +197,14 @@ class TaskSpec:
         rounds["retry_delay_s"] = list(self.rounds.retry_delay_s)
         return {"name": self.name, "model": dict(self.model), "training": self.training.to_dict(),
                 "rounds": rounds, "aggregation": self.aggregation.to_dict(), "batch_size": self.batch_size,
-                "seed": self.seed, **({"item_ids": list(self.item_ids)} if self.item_ids is not None else {})}
+                "seed": self.seed, **({"item_ids": list(self.item_ids)} if self.item_ids is not None else {}),
+                **({"privacy": self.privacy.to_dict()} if self.privacy is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: Path | None = None) -> TaskSpec:
         """``base``: the folder a relative ``item_vocabulary`` path is read from (the task file's)."""
         known = {"name", "model", "training", "rounds", "aggregation", "batch_size", "seed", "item_ids",
-                 "item_vocabulary"}
+                 "item_vocabulary", "privacy"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown task fields {sorted(unknown)}; known: {sorted(known)}")
@@ -163,7 +220,9 @@ class TaskSpec:
                        training=FedReconConfig.from_dict(dict(data.get("training", {}))),
                        rounds=RoundSettings(**rounds), aggregation=AggregationConfig.from_dict(aggregation),
                        batch_size=int(data.get("batch_size", 5)), seed=int(data.get("seed", 0)),
-                       item_ids=_item_ids(data, base))
+                       item_ids=_item_ids(data, base),
+                       privacy=(PrivacySettings(**data["privacy"]) if data.get("privacy") is not None
+                                else None))
         except TypeError as err:  # an unknown field in a sub-table
             raise ValueError(f"bad task description: {err}") from err
 

@@ -139,7 +139,7 @@ class Simulation:
             chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
         aggregate = self.algorithm.new_aggregate(max_clients=max(len(chosen), 1), batch_size=s.batch_size,
                                                  expected_clients=s.clients_per_round,
-                                                 noise_rng=noise_rng(s.seed, round_num))
+                                                 noise_rng=noise_rng(s.seed, round_num), state=state)
         loss_sum = examples = 0.0
         non_finite = 0
         if chosen:  # a Poisson round may select nobody: the DP sum is then noise alone

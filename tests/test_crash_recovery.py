@@ -56,7 +56,7 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
     task.write_text(TASK)
     data = load_dataset("synthetic", seed=42)
     users = sorted(data.train)[:2 * PER_ROUND]
-    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=90.0)
+    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=90.0, connect_timeout_s=None)  # patient
 
     first = CoordinatorProcess(task, store_url, tmp_path, name="first")
     address = first.address

@@ -123,14 +123,6 @@ def dataclasses_replace(config: AggregationConfig, **changes: float) -> Aggregat
     return dataclasses.replace(config, **changes)
 
 
-def test_the_coordinator_refuses_unaccounted_noise() -> None:
-    from fedrecon.server.task import TaskSpec
-
-    with pytest.raises(ValueError, match="coordinator does not account"):
-        TaskSpec.from_dict({"name": "t", "model": {"kind": "matrix_factorization", "num_items": 3},
-                            "aggregation": {"weighting": "uniform", "noise_multiplier": 1.0}})
-
-
 def test_budgeted_simulation_stops_and_reports_epsilon_per_round() -> None:
     from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
     from fedrecon.simulations.ratings import load_dataset

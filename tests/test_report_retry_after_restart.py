@@ -46,7 +46,7 @@ def test_a_committed_report_retried_after_a_restart_is_answered_as_in_the_model(
     task.write_text(TASK)
     data = load_dataset("synthetic", seed=42)
     users = sorted(data.train)[:4]
-    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=60.0)
+    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=60.0, connect_timeout_s=None)  # patient
 
     first = CoordinatorProcess(task, store_url, tmp_path, name="first")
     clients = {u: FederatedClient(first.address, "retry", f"user-{u}", data.train[u], retry=retry)

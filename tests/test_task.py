@@ -69,3 +69,13 @@ def test_task_table_is_read_as_written_and_bad_files_name_themselves(tmp_path: P
     path.write_text("name = \n")
     with pytest.raises(ValueError, match=r"task\.toml: Invalid value"):
         read_task_table(path)
+
+
+def test_the_example_dp_task_states_its_accounting() -> None:
+    """The figures its comments state are the accountant's (no amplification, z = 10, δ 1e-6)."""
+    spec = TaskSpec.load(TASKS / "movielens-2998u-dp.toml")
+    assert spec.privacy is not None and spec.aggregation.noise_multiplier == 10.0
+    parameters = spec.privacy.parameters(10.0, spec.rounds.clients_per_round)
+    assert [round(parameters.epsilon_after(n), 2) for n in (1, 100, 200)] == [0.43, 5.22, 7.77]
+    budget = spec.privacy.epsilon_budget
+    assert budget is not None and parameters.epsilon_after(210) <= budget < parameters.epsilon_after(211)

@@ -20,9 +20,14 @@ Design:
 * SQLite is the default (a file next to the coordinator, nothing to operate); any SQLAlchemy URL works, and
   the test suite runs the same contract against PostgreSQL. The schema is migrated by Alembic on start
   (`fedrecon.server.migrations`).
+* The records and errors import no database driver: SQLAlchemy loads only when `SqlStore`, `open_store` or
+  `require_label` is first used, so pure code (the round state machine) can speak the store's types.
 """
 
-from .opening import open_store
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .records import (
     CredentialRecord,
     DuplicateTask,
@@ -47,7 +52,23 @@ from .records import (
     UnknownVersion,
     VersionRecord,
 )
-from .sql_store import SqlStore, require_label
+
+if TYPE_CHECKING:
+    from .opening import open_store
+    from .sql_store import SqlStore, require_label
+
+_LAZY = {"SqlStore": "sql_store", "require_label": "sql_store", "open_store": "opening"}
+
+
+def __getattr__(name: str) -> Any:
+    """The SQL parts on first use (PEP 562), so importing a record does not import SQLAlchemy."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CredentialRecord",
