@@ -38,7 +38,13 @@ from fedrecon.core.secagg import (
 )
 from fedrecon.core.secagg.graph import ring_order
 from fedrecon.core.secagg.local import DropoutPlan, local_round, secure_sum
-from fedrecon.core.secagg.messages import EncryptedShare, EncryptedShares, MaskedInput, UnmaskRequest
+from fedrecon.core.secagg.messages import (
+    EncryptedShare,
+    EncryptedShares,
+    KeyAdvertisement,
+    MaskedInput,
+    UnmaskRequest,
+)
 
 
 def seeded_entropy(label: int) -> Callable[[int], bytes]:
@@ -329,6 +335,29 @@ def test_reveals_the_request_did_not_ask_for_are_refused_whole() -> None:
     server.receive_unmasking(honest)  # the honest answer is still taken
     with pytest.raises(MalformedMessage, match="already answered"):
         server.receive_unmasking(honest)
+
+
+def test_unusable_keys_are_refused_at_advertisement_and_the_round_goes_on() -> None:
+    p, clients, updates, quantised = make_round(6, 20, seed=13)
+    server = SecAggServer(p)
+    receive = server.receive_keys
+
+    def hostile_or_not(message: KeyAdvertisement) -> None:
+        if message.sender == 6:
+            for bad in (bytes(32), b"short"):  # a low-order point (every agreement would be zero); 5 bytes
+                with pytest.raises(MalformedMessage, match="client 6: unusable public key"):
+                    receive(dataclasses.replace(message, mask_public_key=bad))
+            with pytest.raises(MalformedMessage, match="commitment"):
+                receive(dataclasses.replace(message, self_seed_commitment=b"x"))
+            return
+        receive(message)
+        with pytest.raises(MalformedMessage, match="already advertised"):
+            receive(message)
+
+    server.receive_keys = hostile_or_not  # type: ignore[method-assign]
+    result = local_round(p, quantised.__getitem__, clients=clients, server=server)
+    assert result.survivors == frozenset(range(1, 6)) and not result.dropped  # 6 never entered U1
+    check_sum(result.total, result.survivors, p, updates, quantised)
 
 
 def test_the_client_refuses_requests_that_could_unmask_someone() -> None:

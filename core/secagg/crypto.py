@@ -68,6 +68,13 @@ def load_public_key(raw: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(raw)
 
 
+def check_agreeable(raw: bytes) -> None:
+    """Raises ValueError for a public key no agreement can use: a low-order point makes every shared secret
+    zero (``cryptography`` refuses it), so a client advertising one would break its neighbours' rounds
+    instead of only its own. One throwaway agreement tells, whatever the private key."""
+    X25519PrivateKey.generate().exchange(load_public_key(raw))
+
+
 def seed_commitment(round_id: bytes, owner: int, self_seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed, advertised with the keys, so the coordinator can tell a
     correctly reconstructed seed from one made of a corrupted share (the seed has 128 bits of entropy, so

@@ -90,10 +90,10 @@ class SecAggServer:
         if message.sender in self._keys:
             raise MalformedMessage(f"client {message.sender} already advertised its keys")
         try:
-            crypto.load_public_key(message.mask_public_key)
-            crypto.load_public_key(message.encryption_public_key)
+            crypto.check_agreeable(message.mask_public_key)
+            crypto.check_agreeable(message.encryption_public_key)
         except ValueError as error:
-            raise MalformedMessage(f"client {message.sender}: {error}") from error
+            raise MalformedMessage(f"client {message.sender}: unusable public key ({error})") from error
         if len(message.self_seed_commitment) != crypto.COMMITMENT_BYTES:
             raise MalformedMessage(f"client {message.sender}: the commitment has "
                                    f"{len(message.self_seed_commitment)} bytes")
