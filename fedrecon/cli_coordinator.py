@@ -331,7 +331,8 @@ def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
             "reported": r.num_reported, "accepted": r.num_accepted, "refused": r.num_refused,
             "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
             "closed_at": r.closed_at.isoformat() if r.closed_at else None,
-            "failure_reason": r.failure_reason, "metrics": r.metrics} for r in all_rounds[-rounds:]],
+            "failure_reason": r.failure_reason, "metrics": r.metrics,
+            "stages": list(r.stages) if r.stages is not None else None} for r in all_rounds[-rounds:]],
         # Pooled over the version's evaluations; null where not meaningful (no examples, or sums stored
         # before the counts were bounded that overflow the float range).
         "evaluations": [{"version": e.version, "clients": e.num_clients, "examples": _finite_or_none(

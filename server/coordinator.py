@@ -29,6 +29,7 @@ import math
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,6 +96,7 @@ MAX_ECHO_CHARS = 64  # a client's string quoted back in an error message is cut 
 # How long a check-in waits for a round being opened or committed (a store write) before it is given a
 # retry window instead: long enough for a healthy store, short enough to free the gRPC worker.
 BUSY_WAIT_S = 10.0
+FINISHED_ROUNDS_CACHED = 4096  # GetRound answers of finished rounds kept (a few hundred bytes each)
 
 
 class Coordinator:
@@ -127,7 +129,12 @@ class Coordinator:
         self._state = ServerState(globals_from_bytes(parameters, self._names),
                                   optimizer_state_from_bytes(optimizer_state), latest.version,
                                   clip_bound_from_bytes(optimizer_state))
-        committed = sum(1 for r in store.list_rounds(task.name) if r.state == "committed")
+        stored_rounds = store.list_rounds(task.name)
+        committed = sum(1 for r in stored_rounds if r.state == "committed")
+        # Round outcomes for GetRound: a finished round never changes, so each is read from the store once;
+        # ids above the newest round this task has opened are no round of it and cost no read at all.
+        self._newest_round_id = max((r.round_id for r in stored_rounds), default=0)
+        self._finished: OrderedDict[int, RoundOutcome | None] = OrderedDict()  # None: not this task's
         self.ledger = self._privacy_ledger(committed)
         # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
         noise_rng = np.random.default_rng(secrets.randbits(128)) if self.ledger is not None else None
@@ -445,28 +452,46 @@ class Coordinator:
         store), committed into a version, or failed. Lets a client tell whether the updates it had accepted
         went into a model version. NOT_FOUND for a round the task does not have."""
         self._check_task(task_name)
+        unknown = Refusal(Status.NOT_FOUND, "unknown_round", f"task {task_name!r} has no round id {round_id}")
         with self._lock:
             open_round = self.machine.outcome(round_id)
-        if open_round is not None:
-            return open_round
-        unknown = Refusal(Status.NOT_FOUND, "unknown_round", f"task {task_name!r} has no round id {round_id}")
-        if not 1 <= round_id < 2**31:  # never asks the store about a value it cannot hold
-            raise unknown
+            if open_round is not None:
+                return open_round
+            if not 1 <= round_id <= self._newest_round_id:  # not opened by this task (yet): no store read
+                raise unknown
+            if round_id in self._finished:
+                cached = self._finished[round_id]
+                if cached is None:
+                    raise unknown
+                return cached
         try:
             record = self.store.get_round(round_id)
         except UnknownRound:
-            raise unknown from None
+            record = None
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
-        if record.task != self.task.name:
+        if record is None or record.task != self.task.name:
+            self._remember_finished(round_id, None)
             raise unknown
+        outcome = None
         if record.state == RoundState.COMMITTED:
-            return RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
-                                record.num_accepted)
-        if record.state == RoundState.FAILED:
-            return RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
-                                record.failure_reason or "failed")
+            outcome = RoundOutcome(round_id, record.round_num, RoundView.COMMITTED, record.new_version,
+                                   record.num_accepted)
+        elif record.state == RoundState.FAILED:
+            outcome = RoundOutcome(round_id, record.round_num, RoundView.FAILED, None, record.num_accepted,
+                                   record.failure_reason or "failed")
+        if outcome is not None:
+            self._remember_finished(round_id, outcome)
+            return outcome
+        # Unfinished in the store but not the open round here: it is closing (its commit or failure is
+        # being written), so it is not cached.
         return RoundOutcome(round_id, record.round_num, RoundView.OPEN, num_accepted=record.num_accepted)
+
+    def _remember_finished(self, round_id: int, outcome: RoundOutcome | None) -> None:
+        with self._lock:
+            self._finished[round_id] = outcome
+            while len(self._finished) > FINISHED_ROUNDS_CACHED:
+                self._finished.popitem(last=False)
 
 
     # ----- evaluation ----------------------------------------------------------------------------------
@@ -571,6 +596,7 @@ class Coordinator:
         s = self.task.rounds
         with self._lock:  # logged before any assignment to the round can be
             self.machine.round_opened(effect, record.round_id, record.round_num)
+            self._newest_round_id = max(self._newest_round_id, record.round_id)
             log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at "
                      "%d reports, or at least %d by the deadline %s", record.round_num, effect.base_version,
                      s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,

@@ -446,7 +446,8 @@ class RoundMachine:
         summary = RoundSummary(num_selected=len(r.assigned), num_reported=r.answered(),
                                num_accepted=len(r.accepted), num_refused=len(r.refused),
                                total_weight=r.aggregate.total_weight,  # as folded: capped (or 1 each)
-                               metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
+                               metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+                               stages=r.aggregate.report.stages)
         return summary, tuple(participations)
 
     def _close(self, r: OpenRoundState, why: str, now: float | None) -> None:

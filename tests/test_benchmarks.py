@@ -81,3 +81,17 @@ def test_fault_drill_loses_nothing_and_holds_against_hostile_clients(tmp_path: P
     # 2 normal + dropouts + the round after the flood + outweigh + 2 huge + impersonation + late + the round
     # after the kill commit; the killed round, mallory's and the idle-stream probes' rounds fail.
     assert drill["rounds_committed"] == 10 and drill["rounds_failed"] == 3
+
+
+def test_secagg_cost_writes_the_documented_rows(tmp_path: Path) -> None:
+    """A tiny run (12 clients, 64 values): the same rows privacy_table's secagg section will carry."""
+    out = tmp_path / "secagg.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "secagg_cost.py"), "--clients", "12",
+                           "--vector-length", "64", "--out", str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["secagg"]
+    assert row["clients"] == 12 and row["dropped"] == 4 and row["dropout_recovered"] is True
+    assert row["plain_upload_bytes_per_client"] == 4 + 4 * 64
+    assert row["upload_bytes_per_client"] > row["plain_upload_bytes_per_client"]  # keys and shares on top
+    assert row["client_ms"] > 0 and row["coordinator_ms_per_client"] > 0

@@ -29,6 +29,9 @@ def test_extras_give_each_use_what_it_runs() -> None:
     assert {"fedrecon", "matplotlib"} <= _names(extras["sim"]) and "fedrecon[tf,cli]" in extras["sim"]
     assert {"sqlalchemy", "alembic", "psycopg"} <= _names(extras["server"])
     assert not _names(extras["server"]) & {"tensorflow-cpu", "matplotlib"}  # the coordinator runs without
+    # Secure aggregation: the coordinator always has it, an app opts in (the base stays light).
+    assert _names(extras["secagg"]) == {"cryptography", "pycryptodome"}
+    assert "fedrecon[cli,secagg]" in extras["server"] and "secagg" in extras["dev"][0]
     assert "<3.12" not in PROJECT["requires-python"]
 
 

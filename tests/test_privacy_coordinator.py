@@ -99,6 +99,8 @@ def test_noise_epsilon_per_round_and_the_budget_across_a_restart(tmp_path: Path)
     (info,) = json.loads(status.output)["tasks"]
     assert info["privacy"]["epsilon"] == pytest.approx(two) and info["privacy"]["rounds_accounted"] == 2
     assert info["privacy"]["noise_multiplier"] == Z and info["privacy"]["population"] is None
+    stages = ["uniform_weights", "norm_clip", "gaussian_sum"]  # what ran, recorded with each round
+    assert [r["stages"] for r in info["recent_rounds"]] == [stages, stages]
     human = CliRunner().invoke(app, ["status", "--store", url])
     assert f"privacy: epsilon {two:.4g} of the budget" in human.output, human.output
 

@@ -287,3 +287,33 @@ def test_a_slow_commit_blocks_no_other_call(tmp_path: Path) -> None:
         assert not committer.is_alive() and goal and goal[0].accepted
         assert c.version == 1 and store.get_round(a.round_id).state == "committed"
         assert answered_in < 60  # they answered, and did not merely time out with the commit
+
+
+class _CountingStore(SqlStore):
+    """A real SQLite store that counts round lookups."""
+
+    reads = 0
+
+    def get_round(self, round_id: int):  # type: ignore[no-untyped-def, override]
+        self.reads += 1
+        return super().get_round(round_id)
+
+
+def test_round_queries_read_a_finished_round_once_and_unknown_ids_never(tmp_path: Path) -> None:
+    task = TaskSpec(name="movies", model=MODEL, rounds=RoundSettings(clients_per_round=1, over_selection=1.0,
+                                                                     min_reports=1))
+    with _CountingStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        c = Coordinator(store, task, clock=ManualClock())
+        a = c.check_in("movies", "a", 1)
+        assert isinstance(a, Assignment)
+        c.report("movies", "a", a.round_id, a.token, 1.0, {}, [np.zeros((6, 2), np.float32)])
+        for _ in range(50):  # a client polling, or a hostile one: the store is read once
+            outcome = c.round_outcome("movies", a.round_id)
+            assert outcome.state == RoundState.COMMITTED and outcome.new_version == 1
+        assert store.reads == 1
+        for guess in (a.round_id + 1, 10**6, 2**31 - 1, 0, -5):  # ids this task never opened
+            _refused(lambda g=guess: c.round_outcome("movies", g), Status.NOT_FOUND, "unknown_round")
+        assert store.reads == 1
+    with _CountingStore(f"sqlite:///{tmp_path / 's.db'}") as store:  # a restart knows its past rounds
+        again = Coordinator(store, task, clock=ManualClock())
+        assert again.round_outcome("movies", a.round_id).new_version == 1 and store.reads == 1

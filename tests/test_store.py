@@ -11,6 +11,7 @@ import hmac
 import json
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,6 +29,8 @@ from fedrecon.server.migrations import downgrade_to, upgrade_to_head
 from fedrecon.server.store import (
     DuplicateTask,
     InvalidTransition,
+    LeaseHeld,
+    LeaseLost,
     Outcome,
     Participation,
     RoundState,
@@ -438,7 +441,7 @@ def test_in_memory_sqlite_is_one_database_for_every_thread() -> None:
 # -- migrations -----------------------------------------------------------------------------------------
 
 
-HEAD = "0005"  # the newest revision in server/migrations/versions
+HEAD = "0007"  # the newest revision in server/migrations/versions
 
 
 def _schema_diff(url: str) -> list[object]:
@@ -683,3 +686,60 @@ def test_migration_0005_downgrades_and_upgrades_again_without_losing_a_salt(db_u
         assert store.get_task("movies").pseudonym_salt == created.pseudonym_salt == "cd" * 32
         assert store.evaluation_summaries("movies")[0].num_examples == 3.0
     assert _schema_diff(db_url) == [HEAD]
+
+
+# -- leases: one leader per task, fenced writes ------------------------------------------------------------
+
+
+def _expired(store: SqlStore, task: str) -> bool:
+    lease = store.get_lease(task)
+    return lease is not None and lease.expires_at <= datetime.now(UTC)
+
+
+def test_a_lease_has_one_holder_and_a_new_holder_fences_the_old_one(store: SqlStore) -> None:
+    _task(store)
+    first = store.acquire_lease("movies", "replica-a", ttl_s=60)
+    assert (first.holder, first.epoch) == ("replica-a", 1)
+    assert store.acquire_lease("movies", "replica-a", ttl_s=60).epoch == 1  # the holder extends its lead
+    with pytest.raises(LeaseHeld) as held:
+        store.acquire_lease("movies", "replica-b", ttl_s=60)
+    assert held.value.holder == "replica-a"
+    opened = store.open_round("movies", base_version=0, target=2, min_reports=1, deadline=_deadline(),
+                              fencing=first)
+    # The lead runs out (a paused or cut-off leader) and another coordinator takes the task.
+    store.acquire_lease("movies", "replica-a", ttl_s=0.05)
+    give_up = time.monotonic() + 60
+    while not _expired(store, "movies"):
+        assert time.monotonic() < give_up
+        time.sleep(0.02)
+    second = store.acquire_lease("movies", "replica-b", ttl_s=60)
+    assert (second.holder, second.epoch) == ("replica-b", 2)
+    # Every write of the old leader is refused, and nothing of it lands.
+    with pytest.raises(LeaseLost):
+        store.commit_round(opened.round_id, parameters=PAYLOAD, optimizer_state=b"o", summary=SUMMARY,
+                           participations=PARTICIPATIONS, fencing=first)
+    with pytest.raises(LeaseLost):
+        store.open_round("movies", base_version=0, target=2, min_reports=1, deadline=_deadline(),
+                         fencing=first)
+    with pytest.raises(LeaseLost):
+        store.renew_lease(first, ttl_s=60)
+    assert store.get_round(opened.round_id).state == RoundState.OPEN
+    assert [v.version for v in store.list_versions("movies")] == [0]
+    assert store.participations(opened.round_id) == []
+    # The new leader's writes go through.
+    store.commit_round(opened.round_id, parameters=PAYLOAD, optimizer_state=b"o", summary=SUMMARY,
+                       participations=PARTICIPATIONS, fencing=second)
+    assert [v.version for v in store.list_versions("movies")] == [0, 1]
+    assert store.renew_lease(second, ttl_s=60).epoch == 2
+
+
+def test_a_released_lease_is_taken_at_once(store: SqlStore) -> None:
+    _task(store)
+    lease = store.acquire_lease("movies", "replica-a", ttl_s=600)
+    store.release_lease(lease)
+    assert store.acquire_lease("movies", "replica-b", ttl_s=600).epoch == 2
+    store.release_lease(lease)  # a lost lease's release changes nothing
+    with pytest.raises(LeaseHeld):
+        store.acquire_lease("movies", "replica-c", ttl_s=600)
+    with pytest.raises(ValueError, match="holder id"):
+        store.acquire_lease("movies", "x" * 129, ttl_s=1)

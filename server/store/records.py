@@ -136,6 +136,7 @@ class RoundRecord:
     new_version: int | None
     failure_reason: str | None
     metrics: dict[str, Any]
+    stages: tuple[str, ...] | None = None  # the aggregation stages that ran, once closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,7 @@ class RoundSummary:
     num_refused: int
     total_weight: float
     metrics: dict[str, float]
+    stages: tuple[str, ...] = ()  # the aggregation stages that ran, in order (the round records them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +286,39 @@ class InvalidTransition(StoreError):
         self.round_id = round_id
         self.task = task
         self.state = state
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A coordinator's lead of a task: ``epoch`` is the fencing token its round writes carry."""
+
+    task: str
+    holder: str
+    epoch: int
+    expires_at: datetime
+
+
+class LeaseHeld(StoreError):
+    """Another coordinator leads the task and its lease has not expired."""
+
+    def __init__(self, task: str, holder: str, expires_at: datetime) -> None:
+        super().__init__(f"task {task!r} is led by {holder!r} until {expires_at:%H:%M:%S} UTC")
+        self.task = task
+        self.holder = holder
+        self.expires_at = expires_at
+
+
+class LeaseLost(StoreError):
+    """The writer's lease epoch is no longer the task's: another coordinator took the lead meanwhile, so
+    nothing was written (fencing)."""
+
+    def __init__(self, task: str, epoch: int, current: int | None, holder: str | None) -> None:
+        now = f"epoch {current} held by {holder!r}" if current is not None else "no lease"
+        super().__init__(f"this coordinator's lead of task {task!r} (epoch {epoch}) is lost ({now}); "
+                         "nothing was written")
+        self.task = task
+        self.epoch = epoch
+        self.current = current
 
 
 class StaleRound(StoreError):

@@ -107,6 +107,9 @@ class Base(DeclarativeBase):
     }
 
 
+HOLDER_LENGTH = 128  # a coordinator's replica id (host:pid:random by default)
+
+
 class Task(Base):
     __tablename__ = "tasks"
 
@@ -118,6 +121,19 @@ class Task(Base):
     # Always written; nullable only because SQLite cannot add a NOT NULL column to a referenced table
     # inside a transaction (see the migration).
     pseudonym_salt: Mapped[str | None] = mapped_column(String(SALT_LENGTH))
+
+
+class TaskLease(Base):
+    """Which coordinator leads a task's rounds (migration 0007). ``epoch`` is the fencing token: it grows
+    whenever another holder takes the lease, and every round write of a leader carries the epoch it led
+    under, so a leader that was paused past its lease can never write over its successor."""
+
+    __tablename__ = "task_leases"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(HOLDER_LENGTH))
+    epoch: Mapped[int]
+    expires_at: Mapped[datetime]
 
 
 class Round(Base):
@@ -145,6 +161,9 @@ class Round(Base):
     new_version: Mapped[int | None]
     failure_reason: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]]
+    # The aggregation stages that ran, in order (e.g. uniform_weights, norm_clip, gaussian_sum); null for
+    # rounds closed before migration 0006 and for rounds still open.
+    stages: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class ModelVersion(Base):

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
@@ -44,6 +44,9 @@ from .records import (
     DuplicateTask,
     EvaluationSummary,
     InvalidTransition,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
     Outcome,
     Participation,
     RoundRecord,
@@ -63,6 +66,7 @@ from .records import (
 )
 from .schema import (
     CLIENT_KEY_LENGTH,
+    HOLDER_LENGTH,
     INTEGER_RANGE,
     LABEL_LENGTH,
     Credential,
@@ -71,6 +75,7 @@ from .schema import (
     ParticipationRow,
     Round,
     Task,
+    TaskLease,
     check_fits,
 )
 
@@ -278,7 +283,8 @@ class SqlStore:
     # -- rounds -----------------------------------------------------------------------------------------
 
     def open_round(
-        self, task: str, *, base_version: int, target: int, min_reports: int, deadline: datetime
+        self, task: str, *, base_version: int, target: int, min_reports: int, deadline: datetime,
+        fencing: Lease | None = None,
     ) -> RoundRecord:
         """Open a round training on ``base_version``, numbered one past the task's highest round (failed
         rounds count, so numbers are never reused). Raises `UnknownTask`, or `UnknownVersion` if the base
@@ -290,6 +296,7 @@ class SqlStore:
             )
         with self._write() as s:
             task_row = _task(s, task, lock=True)  # serialises round numbering per task
+            _check_fencing(s, task_row.id, task, fencing)
             if _version_id(s, task_row.id, base_version) is None:
                 raise UnknownVersion(task, base_version)
             highest = s.scalar(select(func.max(Round.round_num)).where(Round.task_id == task_row.id))
@@ -318,6 +325,7 @@ class SqlStore:
         optimizer_state: bytes,
         summary: RoundSummary,
         participations: Sequence[Participation],
+        fencing: Lease | None = None,
     ) -> VersionRecord:
         """Commit the round's aggregate as version ``base_version + 1`` and close the round, atomically.
 
@@ -328,7 +336,8 @@ class SqlStore:
         recorded (a non-finite metric is stored as null: JSON has no NaN). If anything fails — a refusal
         above or a constraint violation such as a client key listed twice (`StoreError`) — nothing is
         written and the round keeps its state. The task row is locked, so of two coordinators committing
-        rounds on the same base exactly one succeeds.
+        rounds on the same base exactly one succeeds. With ``fencing`` (the writer's lease) the lease must
+        still be the task's, else `LeaseLost` and nothing is written.
         """
         rows = [_participation_row(round_id, p) for p in participations]
         with self._write() as s:
@@ -337,6 +346,7 @@ class SqlStore:
                 raise UnknownRound(round_id)
             s.scalars(select(Task).where(Task.id == task_id).with_for_update(key_share=True)).one()
             row, task = _round(s, round_id, lock=True)
+            _check_fencing(s, task_id, task, fencing)
             if row.state is RoundState.OPEN:
                 _transition(row, task, RoundState.AGGREGATING, "commit")
             _check_transition(row, task, RoundState.COMMITTED, "commit", allowed=UNFINISHED_STATES)
@@ -365,6 +375,7 @@ class SqlStore:
         *,
         summary: RoundSummary | None = None,
         participations: Sequence[Participation] = (),
+        fencing: Lease | None = None,
     ) -> RoundRecord:
         """open/aggregating -> failed with ``reason`` and closed_at; the counts, metrics and participations
         are recorded when given. No model version is written and nothing else changes. Raises
@@ -372,6 +383,7 @@ class SqlStore:
         rows = [_participation_row(round_id, p) for p in participations]
         with self._write() as s:
             row, task = _round(s, round_id, lock=True)
+            _check_fencing(s, row.task_id, task, fencing)
             _transition(row, task, RoundState.FAILED, "fail")
             row.closed_at = utc_now()
             row.failure_reason = reason
@@ -380,6 +392,57 @@ class SqlStore:
             s.add_all(rows)
             s.flush()
             return _round_record(row, task)
+
+    # -- leases -------------------------------------------------------------------------------------------
+
+    def acquire_lease(self, task: str, holder: str, ttl_s: float) -> Lease:
+        """Lead ``task`` for ``ttl_s`` seconds: granted when nobody holds the lease, when it expired, or
+        when ``holder`` already holds it (then it is extended under the same epoch). A new holder gets the
+        next epoch, which fences off every write of earlier holders. Raises `LeaseHeld` while another
+        holder's lease runs, `UnknownTask`. Expiry is judged by this process's clock (UTC): replicas must
+        keep their clocks in sync to well under ``ttl_s``."""
+        _require_holder(holder, ttl_s)
+        with self._write() as s:
+            task_row = _task(s, task, lock=True)
+            row = s.get(TaskLease, task_row.id, with_for_update=True)
+            now = utc_now()
+            if row is None:
+                row = TaskLease(task_id=task_row.id, holder=holder, epoch=1, expires_at=now)
+                s.add(row)
+            elif row.holder != holder:
+                if row.expires_at > now:
+                    raise LeaseHeld(task, row.holder, row.expires_at)
+                row.holder = holder
+                row.epoch += 1
+            row.expires_at = now + timedelta(seconds=ttl_s)
+            s.flush()
+            return Lease(task, row.holder, row.epoch, row.expires_at)
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
+        """Extend ``lease`` by ``ttl_s`` from now; `LeaseLost` if another holder took the task meanwhile
+        (an expired lease nobody took is extended: no one else wrote under another epoch)."""
+        _require_holder(lease.holder, ttl_s)
+        with self._write() as s:
+            task_row = _task(s, lease.task, lock=True)
+            row = _fenced(s, task_row.id, lease.task, lease)
+            row.expires_at = utc_now() + timedelta(seconds=ttl_s)
+            s.flush()
+            return Lease(lease.task, row.holder, row.epoch, row.expires_at)
+
+    def release_lease(self, lease: Lease) -> None:
+        """End ``lease`` now (a graceful stop), so a standby can lead at once; a lost lease is left alone."""
+        with self._write() as s:
+            task_row = _task(s, lease.task, lock=True)
+            row = s.get(TaskLease, task_row.id, with_for_update=True)
+            if row is not None and row.epoch == lease.epoch and row.holder == lease.holder:
+                row.expires_at = utc_now()
+
+    def get_lease(self, task: str) -> Lease | None:
+        """The task's lease as stored (possibly expired), or None if no coordinator ever led it."""
+        with self._read() as s:
+            task_row = _task(s, task)
+            row = s.get(TaskLease, task_row.id)
+            return None if row is None else Lease(task, row.holder, row.epoch, row.expires_at)
 
     def fail_unfinished_rounds(self, task: str, reason: str) -> list[RoundRecord]:
         """Fail every open or aggregating round of the task, for a coordinator that restarts and cannot
@@ -681,6 +744,27 @@ def _check_rows_fit(session: Session, _context: Any, _instances: Any) -> None:
 # -- row access -----------------------------------------------------------------------------------------
 
 
+def _require_holder(holder: str, ttl_s: float) -> None:
+    if not 1 <= len(holder) <= HOLDER_LENGTH:
+        raise ValueError(f"a lease holder id must be 1 to {HOLDER_LENGTH} characters")
+    if not (math.isfinite(ttl_s) and ttl_s > 0):
+        raise ValueError("a lease's time to live must be positive")
+
+
+def _fenced(s: Session, task_id: int, task: str, lease: Lease) -> TaskLease:
+    """The task's lease row, locked, if ``lease`` is still it; else `LeaseLost`."""
+    row = s.get(TaskLease, task_id, with_for_update=True)
+    if row is None or row.epoch != lease.epoch or row.holder != lease.holder:
+        raise LeaseLost(task, lease.epoch, row.epoch if row else None, row.holder if row else None)
+    return row
+
+
+def _check_fencing(s: Session, task_id: int, task: str, fencing: Lease | None) -> None:
+    """A leader's round write must carry the task's current lease (checked in the write's transaction)."""
+    if fencing is not None:
+        _fenced(s, task_id, task, fencing)
+
+
 def _task(s: Session, name: str, *, lock: bool = False) -> Task:
     stmt = select(Task).where(Task.name == name)
     if lock:
@@ -730,6 +814,8 @@ def _apply_summary(row: Round, summary: RoundSummary) -> None:
     row.num_refused = summary.num_refused
     row.total_weight = float(summary.total_weight)
     row.metrics = _json_metrics(summary.metrics)
+    if summary.stages:
+        row.stages = [str(stage) for stage in summary.stages]
 
 
 def _participation_row(round_id: int, p: Participation) -> ParticipationRow:
@@ -805,6 +891,7 @@ def _round_record(row: Round, task: str) -> RoundRecord:
         num_selected=row.num_selected, num_reported=row.num_reported, num_accepted=row.num_accepted,
         num_refused=row.num_refused, total_weight=row.total_weight, new_version=row.new_version,
         failure_reason=row.failure_reason, metrics=dict(row.metrics),
+        stages=tuple(row.stages) if row.stages is not None else None,
     )
 
 
