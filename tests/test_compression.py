@@ -400,3 +400,20 @@ def test_compression_table_smoke_writes_the_documented_json(tmp_path: Path) -> N
     for r in rows.values():
         assert {"codec", "upload_bytes_per_client", "rmse"} <= set(r) and 0.5 < r["rmse"] < 4.0
         assert r["connections"] == 2  # one per client: the bytes are each client's own
+
+
+def test_a_retried_compressed_report_is_idempotent(tmp_path: Path) -> None:
+    """The same encoded update again (same rounding) is "already accepted"; other rounding of the same delta
+    is a different update (ALREADY_EXISTS), as for plain reports."""
+    delta = np.zeros((ROWS, COLS), np.float32)
+    delta[[1, 5]] = [[0.3, -0.7], [0.01, 0.02]]
+    with _serving(_task(UploadCodec.ROWSPARSE_Q8), tmp_path) as server:
+        channel = CoordinatorChannel(server.address)
+        a = _assigned(channel, "c")
+        first = channel.report(a, "c", ["item_embedding"], [delta], 1.0, {}, rng=np.random.default_rng(1))
+        again = channel.report(a, "c", ["item_embedding"], [delta], 1.0, {}, rng=np.random.default_rng(1))
+        with pytest.raises(grpc.RpcError) as other:
+            channel.report(a, "c", ["item_embedding"], [delta], 1.0, {}, rng=np.random.default_rng(2))
+        channel.close()
+    assert first.accepted and not again.accepted and "already accepted" in again.message
+    assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
