@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedrecon.core.aggregation import AggregationConfig, Aggregator, build_aggregator, check_buffer
+from fedrecon.core.compression import UploadCodec
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.optimizers import OptimizerState, ServerOptimizer
@@ -85,12 +86,17 @@ class FedRecon:
         """A round's aggregation stages; ``max_clients`` bounds the updates a buffering reducer keeps and
         ``batch_size`` derives the default weight cap (``AggregationConfig.weight_cap``). With DP noise,
         ``expected_clients`` is the mean's fixed denominator and ``noise_rng`` draws the noise. ``state``:
-        the model the round trains, whose adaptive clip bound (if any) the round uses."""
-        return build_aggregator(self.aggregation, self._delta_shapes,
-                                weight_cap=self.aggregation.weight_cap(self.config, batch_size),
-                                max_clients=max_clients, expected_clients=expected_clients,
-                                noise_rng=noise_rng,
-                                clip_bound=state.clip_bound if state is not None else None)
+        the model the round trains, whose adaptive clip bound (if any) the round uses. With an upload codec
+        the round's stages start with ``upload_<codec>``: its updates arrived encoded and were decoded."""
+        aggregate = build_aggregator(self.aggregation, self._delta_shapes,
+                                     weight_cap=self.aggregation.weight_cap(self.config, batch_size),
+                                     max_clients=max_clients, expected_clients=expected_clients,
+                                     noise_rng=noise_rng,
+                                     clip_bound=state.clip_bound if state is not None else None)
+        codec = self.aggregation.upload_codec
+        if codec != UploadCodec.NONE:
+            aggregate.report.stages = (f"upload_{codec.value}", *aggregate.report.stages)
+        return aggregate
 
     def server_update(self, state: ServerState, aggregate: Aggregator) -> ServerState:
         """Apply the aggregated delta; with nothing folded the model stays as it was.

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from fedrecon.cli import app
 from fedrecon.client.transport import CoordinatorChannel
 from fedrecon.core.aggregation import AggregationConfig, StackedDeltas, build_aggregator
+from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.compression import (
     CodecError,
     DecodedUpdates,
@@ -35,6 +36,8 @@ from fedrecon.core.compression import (
     encoded_size,
     roundtrip,
 )
+from fedrecon.core.config import FedReconConfig
+from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.protocol import Assignment
 from fedrecon.server.app import RunningServer, start_server
 from fedrecon.server.coordinator import Coordinator
@@ -153,6 +156,14 @@ def test_row_sparse_folds_as_the_dense_update_does() -> None:
     decoded = DecodedUpdates([roundtrip([d], UploadCodec.ROWSPARSE, np.random.default_rng(0))
                               for d in dense])
     np.testing.assert_allclose(decoded.norms(), StackedDeltas([np.stack(dense)]).norms(), rtol=1e-6)
+
+
+def test_a_round_records_that_its_updates_arrived_encoded() -> None:
+    model = MatrixFactorization(ROWS, COLS)
+    plain = FedRecon(model, FedReconConfig()).new_aggregate(max_clients=3, batch_size=5)
+    coded = FedRecon(model, FedReconConfig(), aggregation=AggregationConfig(upload_codec=UploadCodec.Q8))
+    stages = coded.new_aggregate(max_clients=3, batch_size=5).report.stages
+    assert stages == ("upload_q8", *plain.report.stages)
 
 
 def test_the_codec_is_a_task_setting() -> None:
