@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedrecon.client import FederatedClient, RetryPolicy
 from fedrecon.protocol import Assignment
+from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
+from fedrecon.simulations.ratings import load_dataset
 
 TTL_S = 1.0
 TASK = TaskSpec(name="shared", model={"kind": "matrix_factorization", "num_items": 6, "num_factors": 2},
@@ -94,3 +98,34 @@ def test_a_leader_that_stops_hands_over_at_once(db_url: str) -> None:
         assert b.leading
         lease = store.get_lease("shared")
         assert lease is not None and (lease.holder, lease.epoch) == ("replica-b", 2)
+
+
+def test_a_client_given_both_addresses_follows_the_leader(tmp_path: Path) -> None:
+    """Real gRPC: the client lists the standby first; its calls fail over to the leader, and after the
+    leader stops (releasing its lease) to the standby that took over."""
+    data = load_dataset("synthetic", seed=42)
+    users = sorted(data.train)
+    task = TaskSpec(name="shared", model={"kind": "matrix_factorization", "num_items": data.num_items,
+                                          "num_factors": 4},
+                    rounds=RoundSettings(clients_per_round=1, over_selection=1.0, min_reports=1,
+                                         retry_delay_s=(0.05, 0.1)))
+    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=120.0)
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        leader = start_server(Coordinator(store, task, replica_id="replica-a", lease_ttl_s=TTL_S),
+                              tick_s=0.05)
+        standby = start_server(Coordinator(store, task, replica_id="replica-b", lease_ttl_s=TTL_S),
+                               tick_s=0.05)
+        try:
+            both = f"{standby.address},{leader.address}"
+            first = FederatedClient(both, "shared", "u0", data.train[users[0]], retry=retry).participate(
+                max_wait_s=60)
+            assert first.accepted and leader.coordinator.version == 1
+            leader.stop()  # SIGTERM's path: the round is closed and the lease released
+            _until(lambda: standby.coordinator.leading, "the standby leads")
+            second = FederatedClient(both, "shared", "u1", data.train[users[1]], retry=retry).participate(
+                max_wait_s=60)
+            assert second.accepted and standby.coordinator.version == 2
+        finally:
+            leader.stop()
+            standby.stop()
+        assert [v.version for v in store.list_versions("shared")] == [0, 1, 2]
