@@ -147,20 +147,30 @@ def tls_credentials(ca: bytes, *, cert_chain: bytes | None = None, private_key: 
 
 
 class CoordinatorChannel:
-    """Typed access to one coordinator over one gRPC channel (TLS when ``tls`` credentials are given)."""
+    """Typed access to a coordinator over one gRPC channel (TLS when ``tls`` credentials are given).
 
-    def __init__(self, target: str | None = None, *, channel: grpc.Channel | None = None,
+    ``target`` may name several coordinators of one task (replicas: ``"host-a:50051,host-b:50051"``, or a
+    sequence): calls go to one of them, and a call answered UNAVAILABLE (the coordinator is down, or it
+    stands by while another leads) is retried on the next one, round robin, with the usual backoff."""
+
+    def __init__(self, target: str | Sequence[str] | None = None, *, channel: grpc.Channel | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
                  token: str | None = None, tls: grpc.ChannelCredentials | None = None,
                  on_retry: Callable[[RetryEvent], None] | None = None) -> None:
+        self._options = [("grpc.max_receive_message_length", max_message_bytes),
+                         ("grpc.max_send_message_length", max_message_bytes)]
+        self._credentials = tls
         if channel is None:
             if target is None:
                 raise ValueError("give a target address or a channel")
-            options = [("grpc.max_receive_message_length", max_message_bytes),
-                       ("grpc.max_send_message_length", max_message_bytes)]
-            channel = (grpc.secure_channel(target, tls, options=options) if tls is not None
-                       else grpc.insecure_channel(target, options=options))
-        self.target = target or "the given channel"
+            targets = [t.strip() for t in (target.split(",") if isinstance(target, str) else target)]
+            if not targets or not all(targets):
+                raise ValueError(f"no coordinator address in {target!r}")
+            self.targets = targets
+            channel = self._new_channel(targets[0])
+        else:
+            self.targets = [target] if isinstance(target, str) else ["the given channel"]
+        self._current = 0
         self.tls = tls is not None
         self.channel = channel
         self.stub = pb_grpc.CoordinatorStub(channel)
@@ -170,38 +180,80 @@ class CoordinatorChannel:
         self.bytes_uploaded = 0
         self._connected = False
         self._connecting = threading.Lock()
+        self._switching = threading.Lock()
         # The client token (``fedrecon token issue``), sent as call metadata on every RPC.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    @property
+    def target(self) -> str:
+        """The coordinator address calls go to now."""
+        return self.targets[self._current]
+
+    def _new_channel(self, target: str) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(target, self._credentials, options=self._options)
+        return grpc.insecure_channel(target, options=self._options)
+
+    def _switch(self, to: int) -> None:
+        """Point calls at ``targets[to]`` (a new channel; the old one is closed)."""
+        old = self.channel
+        self._current = to
+        self.channel = self._new_channel(self.targets[to])
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        old.close()
+
+    def _fail_over(self, state: RetryCallState) -> None:
+        """Before a retry: an UNAVAILABLE answer moves the next attempt to the next coordinator."""
+        err = state.outcome.exception() if state.outcome else None
+        if (len(self.targets) > 1 and isinstance(err, grpc.RpcError)
+                and err.code() == grpc.StatusCode.UNAVAILABLE):  # type: ignore[attr-defined]
+            with self._switching:
+                self._switch((self._current + 1) % len(self.targets))
+            log.info("coordinator unavailable; trying %s next", self.target)
 
     def close(self) -> None:
         self.channel.close()
 
     def connect(self) -> None:
-        """Wait (at most ``connect_timeout_s``) until the channel is connected; ``CoordinatorUnreachable``
-        if it is not. Called by the first RPC; later outages are retried instead."""
+        """Wait (at most ``connect_timeout_s`` per address) until a channel is connected, trying each
+        coordinator address in turn; ``CoordinatorUnreachable`` if none is. Called by the first RPC; later
+        outages are retried instead."""
         timeout = self.retry.connect_timeout_s
         with self._connecting:
             if self._connected or timeout is None:
                 return
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=timeout)
-            except grpc.FutureTimeoutError:
-                how = "TLS" if self.tls else "plaintext"
-                raise CoordinatorUnreachable(
-                    f"cannot reach the coordinator at {self.target} ({how}) within {timeout:g} s: is it "
-                    f"running there, and does it speak {how}?") from None
-            self._connected = True
+            for attempt in range(len(self.targets)):
+                if attempt:
+                    with self._switching:
+                        self._switch((self._current + 1) % len(self.targets))
+                try:
+                    grpc.channel_ready_future(self.channel).result(timeout=timeout)
+                except grpc.FutureTimeoutError:
+                    continue
+                self._connected = True
+                return
+            how = "TLS" if self.tls else "plaintext"
+            where = " or ".join(self.targets)
+            raise CoordinatorUnreachable(
+                f"cannot reach the coordinator at {where} ({how}) within {timeout:g} s: is it running there, "
+                f"and does it speak {how}?")
 
     def _call(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Call ``fn`` with retries; a stub method is looked up again on every attempt, so a retry after
+        a fail-over goes to the new coordinator (wrappers read ``self.stub`` when called)."""
         self.connect()
         p = self.retry
         name = getattr(fn, "_method", None) or getattr(fn, "__name__", "call")
         name = name.decode() if isinstance(name, bytes) else str(name)
+        method = name.rsplit("/", 1)[-1]
+        stub_method = hasattr(fn, "_method")
         for attempt in Retrying(retry=retry_if_exception(_transient),
-                                wait=_WaitWithHint(p, name.rsplit("/", 1)[-1], self.on_retry),
+                                wait=_WaitWithHint(p, method, self.on_retry),
+                                before_sleep=self._fail_over,
                                 stop=stop_after_delay(p.give_up_after_s), reraise=True):
             with attempt:
-                return fn(*args, timeout=p.rpc_timeout_s, metadata=self._metadata, **kwargs)
+                call = getattr(self.stub, method) if stub_method else fn
+                return call(*args, timeout=p.rpc_timeout_s, metadata=self._metadata, **kwargs)
         raise AssertionError("unreachable")
 
     # ----- calls ---------------------------------------------------------------------------------------

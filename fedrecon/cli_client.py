@@ -134,7 +134,9 @@ def summarize(outcomes: Iterable[ReportOutcome | str], rounds: Mapping[int, Roun
 def client(
     task: Annotated[str, typer.Option(help="task name")],
     data: Annotated[str, typer.Option(help="'synthetic' or a MovieLens folder/file: one client per user")],
-    coordinator: Annotated[str, typer.Option(help="host:port of the coordinator")] = "127.0.0.1:50051",
+    coordinator: Annotated[str, typer.Option(
+        help="host:port of the coordinator; replicas of one task as a comma-separated list (calls fail "
+             "over to the next on UNAVAILABLE)")] = "127.0.0.1:50051",
     users: Annotated[int, typer.Option(min=1, help="how many users of the split take part")] = 20,
     split: Annotated[str, typer.Option(help="train, validation or test users")] = "train",
     rounds: Annotated[int, typer.Option(min=1, help="rounds each client takes part in")] = 1,

@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedrecon.server.limits import Keepalive, ServerLimits
+from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S
 
 if TYPE_CHECKING:
     from fedrecon.server.store import SqlStore
@@ -174,6 +175,14 @@ def serve(
     max_message_mb: Annotated[float, typer.Option(min=0.01, help="largest gRPC message accepted or sent")]
     = 4.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
+    replica_id: Annotated[str | None, typer.Option(
+        help="this coordinator's name in the task's lease: one coordinator leads a task at a time, others "
+             "stand by and take over when its lease runs out. Give a restarted coordinator the same name "
+             "(e.g. the host or pod name) to lead again at once; default: host, process id and a random "
+             "part, so a restart after a crash waits for the old lease to run out")] = None,
+    lease_ttl_s: Annotated[float, typer.Option(
+        min=1.0, help="how long a lead lasts without renewal (renewed every third of it): a standby "
+                      "takes over within this long of a dead leader's last renewal")] = DEFAULT_LEASE_TTL_S,
     require_token: Annotated[bool, typer.Option(help="refuse calls without a valid client token "
                                                      "(fedrecon token issue)")] = False,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: serve over TLS")] = None,
@@ -247,7 +256,8 @@ def serve(
 
         with _store(store, create=True) as sql:
             try:
-                coordinator = Coordinator(sql, spec, initial_globals=initial)
+                coordinator = Coordinator(sql, spec, initial_globals=initial, replica_id=replica_id,
+                                          lease_ttl_s=lease_ttl_s)
             except ValueError as err:
                 refuse(str(err))
             if coordinator.created_task:  # the coordinator logged it; a wrong --store is the usual cause
@@ -272,10 +282,12 @@ def serve(
             if coordinator.interrupted_rounds:
                 log.warning("marked %d interrupted round(s) failed: %s", len(coordinator.interrupted_rounds),
                             coordinator.interrupted_rounds)
-            log.info("coordinator for task %s listening on %s; model version %d; store %s%s%s", spec.name,
+            log.info("coordinator for task %s listening on %s; model version %d; store %s%s%s; %s", spec.name,
                      running.address, coordinator.version, sql.url,
                      "; client tokens required" if require_token else "",
-                     ("; TLS" + (" with client certificates" if tls_client_ca else "")) if tls else "")
+                     ("; TLS" + (" with client certificates" if tls_client_ca else "")) if tls else "",
+                     "leading as " + coordinator.replica_id if coordinator.leading
+                     else "STANDING BY: " + coordinator.standby_reason)
             if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
                 partial = port_file.with_name(port_file.name + ".tmp")
                 partial.write_text(str(running.port))

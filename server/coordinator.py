@@ -26,10 +26,12 @@ import hmac
 import json
 import logging
 import math
+import os
 import secrets
+import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,6 +76,10 @@ from fedrecon.server.round_machine import (
     RoundMachine,
 )
 from fedrecon.server.store import (
+    DEFAULT_LEASE_TTL_S,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
     Outcome,
     RoundState,
     RoundSummary,
@@ -103,9 +109,13 @@ class Coordinator:
     """Runs the rounds of one task against a store. Thread-safe: gRPC workers call it concurrently."""
 
     def __init__(self, store: SqlStore, task: TaskSpec, *, clock: Callable[[], float] = time.time,
-                 initial_globals: Sequence[np.ndarray] | None = None) -> None:
+                 initial_globals: Sequence[np.ndarray] | None = None, replica_id: str | None = None,
+                 lease_ttl_s: float = DEFAULT_LEASE_TTL_S) -> None:
         """``initial_globals`` (e.g. an exported or TFF-trained model) becomes version 0 when the task is
-        created; for a task already in the store they are ignored (``created_task`` tells which happened)."""
+        created; for a task already in the store they are ignored (``created_task`` tells which happened).
+        ``replica_id`` names this coordinator in the task's lease (default: host, process and a random
+        part); ``lease_ttl_s``: how long a lead lasts without renewal, so how soon a standby takes over
+        from a dead leader."""
         self.store = store
         self.task = task
         self._clock = clock
@@ -122,31 +132,19 @@ class Coordinator:
         self._training_json = json.dumps(task.training.to_dict(), sort_keys=True)
         self.created_task = False
         self._salt = self._load_or_create_task(initial_globals)
-        self.interrupted_rounds = [r.round_id for r in store.fail_unfinished_rounds(
-            task.name, "coordinator restarted before the round committed")]
-        latest = store.latest_version(task.name)
-        parameters, optimizer_state = latest.payload()
-        self._state = ServerState(globals_from_bytes(parameters, self._names),
-                                  optimizer_state_from_bytes(optimizer_state), latest.version,
-                                  clip_bound_from_bytes(optimizer_state))
-        stored_rounds = store.list_rounds(task.name)
-        committed = sum(1 for r in stored_rounds if r.state == "committed")
-        # Round outcomes for GetRound: a finished round never changes, so each is read from the store once;
-        # ids above the newest round this task has opened are no round of it and cost no read at all.
-        self._newest_round_id = max((r.round_id for r in stored_rounds), default=0)
-        self._finished: OrderedDict[int, RoundOutcome | None] = OrderedDict()  # None: not this task's
-        self.ledger = self._privacy_ledger(committed)
-        # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
-        noise_rng = np.random.default_rng(secrets.randbits(128)) if self.ledger is not None else None
-        self.machine = RoundMachine(
-            task.rounds, version=latest.version, committed_rounds=committed,
-            new_aggregate=lambda: self.algorithm.new_aggregate(
-                max_clients=task.rounds.clients_per_round, batch_size=task.batch_size,
-                expected_clients=task.rounds.clients_per_round if noise_rng is not None else None,
-                noise_rng=noise_rng, state=self._state),
-            may_open=self._privacy_refusal if self.ledger is not None else None)
+        # Leadership: one coordinator leads a task's rounds at a time (a lease in the store); its round
+        # writes carry the lease, so a leader that lost it (paused, cut off) can never write over its
+        # successor. The others stand by, serve reads, and take over when the lease runs out.
+        self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_ttl_s = lease_ttl_s
+        self._lease: Lease | None = None
+        self._standby_reason = ""
+        self._next_lease_action = 0.0  # monotonic time of the next renewal or takeover attempt
+        self.refusals: Counter[str] = Counter()  # refusals and notable events by reason (machine's and own)
         self._budget_logged = False
-        self.refusals = self.machine.counts  # one counter: the machine's refusals and the driver's
+        self.interrupted_rounds: list[int] = []
+        self._lead_or_stand_by()
+        self._load_state()
         self._progress_written: tuple[int, int, int, int, int, float] | None = None  # see record_progress
         self._unrecorded_failures: list[FailRound] = []  # failures a store outage kept from the store
         self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
@@ -196,6 +194,121 @@ class Coordinator:
                              "hyper-parameters")
         return bytes.fromhex(record.pseudonym_salt)
 
+    def _load_state(self) -> None:
+        """Read the latest version and the task's rounds from the store and build a fresh round machine on
+        them (at start, and when a standby takes the lead: the state a dead leader left is the store's)."""
+        latest = self.store.latest_version(self.task.name)
+        parameters, optimizer_state = latest.payload()
+        state = ServerState(globals_from_bytes(parameters, self._names),
+                            optimizer_state_from_bytes(optimizer_state), latest.version,
+                            clip_bound_from_bytes(optimizer_state))
+        stored_rounds = self.store.list_rounds(self.task.name)
+        committed = sum(1 for r in stored_rounds if r.state == "committed")
+        ledger = self._privacy_ledger(committed)
+        # DP noise from an unpredictable seed (OS entropy), drawn once per round when the commit is made.
+        noise_rng = np.random.default_rng(secrets.randbits(128)) if ledger is not None else None
+        rounds, batch_size = self.task.rounds, self.task.batch_size
+        machine = RoundMachine(
+            rounds, version=latest.version, committed_rounds=committed, counts=self.refusals,
+            new_aggregate=lambda: self.algorithm.new_aggregate(
+                max_clients=rounds.clients_per_round, batch_size=batch_size,
+                expected_clients=rounds.clients_per_round if noise_rng is not None else None,
+                noise_rng=noise_rng, state=self._state),
+            may_open=self._privacy_refusal if ledger is not None else None)
+        with self._lock:
+            self._state = state
+            self.ledger = ledger
+            self.machine = machine
+            # Round outcomes for GetRound: a finished round never changes, so each is read from the store
+            # once; ids above the newest round this task opened are no round of it and cost no read at all.
+            self._newest_round_id = max((r.round_id for r in stored_rounds), default=0)
+            self._finished: OrderedDict[int, RoundOutcome | None] = OrderedDict()  # None: not this task's
+            self._changed.notify_all()
+
+    # ----- leadership ----------------------------------------------------------------------------------
+    @property
+    def leading(self) -> bool:
+        """Whether this coordinator leads the task's rounds (else it stands by)."""
+        return self._lease is not None
+
+    @property
+    def standby_reason(self) -> str:
+        """Why this coordinator stands by (who leads, until when), for logs and refusals."""
+        return self._standby_reason
+
+    def _lead_or_stand_by(self) -> bool:
+        """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished);
+        otherwise stand by. True if this coordinator now leads."""
+        try:
+            lease = self.store.acquire_lease(self.task.name, self.replica_id, self.lease_ttl_s)
+        except LeaseHeld as held:
+            self._standby_reason = (f"task {self.task.name!r} is led by another coordinator ({held.holder}) "
+                                    f"until {held.expires_at:%H:%M:%S} UTC at least")
+            self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+            return False
+        self.interrupted_rounds = [r.round_id for r in self.store.fail_unfinished_rounds(
+            self.task.name, "coordinator restarted before the round committed")]
+        self._lease = lease
+        self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+        log.info("leading task %r as %s (lease epoch %d, %g s, renewed every %g s)", self.task.name,
+                 self.replica_id, lease.epoch, self.lease_ttl_s, self.lease_ttl_s / 3)
+        return True
+
+    def maintain_lease(self) -> None:
+        """Renew the lead, or try to take it while standing by; every third of the lease's time to live
+        (called by ``tick``; store I/O outside the lock). A renewal the store refuses (another coordinator
+        took the task) makes this one stand down at once; one the store cannot answer is retried, and the
+        store's fencing keeps a leader cut off from it from writing over a successor anyway."""
+        if time.monotonic() < self._next_lease_action:
+            return
+        lease = self._lease
+        if lease is None:
+            took = self._lead_or_stand_by()
+            self._load_state()  # a standby follows the store, so the reads it serves stay current
+            if took:
+                log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
+                            "previous leader marked failed", self.task.name, self._lease.epoch if self._lease
+                            else 0, len(self.interrupted_rounds))
+            return
+        try:
+            renewed = self.store.renew_lease(lease, self.lease_ttl_s)
+        except LeaseLost as err:
+            self._stand_down(str(err))
+            return
+        except StoreError as err:
+            log.warning("lease of task %r not renewed (%s); retrying", self.task.name, err)
+            self._next_lease_action = time.monotonic() + 1.0
+            return
+        with self._lock:
+            if self._lease is lease:
+                self._lease = renewed
+        self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+
+    def _stand_down(self, why: str) -> None:
+        """Stop leading: the open round is dropped (its accepted updates are in no version; the new
+        leader marks it failed) and every round call is refused until this coordinator leads again."""
+        with self._lock:
+            if self._lease is None:
+                return
+            self._lease = None
+            self._standby_reason = why
+            dropped = self.machine.round
+            self.machine.round = None
+            self._changed.notify_all()
+        self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+        log.error("stood down from task %r: %s%s", self.task.name, why,
+                  f"; round {dropped.round_num} dropped with {len(dropped.accepted)} accepted update(s)"
+                  if dropped is not None else "")
+
+    def _require_leader(self) -> Lease:
+        lease = self._lease
+        if lease is None:
+            self.refusals["not_leader"] += 1
+            raise Refusal(Status.UNAVAILABLE, "not_leader",
+                          f"this coordinator is standing by: {self._standby_reason}; retry, or use another "
+                          "coordinator address")
+        return lease
+
     def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
         """ε spent by the task's committed rounds (each released one noisy sum), or None without noise."""
         z, privacy = self.task.aggregation.noise_multiplier, self.task.privacy
@@ -204,11 +317,12 @@ class Coordinator:
         parameters = privacy.parameters(z, self.task.rounds.clients_per_round)
         ledger = PrivacyLedger(parameters, epsilon_budget=privacy.epsilon_budget, rounds=committed_rounds,
                                epsilon=parameters.epsilon_after(committed_rounds))
-        log.info("task %r: user-level DP with noise multiplier %g, clip %g, delta %g, %s; epsilon %.4g after "
-                 "%d committed rounds%s", self.task.name, z, self.task.aggregation.max_update_norm,
-                 parameters.delta, _sampling_text(parameters.population, parameters.clients_per_round),
-                 ledger.epsilon, committed_rounds,
-                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
+        log.log(logging.INFO if self._lease is not None else logging.DEBUG,
+                "task %r: user-level DP with noise multiplier %g, clip %g, delta %g, %s; epsilon %.4g after "
+                "%d committed rounds%s", self.task.name, z, self.task.aggregation.max_update_norm,
+                parameters.delta, _sampling_text(parameters.population, parameters.clients_per_round),
+                ledger.epsilon, committed_rounds,
+                f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
         return ledger
 
     def _privacy_refusal(self) -> str | None:
@@ -231,7 +345,7 @@ class Coordinator:
 
     def _count(self, reason: str) -> None:
         with self._lock:
-            self.machine.counts[reason] += 1
+            self.refusals[reason] += 1
 
     # ----- identity ------------------------------------------------------------------------------------
     def client_key(self, client: str | Caller) -> str:
@@ -316,6 +430,7 @@ class Coordinator:
                           f"protocol version {protocol_version} is not supported; this coordinator speaks "
                           f"{PROTOCOL_VERSION}")
         self._check_task(task_name)
+        self._require_leader()
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
         key = self.client_key(caller)
         give_up = time.monotonic() + BUSY_WAIT_S
@@ -372,6 +487,7 @@ class Coordinator:
         """Refuse early (before any tensor bytes are read) a report that cannot be accepted; the client key.
         """
         self._check_task(task_name)
+        self._require_leader()
         key = self.client_key(client)
         with self._lock:
             admission = self.machine.admit(key, round_id, token, None, self._clock())
@@ -392,6 +508,7 @@ class Coordinator:
         on while the tensor bytes were read. The report that completes a round waits for its commit (outside
         the lock) and is told if the commit failed."""
         self._check_task(task_name)
+        self._require_leader()
         key = self.client_key(client)
         digest = _digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
@@ -554,6 +671,7 @@ class Coordinator:
     def tick(self) -> None:
         """Apply timeouts (and retry what a store outage held back); called periodically by the server so a
         silent round still ends on time."""
+        self.maintain_lease()
         with self._lock:
             self.machine.advance(self._clock())
             effects = self.machine.take_effects()
@@ -584,7 +702,8 @@ class Coordinator:
         try:
             record = self.store.open_round(self.task.name, base_version=effect.base_version,
                                            target=effect.target, min_reports=effect.min_reports,
-                                           deadline=datetime.fromtimestamp(effect.deadline, UTC))
+                                           deadline=datetime.fromtimestamp(effect.deadline, UTC),
+                                           fencing=self._lease)
         except StoreUnavailable as err:
             with self._lock:
                 self.machine.open_failed()
@@ -616,13 +735,20 @@ class Coordinator:
                 effect.summary, metrics={**effect.summary.metrics, "epsilon": epsilon}))
         try:
             if effect.first_attempt:
-                self.store.mark_aggregating(effect.round_id)
+                self.store.mark_aggregating(effect.round_id, fencing=self._lease)
             new_state = self.algorithm.server_update(state, effect.aggregate)
             self.store.commit_round(effect.round_id,
                                     parameters=globals_to_bytes(self._names, new_state.globals),
                                     optimizer_state=optimizer_state_to_bytes(new_state.optimizer_state,
                                                                              clip_bound=new_state.clip_bound),
-                                    summary=effect.summary, participations=effect.participations)
+                                    summary=effect.summary, participations=effect.participations,
+                                    fencing=self._lease)
+        except LeaseLost as err:  # another coordinator leads now: nothing was written, and this one stops
+            with self._lock:
+                self.machine.commit_refused(effect.round_id, f"commit refused: {err}", self._clock())
+                effects = self.machine.take_effects()
+            self._stand_down(str(err))
+            return [e for e in effects if not isinstance(e, FailRound)]  # the new leader closes the round
         except StoreUnavailable:
             with self._lock:
                 self.machine.commit_unavailable(effect.round_id)
@@ -668,7 +794,7 @@ class Coordinator:
                 effect = self._unrecorded_failures[0]
             try:
                 self.store.fail_round(effect.round_id, effect.reason, summary=effect.summary,
-                                      participations=effect.participations)
+                                      participations=effect.participations, fencing=self._lease)
             except StoreUnavailable:
                 return
             except StoreError:
@@ -699,6 +825,19 @@ class Coordinator:
 
     # ----- shutdown ------------------------------------------------------------------------------------
     def shut_down(self, grace_s: float = 0.0, *, retry_every_s: float = 0.5) -> ShutdownOutcome:
+        """Close the open round (see ``_close_for_shutdown``), then give up the lead at once, so a standby
+        coordinator takes the task without waiting for the lease to run out."""
+        outcome = self._close_for_shutdown(grace_s, retry_every_s=retry_every_s)
+        lease = self._lease
+        if lease is not None:
+            try:
+                self.store.release_lease(lease)
+            except StoreError as err:
+                log.warning("lease of task %r not released (%s): a standby takes over when it runs out",
+                            self.task.name, err)
+        return outcome
+
+    def _close_for_shutdown(self, grace_s: float, *, retry_every_s: float) -> ShutdownOutcome:
         """Stop assigning, then close the open round: commit it if it has its minimum of reports, else fail
         it (the designed outcome of a short round).
 

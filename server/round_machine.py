@@ -178,7 +178,7 @@ class RoundMachine:
 
     def __init__(self, settings: RoundSettings, *, version: int, committed_rounds: int,
                  new_aggregate: Callable[[], Aggregator], may_open: Callable[[], str | None] | None = None,
-                 ) -> None:
+                 counts: Counter[str] | None = None) -> None:
         """``new_aggregate`` makes an empty aggregate for a round; ``may_open`` says why no further round may
         open (a spent privacy budget), or None."""
         self.settings = settings
@@ -186,7 +186,7 @@ class RoundMachine:
         self.committed_rounds = committed_rounds
         self.round: OpenRoundState | None = None
         self.closed: OrderedDict[int, ClosedRound] = OrderedDict()
-        self.counts: Counter[str] = Counter()  # refusals and notable events by reason
+        self.counts: Counter[str] = counts if counts is not None else Counter()  # refusals etc. by reason
         self.reports_accepted = 0
         self.stopping = False
         self._new_aggregate = new_aggregate

@@ -89,7 +89,7 @@ def test_the_coordinator_keeps_the_bound_with_each_version(tmp_path: Path) -> No
                                                   adaptive_clip_learning_rate=0.2))
     url = f"sqlite:///{tmp_path / 'store.db'}"
     with SqlStore(url) as store:
-        c = Coordinator(store, task, clock=ManualClock())
+        c = Coordinator(store, task, clock=ManualClock(), replica_id="node-1")
         for i, norm in enumerate([1.0, 2.0, 3.0, 4.0]):
             a = c.check_in("adaptive", f"u{i}", 1)
             assert isinstance(a, Assignment)
@@ -102,7 +102,7 @@ def test_the_coordinator_keeps_the_bound_with_each_version(tmp_path: Path) -> No
         (record,) = store.list_rounds("adaptive")
         assert record.metrics["clip_bound"] == 1.5 and record.metrics["updates_clipped"] == 3
     with SqlStore(url) as store:
-        again = Coordinator(store, task, clock=ManualClock())
+        again = Coordinator(store, task, clock=ManualClock(), replica_id="node-1")  # restarted
         a = again.check_in("adaptive", "v", 1)
         assert isinstance(a, Assignment)
         r = again._round

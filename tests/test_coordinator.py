@@ -187,13 +187,13 @@ def test_bad_reports_are_refused_and_change_nothing(store: SqlStore) -> None:
 def test_restart_fails_the_interrupted_round_and_keeps_committed_versions(store: SqlStore, tmp_path: Path
                                                                           ) -> None:
     task = _task(clients_per_round=1, min_reports=1, over_selection=1.0)
-    first = Coordinator(store, task, clock=ManualClock())
+    first = Coordinator(store, task, clock=ManualClock(), replica_id="node-1")
     a = _assign(first, "alice")
     assert _report(first, a, "alice", 1.0, 1.0).accepted
     v1 = store.get_version("movies", 1).parameters
     interrupted = _assign(first, "bob").round_id  # round 2 open, never finished: the process "dies"
 
-    second = Coordinator(store, task, clock=ManualClock())
+    second = Coordinator(store, task, clock=ManualClock(), replica_id="node-1")  # restarted
     assert second.interrupted_rounds == [interrupted]
     assert store.get_round(interrupted).state == RoundState.FAILED
     assert second.version == 1 and store.get_version("movies", 1).parameters == v1

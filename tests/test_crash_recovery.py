@@ -58,7 +58,8 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
     users = sorted(data.train)[:2 * PER_ROUND]
     retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=90.0, connect_timeout_s=None)  # patient
 
-    first = CoordinatorProcess(task, store_url, tmp_path, name="first")
+    first = CoordinatorProcess(task, store_url, tmp_path, name="first",
+                               extra_args=["--replica-id", "node-1"])
     address = first.address
 
     def client(user: int) -> FederatedClient:
@@ -89,7 +90,8 @@ def test_sigkill_mid_round_then_restart(backend: str, tmp_path: Path, request: p
     waiting = threading.Thread(target=lambda: patient.append(client(users[-1]).participate(max_wait_s=90)))
     waiting.start()
     time.sleep(0.5)
-    second = CoordinatorProcess(task, store_url, tmp_path, port=first.port, name="second")
+    second = CoordinatorProcess(task, store_url, tmp_path, port=first.port, name="second",
+                                extra_args=["--replica-id", "node-1"])  # restarted by its supervisor
     try:
         assert "marked 1 interrupted round(s) failed" in second.log_text()
         after = _snapshot(store_url)

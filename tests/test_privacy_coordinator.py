@@ -74,7 +74,7 @@ def test_noise_epsilon_per_round_and_the_budget_across_a_restart(tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     clock = ManualClock()
     with SqlStore(url) as store:
-        c = Coordinator(store, task, clock=clock)
+        c = Coordinator(store, task, clock=clock, replica_id="node-1")
         before = c.model_arrays("private", 0)[1][0]
         _round(c, 1)
         assert c.version == 1
@@ -89,7 +89,7 @@ def test_noise_epsilon_per_round_and_the_budget_across_a_restart(tmp_path: Path)
         assert len(store.list_rounds("private")) == 2  # no round was opened
 
     with SqlStore(url) as store:  # a restarted coordinator counts the committed rounds again
-        again = Coordinator(store, task, clock=clock)
+        again = Coordinator(store, task, clock=clock, replica_id="node-1")  # restarted
         assert again.ledger is not None and again.ledger.rounds == 2
         assert again.ledger.epsilon == pytest.approx(two)
         assert isinstance(again.check_in("private", "user-4-0", 1), RetryLater)

@@ -48,7 +48,8 @@ def test_a_committed_report_retried_after_a_restart_is_answered_as_in_the_model(
     users = sorted(data.train)[:4]
     retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=60.0, connect_timeout_s=None)  # patient
 
-    first = CoordinatorProcess(task, store_url, tmp_path, name="first")
+    first = CoordinatorProcess(task, store_url, tmp_path, name="first",
+                               extra_args=["--replica-id", "node-1"])
     clients = {u: FederatedClient(first.address, "retry", f"user-{u}", data.train[u], retry=retry)
                for u in users}
     try:
@@ -68,7 +69,8 @@ def test_a_committed_report_retried_after_a_restart_is_answered_as_in_the_model(
     finally:
         first.stop()
 
-    second = CoordinatorProcess(task, store_url, tmp_path, port=first.port, name="second")
+    second = CoordinatorProcess(task, store_url, tmp_path, port=first.port, name="second",
+                                extra_args=["--replica-id", "node-1"])  # restarted by its supervisor
     try:
         u2 = users[1]
         a2, names2, up2 = work[u2]

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .records import (
+    DEFAULT_LEASE_TTL_S,
     CredentialRecord,
     DuplicateTask,
     EvaluationSummary,
@@ -74,6 +75,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "DEFAULT_LEASE_TTL_S",
     "CredentialRecord",
     "DuplicateTask",
     "EvaluationSummary",

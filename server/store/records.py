@@ -288,6 +288,9 @@ class InvalidTransition(StoreError):
         self.state = state
 
 
+DEFAULT_LEASE_TTL_S = 15.0  # a standby coordinator takes over within this long of its leader's last renewal
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A coordinator's lead of a task: ``epoch`` is the fencing token its round writes carry."""

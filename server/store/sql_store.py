@@ -309,11 +309,12 @@ class SqlStore:
             s.flush()
             return _round_record(row, task)
 
-    def mark_aggregating(self, round_id: int) -> RoundRecord:
+    def mark_aggregating(self, round_id: int, *, fencing: Lease | None = None) -> RoundRecord:
         """open -> aggregating (the round stops accepting work); raises `InvalidTransition` from any other
-        state and `UnknownRound`."""
+        state, `UnknownRound`, and `LeaseLost` when ``fencing`` is no longer the task's lease."""
         with self._write() as s:
             row, task = _round(s, round_id, lock=True)
+            _check_fencing(s, row.task_id, task, fencing)
             _transition(row, task, RoundState.AGGREGATING, "start aggregating")
             return _round_record(row, task)
 

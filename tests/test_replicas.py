@@ -1,0 +1,131 @@
+"""Several coordinators on one store: one leads a task (a lease), the others stand by and take over when it
+runs out; a leader that lost its lease while paused can never commit over its successor (fencing).
+
+Both coordinators live in this process and share a real store (SQLite file, and PostgreSQL); "paused" means
+its ticks stop, as with SIGSTOP. Leases are short (1 s) and every wait is on a condition with a generous
+bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrecon.client import FederatedClient, RetryPolicy
+from fedrecon.protocol import Assignment
+from fedrecon.server.app import start_server
+from fedrecon.server.clock import ManualClock
+from fedrecon.server.coordinator import Coordinator
+from fedrecon.server.refusals import Refusal, Status
+from fedrecon.server.store import RoundState, SqlStore
+from fedrecon.server.task import RoundSettings, TaskSpec
+from fedrecon.simulations.ratings import load_dataset
+
+TTL_S = 1.0
+TASK = TaskSpec(name="shared", model={"kind": "matrix_factorization", "num_items": 6, "num_factors": 2},
+                rounds=RoundSettings(clients_per_round=2, over_selection=1.0, min_reports=2))
+
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def _coordinator(store: SqlStore, name: str) -> Coordinator:
+    return Coordinator(store, TASK, clock=ManualClock(), replica_id=name, lease_ttl_s=TTL_S)
+
+
+def _report(c: Coordinator, client: str, a: Assignment, value: float = 0.1) -> object:
+    return c.report("shared", client, a.round_id, a.token, 1.0, {}, [np.full((6, 2), value, np.float32)])
+
+
+def test_one_leads_the_other_stands_by_and_takes_over_from_a_paused_leader(db_url: str) -> None:
+    with SqlStore(db_url) as store:
+        a = _coordinator(store, "replica-a")
+        b = _coordinator(store, "replica-b")
+        assert a.leading and not b.leading
+        with pytest.raises(Refusal) as refused:
+            b.check_in("shared", "u1", 1)
+        assert refused.value.status == Status.UNAVAILABLE and refused.value.reason == "not_leader"
+        assert "replica-a" in refused.value.message
+        assert b.model_arrays("shared", 0)[1][0].shape == (6, 2)  # a standby still serves reads
+
+        # replica-a opens a round and accepts one of its two reports, then pauses (no more ticks).
+        first = a.check_in("shared", "u1", 1)
+        second = a.check_in("shared", "u2", 1)
+        assert isinstance(first, Assignment) and isinstance(second, Assignment)
+        assert _report(a, "u1", first).accepted  # type: ignore[attr-defined]
+
+        # Its lease runs out; replica-b takes the task and closes the round it left.
+        _until(lambda: (b.tick(), b.leading)[1], "the standby leads")
+        assert b.interrupted_rounds == [first.round_id]
+        assert store.get_round(first.round_id).state == RoundState.FAILED
+
+        # replica-a wakes: the report that completes its round cannot be committed, and it stands down.
+        with pytest.raises(Refusal) as fenced:
+            _report(a, "u2", second)
+        assert fenced.value.reason == "commit_failed" and "lost" in fenced.value.message
+        assert not a.leading and a.version == 0
+        with pytest.raises(Refusal) as standing:
+            a.check_in("shared", "u3", 1)
+        assert standing.value.reason == "not_leader"
+
+        # replica-b runs the task; exactly one version was written, by it.
+        for client in ("u3", "u4"):
+            got = b.check_in("shared", client, 1)
+            assert isinstance(got, Assignment)
+            assert _report(b, client, got).accepted  # type: ignore[attr-defined]
+        assert b.version == 1
+        assert [(v.version, v.round_id) for v in store.list_versions("shared")][1:] == [
+            (1, store.list_rounds("shared")[-1].round_id)]
+        assert [r.state for r in store.list_rounds("shared")] == [RoundState.FAILED, RoundState.COMMITTED]
+
+
+def test_a_leader_that_stops_hands_over_at_once(db_url: str) -> None:
+    with SqlStore(db_url) as store:
+        a = Coordinator(store, TASK, clock=ManualClock(), replica_id="replica-a", lease_ttl_s=600.0)
+        b = Coordinator(store, TASK, clock=ManualClock(), replica_id="replica-b", lease_ttl_s=600.0)
+        assert a.leading and not b.leading
+        assert a.shut_down().state == "idle"  # releases the lease
+        b._next_lease_action = 0.0  # its next tick tries at once (instead of a third of 600 s later)
+        b.tick()
+        assert b.leading
+        lease = store.get_lease("shared")
+        assert lease is not None and (lease.holder, lease.epoch) == ("replica-b", 2)
+
+
+def test_a_client_given_both_addresses_follows_the_leader(tmp_path: Path) -> None:
+    """Real gRPC: the client lists the standby first; its calls fail over to the leader, and after the
+    leader stops (releasing its lease) to the standby that took over."""
+    data = load_dataset("synthetic", seed=42)
+    users = sorted(data.train)
+    task = TaskSpec(name="shared", model={"kind": "matrix_factorization", "num_items": data.num_items,
+                                          "num_factors": 4},
+                    rounds=RoundSettings(clients_per_round=1, over_selection=1.0, min_reports=1,
+                                         retry_delay_s=(0.05, 0.1)))
+    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=120.0)
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        leader = start_server(Coordinator(store, task, replica_id="replica-a", lease_ttl_s=TTL_S),
+                              tick_s=0.05)
+        standby = start_server(Coordinator(store, task, replica_id="replica-b", lease_ttl_s=TTL_S),
+                               tick_s=0.05)
+        try:
+            both = f"{standby.address},{leader.address}"
+            first = FederatedClient(both, "shared", "u0", data.train[users[0]], retry=retry).participate(
+                max_wait_s=60)
+            assert first.accepted and leader.coordinator.version == 1
+            leader.stop()  # SIGTERM's path: the round is closed and the lease released
+            _until(lambda: standby.coordinator.leading, "the standby leads")
+            second = FederatedClient(both, "shared", "u1", data.train[users[1]], retry=retry).participate(
+                max_wait_s=60)
+            assert second.accepted and standby.coordinator.version == 2
+        finally:
+            leader.stop()
+            standby.stop()
+        assert [v.version for v in store.list_versions("shared")] == [0, 1, 2]
