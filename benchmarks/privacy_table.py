@@ -58,6 +58,10 @@ def per_user_rmse(result: ExperimentResult, spec: ExperimentSpec, data: Federate
     return math.sqrt(float(se.sum()) / max(float(count.sum()), 1.0))
 
 
+#: Keys of the deliverable JSON that other benchmarks fill in; rewriting the DP rows keeps them.
+SHARED_KEYS = ("secagg", "compression")
+
+
 @dataclass(frozen=True)
 class DpRun:
     """What a row trains with besides the noise: rounds, cohort K, clip S and the server optimizer."""
@@ -80,10 +84,13 @@ class DpRun:
 #: Per-ε configuration, chosen on validation users with ``tune_privacy.py`` (see its log in the module
 #: docstring there and in benchmarks/results/privacy_tuning.jsonl). Keys are the ε as written on the CLI.
 TUNED: dict[str, DpRun] = {
-    "inf": DpRun(100, 400, 1.0, OptimizerSpec("sgd", 3.0)),
-    "8": DpRun(100, 400, 1.0, OptimizerSpec("sgd", 3.0)),
-    "3": DpRun(100, 400, 1.0, OptimizerSpec("sgd", 3.0)),
-    "1": DpRun(100, 400, 1.0, OptimizerSpec("sgd", 3.0)),
+    # No noise: as many rounds as non-DP training affords (validation 0.9228 at 300, still improving).
+    "inf": DpRun(300, 400, 1.0, OptimizerSpec("sgd", 3.0)),
+    # With noise what matters is the server step times the clip (lr·S) against z·S/K: S = 0.3 and
+    # lr·S 1.5 / 0.6 / 0.2; 10 factors (the noise's norm grows with the model, the signal does not).
+    "8": DpRun(100, 400, 0.3, OptimizerSpec("sgd", 5.0), num_factors=10),
+    "3": DpRun(100, 400, 0.3, OptimizerSpec("sgd", 2.0), num_factors=10),
+    "1": DpRun(100, 400, 0.3, OptimizerSpec("sgd", 0.67), num_factors=10),
 }
 
 
@@ -201,6 +208,11 @@ def main() -> None:
                       for g, u in groups.items()},
            "runs": rows, "spec": tuned_spec().to_dict(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    # The secure-aggregation and compression tables share this file but come from their own benchmarks:
+    # keep whatever they wrote.
+    if args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        out.update({k: previous[k] for k in SHARED_KEYS if k in previous})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
     print(f"wrote {args.out}")
