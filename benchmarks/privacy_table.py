@@ -3,13 +3,15 @@
     python benchmarks/privacy_table.py --data ../shared/data/movielens/ml-1m-2998u \
         --out benchmarks/results/privacy_table.json
 
-Every run uses the same aggregation so the rows differ only by noise: uniform weights, each update clipped
-to ``--clip``, ``--clients-per-round`` users per round out of the training population (fixed-size
-selection as a coordinator does, or ``--sampling poisson``),
-the tuned MovieLens configuration of ``movielens_table.py`` otherwise. For a finite ε the noise multiplier
-is calibrated by the accountant so that ``--rounds`` rounds spend exactly ε at ``--delta``; the ε = ∞ row is
-the same pipeline without noise. Model selection uses validation users (outside the guarantee, like all
-evaluation reports), the figures are on unseen test users.
+Every run uses the same aggregation so the rows differ by noise and by the configuration tuned for it:
+uniform weights, each update clipped to S, K users per round out of the training population (fixed-size
+selection as a coordinator does, or ``--sampling poisson``), the tuned MovieLens configuration of
+``movielens_table.py`` otherwise. Rounds, K, S, the server optimizer and the number of factors are chosen
+per ε on validation users with ``tune_privacy.py`` (``TUNED``; the command line can override them for
+every row); each row's JSON states its own. For a finite ε the noise multiplier is calibrated by the
+accountant so that the row's rounds spend exactly ε at ``--delta``; the ε = ∞ row is the same pipeline
+without noise. Model selection uses validation users (outside the guarantee, like all evaluation
+reports), the figures are on unseen test users.
 
 Also answered without training: the noise multiplier a population of 10⁶ users would need for the same ε
 and rounds (and the resulting noise on the mean, z·S/K), and who pays for DP: the RMSE of the test users
