@@ -26,6 +26,29 @@ def test_movielens_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path:
     assert table["config"]["rounds"] == 2
 
 
+def test_privacy_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path: Path) -> None:
+    """Two rounds of 50 users, ε = ∞ and 3: the issue's keys, a calibrated z, and the accountant's answer
+    for a million users (a far smaller sampling rate needs far less noise for the same ε)."""
+    out = tmp_path / "privacy.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "privacy_table.py"), "--data", str(ml_2998_dir),
+         "--out", str(out), "--rounds", "2", "--clients-per-round", "50", "--epsilons", "inf,3"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads(out.read_text())
+    no_dp, dp = table["dp"]
+    for row in (no_dp, dp):
+        assert set(row) == {"epsilon", "delta", "noise_multiplier", "rmse", "accuracy", "rmse_few_ratings",
+                            "rmse_many_ratings"}
+        assert 0.5 < row["rmse"] < 4.0 and 0.0 < row["accuracy"] < 1.0
+    assert no_dp["epsilon"] is None and no_dp["noise_multiplier"] == 0.0
+    assert dp["epsilon"] == 3.0 and dp["delta"] == 1e-6 and dp["noise_multiplier"] > 0
+    assert table["runs"]["3"]["configuration"]["rounds"] == 2
+    assert table["runs"]["3"]["epsilon_spent"] <= 3.0 + 1e-3
+    million = table["population_1e6_noise_multiplier"]["3"]["50"]["noise_multiplier"]
+    assert 0 < million < dp["noise_multiplier"]
+
+
 def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> None:
     """Five clients, one round, on the embedded synthetic data: a real coordinator process and store."""
     out = tmp_path / "load.json"
