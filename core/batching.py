@@ -57,9 +57,10 @@ class PackedClients:
 
 
 def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: Sequence[Sequence[int]],
-                batch_size: int) -> StepBatches:
+                batch_size: int, step_multiple: int = 1) -> StepBatches:
     num_clients = len(xs)
     num_steps = max((len(s) for s in schedules), default=0)
+    num_steps = -(-num_steps // step_multiple) * step_multiple  # all-masked steps are exact no-ops
     feature_shape = xs[0].shape[1:] if num_clients else ()
     dtype = xs[0].dtype if num_clients else np.int32
     x = np.zeros((num_steps, num_clients, batch_size, *feature_shape), dtype)
@@ -90,12 +91,16 @@ def pack_clients(
     batch_size: int,
     local_rngs: Sequence[np.random.Generator],
     evaluation: bool = False,
+    step_multiple: int = 1,
 ) -> PackedClients:
     """Views, fresh locals and padded step batches for ``clients`` under ``config``'s batch schedule.
 
     With ``evaluation=True`` the reconstruction phase uses the evaluation reconstruction settings and the
     second phase visits the evaluation batches once, in one padded batch per client (nothing is trained
     there, so the step order does not matter).
+
+    ``step_multiple`` pads each phase's step count up to a multiple with all-masked steps (exact no-ops):
+    fewer distinct shapes for a compiler that specialises on them (``ClientStep(xla=True)``).
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
@@ -120,7 +125,7 @@ def pack_clients(
         )
         recon_schedules.append(schedule.reconstruction)
         post_schedules.append(schedule.post_reconstruction)
-    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size)
+    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size, step_multiple)
     if evaluation:
         # One wide batch per client holding all its evaluation batches.
         widths = [len(s) * batch_size for s in post_schedules]
@@ -134,7 +139,7 @@ def pack_clients(
             eval_y.append(cy[idx])
         post = _pack_steps(eval_x, eval_y, [(0,) if len(f) else () for f in flat], wide)
     else:
-        post = _pack_steps(views.x, ys, post_schedules, batch_size)
+        post = _pack_steps(views.x, ys, post_schedules, batch_size, step_multiple)
     per_client = [model.initial_locals(rng) for rng in local_rngs]
     locals_ = [
         np.stack([p[i] for p in per_client]) if per_client else np.zeros((0, *spec.shape), np.float32)

@@ -137,6 +137,10 @@ def simulate(
              "(default: none, or the task's)")] = None,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
+    xla: Annotated[bool, typer.Option(
+        help="compile the in-process training rounds with XLA: same results within float rounding, "
+             "several times less CPU per round after a few seconds of compilation (worth it from about "
+             "a hundred rounds)")] = False,
     seed: Annotated[int | None, typer.Option(help="default 0, or the task's seed")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the train/validation/test user split")] = 42,
     out: Annotated[Path, typer.Option(help="folder for metrics.json, model.npz and learning_curves.png")]
@@ -281,7 +285,7 @@ def _resolve(f: dict[str, Any]) -> _Run:
         rounds=pick("rounds", rounds_table.get("max_rounds"), 100),
         clients_per_round=pick("clients_per_round", rounds_table.get("clients_per_round"), 100),
         batch_size=batch_size, eval_every=f["eval_every"], seed=seed,
-        eval_clip=(1.0, 5.0) if f["clip"] else None)
+        eval_clip=(1.0, 5.0) if f["clip"] else None, xla=f["xla"])
     backend: Backend = f["backend"]
     local_default = LocalInit.SHARED if backend == Backend.TFF else LocalInit.UNIFORM
     num_factors = pick("factors", model_table.get("num_factors"), 50)
