@@ -24,6 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -310,3 +311,59 @@ def _timed(name: str, operation: Callable[..., Any], observe: StoreCallObserver)
             except Exception:  # observing never breaks a store call
                 log.exception("observing store operation %s failed", name)
     return timed
+
+
+# ----- reading it back -----------------------------------------------------------------------------------
+def metrics_url(address: str) -> str:
+    """``address`` as a metrics URL: ``HOST:PORT`` becomes ``http://HOST:PORT/metrics``; a URL is kept."""
+    if "://" in address:
+        return address
+    return f"http://{address}/metrics"
+
+
+def scrape_live(address: str, *, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The live figures of a running coordinator, read from its metrics endpoint (what ``fedrecon status
+    --metrics-url`` shows): its task, replica, leadership, model version and live round (None when no
+    round is open). Raises ``OSError`` when the endpoint cannot be read and ``ValueError`` when what it
+    serves is not a fedrecon coordinator's metrics."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = metrics_url(address)
+    with urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode("utf-8")
+    values: dict[str, float] = {}
+    info: dict[str, str] = {}
+    phase = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{PREFIX}_coordinator_info":
+                info = dict(sample.labels)
+            elif sample.name == f"{PREFIX}_live_round_phase":
+                if sample.value == 1:
+                    phase = sample.labels.get("phase")
+            elif not sample.labels:
+                values[sample.name.removeprefix(f"{PREFIX}_")] = sample.value
+    if "task" not in info or "model_version" not in values:
+        raise ValueError(f"{url} serves no fedrecon coordinator metrics")
+
+    def whole(name: str) -> int:
+        return int(values[f"live_round_{name}"])
+
+    live = None
+    if values.get("live_round_open") == 1 and "live_round_id" in values:
+        deadline = values["live_round_deadline_timestamp_seconds"]
+        live = {"round_num": whole("number"), "round_id": whole("id"), "phase": phase,
+                "base_version": whole("base_version"), "selected": whole("selected_clients"),
+                "reporting": whole("reporting_clients"), "accepted": whole("accepted_reports"),
+                "goal": whole("goal_reports"), "min_reports": whole("min_reports"),
+                "opened_at": _iso(values["live_round_opened_timestamp_seconds"]), "deadline": _iso(deadline),
+                "seconds_left": round(max(0.0, deadline - time.time()), 1)}
+    return {"url": url, "task": info["task"], "replica_id": info.get("replica_id"),
+            "leader": values.get("leader") == 1, "model_version": int(values["model_version"]),
+            "live_round": live}
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat()
