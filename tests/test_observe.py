@@ -10,6 +10,9 @@ PostgreSQL server, and ``fedrecon serve`` in its own process. Reports are sent a
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -360,3 +363,93 @@ def test_serve_logs_json_and_status_shows_the_live_round(served: tuple[Coordinat
     text = process.log_text()
     assert token not in text and token.split("_")[2] not in text
     assert not any(who in text for who in ("alice-device", "bob-device", "carol-device"))
+
+
+# ----- deploy/README: the metrics table and the Prometheus examples ----------------------------------------
+DEPLOY_README = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
+
+
+def _yaml_blocks() -> list[str]:
+    blocks = re.findall(r"^```yaml\n(.*?)^```", DEPLOY_README.read_text(), re.S | re.M)
+    return [b for b in blocks if "scrape_configs" in b or "groups:" in b]
+
+
+def _documented_metrics() -> set[str]:
+    """The metric names in deploy/README's table (its first column)."""
+    rows = [line for line in DEPLOY_README.read_text().splitlines() if line.startswith("| `fedrecon_")]
+    return {name for row in rows for name in re.findall(r"`(fedrecon_\w+)`", row.split("|")[1])}
+
+
+def test_the_documented_metrics_are_the_exposed_ones(tmp_path: Path) -> None:
+    """Every family a scrape shows (idle, mid-round, after a commit, with DP) is in the table, every name
+    in the table is shown by one of them, and the alert rules use only such names."""
+    from fedrecon.server.metrics import CoordinatorMetrics
+
+    seen: set[str] = set()
+
+    def families(registry: Any) -> set[str]:
+        return {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
+
+    task = _task()
+    dp = TaskSpec.from_dict({**task.to_dict(), "privacy": {"epsilon_budget": 100.0}, "aggregation": {
+        "noise_multiplier": 1.0, "max_update_norm": 1.0, "weighting": "uniform"}})
+    for name, spec in (("plain", task), ("private", dp)):
+        with SqlStore(f"sqlite:///{tmp_path / (name + '.db')}") as store, \
+                start_server(Coordinator(store, spec), metrics_port=0) as server:
+            metrics = server.metrics
+            assert isinstance(metrics, CoordinatorMetrics)
+            seen |= families(metrics.registry)
+            if spec is dp:
+                continue  # its privacy gauges are there already (and its accountant is slow to open a round)
+            wire = Wire(server.address)
+            a, b = wire.check_in("alice"), wire.check_in("bob")
+            seen |= families(metrics.registry)  # a live round
+            for who, assignment in (("alice", a), ("bob", b)):
+                assert wire.report(who, assignment, np.zeros((6, 2), np.float32)).accepted
+            _wait_for(lambda: server.coordinator.version == 1, "version 1")
+            seen |= families(metrics.registry)  # after a commit
+            wire.close()
+    documented = _documented_metrics()
+    assert seen - documented == set(), "exposed but not in deploy/README"
+    assert documented - seen == set(), "in deploy/README but never exposed"
+    rules = next(b for b in _yaml_blocks() if "groups:" in b)
+    used = set(re.findall(r"\b(fedrecon_\w+)", rules))
+    assert used and used <= documented
+
+
+def test_the_prometheus_examples_pass_promtool(tmp_path: Path) -> None:
+    """promtool (Debian's ``prometheus`` package) checks the scrape config and the rules, and unit-tests
+    the no-commit alert: it fires after 30 minutes without a commit (and 5 of waiting), never while rounds
+    commit."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus): the examples are not checked")
+    scrape, rules = (next(b for b in _yaml_blocks() if key in b) for key in ("scrape_configs", "groups:"))
+    (tmp_path / "prometheus.yml").write_text(scrape + "rule_files: [rules.yml]\n")
+    (tmp_path / "rules.yml").write_text(rules)
+    (tmp_path / "tests.yml").write_text("""
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'fedrecon_rounds_total{job="fedrecon", instance="a", outcome="committed"}'
+        values: '0+1x20 20+0x40'  # a commit a minute, then none from minute 20
+      - series: 'fedrecon_rounds_total{job="busy", instance="b", outcome="committed"}'
+        values: '0+1x60'
+    alert_rule_test:
+      - eval_time: 45m  # the 30-minute window still holds a commit
+        alertname: FedreconNoRoundCommitted
+        exp_alerts: []
+      - eval_time: 60m  # 30 minutes without one, for 5 minutes
+        alertname: FedreconNoRoundCommitted
+        exp_alerts:
+          - exp_labels: {job: fedrecon, severity: page}
+            exp_annotations:
+              summary: "no federated round committed in the last 30 minutes"
+              description: "see the leader's round_failed log lines and fedrecon_refusals_total by reason"
+""")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
+                 ["test", "rules", "tests.yml"]):
+        done = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
