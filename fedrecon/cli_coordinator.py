@@ -347,11 +347,11 @@ def _open_round(r: Any, now: datetime) -> dict[str, Any]:
 def _live_round(store_round: dict[str, Any] | None, live: dict[str, Any] | None, name: str
                 ) -> dict[str, Any] | None:
     """The live round of task ``name``: from the running coordinator when ``live`` (its metrics, see
-    ``scrape_live``) is that task's, else the open round as the store last recorded it (None: none)."""
-    if live is not None and live.get("task") == name:
+    ``scrape_live``) is that task's leader, else the open round as the store last recorded it (None: none;
+    a coordinator standing by runs no round, the leader's progress is in the store)."""
+    if live is not None and live.get("task") == name and live.get("leader"):
         r = live["live_round"]
-        return None if r is None else {"source": "coordinator", "url": live["url"], "leader": live["leader"],
-                                       **r}
+        return None if r is None else {"source": "coordinator", "url": live["url"], **r}
     if store_round is None:
         return None
     o = store_round
@@ -441,8 +441,7 @@ def _live_round_line(o: dict[str, Any]) -> str:
     return (f"  live round {o['round_num']} ({o['phase']}, on version {o['base_version']}): {o['selected']} "
             f"selected, {o['reporting']} reported ({o['accepted']} accepted) of the {o['goal']} it commits "
             f"at, at least {o['min_reports']} by the deadline {o['deadline'][11:19]} UTC (in "
-            f"{o['seconds_left']:.0f} s); from the coordinator{'' if o['leader'] else ' (standing by)'} "
-            f"at {o['url']}")
+            f"{o['seconds_left']:.0f} s); from the coordinator at {o['url']}")
 
 
 def status(

@@ -133,8 +133,9 @@ class StoreHealth:
         extra = {"event": "health_changed", "figures": {"status": name, **({"why": why} if why else {})}}
         if healthy:
             log.info("health: SERVING (the store answers)", extra=extra)
-        else:
-            log.warning("health: NOT_SERVING (%s)", why, extra=extra)
+        else:  # a shutdown is no trouble; a store that stopped answering is
+            level = logging.INFO if self._stopped.is_set() else logging.WARNING
+            log.log(level, "health: NOT_SERVING (%s)", why, extra=extra)
 
 
 def _run_into(fn: Callable[[], None], future: Future[None]) -> None:

@@ -329,7 +329,7 @@ def test_serve_logs_json_and_status_shows_the_live_round(served: tuple[Coordinat
     assert (live["source"], live["phase"], live["round_num"], live["selected"], live["reporting"],
             live["accepted"], live["goal"], live["min_reports"]) == ("coordinator", "reporting", 1, 3, 1, 1,
                                                                       2, 2)
-    assert 0 < live["seconds_left"] <= 1200 and live["leader"] is True
+    assert 0 < live["seconds_left"] <= 1200 and json.loads(shown.output)["coordinator"]["leader"] is True
     human = runner.invoke(app, ["status", "--store", store, "--metrics-url", metrics.split("//")[1]
                                 .removesuffix("/metrics")])
     assert human.exit_code == 0 and "live round 1 (reporting, on version 0): 3 selected" in human.output
