@@ -30,6 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedrecon.server.event_log import LogFormat, formatter
 from fedrecon.server.limits import Keepalive, ServerLimits
 from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S
 
@@ -102,11 +103,12 @@ def _unknown_task(sql: SqlStore, name: str) -> NoReturn:
 
 
 @contextmanager
-def _serve_logging(level: LogLevel) -> Iterator[None]:
-    """``serve``'s log: the package's records at ``level`` to stderr, one line each with the time, for as
-    long as the command runs (then the handler goes: tests run several commands in one process)."""
+def _serve_logging(level: LogLevel, kind: LogFormat = LogFormat.TEXT) -> Iterator[None]:
+    """``serve``'s log: the package's records at ``level`` to stderr, one line each (text with the time, or
+    one JSON object: ``event_log``), for as long as the command runs (then the handler goes: tests run
+    several commands in one process)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(formatter(kind))
     package = logging.getLogger("fedrecon")
     previous = package.level
     package.addHandler(handler)
@@ -196,12 +198,25 @@ def serve(
     log_level: Annotated[LogLevel, typer.Option(
         help="what to log on stderr: info shows a line per round event (opened, selected, committed or "
              "failed, with figures)")] = LogLevel.INFO,
+    log_format: Annotated[LogFormat, typer.Option(
+        help="text: readable lines; json: one JSON object per line with the event's name and figures (no "
+             "secret, token or raw client id in either)")] = LogFormat.TEXT,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="serve Prometheus metrics on this port at /metrics (default: off)")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        help="address of the metrics endpoint (it has no authentication: keep it on a private network)")]
+    = "127.0.0.1",
+    health_probe_s: Annotated[float, typer.Option(
+        min=0.05, help="the gRPC health service says SERVING while a store probe this often succeeds "
+                       "(grpc.health.v1.Health, no token needed)")] = 5.0,
+    reflection: Annotated[bool, typer.Option(
+        help="offer gRPC server reflection (for grpcurl and similar tools)")] = False,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE.
 
     Every flag is checked (task file, model file, TLS files, limits, the port) before the store is opened:
     a mistyped flag must not cost a live round. Exits 1 if shutting down lost accepted updates."""
-    with _serve_logging(log_level):  # the log goes to stderr while serving, a line per round event
+    with _serve_logging(log_level, log_format):  # the log goes to stderr while serving, a line per event
         from fedrecon.server.app import TlsFiles, check_bindable, start_server
         from fedrecon.server.auth import TokenAuthInterceptor
         from fedrecon.server.coordinator import Coordinator
@@ -253,6 +268,11 @@ def serve(
             check_bindable(host, port)
         except OSError as err:
             refuse(f"cannot listen on {host}:{port}: {err}")
+        if metrics_port is not None:
+            try:
+                check_bindable(metrics_host, metrics_port)
+            except OSError as err:
+                refuse(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err}")
 
         with _store(store, create=True) as sql:
             try:
@@ -270,9 +290,11 @@ def serve(
                 running = start_server(
                     coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
                     interceptors=auth, tls=tls, limits=limits, keepalive=keepalive,
-                    shutdown_grace_s=shutdown_grace_s)
+                    shutdown_grace_s=shutdown_grace_s, health_probe_s=health_probe_s, reflection=reflection,
+                    metrics_port=metrics_port, metrics_host=metrics_host)
             except OSError as err:  # taken between the check and the bind
-                refuse(f"cannot listen on {host}:{port}: {err}")
+                refuse(f"cannot listen on {host}:{port} (or metrics on {metrics_host}:{metrics_port}): {err}"
+                       if metrics_port is not None else f"cannot listen on {host}:{port}: {err}")
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
@@ -287,7 +309,13 @@ def serve(
                      "; client tokens required" if require_token else "",
                      ("; TLS" + (" with client certificates" if tls_client_ca else "")) if tls else "",
                      "leading as " + coordinator.replica_id if coordinator.leading
-                     else "STANDING BY: " + coordinator.standby_reason)
+                     else "STANDING BY: " + coordinator.standby_reason,
+                     extra={"event": "listening", "figures": {
+                         "task": spec.name, "address": running.address, "model_version": coordinator.version,
+                         "leading": coordinator.leading, "metrics": running.metrics_endpoint.url
+                         if running.metrics_endpoint else None}})
+            if running.metrics_endpoint is not None:
+                log.info("Prometheus metrics on %s", running.metrics_endpoint.url)
             if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
                 partial = port_file.with_name(port_file.name + ".tmp")
                 partial.write_text(str(running.port))
@@ -316,7 +344,25 @@ def _open_round(r: Any, now: datetime) -> dict[str, Any]:
             "deadline": r.deadline.isoformat(), "seconds_left": round((r.deadline - now).total_seconds(), 1)}
 
 
-def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
+def _live_round(store_round: dict[str, Any] | None, live: dict[str, Any] | None, name: str
+                ) -> dict[str, Any] | None:
+    """The live round of task ``name``: from the running coordinator when ``live`` (its metrics, see
+    ``scrape_live``) is that task's leader, else the open round as the store last recorded it (None: none;
+    a coordinator standing by runs no round, the leader's progress is in the store)."""
+    if live is not None and live.get("task") == name and live.get("leader"):
+        r = live["live_round"]
+        return None if r is None else {"source": "coordinator", "url": live["url"], **r}
+    if store_round is None:
+        return None
+    o = store_round
+    return {"source": "store", "round_num": o["round_num"], "round_id": o["round_id"], "phase": o["state"],
+            "base_version": o["base_version"], "selected": o["selected"], "reporting": o["reported"],
+            "accepted": o["accepted"], "goal": o["target"], "min_reports": o["min_reports"],
+            "opened_at": o["opened_at"], "deadline": o["deadline"], "seconds_left": o["seconds_left"]}
+
+
+def _task_status(sql: SqlStore, name: str, rounds: int, live: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     from fedrecon.server.store import UnknownTask
 
     try:
@@ -327,6 +373,7 @@ def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
     all_rounds = sql.list_rounds(name)
     states = Counter(str(r.state) for r in all_rounds)
     unfinished = [r for r in all_rounds if not r.state.is_finished]
+    open_round = _open_round(unfinished[-1], datetime.now(UTC)) if unfinished else None
     return {
         "name": task.name,
         "created_at": task.created_at.isoformat(),
@@ -335,7 +382,8 @@ def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
         "versions": [{"version": v.version, "parent": v.parent, "round_id": v.round_id,
                       "created_at": v.created_at.isoformat()} for v in versions],
         "rounds": {s: states.get(s, 0) for s in ("open", "aggregating", "committed", "failed")},
-        "open_round": _open_round(unfinished[-1], datetime.now(UTC)) if unfinished else None,
+        "open_round": open_round,
+        "live_round": _live_round(open_round, live, name),
         "privacy": _privacy(task.spec, all_rounds),
         "recent_rounds": [{
             "round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
@@ -388,28 +436,58 @@ def _open_round_line(o: dict[str, Any]) -> str:
             f"{o['target']} it commits at, at least {o['min_reports']} by the {when}")
 
 
+def _live_round_line(o: dict[str, Any]) -> str:
+    """The live round as the running coordinator holds it, in one line."""
+    return (f"  live round {o['round_num']} ({o['phase']}, on version {o['base_version']}): {o['selected']} "
+            f"selected, {o['reporting']} reported ({o['accepted']} accepted) of the {o['goal']} it commits "
+            f"at, at least {o['min_reports']} by the deadline {o['deadline'][11:19]} UTC (in "
+            f"{o['seconds_left']:.0f} s); from the coordinator at {o['url']}")
+
+
 def status(
     store: StoreOption = DEFAULT_STORE,
     task: Annotated[str | None, typer.Option(help="one task (default: all)")] = None,
     rounds: Annotated[int, typer.Option(min=0, help="how many recent rounds to list")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    metrics_url: Annotated[str | None, typer.Option(
+        help="the running coordinator's metrics endpoint (serve --metrics-port), HOST:PORT or a URL: the "
+             "live round is read from it, and from the store when it cannot be reached")] = None,
 ) -> None:
-    """Show tasks, model versions, the open round, recent rounds and evaluation metrics held in STORE.
+    """Show tasks, model versions, the live round, recent rounds and evaluation metrics held in STORE.
 
     A store that does not exist is an error (exit 2): status never creates one."""
+    live, unreachable = None, None
+    if metrics_url is not None:
+        from fedrecon.server.metrics import scrape_live
+
+        try:
+            live = scrape_live(metrics_url)
+        except (OSError, ValueError) as err:  # the coordinator is down or not there: the store tells
+            unreachable = f"{metrics_url}: {' '.join(str(err).split())[:200]}"
     with _store(store) as sql:
         names = [task] if task else [t.name for t in sql.list_tasks()]
-        report: dict[str, Any] = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
+        report: dict[str, Any] = {"store": sql.url,
+                                  "tasks": [_task_status(sql, n, rounds, live) for n in names]}
+    if metrics_url is not None:
+        report["coordinator"] = ({"url": live["url"], "task": live["task"], "leader": live["leader"],
+                                  "model_version": live["model_version"]} if live is not None
+                                 else {"url": metrics_url, "unreachable": unreachable})
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    if unreachable is not None:
+        console.print(f"coordinator not reachable ({unreachable}): the live round is the store's last record",
+                      markup=False, highlight=False, soft_wrap=True)
     if not report["tasks"]:
         console.print(f"no tasks in {report['store']}", markup=False)
     for t in report["tasks"]:
         r = t["rounds"]
         console.print(f"[bold]{escape(t['name'])}[/]: model version {t['latest_version']}; rounds committed "
                       f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
-        if t["open_round"] is not None:
+        live_round = t["live_round"]
+        if live_round is not None and live_round["source"] == "coordinator":
+            console.print(_live_round_line(live_round), markup=False, highlight=False, soft_wrap=True)
+        elif t["open_round"] is not None:
             console.print(_open_round_line(t["open_round"]), markup=False, highlight=False, soft_wrap=True)
         if t["privacy"] is not None:
             console.print(_privacy_line(t["privacy"]), markup=False, highlight=False, soft_wrap=True)

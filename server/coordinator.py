@@ -61,6 +61,15 @@ from fedrecon.server.checkpoints import (
 )
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
 from fedrecon.server.identity import Caller
+from fedrecon.server.live_view import (
+    LiveRound,
+    LiveView,
+    PrivacySpent,
+    RoundEvent,
+    RoundEventKind,
+    RoundListener,
+    RoundPhase,
+)
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.round_machine import (
     AskStore,
@@ -141,6 +150,7 @@ class Coordinator:
         self._standby_reason = ""
         self._next_lease_action = 0.0  # monotonic time of the next renewal or takeover attempt
         self.refusals: Counter[str] = Counter()  # refusals and notable events by reason (machine's and own)
+        self._round_listeners: list[RoundListener] = []  # see add_round_listener
         self._budget_logged = False
         self.interrupted_rounds: list[int] = []
         self._lead_or_stand_by()
@@ -295,10 +305,20 @@ class Coordinator:
             dropped = self.machine.round
             self.machine.round = None
             self._changed.notify_all()
+            event = None
+            if dropped is not None:  # the round ends here for this process (the new leader records it)
+                now = self._clock()
+                summary, participations = self.machine.summary(dropped, now)
+                event = RoundEvent(RoundEventKind.FAILED, self.task.name, dropped.round_id,
+                                   dropped.round_num, dropped.base_version, now,
+                                   reason=f"stood down: {why}", summary=summary,
+                                   participations=participations, duration_s=now - dropped.opened)
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.error("stood down from task %r: %s%s", self.task.name, why,
                   f"; round {dropped.round_num} dropped with {len(dropped.accepted)} accepted update(s)"
-                  if dropped is not None else "")
+                  if dropped is not None else "", extra=event.log_extra() if event is not None else None)
+        if event is not None:
+            self._announce(event)
 
     def _require_leader(self) -> Lease:
         lease = self._lease
@@ -365,6 +385,44 @@ class Coordinator:
     _check_task = check_task  # the name the round code calls it by
 
     # ----- views ---------------------------------------------------------------------------------------
+    def view(self) -> LiveView:
+        """The task as this coordinator holds it now (see ``live_view``), taken under the lock in one go and
+        from memory only (no store read): metrics scrapes, logs and dashboards may call it as often as
+        they like."""
+        s = self.task.rounds
+        with self._lock:
+            now = self._clock()
+            m, r, ledger = self.machine, self.machine.round, self.ledger
+            live = None
+            if r is not None:
+                phase = (RoundPhase.COMMITTING if r.commit_due else
+                         RoundPhase.SELECTING if r.selecting else RoundPhase.REPORTING)
+                live = LiveRound(r.round_id, r.round_num, r.base_version, phase, len(r.assigned),
+                                 r.answered(), len(r.accepted), len(r.refused), s.clients_per_round,
+                                 s.selection_goal, s.minimum, float(r.aggregate.total_weight), r.opened,
+                                 r.selection_ends, r.deadline, max(0.0, r.deadline - now))
+            privacy = None if ledger is None else PrivacySpent(ledger.epsilon, ledger.parameters.delta,
+                                                                ledger.rounds, ledger.epsilon_budget)
+            return LiveView(self.task.name, self.replica_id, m.version, self._lease is not None,
+                            "" if self._lease is not None else self._standby_reason, live, self.refusals,
+                            m.reports_accepted, m.committed_rounds, privacy, now)
+
+    def add_round_listener(self, listener: RoundListener) -> None:
+        """Call ``listener`` with every round this coordinator opens, commits or fails from now on (see
+        ``live_view.RoundListener``): how metrics and structured logs hear of rounds."""
+        with self._lock:
+            self._round_listeners.append(listener)
+
+    def _announce(self, event: RoundEvent) -> None:
+        """Tell the listeners (outside the lock); a listener's failure is logged, never the round's."""
+        with self._lock:
+            listeners = list(self._round_listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a round listener failed on %s of round %d", event.kind.value, event.round_num)
+
     @property
     def version(self) -> int:
         with self._lock:
@@ -713,13 +771,19 @@ class Coordinator:
                 self.machine.open_failed()
             raise
         s = self.task.rounds
+        event = RoundEvent(RoundEventKind.OPENED, self.task.name, record.round_id, record.round_num,
+                           effect.base_version, effect.opened, selection_goal=s.selection_goal,
+                           goal=s.clients_per_round, min_reports=s.minimum,
+                           selection_timeout_s=s.selection_timeout_s, deadline_at=effect.deadline)
         with self._lock:  # logged before any assignment to the round can be
             self.machine.round_opened(effect, record.round_id, record.round_num)
             self._newest_round_id = max(self._newest_round_id, record.round_id)
             log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at "
                      "%d reports, or at least %d by the deadline %s", record.round_num, effect.base_version,
                      s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,
-                     datetime.fromtimestamp(effect.deadline, UTC).strftime("%H:%M:%S UTC"))
+                     datetime.fromtimestamp(effect.deadline, UTC).strftime("%H:%M:%S UTC"),
+                     extra=event.log_extra())
+        self._announce(event)
         return None
 
     def _commit(self, effect: CommitRound) -> list[Effect]:
@@ -733,6 +797,7 @@ class Coordinator:
             epsilon = self.ledger.parameters.epsilon_after(self.ledger.rounds + 1)
             effect = dataclasses.replace(effect, summary=dataclasses.replace(
                 effect.summary, metrics={**effect.summary.metrics, "epsilon": epsilon}))
+        started = time.monotonic()
         try:
             if effect.first_attempt:
                 self.store.mark_aggregating(effect.round_id, fencing=self._lease)
@@ -774,12 +839,25 @@ class Coordinator:
                 self.ledger.record_round(epsilon)
             closed = self.machine.commit_done(effect.round_id, effect.base_version + 1)
             effects = self.machine.take_effects()
+        event = RoundEvent(RoundEventKind.COMMITTED, self.task.name, effect.round_id, effect.round_num,
+                           effect.base_version, self._clock(), new_version=closed.new_version, why=effect.why,
+                           summary=effect.summary, participations=effect.participations,
+                           duration_s=effect.summary.metrics.get("seconds"),
+                           commit_s=time.monotonic() - started)
         log.info("round %d committed version %d (%s): %s", effect.round_num, closed.new_version, effect.why,
-                 _figures(effect.summary))
+                 _figures(effect.summary), extra=event.log_extra())
+        self._announce(event)
         return effects
 
     def _record_failure(self, effect: FailRound) -> None:
-        log.warning("round %d failed: %s; %s", effect.round_num, effect.reason, _figures(effect.summary))
+        event = RoundEvent(RoundEventKind.FAILED, self.task.name, effect.round_id, effect.round_num,
+                           effect.base_version if effect.base_version is not None else self.version,
+                           self._clock(), reason=effect.reason, summary=effect.summary,
+                           participations=effect.participations,
+                           duration_s=effect.summary.metrics.get("seconds"))
+        log.warning("round %d failed: %s; %s", effect.round_num, effect.reason, _figures(effect.summary),
+                    extra=event.log_extra())
+        self._announce(event)
         with self._lock:
             self._unrecorded_failures.append(effect)
         self._record_failures()

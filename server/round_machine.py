@@ -92,6 +92,7 @@ class FailRound:
     reason: str
     summary: RoundSummary
     participations: tuple[Participation, ...]
+    base_version: int | None = None  # the version the round trained (the model stays at it)
 
 
 Effect = OpenRound | CommitRound | FailRound
@@ -489,7 +490,8 @@ class RoundMachine:
 
     def _fail(self, r: OpenRoundState, reason: str, now: float | None, *, why: str | None = None) -> None:
         summary, participations = self.summary(r, now)
-        self._outbox.append(FailRound(r.round_id, r.round_num, reason, summary, participations))
+        self._outbox.append(FailRound(r.round_id, r.round_num, reason, summary, participations,
+                                      r.base_version))
         self._forget(r, ClosedRound("failed", why or reason, {}, round_num=r.round_num))
 
     def _forget(self, r: OpenRoundState, closed: ClosedRound) -> ClosedRound:
