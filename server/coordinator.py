@@ -52,6 +52,7 @@ from fedrecon.protocol import (
     RoundOutcome,
 )
 from fedrecon.protocol import RoundState as RoundView
+from fedrecon.secagg_wire import ClientMessage, Instruction, SecurePhase
 from fedrecon.server.checkpoints import (
     clip_bound_from_bytes,
     globals_from_bytes,
@@ -75,6 +76,7 @@ from fedrecon.server.round_machine import (
     OpenRoundState,
     RoundMachine,
 )
+from fedrecon.server.secure_round import SecureRoundFactory
 from fedrecon.server.store import (
     DEFAULT_LEASE_TTL_S,
     Lease,
@@ -214,7 +216,8 @@ class Coordinator:
                 max_clients=rounds.clients_per_round, batch_size=batch_size,
                 expected_clients=rounds.clients_per_round if noise_rng is not None else None,
                 noise_rng=noise_rng, state=self._state),
-            may_open=self._privacy_refusal if ledger is not None else None)
+            may_open=self._privacy_refusal if ledger is not None else None,
+            secure_round=self._secure_round_factory())
         with self._lock:
             self._state = state
             self.ledger = ledger
@@ -324,6 +327,15 @@ class Coordinator:
                 ledger.epsilon, committed_rounds,
                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
         return ledger
+
+    def _secure_round_factory(self) -> SecureRoundFactory | None:
+        """What builds a round's secure-aggregation stages (``server.secure_round``), for a task that asks."""
+        a = self.task.aggregation
+        if not a.secure_aggregation:
+            return None
+        return SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
+                                  a.weight_cap(self.task.training, self.task.batch_size),
+                                  self.task.rounds.minimum)
 
     def _privacy_refusal(self) -> str | None:
         """Why no further round may open (the next would take ε past the budget), or None. Called by the
@@ -480,7 +492,8 @@ class Coordinator:
     def _assignment(self, r: OpenRoundState, token: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, token,
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
-                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value)
+                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value,
+                          secure_aggregation=self.task.aggregation.secure_aggregation)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
@@ -543,6 +556,24 @@ class Coordinator:
             if self.machine.round is r and r.commit_due:
                 return ReportOutcome(True, f"accepted in round {r.round_num}; the commit waits for the store")
         return outcome
+
+    def secure_step(self, task_name: str, client: str | Caller, round_id: int, token: str,
+                    message: ClientMessage | None, digest: str) -> tuple[SecurePhase, Instruction]:
+        """One ``SecureAggregation`` call (``server.secure_round``): the machine takes the message (None: a
+        poll) under the lock and says what the client must do next; a stage that closes may end the round,
+        whose commit or failure is performed here, outside the lock."""
+        self._check_task(task_name)
+        self._require_leader()
+        key = self.client_key(client)
+        effects: list[Effect] = []
+        try:
+            with self._lock:
+                try:
+                    return self.machine.secure_step(key, round_id, token, message, digest, self._clock())
+                finally:
+                    effects = self.machine.take_effects()
+        finally:
+            self._perform(effects)
 
     def _stored_round(self, round_id: int, key: str) -> ClosedRound | None:
         """A finished round of this task as the store has it, with ``key``'s accepted update digest (if
