@@ -157,7 +157,12 @@ class FederatedClient:
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
         try:
             if assignment.secure_aggregation:  # masked, through the round's secure stages (secure_report)
-                from fedrecon.client.secure_report import SecureReporter
+                try:
+                    from fedrecon.client.secure_report import SecureReporter
+                except ImportError as err:  # the secagg extra (cryptography) is not installed
+                    raise ImportError(f"round {assignment.round_num} of task {assignment.task_name!r} uses "
+                                      "secure aggregation, which needs the secagg extra: pip install "
+                                      f"'fedrecon[secagg]' ({err})") from err
 
                 return SecureReporter(self.transport, assignment, self.client_id, update.delta, update.weight,
                                       dict(update.metrics), sleep=self._sleep, max_wait_s=max_wait_s,
