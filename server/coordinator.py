@@ -126,6 +126,7 @@ class Coordinator:
         self.model = model_from_config(task.model)
         self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
         self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
+        self._secure_rounds = self._secure_round_factory()  # refuses unworkable settings before any write
         self._names = [v.name for v in self.model.global_variables]
         self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
                                             tuple(self.model.global_variables[i].shape))
@@ -217,7 +218,7 @@ class Coordinator:
                 expected_clients=rounds.clients_per_round if noise_rng is not None else None,
                 noise_rng=noise_rng, state=self._state),
             may_open=self._privacy_refusal if ledger is not None else None,
-            secure_round=self._secure_round_factory())
+            secure_round=self._secure_rounds)
         with self._lock:
             self._state = state
             self.ledger = ledger
@@ -333,9 +334,11 @@ class Coordinator:
         a = self.task.aggregation
         if not a.secure_aggregation:
             return None
-        return SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
-                                  a.weight_cap(self.task.training, self.task.batch_size),
-                                  self.task.rounds.minimum)
+        factory = SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
+                                     a.weight_cap(self.task.training, self.task.batch_size),
+                                     self.task.rounds.minimum)
+        factory.check(self.task.rounds.selection_goal)  # settings no full round could run with: at start
+        return factory
 
     def _privacy_refusal(self) -> str | None:
         """Why no further round may open (the next would take ε past the budget), or None. Called by the

@@ -248,6 +248,13 @@ class SecureRoundFactory:
     weight_cap: float
     min_reports: int
 
+    def check(self, clients: int) -> None:
+        """Refuse (``ValueError``, at the coordinator's start) settings with which a round of ``clients``
+        clients could not run, e.g. a threshold above the neighbourhood a round of that size has."""
+        made = self(0, [str(i) for i in range(clients)], 0.0, 0.0)
+        if isinstance(made, str):
+            raise ValueError(f"task {self.task_name!r}: {made} (the selection goal)")
+
     def __call__(self, round_id: int, keys: Sequence[str], now: float, reporting_deadline: float
                  ) -> SecureRound | str:
         """The round's stages, or why it cannot run (too few clients, settings that do not fit them)."""

@@ -107,3 +107,18 @@ def test_central_dp_with_secure_aggregation_adds_the_noise_to_the_unmasked_sum()
     aggregate.fold_secure_sum([np.array([4.0, 8.0])], 4.0, 4)
     noise = np.random.default_rng(3).normal(0.0, 1.0 * 20.0, size=2)  # z · S on the sum, then / K
     np.testing.assert_allclose(aggregate.mean()[0], (np.array([4.0, 8.0]) + noise) / 4, rtol=1e-6)  # type: ignore[index]
+
+
+def test_a_coordinator_refuses_at_start_settings_no_round_could_run_with(tmp_path: Path) -> None:
+    from fedrecon.server.coordinator import Coordinator
+    from fedrecon.server.store import SqlStore, UnknownTask
+    from fedrecon.server.task import RoundSettings
+
+    task = TaskSpec(name="too-high", model={"kind": "matrix_factorization", "num_items": 3},
+                    aggregation=AggregationConfig(secure_aggregation=True, secure_threshold=6),
+                    rounds=RoundSettings(clients_per_round=5, over_selection=1.0))
+    with SqlStore(f"sqlite:///{tmp_path / 'c.db'}") as store:
+        with pytest.raises(ValueError, match=r"threshold must be in 1\.\.4"):
+            Coordinator(store, task)
+        with pytest.raises(UnknownTask):  # refused before anything was written
+            store.get_task("too-high")
