@@ -9,7 +9,9 @@
    reconstruct fresh local variables with the globals frozen, then update the globals with the locals
    frozen.
 4. Report the delta of the global trainable variables, its weight and metrics. ``ClientUpdate`` has no
-   field for local variables, so they cannot be sent; they are dropped when the round ends.
+   field for local variables, so they cannot be sent; they are dropped when the round ends. When the
+   round uses secure aggregation the delta is clipped, weighted, quantised and masked instead, and sent
+   through the round's secure stages (``secure_report``); the app sees the same ``ReportOutcome``.
 
 Nothing about a round is kept afterwards (clients are stateless between rounds).
 """
@@ -154,6 +156,17 @@ class FederatedClient:
         assignment = self.check_in(max_wait_s=max_wait_s)
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
         try:
+            if assignment.secure_aggregation:  # masked, through the round's secure stages (secure_report)
+                try:
+                    from fedrecon.client.secure_report import SecureReporter
+                except ImportError as err:  # the secagg extra (cryptography) is not installed
+                    raise ImportError(f"round {assignment.round_num} of task {assignment.task_name!r} uses "
+                                      "secure aggregation, which needs the secagg extra: pip install "
+                                      f"'fedrecon[secagg]' ({err})") from err
+
+                return SecureReporter(self.transport, assignment, self.client_id, update.delta, update.weight,
+                                      dict(update.metrics), sleep=self._sleep, max_wait_s=max_wait_s,
+                                      rng=upload_rng_for(assignment) if upload_rng_for else None).run()
             return self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
                                          update.metrics,
                                          rng=upload_rng_for(assignment) if upload_rng_for else None)

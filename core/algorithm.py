@@ -73,8 +73,11 @@ class FedRecon:
                            round_num=0)
 
     @property
-    def _delta_shapes(self) -> list[tuple[int, ...]]:
+    def delta_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of an update: the global trainable variables, in model order."""
         return [tuple(self.model.global_variables[i].shape) for i in self.model.global_trainable]
+
+    _delta_shapes = delta_shapes
 
     def check_aggregation(self, *, max_clients: int) -> None:
         """Refuse settings whose buffering reducer would exceed its memory bound (at start, not mid-round)."""

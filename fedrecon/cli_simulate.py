@@ -135,6 +135,11 @@ def simulate(
              "stochastic rounding, a scale per row; unbiased), rowsparse (only the rows a client touched, "
              "lossless) or rowsparse_q16 / rowsparse_q8 (both); the same code as a coordinator's clients "
              "(default: none, or the task's)")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="secure aggregation (SecAgg+, in process): each client clips and weights its update, quantises "
+             "and masks it, and only the round's sum is unmasked; refused with an --upload-codec, a robust "
+             "--aggregator or adaptive clipping (default: off, or the task's)")] = None,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
     xla: Annotated[bool, typer.Option(
@@ -260,7 +265,8 @@ def _resolve(f: dict[str, Any]) -> _Run:
                       ("max_update_norm", "max_update_norm"), ("norm_policy", "norm_policy"),
                       ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting"),
                       ("adaptive_clip_quantile", "adaptive_clip_quantile"),
-                      ("adaptive_clip_lr", "adaptive_clip_learning_rate"), ("upload_codec", "upload_codec")):
+                      ("adaptive_clip_lr", "adaptive_clip_learning_rate"), ("upload_codec", "upload_codec"),
+                      ("secure_aggregation", "secure_aggregation")):
         if f[flag] is not None:
             aggregation_fields[key] = f[flag]
     privacy = None

@@ -52,6 +52,7 @@ from fedrecon.protocol import (
     RoundOutcome,
 )
 from fedrecon.protocol import RoundState as RoundView
+from fedrecon.secagg_wire import ClientMessage, Instruction, SecurePhase
 from fedrecon.server.checkpoints import (
     clip_bound_from_bytes,
     globals_from_bytes,
@@ -84,6 +85,7 @@ from fedrecon.server.round_machine import (
     OpenRoundState,
     RoundMachine,
 )
+from fedrecon.server.secure_round import SecureRoundFactory
 from fedrecon.server.store import (
     DEFAULT_LEASE_TTL_S,
     Lease,
@@ -133,6 +135,7 @@ class Coordinator:
         self.model = model_from_config(task.model)
         self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
         self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
+        self._secure_rounds = self._secure_round_factory()  # refuses unworkable settings before any write
         self._names = [v.name for v in self.model.global_variables]
         self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
                                             tuple(self.model.global_variables[i].shape))
@@ -224,7 +227,8 @@ class Coordinator:
                 max_clients=rounds.clients_per_round, batch_size=batch_size,
                 expected_clients=rounds.clients_per_round if noise_rng is not None else None,
                 noise_rng=noise_rng, state=self._state),
-            may_open=self._privacy_refusal if ledger is not None else None)
+            may_open=self._privacy_refusal if ledger is not None else None,
+            secure_round=self._secure_rounds)
         with self._lock:
             self._state = state
             self.ledger = ledger
@@ -344,6 +348,17 @@ class Coordinator:
                 ledger.epsilon, committed_rounds,
                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
         return ledger
+
+    def _secure_round_factory(self) -> SecureRoundFactory | None:
+        """What builds a round's secure-aggregation stages (``server.secure_round``), for a task that asks."""
+        a = self.task.aggregation
+        if not a.secure_aggregation:
+            return None
+        factory = SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
+                                     a.weight_cap(self.task.training, self.task.batch_size),
+                                     self.task.rounds.minimum)
+        factory.check(self.task.rounds.selection_goal)  # settings no full round could run with: at start
+        return factory
 
     def _privacy_refusal(self) -> str | None:
         """Why no further round may open (the next would take ε past the budget), or None. Called by the
@@ -538,7 +553,8 @@ class Coordinator:
     def _assignment(self, r: OpenRoundState, token: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, token,
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
-                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value)
+                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value,
+                          secure_aggregation=self.task.aggregation.secure_aggregation)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
@@ -601,6 +617,24 @@ class Coordinator:
             if self.machine.round is r and r.commit_due:
                 return ReportOutcome(True, f"accepted in round {r.round_num}; the commit waits for the store")
         return outcome
+
+    def secure_step(self, task_name: str, client: str | Caller, round_id: int, token: str,
+                    message: ClientMessage | None, digest: str) -> tuple[SecurePhase, Instruction]:
+        """One ``SecureAggregation`` call (``server.secure_round``): the machine takes the message (None: a
+        poll) under the lock and says what the client must do next; a stage that closes may end the round,
+        whose commit or failure is performed here, outside the lock."""
+        self._check_task(task_name)
+        self._require_leader()
+        key = self.client_key(client)
+        effects: list[Effect] = []
+        try:
+            with self._lock:
+                try:
+                    return self.machine.secure_step(key, round_id, token, message, digest, self._clock())
+                finally:
+                    effects = self.machine.take_effects()
+        finally:
+            self._perform(effects)
 
     def _stored_round(self, round_id: int, key: str) -> ClosedRound | None:
         """A finished round of this task as the store has it, with ``key``'s accepted update digest (if

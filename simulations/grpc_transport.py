@@ -72,6 +72,8 @@ class GrpcRounds:
         self.coordinator = Coordinator(self.store, self.task)
         self.server = start_server(self.coordinator, host="127.0.0.1", port=0)
         self.channel = grpc.insecure_channel(self.server.address)
+        if self.task.aggregation.secure_aggregation:  # every client of a secure round waits for the others
+            workers = max(workers, self.task.rounds.clients_per_round)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simulated-client")
         self._observer = CoordinatorChannel(channel=self.channel)
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedrecon.core.aggregation import ClientDeltas
+from fedrecon.core.aggregation import Aggregator, ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
 from fedrecon.core.client_work import ClientStep, EvaluationSums
 from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
+from fedrecon.core.secagg.local import secure_round_sum
 
 #: With XLA, each phase's step count is padded up to a multiple of this (all-masked steps are no-ops), so a
 #: run compiles at most ``ceil(max steps / 8)`` shapes per phase instead of one per distinct step count.
@@ -110,6 +111,25 @@ def uploaded(deltas: ClientDeltas, codec: UploadCodec, users: Sequence[int], *, 
                            for c, u in enumerate(users)])
 
 
+def fold_securely(aggregate: Aggregator, algorithm: FedRecon, deltas: ClientDeltas, weights: np.ndarray, *,
+                  batch_size: int, seed: int, round_num: int) -> None:
+    """Fold a simulated round through secure aggregation (``core.secagg``, in process): every client
+    clips, weights, quantises and masks its update as a device would, and only the unmasked sum reaches the
+    aggregate, so a simulation shows the quantisation's effect on the model."""
+    config = algorithm.aggregation
+    encoding = config.secure_encoding(config.weight_cap(algorithm.config, batch_size))
+    stacked = deltas.stacked()
+    per_client = [[t[c] for t in stacked] for c in range(deltas.num_clients)]
+    if len(per_client) < 2:  # a sum of one client is that client's update: nothing is released
+        return
+    sums, total_weight, result = secure_round_sum(
+        encoding, per_client, [float(w) for w in weights], algorithm.delta_shapes,
+        round_id=f"simulation/{seed}/{round_num}".encode(),
+        rng=np.random.default_rng([seed, round_num, 0x5EC]),
+        degree=config.secure_neighbours, threshold=config.secure_threshold)
+    aggregate.fold_secure_sum(sums, total_weight, result.count)
+
+
 DIVERGENCE_HINT = "training diverged: lower the client learning rate (--client-lr)"
 
 
@@ -178,9 +198,13 @@ class Simulation:
                                   local_rngs=[local_rng(s.seed, round_num, u) for u in chosen],
                                   step_multiple=XLA_STEP_MULTIPLE if s.xla else 1)
             result = self.client_step.train_clients(state.globals, packed)
-            deltas = uploaded(result.deltas, self.algorithm.aggregation.upload_codec, chosen, seed=s.seed,
-                              round_num=round_num)
-            aggregate.fold(deltas, result.weights)
+            if self.algorithm.aggregation.secure_aggregation:
+                fold_securely(aggregate, self.algorithm, result.deltas, result.weights,
+                              batch_size=s.batch_size, seed=s.seed, round_num=round_num)
+            else:
+                deltas = uploaded(result.deltas, self.algorithm.aggregation.upload_codec, chosen,
+                                  seed=s.seed, round_num=round_num)
+                aggregate.fold(deltas, result.weights)
             loss_sum, examples = float(result.loss_sum.sum()), float(result.post_examples.sum())
             non_finite = int((~result.finite).sum())
         try:
