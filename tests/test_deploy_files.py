@@ -70,13 +70,23 @@ def _compose_command() -> list[str] | None:
 
 
 def test_compose_file_passes_docker_compose_config() -> None:
+    """Valid for the compose client here, and the database password has no default: without it the file
+    does not even render."""
     compose = _compose_command()
     if compose is None:
         pytest.skip("no compose client (docker compose plugin or docker-compose) installed here")
-    env = {**os.environ, "FEDRECON_DB_PASSWORD": "only-for-the-check"}
-    result = subprocess.run([*compose, "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
-                            capture_output=True, text=True, timeout=120, cwd=DEPLOY, env=env, check=False)
+    args = [*compose, "-f", str(DEPLOY / "compose.yaml"), "config"]
+    env = {k: v for k, v in os.environ.items() if k != "FEDRECON_DB_PASSWORD"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=DEPLOY,
+                            env={**env, "FEDRECON_DB_PASSWORD": "only-for-the-check"}, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+    rendered = yaml.safe_load(result.stdout)["services"]
+    coordinator = rendered["coordinator"]["environment"]
+    assert coordinator["FEDRECON_STORE"].endswith(":only-for-the-check@postgres:5432/fedrecon")
+    assert rendered["migrate"]["environment"]["FEDRECON_STORE"] == coordinator["FEDRECON_STORE"]
+    unset = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=DEPLOY, env=env,
+                           check=False)
+    assert unset.returncode != 0 and "set FEDRECON_DB_PASSWORD" in unset.stderr, unset.stderr
 
 
 def _options(*path: str) -> set[str]:
