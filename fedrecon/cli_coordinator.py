@@ -30,9 +30,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedrecon.cli_config import ConfigOption
 from fedrecon.server.event_log import LogFormat, formatter
 from fedrecon.server.limits import Keepalive, ServerLimits
-from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S
+from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S, SchemaPolicy
 
 if TYPE_CHECKING:
     from fedrecon.server.store import SqlStore
@@ -74,7 +75,8 @@ def _exit_code(err: BaseException) -> int:
 
 
 @contextmanager
-def _store(url: str, *, create: bool = False) -> Iterator[SqlStore]:
+def _store(url: str, *, create: bool = False, schema: SchemaPolicy = SchemaPolicy.MIGRATE
+           ) -> Iterator[SqlStore]:
     """The store at ``url`` for one command, closed afterwards. Opening it (see ``open_store``) or any
     store error in the body ends the command with one line and `_exit_code`. The store's own error logs
     (a fault is logged with its traceback, for a coordinator's log) are kept out of the command's output:
@@ -84,7 +86,7 @@ def _store(url: str, *, create: bool = False) -> Iterator[SqlStore]:
     quiet = logging.NullHandler()
     logging.getLogger("fedrecon.server").addHandler(quiet)
     try:
-        sql = open_store(url, create=create)
+        sql = open_store(url, create=create, schema=schema)
         try:
             yield sql
         finally:
@@ -127,6 +129,11 @@ _KEEPALIVE = Keepalive()
 def serve(
     task: Annotated[Path, typer.Option(help="task description, .toml or .json")],
     store: StoreOption = DEFAULT_STORE,
+    config: ConfigOption = None,
+    migrate: Annotated[bool, typer.Option(
+        help="migrate the store's schema on start (the default); --no-migrate for deployments that run "
+             "`fedrecon db upgrade` as a step of their own: serve then changes no schema and refuses to "
+             "start (exit 2) unless the store is at this release's revision")] = True,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
     max_workers: Annotated[int, typer.Option(
@@ -214,8 +221,13 @@ def serve(
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE.
 
+    Every option can also be set by a FEDRECON_<OPTION> environment variable (FEDRECON_STORE,
+    FEDRECON_PORT, FEDRECON_TLS_KEY, ...) or a key of --config FILE.toml (store, port, tls_key, ...); a flag
+    wins over the environment, which wins over the file.
+
     Every flag is checked (task file, model file, TLS files, limits, the port) before the store is opened:
     a mistyped flag must not cost a live round. Exits 1 if shutting down lost accepted updates."""
+    del config  # read by its callback: its values are the other options' defaults
     with _serve_logging(log_level, log_format):  # the log goes to stderr while serving, a line per event
         from fedrecon.server.app import TlsFiles, check_bindable, start_server
         from fedrecon.server.auth import TokenAuthInterceptor
@@ -274,7 +286,8 @@ def serve(
             except OSError as err:
                 refuse(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err}")
 
-        with _store(store, create=True) as sql:
+        schema = SchemaPolicy.MIGRATE if migrate else SchemaPolicy.REQUIRE_HEAD
+        with _store(store, create=migrate, schema=schema) as sql:
             try:
                 coordinator = Coordinator(sql, spec, initial_globals=initial, replica_id=replica_id,
                                           lease_ttl_s=lease_ttl_s)
