@@ -155,7 +155,8 @@ class CoordinatorChannel:
 
     ``target`` may name several coordinators of one task (replicas: ``"host-a:50051,host-b:50051"``, or a
     sequence): calls go to one of them, and a call answered UNAVAILABLE (the coordinator is down, or it
-    stands by while another leads) is retried on the next one, round robin, with the usual backoff."""
+    stands by while another leads) or DEADLINE_EXCEEDED (it is paused or cut off from its store, and holds
+    calls without answering) is retried on the next one, round robin, with the usual backoff."""
 
     def __init__(self, target: str | Sequence[str] | None = None, *, channel: grpc.Channel | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
@@ -207,10 +208,11 @@ class CoordinatorChannel:
         old.close()
 
     def _fail_over(self, state: RetryCallState) -> None:
-        """Before a retry: an UNAVAILABLE answer moves the next attempt to the next coordinator."""
+        """Before a retry: an UNAVAILABLE or DEADLINE_EXCEEDED answer moves the next attempt to the next
+        coordinator."""
         err = state.outcome.exception() if state.outcome else None
         if (len(self.targets) > 1 and isinstance(err, grpc.RpcError)
-                and err.code() == grpc.StatusCode.UNAVAILABLE):  # type: ignore[attr-defined]
+                and err.code() in TRANSIENT):  # type: ignore[attr-defined]
             with self._switching:
                 self._switch((self._current + 1) % len(self.targets))
             log.info("coordinator unavailable; trying %s next", self.target)

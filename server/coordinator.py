@@ -150,6 +150,7 @@ class Coordinator:
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_ttl_s = lease_ttl_s
         self._lease: Lease | None = None
+        self._lead_until = 0.0  # monotonic time the lease surely runs until (see _require_leader)
         self._standby_reason = ""
         self._next_lease_action = 0.0  # monotonic time of the next renewal or takeover attempt
         self.refusals: Counter[str] = Counter()  # refusals and notable events by reason (machine's and own)
@@ -253,16 +254,21 @@ class Coordinator:
     def _lead_or_stand_by(self) -> bool:
         """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished);
         otherwise stand by. True if this coordinator now leads."""
+        asked = time.monotonic()
         try:
             lease = self.store.acquire_lease(self.task.name, self.replica_id, self.lease_ttl_s)
         except LeaseHeld as held:
             self._standby_reason = (f"task {self.task.name!r} is led by another coordinator ({held.holder}) "
                                     f"until {held.expires_at:%H:%M:%S} UTC at least")
-            self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+            # Try again a third of a lease later, or just after this lease runs out if that is sooner: a
+            # dead leader's lease is taken over within a tick of its expiry, not up to a third later.
+            left = (held.expires_at - datetime.now(UTC)).total_seconds()
+            self._next_lease_action = time.monotonic() + min(self.lease_ttl_s / 3, max(left, 0.0) + 0.05)
             return False
         self.interrupted_rounds = [r.round_id for r in self.store.fail_unfinished_rounds(
             self.task.name, "coordinator restarted before the round committed")]
         self._lease = lease
+        self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.info("leading task %r as %s (lease epoch %d, %g s, renewed every %g s)", self.task.name,
                  self.replica_id, lease.epoch, self.lease_ttl_s, self.lease_ttl_s / 3)
@@ -277,13 +283,21 @@ class Coordinator:
             return
         lease = self._lease
         if lease is None:
-            took = self._lead_or_stand_by()
-            self._load_state()  # a standby follows the store, so the reads it serves stay current
-            if took:
-                log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
-                            "previous leader marked failed", self.task.name, self._lease.epoch if self._lease
-                            else 0, len(self.interrupted_rounds))
+            try:
+                took = self._lead_or_stand_by()
+                if took:
+                    self._load_state()  # the state the previous leader left is the store's
+                    log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
+                                "previous leader marked failed", self.task.name,
+                                self._lease.epoch if self._lease else 0, len(self.interrupted_rounds))
+                else:
+                    self._follow_store()
+            except StoreError as err:
+                log.warning("standing by for task %r: the store did not answer (%s); retrying",
+                            self.task.name, err)
+                self._next_lease_action = time.monotonic() + 1.0
             return
+        asked = time.monotonic()
         try:
             renewed = self.store.renew_lease(lease, self.lease_ttl_s)
         except LeaseLost as err:
@@ -296,7 +310,15 @@ class Coordinator:
         with self._lock:
             if self._lease is lease:
                 self._lease = renewed
+                self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+
+    def _follow_store(self) -> None:
+        """A standby's reads (downloads, the latest version) follow the store: the state is rebuilt only
+        when the leader committed a new version (one small read, without the model, each time)."""
+        latest = self.store.latest_version(self.task.name, with_payload=False)
+        if latest.version != self.version:
+            self._load_state()
 
     def _stand_down(self, why: str) -> None:
         """Stop leading: the open round is dropped (its accepted updates are in no version; the new
@@ -325,12 +347,20 @@ class Coordinator:
             self._announce(event)
 
     def _require_leader(self) -> Lease:
+        """The lease, to lead a round call; UNAVAILABLE ``not_leader`` while standing by, and also once the
+        lease may have run out unrenewed (the store unreachable, or this process paused): another
+        coordinator may lead by then, and a client kept here would only lose its work to fencing."""
         lease = self._lease
         if lease is None:
             self.refusals["not_leader"] += 1
             raise Refusal(Status.UNAVAILABLE, "not_leader",
                           f"this coordinator is standing by: {self._standby_reason}; retry, or use another "
                           "coordinator address")
+        if time.monotonic() >= self._lead_until:
+            self.refusals["not_leader"] += 1
+            raise Refusal(Status.UNAVAILABLE, "not_leader",
+                          "this coordinator could not renew its lead in time (its store does not answer); "
+                          "retry, or use another coordinator address")
         return lease
 
     def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
@@ -388,8 +418,7 @@ class Coordinator:
         credential ids are never kept). A plain string is a client id in the trusted-network mode (refused
         INVALID_ARGUMENT unless 1 to 256 characters; ``Identifier`` checks the ids it is given the same way).
         """
-        caller = client if isinstance(client, Caller) else Caller.trusted(client)
-        return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
+        return pseudonym(self._salt, client if isinstance(client, Caller) else Caller.trusted(client))
 
     def check_task(self, task_name: str) -> None:
         """Refuse (NOT_FOUND) a task this coordinator does not serve; the name is echoed cut short."""
@@ -477,7 +506,8 @@ class Coordinator:
         with self._lock:
             if version == self.machine.version:
                 return list(self._names), list(self._state.globals)
-            if not 0 <= version < self.machine.version:  # never asks the store about a value it cannot hold
+            # Never asks the store about a value it cannot hold; a standby may lag its leader by a version.
+            if version < 0 or (version > self.machine.version and self._lease is not None):
                 raise Refusal(Status.NOT_FOUND, "unknown_version",
                               f"task {task_name!r} has no model version {version}")
         try:
@@ -666,7 +696,8 @@ class Coordinator:
             open_round = self.machine.outcome(round_id)
             if open_round is not None:
                 return open_round
-            if not 1 <= round_id <= self._newest_round_id:  # not opened by this task (yet): no store read
+            # Not opened by this task (yet): no store read. A standby does not see the leader's new rounds.
+            if round_id < 1 or (round_id > self._newest_round_id and self._lease is not None):
                 raise unknown
             if round_id in self._finished:
                 cached = self._finished[round_id]
@@ -680,7 +711,8 @@ class Coordinator:
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
         if record is None or record.task != self.task.name:
-            self._remember_finished(round_id, None)
+            if record is not None or round_id <= self._newest_round_id:  # else it may be opened later
+                self._remember_finished(round_id, None)
             raise unknown
         outcome = None
         if record.state == RoundState.COMMITTED:
@@ -1040,6 +1072,12 @@ class _TokenBuckets:
             self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
             self._last_sweep = now
         return allowed
+
+
+def pseudonym(salt: bytes, caller: Caller) -> str:
+    """The key a caller is known by in a task's store: HMAC-SHA256 of its identity under the task's salt
+    (``TaskRecord.pseudonym_salt``); a tool auditing the store (the failover drill) computes the same."""
+    return hmac.new(salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
 
 
 def _figures(summary: RoundSummary) -> str:
