@@ -87,8 +87,8 @@ import numpy as np
 
 from fedrecon.client import FederatedClient
 from fedrecon.client.transport import CoordinatorChannel
-from fedrecon.core.config import FedReconConfig
 from fedrecon.core.compression import UploadCodec
+from fedrecon.core.config import FedReconConfig
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import TaskSpec
@@ -96,7 +96,7 @@ from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES, TensorLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the generator module beside this script
-from load_generator import Generator, prepare_update, realistic_delta  # noqa: E402
+from load_generator import Generator, prepare_update, realistic_delta
 
 TASK_NAME = "movielens-load"
 LIGHT_REPORTS_TARGET = 2000  # default rounds per N give about this many reports
@@ -306,7 +306,8 @@ def delta_layouts(spec: TaskSpec) -> list[TensorLayout]:
 
 
 def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, workdir: Path, *,
-                    over_selection: float, processes: int, threads: int, codec: UploadCodec) -> dict[str, Any]:
+                    over_selection: float, processes: int, threads: int, codec: UploadCodec
+                    ) -> dict[str, Any]:
     """One coordinator process, ``rounds`` rounds of N reports from the lightweight generator."""
     task_file = workdir / "task.toml"
     spec = write_task(task_file, data, n, rounds, factors, over_selection=over_selection, codec=codec)
@@ -365,8 +366,9 @@ def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, w
         store.close()
     committed = [r for r in stored if str(r.state) == "committed" and r.num_accepted == n]
     if len(committed) != rounds or len(stored) != rounds:
-        raise RuntimeError(f"store check failed for N={n}: {len(committed)} of {rounds} rounds committed with "
-                           f"{n} reports; rounds {[(r.round_num, str(r.state), r.num_accepted) for r in stored]}")
+        seen = [(r.round_num, str(r.state), r.num_accepted) for r in stored]
+        raise RuntimeError(f"store check failed for N={n}: {len(committed)} of {rounds} rounds committed "
+                           f"with {n} reports; rounds {seen}")
     reports = n * rounds
     cpu_ms = 1000 * report_cpu / reports
     return {
@@ -402,7 +404,8 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
             max(1, math.ceil(LIGHT_REPORTS_TARGET / n))
         with tempfile.TemporaryDirectory(prefix="fedrecon-load-") as tmp:
             t0 = time.perf_counter()
-            runs.append(run_lightweight(n, r, args.factors, data, Path(tmp), over_selection=args.over_selection,
+            runs.append(run_lightweight(n, r, args.factors, data, Path(tmp),
+                                        over_selection=args.over_selection,
                                         processes=args.generator_processes, threads=args.generator_threads,
                                         codec=UploadCodec(args.upload_codec)))
             runs[-1]["wall_s"] = time.perf_counter() - t0
@@ -410,7 +413,8 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
     print(f"{'clients':>8} {'rounds':>6} {'report B':>10} {'CPU ms/report':>14} {'reports/s/core':>15} "
           f"{'reports/s wall':>15} {'CPU ms/selected':>16} {'peak RSS MB':>12}")
     for r in runs:
-        print(f"{r['clients']:>8} {r['rounds']:>6} {r['report_bytes']:>10,} {r['coordinator_cpu_ms_per_report']:>14.3f} "
+        print(f"{r['clients']:>8} {r['rounds']:>6} {r['report_bytes']:>10,} "
+              f"{r['coordinator_cpu_ms_per_report']:>14.3f} "
               f"{r['reports_per_s_per_core'] or 0:>15.1f} {r['reports_per_s_wall']:>15.1f} "
               f"{r['coordinator_cpu_ms_per_selected_client']:>16.3f} {r['peak_rss_mb']:>12.1f}")
     result: dict[str, Any] = {"mode": "lightweight", "runs": runs,
@@ -425,7 +429,8 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
               f"{result['peak_rss_ratio']:.3f} (target <= 1.5)")
     result["setup"] = {"data": Path(args.data).name, "train_users": len(data.train), "items": data.num_items,
                        "factors": args.factors, "over_selection": args.over_selection,
-                       "generator": {"processes": args.generator_processes, "threads": args.generator_threads},
+                       "generator": {"processes": args.generator_processes,
+                                     "threads": args.generator_threads},
                        "coordinator_max_workers": 32, "cpus": os.cpu_count(),
                        "python": platform.python_version(), "load_average_before": load_before,
                        "load_average_after": os.getloadavg(), "code": code_version(),
@@ -489,8 +494,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"--lightweight about {LIGHT_REPORTS_TARGET} reports' worth)")
     parser.add_argument("--factors", type=int, default=50)
     parser.add_argument("--out", type=Path, default=None,
-                        help="default benchmarks/results/coordinator_load.json (coordinator_load_lightweight.json "
-                             "with --lightweight)")
+                        help="default benchmarks/results/coordinator_load.json "
+                             "(coordinator_load_lightweight.json with --lightweight)")
     parser.add_argument("--lightweight", action="store_true",
                         help="no client training: generator processes send precomputed updates")
     parser.add_argument("--over-selection", type=float, default=1.3, help="--lightweight: over-selection")

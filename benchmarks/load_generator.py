@@ -20,9 +20,10 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import grpc
@@ -82,7 +83,8 @@ def prepare_update(layouts: Sequence[TensorLayout], delta: Sequence[np.ndarray],
         encoded = encode_update(delta, codec, rng if rng is not None else np.random.default_rng(0))
         encodings = [tensor_encoding(e) for e in encoded]
         payload = payload_arrays(encoded)
-    messages = tuple(pb.ReportUpdateRequest(chunk=c).SerializeToString() for c in chunks(payload, chunk_bytes))
+    messages = tuple(pb.ReportUpdateRequest(chunk=c).SerializeToString()
+                     for c in chunks(payload, chunk_bytes))
     return PreparedUpdate(manifest(names, delta).SerializeToString(),
                           tuple(e.SerializeToString() for e in encodings), messages, weight,
                           {"loss": 1.0, "post_recon_examples": weight})
@@ -109,16 +111,14 @@ class _Client:
 
 def _select(client: _Client, task: str, client_id: str) -> tuple[pb.Assignment, int, int]:
     """Check in until assigned, then download the round's model: (assignment, bytes downloaded, retries)."""
-    retries = 0
-    for _ in range(MAX_CHECK_IN_TRIES):
-        response = client.check_in(pb.CheckInRequest(task_name=task, client_id=client_id,
-                                                     protocol_version=PROTOCOL_VERSION), timeout=RPC_TIMEOUT_S)
+    request = pb.CheckInRequest(task_name=task, client_id=client_id, protocol_version=PROTOCOL_VERSION)
+    for retries in range(MAX_CHECK_IN_TRIES):
+        response = client.check_in(request, timeout=RPC_TIMEOUT_S)
         if response.WhichOneof("outcome") == "assignment":
             a = response.assignment
             stream = client.download(pb.DownloadModelRequest(task_name=task, model_version=a.model_version,
                                                              client_id=client_id), timeout=RPC_TIMEOUT_S)
             return a, sum(len(m) for m in stream), retries
-        retries += 1
         time.sleep(response.retry.delay_min.ToNanoseconds() / 1e9)
     raise RuntimeError(f"{client_id} was never assigned")
 
@@ -126,7 +126,8 @@ def _select(client: _Client, task: str, client_id: str) -> tuple[pb.Assignment, 
 def _report(client: _Client, client_id: str, a: pb.Assignment, update: PreparedUpdate) -> bool:
     header = pb.ReportHeader(task_name=a.task_name, client_id=client_id, round_id=a.round_id,
                              assignment_token=a.assignment_token, weight=update.weight,
-                             metrics=dict(update.metrics), manifest=pb.TensorManifest.FromString(update.manifest),
+                             metrics=dict(update.metrics),
+                             manifest=pb.TensorManifest.FromString(update.manifest),
                              encodings=[pb.TensorEncoding.FromString(e) for e in update.encodings])
 
     def messages() -> Iterator[bytes]:
@@ -136,8 +137,13 @@ def _report(client: _Client, client_id: str, a: pb.Assignment, update: PreparedU
     return bool(client.report(messages(), timeout=RPC_TIMEOUT_S).accepted)
 
 
-def _serve_commands(address: str, task: str, threads: int, first_channel: int, updates: Sequence[PreparedUpdate],
-                    commands: Any, results: Any) -> None:
+def _report_as(client: Callable[[], _Client], assignments: Mapping[str, pb.Assignment],
+               updates: Sequence[PreparedUpdate], client_id: str) -> bool:
+    return _report(client(), client_id, assignments[client_id], updates[_index(client_id) % len(updates)])
+
+
+def _serve_commands(address: str, task: str, threads: int, first_channel: int,
+                    updates: Sequence[PreparedUpdate], commands: Any, results: Any) -> None:
     """A generator process: runs each command on ``threads`` threads (a client each at a time)."""
     local = threading.local()
     counter = iter(range(first_channel, first_channel + threads))
@@ -165,7 +171,7 @@ def _serve_commands(address: str, task: str, threads: int, first_channel: int, u
                                  sum(r for _, _, _, r in done)))
                 elif command == "report":
                     accepted = list(pool.map(
-                        lambda i: _report(client(), i, assignments[i], updates[_index(i) % len(updates)]), ids))
+                        partial(_report_as, client, assignments, updates), ids))
                     results.put(("reported", accepted.count(True), accepted.count(False), 0))
             except Exception as err:  # the parent reports it and stops the run
                 results.put(("error", repr(err), 0, 0))
@@ -188,8 +194,8 @@ class Generator:
         self._commands = [ctx.Queue() for _ in range(processes)]
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_serve_commands, daemon=True, name=f"load-generator-{p}",
-                                   args=(address, task, threads, p * threads, list(updates), self._commands[p],
-                                         self._results))
+                                   args=(address, task, threads, p * threads, list(updates),
+                                         self._commands[p], self._results))
                        for p in range(processes)]
         for proc in self._procs:
             proc.start()
@@ -204,7 +210,8 @@ class Generator:
             try:
                 kind, a, b, c = self._results.get(timeout=timeout_s)
             except queue.Empty:
-                raise RuntimeError(f"the generator did not finish {command!r} within {timeout_s:g} s") from None
+                raise RuntimeError(f"the generator did not finish {command!r} within {timeout_s:g} s"
+                                   ) from None
             if kind == "error":
                 raise RuntimeError(f"a generator process failed in {command!r}: {a}")
             totals = [totals[0] + a, totals[1] + b, totals[2] + c]
