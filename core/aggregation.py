@@ -41,7 +41,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedrecon.core.compression import DecodedUpdates, RowSparse, UpdateTensor, UploadCodec
+from fedrecon.core.compression import (
+    DecodedUpdates,
+    RowSparse,
+    UpdateTensor,
+    UploadCodec,
+    add_scaled_into,
+)
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.secagg.updates import SecureEncoding
 
@@ -434,6 +440,10 @@ class WeightedMean(Reducer):
             return
         if isinstance(deltas, DecodedUpdates):  # row-sparse updates add their rows into the sums in place
             deltas.add_weighted_into(self._sums, weights * factors.scales)
+        elif isinstance(deltas, StackedDeltas) and deltas.num_clients == 1:  # one report: into the sums
+            a = float(weights[0] * factors.scales[0])
+            for acc, t in zip(self._sums, deltas.tensors, strict=True):
+                add_scaled_into(acc, np.asarray(t)[0], a)
         else:
             for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
                 acc += s

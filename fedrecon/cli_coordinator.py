@@ -11,6 +11,7 @@ time (unreachable, locked, broken). ``serve`` logs to stderr (``--log-level``), 
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import logging
 import math
@@ -329,6 +330,10 @@ def serve(
                          if running.metrics_endpoint else None}})
             if running.metrics_endpoint is not None:
                 log.info("Prometheus metrics on %s", running.metrics_endpoint.url)
+            # What start-up built (imports, the coordinator, its store engine) lives as long as the process:
+            # frozen out of the collector's generations, so the full collections that the per-report
+            # garbage triggers do not walk it every time (they did, at a measurable share of a report's CPU).
+            gc.freeze()
             if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
                 partial = port_file.with_name(port_file.name + ".tmp")
                 partial.write_text(str(running.port))

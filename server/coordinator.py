@@ -102,6 +102,7 @@ from fedrecon.server.store import (
     UnknownVersion,
 )
 from fedrecon.server.task import TaskSpec
+from fedrecon.server.update_checks import all_finite, update_digest
 from fedrecon.tensors import TensorLayout
 
 log = logging.getLogger(__name__)
@@ -614,7 +615,7 @@ class Coordinator:
         self._check_task(task_name)
         self._require_leader()
         key = self.client_key(client)
-        digest = _digest(weight, delta)
+        digest = update_digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         outcome: ReportOutcome | None = None
         effects: list[Effect] = []
@@ -1101,19 +1102,6 @@ def _store_unavailable(err: StoreError) -> Refusal:
                    f"the coordinator's store is unavailable ({err}); retry later")
 
 
-def _digest(weight: float, delta: Sequence[UpdateTensor]) -> str:
-    """What identifies an update (an identical retry has the same digest); a row-sparse tensor by its rows
-    and their values, so no dense copy is made for it."""
-    h = hashlib.sha256(np.float64(weight).tobytes())
-    for d in delta:
-        if isinstance(d, RowSparse):
-            h.update(b"rows:" + np.ascontiguousarray(d.indices, np.int64).tobytes())
-            h.update(np.ascontiguousarray(d.values).tobytes())
-        else:
-            h.update(np.ascontiguousarray(d).tobytes())
-    return h.hexdigest()
-
-
 def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[UpdateTensor],
                     layouts: Sequence[TensorLayout]) -> tuple[str, str] | None:
     """(reason, message) if the update must be refused; shapes were checked when its manifest arrived."""
@@ -1126,7 +1114,7 @@ def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence
     for d, layout in zip(delta, layouts, strict=True):
         if tuple(d.shape) != layout.shape or d.dtype != layout.dtype:
             return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
-        if not np.isfinite(d.values if isinstance(d, RowSparse) else d).all():
+        if not all_finite(d.values if isinstance(d, RowSparse) else d):
             return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
     return _invalid_metrics(metrics)
 

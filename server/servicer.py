@@ -190,23 +190,30 @@ class CoordinatorServicer:
         except ValueError as err:  # the transport proved no identity
             raise Unauthenticated(str(err)) from err
 
-    async def _caller(self, context: grpc.aio.ServicerContext, claimed_id: str) -> Caller:
-        """Who is calling, from what the transport verified (see ``identity``). What the transport knows is
-        read on the loop; the identity may need the store (a credential's devices), so it is derived on the
-        pool."""
+    async def _as_caller(self, context: grpc.aio.ServicerContext, claimed_id: str,
+                         call: Callable[[Caller], T]) -> T:
+        """``call(caller)`` for who is calling, derived from what the transport verified (see ``identity``).
+        What the transport knows is read on the loop; the identity may need the store (a credential's
+        devices), so it is derived on the pool, in the same trip as the call it is for (each trip to the
+        pool and back costs a thread hand-over both ways)."""
         token, cert = self._credentials(context)
-        try:
-            return await self._run(self.identifier.identify, claimed_id, token=token, client_cert_pem=cert,
-                                   peer=context.peer())
-        except ValueError as err:  # identify's word for "the transport proved no identity"
-            raise Unauthenticated(str(err)) from err
+        peer = context.peer()
+
+        def identified() -> T:
+            try:
+                caller = self.identifier.identify(claimed_id, token=token, client_cert_pem=cert, peer=peer)
+            except ValueError as err:  # identify's word for "the transport proved no identity"
+                raise Unauthenticated(str(err)) from err
+            return call(caller)
+
+        return await self._run(identified)
 
     # ----- the calls -----------------------------------------------------------------------------------
     async def CheckIn(self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext
                       ) -> pb.CheckInResponse:
-        caller = await self._caller(context, request.client_id)
-        result = await self._run(self.coordinator.check_in, request.task_name, caller,
-                                 request.protocol_version, dict(request.capabilities))
+        capabilities = dict(request.capabilities)
+        result = await self._as_caller(context, request.client_id, lambda caller: self.coordinator.check_in(
+            request.task_name, caller, request.protocol_version, capabilities))
         if isinstance(result, Assignment):
             deadline = Timestamp()
             deadline.FromDatetime(result.deadline)
@@ -231,7 +238,10 @@ class CoordinatorServicer:
         # A client may ask for smaller chunks, but not absurdly small ones (a message per byte).
         asked = request.max_chunk_bytes or self.max_chunk_bytes
         chunk = max(min(asked, self.max_chunk_bytes), min(MIN_CHUNK_BYTES, self.max_chunk_bytes))
-        messages = await self._run(self._download_messages, request.task_name, request.model_version, chunk)
+        messages = self._cached_download(request.task_name, request.model_version, chunk)
+        if messages is None:  # not encoded yet (or an older version, or an odd chunk size): on the pool
+            messages = await self._run(self._download_messages, request.task_name, request.model_version,
+                                       chunk)
         for message in messages:
             await _within(context.write(message), ends, f"the download was not read within "
                                                         f"{self.limits.download_s:g} s")
@@ -252,9 +262,9 @@ class CoordinatorServicer:
         if first is None or first.WhichOneof("kind") != "header":
             raise Refusal(Status.INVALID_ARGUMENT, "no_header", "a report stream must start with its header")
         header = first.header
-        caller = await self._caller(context, header.client_id)
         try:
-            expected = await self._run(self._check_report, header, caller)
+            caller, expected = await self._as_caller(
+                context, header.client_id, lambda caller: (caller, self._check_report(header, caller)))
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
             check_layouts(layouts, expected)
             # Plain float32, or encoded (quantised / row-sparse) as the header's encodings say; strict.
@@ -274,9 +284,9 @@ class CoordinatorServicer:
 
     async def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext
                                ) -> pb.ReportEvaluationResponse:
-        caller = await self._caller(context, request.client_id)
-        await self._run(self.coordinator.report_evaluation, request.task_name, caller, request.model_version,
-                        request.squared_error, request.num_correct, request.num_examples)
+        await self._as_caller(context, request.client_id, lambda caller: self.coordinator.report_evaluation(
+            request.task_name, caller, request.model_version, request.squared_error, request.num_correct,
+            request.num_examples))
         return pb.ReportEvaluationResponse()
 
     async def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.aio.ServicerContext
@@ -322,6 +332,14 @@ class CoordinatorServicer:
         return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
                                          training_config_json=c.training_config_json,
                                          batch_size=c.task.batch_size, item_ids=c.task.item_ids or ())
+
+    def _cached_download(self, task: str, version: int, chunk: int) -> list[bytes] | None:
+        """The encoded stream of a version already encoded (checked on the loop: no store, no coordinator
+        lock, so the round's downloads cost no trip to the pool); None if it must be made. Only committed
+        versions are ever cached, and a committed version never changes."""
+        self.coordinator.check_task(task)  # refuses an unknown task, echoing its name cut short
+        with self._downloads_lock:
+            return self._downloads.get((version, chunk))
 
     def _download_messages(self, task: str, version: int, chunk: int) -> list[bytes]:
         """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
