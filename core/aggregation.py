@@ -344,6 +344,21 @@ class AggregationReport:
         """The largest fraction of the round's weight one client held (1/K for the robust reducers)."""
         return self.max_client_weight / self.total_weight if self.total_weight > 0 else 0.0
 
+    def merge(self, other: AggregationReport) -> None:
+        """Add what another fold of the same round's stages did (a shard of the round's clients): counts
+        add, maxima take the larger."""
+        if other.stages != self.stages or other.clip_bound != self.clip_bound:
+            raise ValueError(f"cannot merge a shard folded by {other.stages} (bound {other.clip_bound}) into "
+                             f"{self.stages} (bound {self.clip_bound}): a round's shards share its stages")
+        self.updates_folded += other.updates_folded
+        self.weights_capped += other.weights_capped
+        self.updates_clipped += other.updates_clipped
+        self.updates_refused += other.updates_refused
+        self.total_weight += other.total_weight
+        self.max_client_weight = max(self.max_client_weight, other.max_client_weight)
+        self.max_norm = max(self.max_norm, other.max_norm)
+        self.updates_within_bound += other.updates_within_bound
+
     def metrics(self) -> dict[str, float]:
         return {"updates_folded": float(self.updates_folded),
                 "weights_capped": float(self.weights_capped),
@@ -424,6 +439,25 @@ class Reducer(abc.ABC):
     @abc.abstractmethod
     def mean(self) -> list[np.ndarray] | None: ...
 
+    @abc.abstractmethod
+    def partial(self) -> ReducedPart:
+        """What this reducer folded so far, to be merged into another reducer of the same round."""
+
+    @abc.abstractmethod
+    def merge(self, part: ReducedPart) -> None:
+        """Fold in what another reducer of the same kind and shapes folded (``partial``), exactly as if
+        its clients had been folded here."""
+
+
+@dataclass(frozen=True)
+class ReducedPart:
+    """A reducer's folded state: the running weighted sums and their total weight (streaming reducers), or
+    the buffered scaled updates and their count (trimmed mean, median). Small for the streaming reducers
+    (one model), so a shard of a round's clients sends this rather than its clients' updates."""
+
+    arrays: list[np.ndarray]
+    total: float
+
 
 class WeightedMean(Reducer):
     """Σ w·s·Δ / Σ w with float64 accumulators: memory is one model whatever the number of clients."""
@@ -459,6 +493,14 @@ class WeightedMean(Reducer):
         if self._total <= 0:
             return None
         return [(s / self._total).astype(np.float32) for s in self._sums]
+
+    def partial(self) -> ReducedPart:
+        return ReducedPart(self._sums, self._total)
+
+    def merge(self, part: ReducedPart) -> None:
+        for acc, s in zip(self._sums, part.arrays, strict=True):
+            acc += s
+        self._total += part.total
 
 
 class GaussianSum(WeightedMean):
@@ -515,6 +557,17 @@ class _Buffered(Reducer):
             return None
         return [self._reduce(buf[:self._count]).astype(np.float32) for buf in self._buffers]
 
+    def partial(self) -> ReducedPart:
+        return ReducedPart([buf[:self._count] for buf in self._buffers], float(self._count))
+
+    def merge(self, part: ReducedPart) -> None:
+        count = int(part.total)
+        if self._count + count > len(self._buffers[0]):
+            raise ValueError(f"more than {len(self._buffers[0])} updates in one round")
+        for buf, rows in zip(self._buffers, part.arrays, strict=True):
+            buf[self._count:self._count + count] = rows
+        self._count += count
+
     @abc.abstractmethod
     def _reduce(self, stacked: np.ndarray) -> np.ndarray: ...
 
@@ -542,6 +595,14 @@ class Median(_Buffered):
 
     def _reduce(self, stacked: np.ndarray) -> np.ndarray:
         return np.median(stacked, axis=0)
+
+
+@dataclass(frozen=True)
+class PartialAggregate:
+    """A shard's fold of part of a round: its report and its reducer's state (``Aggregator.partial``)."""
+
+    report: AggregationReport
+    reduced: ReducedPart
 
 
 @dataclass(frozen=True)
@@ -656,6 +717,21 @@ class Aggregator:
     def mean(self) -> list[np.ndarray] | None:
         """The round's delta; None when nothing was folded (the model must stay unchanged)."""
         return self.reducer.mean()
+
+    def partial(self) -> PartialAggregate:
+        """What this aggregator folded, for ``merge`` into the round's own aggregator elsewhere.
+
+        This is how a round's clients are folded in shards (``simulations.ray_backend``): each shard folds
+        its clients through the round's stages (the per-client transforms need each client's norm and
+        weight, so they run where the update is), and the driver merges the shards' partial sums. Only
+        the driver's aggregator releases the mean, so DP noise is drawn once per round, and the adaptive
+        clip bound moves on the merged counts."""
+        return PartialAggregate(dataclasses.replace(self.report), self.reducer.partial())
+
+    def merge(self, partial: PartialAggregate) -> None:
+        """Fold in a shard's ``partial`` of this round, as if its clients had been folded here."""
+        self.report.merge(partial.report)
+        self.reducer.merge(partial.reduced)
 
 
 def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], *, weight_cap: float,

@@ -18,7 +18,7 @@ def _run(xla: bool, rounds: int = 2) -> list[np.ndarray]:
     algorithm = FedRecon(model, FedReconConfig())
     sim = Simulation(algorithm, data.train, SimulationSettings(rounds=rounds, clients_per_round=20, seed=3,
                                                                xla=xla))
-    assert sim.client_step.xla is xla
+    assert algorithm.client_step_for(xla=xla).xla is xla
     state = algorithm.initial_state(3)
     for _ in range(rounds):
         state, _ = sim.run_round(state)
