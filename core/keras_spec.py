@@ -27,7 +27,9 @@ import copy
 import json
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -193,11 +195,14 @@ def build_keras_model(description: Mapping[str, Any], *, custom_objects: Mapping
 
 
 def check_model_fits(description: Mapping[str, Any], model: ReconstructionModel, owner: str) -> None:
-    """Refuse an app's own model whose variables are not the task's (names, shapes, roles), naming each
-    difference."""
+    """Refuse an app's own model whose variables are not those of the task's description (names, shapes,
+    roles), naming each difference."""
+    from fedrecon.core.model_spec import model_from_config
+
     table = description.get("variables")
     if table is None:
-        table = KerasDescribedModel(description).config()["variables"]
+        described = model_from_config(description)
+        table = variable_table(described.global_variables, described.local_variables)
     differences = variable_differences(table, variable_table(model.global_variables, model.local_variables))
     if differences:
         raise ValueError(f"{owner} does not fit the task's model: " + "; ".join(differences))
@@ -262,17 +267,93 @@ class KerasDescribedModel(ReconstructionModel):
         return self.built.predict(global_views, locals_, x)
 
 
+def resolve_task_model(table: Mapping[str, Any], base: Path | None = None) -> dict[str, Any]:
+    """A task file's ``[model]`` as a description: for ``kind = "keras"``, ``architecture = "x.json"`` (a
+    file of ``model.to_json()`` or ``serialize_keras_object`` output) or ``file = "x.keras"`` (a saved
+    model: its architecture only; start the task from its weights with ``serve --init-model x.keras``) is
+    read, relative to ``base`` (the task file's folder), and embedded. Reads JSON and zip files only: no
+    Keras, no code. Other kinds are returned unchanged."""
+    model = dict(table)
+    if model.get("kind") != KIND:
+        return model
+    path_field = [k for k in ("architecture", "file") if isinstance(model.get(k), str)]
+    if len(path_field) > 1 or ("file" in model and "architecture" in model):
+        raise ValueError("give a keras model's architecture once: architecture (a JSON file or table) or "
+                         "file (a .keras file)")
+    if path_field:
+        key = path_field[0]
+        path = Path(str(model.pop(key)))
+        path = path if path.is_absolute() or base is None else base / path
+        try:
+            if key == "file":
+                with zipfile.ZipFile(path) as archive:
+                    text = archive.read("config.json").decode()
+            else:
+                text = path.read_text()
+            architecture = json.loads(text)
+        except (OSError, KeyError, zipfile.BadZipFile, ValueError) as err:
+            raise ValueError(f"cannot read the keras model's {key} {path}: {err}") from err
+        if isinstance(architecture, str):  # a JSON string holding JSON (json.dumps of model.to_json())
+            architecture = json.loads(architecture)
+        model["architecture"] = architecture
+    check_description(model)
+    return model
+
+
+def globals_from_keras_file(description: Mapping[str, Any], path: Path) -> list[np.ndarray]:
+    """The global values a saved ``.keras`` file holds for the described model (by variable name; the file
+    must be the same model), read with Keras' safe mode (in a subprocess when this process has not loaded
+    Keras: the coordinator)."""
+    if not _keras_loaded():
+        _, arrays = _describe_in_subprocess(description, 0, weights_from=str(path))
+        return arrays
+    import keras
+
+    from fedrecon.core.keras_model import KerasReconstructionModel
+
+    described = build_keras_model(description)
+    try:
+        saved = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as err:  # unreadable, not a .keras file, unsafe content
+        raise ValueError(f"cannot load {path} with Keras: {type(err).__name__}: {err}") from err
+    loaded = KerasReconstructionModel(saved, list(description["local_layers"]), objective=described.objective)
+    differences = variable_differences(described.config()["variables"], loaded.config()["variables"])
+    if differences:
+        raise ValueError(f"{path} is not the task's model: " + "; ".join(differences))
+    return loaded.initial_globals(0)
+
+
+def save_keras_file(description: Mapping[str, Any], globals_: Sequence[np.ndarray], path: Path) -> None:
+    """A ``.keras`` file of the described model holding ``globals_`` (local layers keep their initial
+    values: an app reconstructs them on the device)."""
+    model = build_keras_model(description)
+    model.set_globals(globals_)
+    model.keras_model.save(path)
+
+
+def keras_model_from_file(model_file: Any, *, custom_objects: Mapping[str, Any] | None = None
+                          ) -> KerasReconstructionModel:
+    """The Keras model of a fedrecon model file (``fedrecon.model_file.ModelFile`` of a keras task) with
+    its global values loaded: what an app runs, or hands to ``FederatedClient(model=...)``."""
+    from fedrecon.model_file import globals_for_model
+
+    model = build_keras_model(model_file.model_spec, custom_objects=custom_objects)
+    model.set_globals(globals_for_model(model_file, model, "the model file's keras model"))
+    return model
+
+
 def _keras_loaded() -> bool:
     return "keras" in sys.modules
 
 
-def _describe_in_subprocess(description: Mapping[str, Any], seed: int
+def _describe_in_subprocess(description: Mapping[str, Any], seed: int, weights_from: str | None = None
                             ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """The variable table and Keras' initial global values for ``seed``, computed by a child interpreter
-    so that this process (the coordinator) never imports TensorFlow."""
+    """The variable table and Keras' initial global values for ``seed`` (or those of the ``.keras`` file
+    ``weights_from``), computed by a child interpreter so that this process (the coordinator) never
+    imports TensorFlow."""
     from fedrecon.tensors import arrays_from_bytes
 
-    request = json.dumps({"description": dict(description), "seed": seed})
+    request = json.dumps({"description": dict(description), "seed": seed, "weights_from": weights_from})
     try:
         done = subprocess.run([sys.executable, "-m", "fedrecon.core.keras_spec"], input=request.encode(),
                               capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=False)
@@ -301,11 +382,13 @@ def _main() -> None:
     seed = int(request["seed"])
     try:
         model = build_keras_model(request["description"], seed=seed)
+        table = model.config()["variables"]
+        arrays = model.initial_globals(seed)
+        if request.get("weights_from"):
+            arrays = globals_from_keras_file(request["description"], Path(request["weights_from"]))
     except ValueError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    table = model.config()["variables"]
-    arrays = model.initial_globals(seed)
     names = [v["name"] for v in table if not v["local"]]
     sys.stdout.buffer.write(arrays_to_bytes(dict(zip(names, arrays, strict=True)), {"variables": table}))
 
