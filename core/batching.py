@@ -20,7 +20,9 @@ from fedrecon.core.model import ClientViews, ReconstructionModel
 
 @dataclass(frozen=True)
 class ClientExamples:
-    """One client's examples in a fixed order: features ``x`` (``[n, ...]``) and targets ``y`` (``[n]``)."""
+    """One client's examples in a fixed order: features ``x`` (``[n, ...]``) and targets ``y`` (``[n]``, or
+    ``[n, T]`` for sequences: e.g. the next token at every position, padding marked by the objective's pad
+    id)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -35,7 +37,8 @@ class ClientExamples:
 
 @dataclass(frozen=True)
 class StepBatches:
-    """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` and ``mask`` ``[S, C, B]``."""
+    """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` ``[S, C, B, ...]`` and ``mask``
+    ``[S, C, B]`` (one flag per example; padding *inside* a sequence is the objective's business)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -62,9 +65,10 @@ def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: S
     num_steps = max((len(s) for s in schedules), default=0)
     num_steps = -(-num_steps // step_multiple) * step_multiple  # all-masked steps are exact no-ops
     feature_shape = xs[0].shape[1:] if num_clients else ()
+    target_shape = ys[0].shape[1:] if num_clients else ()
     dtype = xs[0].dtype if num_clients else np.int32
     x = np.zeros((num_steps, num_clients, batch_size, *feature_shape), dtype)
-    y = np.zeros((num_steps, num_clients, batch_size), np.float32)
+    y = np.zeros((num_steps, num_clients, batch_size, *target_shape), np.float32)
     mask = np.zeros((num_steps, num_clients, batch_size), np.float32)
     offsets = np.arange(batch_size)
     for c, (cx, cy, steps) in enumerate(zip(xs, ys, schedules, strict=True)):
@@ -78,7 +82,8 @@ def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: S
         valid = positions < len(cy)
         positions = np.minimum(positions, len(cy) - 1)
         x[: len(steps), c] = cx[positions]
-        y[: len(steps), c] = np.where(valid, cy[positions], 0.0)
+        y[: len(steps), c] = np.where(valid.reshape(valid.shape + (1,) * len(target_shape)), cy[positions],
+                                      0.0)
         mask[: len(steps), c] = valid
     return StepBatches(x=x, y=y, mask=mask)
 

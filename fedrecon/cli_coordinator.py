@@ -200,8 +200,8 @@ def serve(
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: demand client certificates it signed "
                                                             "(mutual TLS)")] = None,
     init_model: Annotated[Path | None, typer.Option(
-        help="a model file (fedrecon export, or simulate's model.npz from either backend) to start a new "
-             "task from; ignored if the task exists")]
+        help="a model file (fedrecon export, or simulate's model.npz from either backend; for a keras "
+             "task also a saved .keras model) to start a new task from; ignored if the task exists")]
     = None,
     log_level: Annotated[LogLevel, typer.Option(
         help="what to log on stderr: info shows a line per round event (opened, selected, committed or "
@@ -253,9 +253,16 @@ def serve(
                 what = "is a folder" if init_model.is_dir() else "does not exist"
                 refuse(f"model file {init_model} {what}")
             try:
-                # By name, in the task's order; the first missing or differently shaped variable is named.
-                initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
-                                            f"task {spec.name}")
+                if init_model.suffix == ".keras":  # a saved Keras model of the task's architecture
+                    from fedrecon.core.keras_spec import globals_from_keras_file
+
+                    if spec.model.get("kind") != "keras":
+                        raise ValueError(f"the task's model is {spec.model.get('kind')!r}, not keras")
+                    initial = globals_from_keras_file(spec.model, init_model)
+                else:
+                    # By name, in the task's order; the first missing or differently shaped variable is named.
+                    initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
+                                                f"task {spec.name}")
             except (ValueError, OSError) as err:
                 refuse(f"cannot use model {init_model} for task {spec.name}: {err}")
         if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
@@ -532,7 +539,8 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def export(
-    out: Annotated[Path, typer.Option(help="file to write (.npz)")],
+    out: Annotated[Path, typer.Option(help="file to write: .npz (a fedrecon model file), or .keras for a "
+                                           "keras task (a Keras model an app loads with keras.saving)")],
     task: Annotated[str, typer.Option(help="task name")],
     store: StoreOption = DEFAULT_STORE,
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
@@ -558,12 +566,22 @@ def export(
     from fedrecon.model_file import ModelFile
     from fedrecon.server.checkpoints import globals_from_bytes
 
-    names = [v.name for v in model_from_config(spec["model"]).global_variables]
+    model = model_from_config(spec["model"])
+    names = [v.name for v in model.global_variables]
+    arrays = globals_from_bytes(record.payload()[0], names)
+    described = model.config() if spec["model"].get("kind") == "keras" else spec["model"]  # + its variables
     try:
-        ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
-                  arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
-                  batch_size=spec["batch_size"],
-                  extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
+        if out.suffix == ".keras":
+            from fedrecon.core.keras_spec import save_keras_file
+
+            if spec["model"].get("kind") != "keras":
+                _fail(f"--out {out}: task {task} trains {spec['model'].get('kind')!r}, not a keras model; "
+                      "write a .npz", 2)
+            save_keras_file(described, arrays, out)
+        else:
+            ModelFile(task=task, version=record.version, model_spec=described, names=names, arrays=arrays,
+                      training=spec["training"], batch_size=spec["batch_size"],
+                      extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror or err}", 2)
     console.print(f"wrote version {record.version} of {task} to {out}", markup=False, highlight=False)

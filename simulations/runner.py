@@ -15,7 +15,7 @@ import numpy as np
 from fedrecon.core.aggregation import Aggregator, ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
-from fedrecon.core.client_work import EvaluationSums
+from fedrecon.core.client_work import EvaluationSums, selection_value
 from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
@@ -141,8 +141,9 @@ def check_finite(record: RoundRecord, metrics: dict[str, float] | None) -> None:
         what = f"the training loss is not finite ({record.train_loss})"
     elif record.non_finite_clients:
         what = f"{record.non_finite_clients} of {record.num_clients} client updates are not finite"
-    elif metrics is not None and not np.isfinite(metrics["rmse"]):
-        what = f"the validation RMSE is not finite ({metrics['rmse']})"
+    elif metrics is not None and not np.isfinite(selection_value(metrics)):
+        name = "RMSE" if "rmse" in metrics else "loss"
+        what = f"the validation {name} is not finite ({metrics.get('rmse', metrics.get('loss'))})"
     if what is not None:
         raise NonFiniteTraining(f"round {record.round_num}: {what}; {DIVERGENCE_HINT}")
 
@@ -317,8 +318,8 @@ class Simulation:
             self.latest_state = state
             if metrics is not None:
                 history.validation.append(metrics)
-                if metrics["rmse"] < best_rmse:
-                    self.best_state, best_rmse = state, metrics["rmse"]
+                if selection_value(metrics) < best_rmse:
+                    self.best_state, best_rmse = state, selection_value(metrics)
             if on_round is not None:
                 on_round(record, metrics)
         if keep_best and validation and best_rmse < float("inf"):
