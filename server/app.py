@@ -22,6 +22,7 @@ import grpc
 
 from fedrecon.server.auth import TokenAuthInterceptor
 from fedrecon.server.coordinator import Coordinator, ShutdownOutcome
+from fedrecon.server.dashboard import DashboardSettings, RunningDashboard, coordinator_live, start_dashboard
 from fedrecon.server.identity import Identifier
 from fedrecon.server.limits import Keepalive, ServerLimits
 from fedrecon.server.servicer import CoordinatorServicer
@@ -93,6 +94,11 @@ class RunningServer:
     _progress: threading.Thread
     _stopped: threading.Event
     _outcome: ShutdownOutcome | None = field(default=None)
+    dashboard: RunningDashboard | None = None  # the read-only web page, when asked for
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return self.dashboard.url if self.dashboard is not None else None
 
     def stop(self, grace_s: float = 5.0) -> ShutdownOutcome:
         """Refuse new calls, give running ones ``grace_s`` seconds, then close the open round: committed if
@@ -102,6 +108,8 @@ class RunningServer:
             self._serving.join()
             return self._outcome or ShutdownOutcome("idle", "already stopped")
         self._stopped.set()
+        if self.dashboard is not None:  # first: the page must not read a store being closed
+            self.dashboard.stop()
         asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._serving.join()
@@ -128,8 +136,10 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  tls: TlsFiles | None = None, identifier: Identifier | None = None,
                  limits: ServerLimits | None = None, keepalive: Keepalive | None = None,
                  shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
-                 progress_s: float = PROGRESS_EVERY_S) -> RunningServer:
-    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
+                 progress_s: float = PROGRESS_EVERY_S, dashboard: DashboardSettings | None = None
+                 ) -> RunningServer:
+    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given,
+    and the read-only web dashboard (``dashboard``) on its own address when ``dashboard`` is given.
 
     ``max_workers`` (if given) is ``limits.coordinator_threads``: the threads that run coordinator calls.
     Every ``progress_s`` seconds the open round's counts go to the store (``Coordinator.record_progress``).
@@ -140,6 +150,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     stream, is off, so each waiting stream keeps the default 64 KiB window.
     """
     limits = limits or ServerLimits()
+    if dashboard is not None:
+        dashboard.check()  # before anything starts: an exposed page without a credential is refused
     if max_workers is not None:
         limits = replace(limits, coordinator_threads=max_workers)
     keepalive = keepalive or Keepalive()
@@ -218,5 +230,15 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     ticker.start()
     progress = threading.Thread(target=record_progress, name="coordinator-progress", daemon=True)
     progress.start()
-    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
-                         serving, executor, ticker, progress, stopped)
+    running = RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
+                            serving, executor, ticker, progress, stopped)
+    if dashboard is not None:
+        try:
+            running.dashboard = start_dashboard(dashboard, coordinator.store, coordinator_live(coordinator))
+        except BaseException as err:  # the address was taken meanwhile: nothing is left running
+            running.stop()
+            if isinstance(err, OSError):
+                raise OSError(f"could not bind the dashboard on {dashboard.host}:{dashboard.port}: {err}"
+                              ) from err
+            raise
+    return running
