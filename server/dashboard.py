@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -62,9 +63,9 @@ STATE_MAX_AGE_S = 1.0  # /api/state is recomputed at most this often, however ma
 MIN_CREDENTIAL_CHARS = 16
 REQUEST_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
 STATIC_FILES = {"/": "index.html", "/index.html": "index.html", "/static/dashboard.js": "dashboard.js",
-                "/static/dashboard.css": "dashboard.css"}
+                "/static/dashboard.css": "dashboard.css", "/static/favicon.svg": "favicon.svg"}
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8"}
+                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "connect-src 'self'; base-uri 'none'; form-action 'none'; "
@@ -337,6 +338,14 @@ class _DashboardHTTPServer(ThreadingHTTPServer):
         self.state = state
         self.auth = auth
         self.files = files
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser that goes away mid-answer (a closed tab) is routine: a debug line, not a traceback on
+        the coordinator's stderr. Anything else is logged with its traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("dashboard: %s went away mid-answer", client_address)
+            return
+        log.exception("dashboard: answering %s failed", client_address)
 
 
 @dataclass

@@ -63,14 +63,12 @@ function lineChart(points, opts) {
   const chart = svg("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img",
                            "aria-label": opts.title});
   const pts = points.filter(p => p.y !== null && p.y !== undefined && Number.isFinite(p.y));
-  if (pts.length === 0) {
-    chart.append(svg("text", {x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty"}, opts.empty));
-    return chart;
-  }
+  if (pts.length === 0) return el("p", {class: "muted empty-chart"}, opts.empty);
   let [x0, x1] = [Math.min(...pts.map(p => p.x)), Math.max(...pts.map(p => p.x))];
   let [y0, y1] = [Math.min(...pts.map(p => p.y)), Math.max(...pts.map(p => p.y))];
   if (opts.yMin !== undefined) y0 = Math.min(y0, opts.yMin);
   if (opts.yMax !== undefined) y1 = Math.max(y1, opts.yMax);
+  const [dataX0, dataX1] = [x0, x1];
   if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (y1 === y0) { const pad = Math.abs(y0) * 0.05 || 1; y0 -= pad; y1 += pad; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R);
@@ -81,7 +79,8 @@ function lineChart(points, opts) {
     chart.append(svg("text", {x: L - 6, y: sy(y) + 4, "text-anchor": "end", class: "tick"},
                      num(y, opts.digits)));
   }
-  const xs = [...new Set([0, 1, 2, 3, 4].map(i => Math.round(x0 + (x1 - x0) * i / 4)))];
+  const xs = [...new Set([0, 1, 2, 3, 4].map(i => Math.round(x0 + (x1 - x0) * i / 4)))]
+    .filter(x => x >= dataX0 && x <= dataX1);
   for (const x of xs) {
     chart.append(svg("text", {x: sx(x), y: H - B + 16, "text-anchor": "middle", class: "tick"}, x));
   }
@@ -104,13 +103,10 @@ function lineChart(points, opts) {
 
 // Stacked bars per round: accepted, refused, late or aborted, dropped (assigned, never reported).
 function participationChart(rounds) {
-  const W = 900, H = 170, L = 40, R = 10, T = 10, B = 28;
+  const W = 1000, H = 130, L = 40, R = 10, T = 10, B = 28;
+  if (rounds.length === 0) return el("p", {class: "muted empty-chart"}, "no rounds yet");
   const chart = svg("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart wide-chart", role: "img",
                            "aria-label": "participation per round"});
-  if (rounds.length === 0) {
-    chart.append(svg("text", {x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty"}, "no rounds yet"));
-    return chart;
-  }
   const top = Math.max(1, ...rounds.map(r => Math.max(r.selected, r.reported)));
   const step = (W - L - R) / rounds.length;
   const width = Math.max(2, Math.min(28, step * 0.7));
@@ -199,18 +195,26 @@ function privacyCard(task) {
 
 function evaluationCard(task) {
   const ev = task.evaluations;
-  return card("Evaluation", "",
-    el("h4", {}, "RMSE by model version"),
-    lineChart(ev.map(e => ({x: e.version, y: e.rmse})),
-              {title: "RMSE by version", xLabel: "version", digits: 3, empty: "no evaluation reported yet"}),
-    el("h4", {}, "Accuracy (|error| ≤ 0.5) by model version"),
-    lineChart(ev.map(e => ({x: e.version, y: e.accuracy})),
-              {title: "accuracy by version", xLabel: "version", digits: 3, empty: "no evaluation reported yet"}));
+  const last = ev.length ? ev[ev.length - 1] : null;
+  return card("Evaluation", "wide",
+    el("p", {class: "muted"}, last ? `${ev.length} versions evaluated; version ${last.version}: RMSE ` +
+      `${num(last.rmse, 4)}, accuracy ${num(last.accuracy, 4)} over ${num(last.examples, 0)} examples from ` +
+      `${last.clients} clients` : "Devices report reconstruct-then-evaluate sums per model version."),
+    el("div", {class: "pair"},
+      el("div", {}, el("h4", {}, "RMSE by model version"),
+        lineChart(ev.map(e => ({x: e.version, y: e.rmse})),
+                  {title: "RMSE by version", xLabel: "version", digits: 3, empty: "no evaluation reported yet"})),
+      el("div", {}, el("h4", {}, "Accuracy (|error| ≤ 0.5) by model version"),
+        lineChart(ev.map(e => ({x: e.version, y: e.accuracy})),
+                  {title: "accuracy by version", xLabel: "version", digits: 3,
+                   empty: "no evaluation reported yet"}))));
 }
 
 function timelineCard(task, live) {
-  const rounds = task.recent_rounds;
   const liveRound = live && live.task === task.name && live.round ? live.round : null;
+  const rounds = task.recent_rounds.map(r => liveRound && liveRound.round_id === r.round_id
+    ? {...r, selected: liveRound.selected, reported: liveRound.reported, accepted: liveRound.accepted,
+       refused: liveRound.refused} : r);
   const strip = el("div", {class: "strip"}, rounds.map(r =>
     el("span", {class: "cell s-" + r.state, title: `round ${r.round_num}: ${r.state}` +
                 (r.failure_reason ? ` (${r.failure_reason})` : "")})));
@@ -220,16 +224,14 @@ function timelineCard(task, live) {
                                   .map(h => el("th", {}, h)))),
     el("tbody", {}, rounds.slice().reverse().slice(0, 15).map(r => {
       const isLive = liveRound && liveRound.round_id === r.round_id;
-      const c = isLive ? {...r, selected: liveRound.selected, reported: liveRound.reported,
-                          accepted: liveRound.accepted, refused: liveRound.refused} : r;
       const loss = r.metrics ? r.metrics.train_loss : null;
       return el("tr", {"data-round": r.round_num, "data-state": r.state},
         el("td", {class: "n"}, r.round_num),
         el("td", {}, el("span", {class: "badge s-" + r.state}, isLive ? "live" : r.state)),
         el("td", {class: "n"}, r.new_version !== null ? `${r.base_version} → ${r.new_version}` : r.base_version),
-        el("td", {class: "n"}, c.selected), el("td", {class: "n"}, c.reported),
-        el("td", {class: "n"}, c.accepted), el("td", {class: "n"}, c.refused),
-        el("td", {class: "n"}, r.closed_at ? Math.max(0, c.selected - c.reported) : "–"),
+        el("td", {class: "n"}, r.selected), el("td", {class: "n"}, r.reported),
+        el("td", {class: "n"}, r.accepted), el("td", {class: "n"}, r.refused),
+        el("td", {class: "n"}, r.closed_at ? Math.max(0, r.selected - r.reported) : "–"),
         el("td", {class: "n"}, num(loss, 4)),
         el("td", {class: "n"}, seconds(r.opened_at, r.closed_at)),
         el("td", {class: "stage-list"}, (r.stages || []).join(" → ")),
@@ -260,7 +262,7 @@ function versionsCard(task) {
       el("dt", {}, "minimum reports"), el("dd", {}, rs.min_reports ?? "default (80%)"),
       el("dt", {}, "aggregation"), el("dd", {}, Object.keys(agg).length
         ? Object.entries(agg).filter(([, v]) => v !== null && typeof v !== "object")
-            .map(([k, v]) => `${k} ${v}`).join(", ") : "plain weighted mean")));
+            .map(([k, v]) => el("span", {class: "chip"}, `${k} = ${v}`)) : "plain weighted mean")));
 }
 
 function taskSection(task, live) {
@@ -269,8 +271,8 @@ function taskSection(task, live) {
     el("h2", {}, task.name, el("span", {class: "muted"},
       ` model version ${num(task.latest_version)} · rounds committed ${r.committed}, failed ${r.failed}` +
       `, open ${r.open + r.aggregating}`)),
-    el("div", {class: "grid"}, liveCard(task, live), privacyCard(task), evaluationCard(task),
-       versionsCard(task), timelineCard(task, live)));
+    el("div", {class: "grid"}, liveCard(task, live), privacyCard(task), versionsCard(task),
+       evaluationCard(task), timelineCard(task, live)));
 }
 
 function tasksOverview(tasks) {
