@@ -550,7 +550,10 @@ def export(
     model = model_from_config(spec["model"])
     names = [v.name for v in model.global_variables]
     arrays = globals_from_bytes(record.payload()[0], names)
-    described = model.config() if spec["model"].get("kind") == "keras" else spec["model"]  # + its variables
+    from fedrecon.core.keras_spec import KerasDescribedModel
+
+    # A Keras description gains its variable table; a matrix factorization's is the task's own.
+    described = model.config() if isinstance(model, KerasDescribedModel) else spec["model"]
     try:
         if out.suffix == ".keras":
             from fedrecon.core.keras_spec import save_keras_file

@@ -308,17 +308,20 @@ class CoordinatorServicer:
         """One step of a secure round (``server.secure_round``): decode the client's message strictly,
         let the coordinator take it, answer what the client must do next. The digest of the message
         recognises a retried identical message."""
-        caller = await self._caller(context, request.client_id)
-        try:
-            message = client_message(request)
-        except SecAggWireError as err:
-            await self._run(self.coordinator.count_refusal, "secagg_bad_message")
-            raise Refusal(Status.INVALID_ARGUMENT, "secagg_bad_message", str(err)) from err
-        kind = request.WhichOneof("message")
-        digest = hashlib.sha256(getattr(request, kind).SerializeToString(deterministic=True)).hexdigest() \
-            if kind is not None else ""
-        phase, instruction = await self._run(self.coordinator.secure_step, request.task_name, caller,
-                                             request.round_id, request.assignment_token, message, digest)
+        def step(caller: Caller) -> Any:
+            try:
+                message = client_message(request)
+            except SecAggWireError as err:
+                self.coordinator.count_refusal("secagg_bad_message")
+                raise Refusal(Status.INVALID_ARGUMENT, "secagg_bad_message", str(err)) from err
+            kind = request.WhichOneof("message")
+            body = getattr(request, kind).SerializeToString(deterministic=True) if kind is not None else b""
+            digest = hashlib.sha256(body).hexdigest() if kind is not None else ""
+            return self.coordinator.secure_step(request.task_name, caller, request.round_id,
+                                                request.assignment_token, message, digest)
+
+        # Identified first (an unproven caller learns nothing of the message's checks), in one pool trip.
+        phase, instruction = await self._as_caller(context, request.client_id, step)
         return response(phase, instruction)
 
     # ----- blocking helpers (run on the pool) ----------------------------------------------------------
