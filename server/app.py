@@ -22,6 +22,7 @@ import grpc
 
 from fedrecon.server.auth import TokenAuthInterceptor
 from fedrecon.server.coordinator import Coordinator, ShutdownOutcome
+from fedrecon.server.dashboard import DashboardSettings, RunningDashboard, coordinator_live, start_dashboard
 from fedrecon.server.event_log import RefusalTally
 from fedrecon.server.health import DEFAULT_PROBE_S, StoreHealth, enable_reflection
 from fedrecon.server.identity import Identifier
@@ -102,6 +103,11 @@ class RunningServer:
     metrics: CoordinatorMetrics | None = None
     metrics_endpoint: MetricsEndpoint | None = None
     _refusals: RefusalTally | None = None
+    dashboard: RunningDashboard | None = None  # the read-only web page, when asked for
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return self.dashboard.url if self.dashboard is not None else None
 
     def stop(self, grace_s: float = 5.0) -> ShutdownOutcome:
         """Refuse new calls, give running ones ``grace_s`` seconds, then close the open round: committed if
@@ -113,6 +119,8 @@ class RunningServer:
         self._stopped.set()
         if self.health is not None:  # NOT_SERVING first: load balancers stop sending clients here
             self.health.stop()
+        if self.dashboard is not None:  # first: the page must not read a store being closed
+            self.dashboard.stop()
         asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._serving.join()
@@ -145,8 +153,10 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
                  progress_s: float = PROGRESS_EVERY_S, health_probe_s: float | None = DEFAULT_PROBE_S,
                  reflection: bool = False, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-                 refusal_log_s: float = REFUSAL_LOG_EVERY_S) -> RunningServer:
-    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
+                 refusal_log_s: float = REFUSAL_LOG_EVERY_S, dashboard: DashboardSettings | None = None
+                 ) -> RunningServer:
+    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given,
+    and the read-only web dashboard (``dashboard``) on its own address when ``dashboard`` is given.
 
     ``max_workers`` (if given) is ``limits.coordinator_threads``: the threads that run coordinator calls.
     Every ``progress_s`` seconds the open round's counts go to the store (``Coordinator.record_progress``).
@@ -162,6 +172,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     stream, is off, so each waiting stream keeps the default 64 KiB window.
     """
     limits = limits or ServerLimits()
+    if dashboard is not None:
+        dashboard.check()  # before anything starts: an exposed page without a credential is refused
     if max_workers is not None:
         limits = replace(limits, coordinator_threads=max_workers)
     keepalive = keepalive or Keepalive()
@@ -265,6 +277,16 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     ticker.start()
     progress = threading.Thread(target=record_progress, name="coordinator-progress", daemon=True)
     progress.start()
-    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
-                         serving, executor, ticker, progress, stopped, health=health, metrics=metrics,
-                         metrics_endpoint=endpoint, _refusals=refusals)
+    running = RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
+                            serving, executor, ticker, progress, stopped, health=health, metrics=metrics,
+                            metrics_endpoint=endpoint, _refusals=refusals)
+    if dashboard is not None:
+        try:
+            running.dashboard = start_dashboard(dashboard, coordinator.store, coordinator_live(coordinator))
+        except BaseException as err:  # the address was taken meanwhile: nothing is left running
+            running.stop()
+            if isinstance(err, OSError):
+                raise OSError(f"could not bind the dashboard on {dashboard.host}:{dashboard.port}: {err}"
+                              ) from err
+            raise
+    return running

@@ -52,6 +52,7 @@ from fedrecon.protocol import (
     RoundOutcome,
 )
 from fedrecon.protocol import RoundState as RoundView
+from fedrecon.secagg_wire import ClientMessage, Instruction, SecurePhase
 from fedrecon.server.checkpoints import (
     clip_bound_from_bytes,
     globals_from_bytes,
@@ -84,6 +85,7 @@ from fedrecon.server.round_machine import (
     OpenRoundState,
     RoundMachine,
 )
+from fedrecon.server.secure_round import SecureRoundFactory
 from fedrecon.server.store import (
     DEFAULT_LEASE_TTL_S,
     Lease,
@@ -100,6 +102,7 @@ from fedrecon.server.store import (
     UnknownVersion,
 )
 from fedrecon.server.task import TaskSpec
+from fedrecon.server.update_checks import all_finite, update_digest
 from fedrecon.tensors import TensorLayout
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,7 @@ class Coordinator:
         self.model = model_from_config(task.model)
         self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
         self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
+        self._secure_rounds = self._secure_round_factory()  # refuses unworkable settings before any write
         self._names = [v.name for v in self.model.global_variables]
         self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
                                             tuple(self.model.global_variables[i].shape))
@@ -147,6 +151,7 @@ class Coordinator:
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_ttl_s = lease_ttl_s
         self._lease: Lease | None = None
+        self._lead_until = 0.0  # monotonic time the lease surely runs until (see _require_leader)
         self._standby_reason = ""
         self._next_lease_action = 0.0  # monotonic time of the next renewal or takeover attempt
         self.refusals: Counter[str] = Counter()  # refusals and notable events by reason (machine's and own)
@@ -224,7 +229,8 @@ class Coordinator:
                 max_clients=rounds.clients_per_round, batch_size=batch_size,
                 expected_clients=rounds.clients_per_round if noise_rng is not None else None,
                 noise_rng=noise_rng, state=self._state),
-            may_open=self._privacy_refusal if ledger is not None else None)
+            may_open=self._privacy_refusal if ledger is not None else None,
+            secure_round=self._secure_rounds)
         with self._lock:
             self._state = state
             self.ledger = ledger
@@ -249,16 +255,21 @@ class Coordinator:
     def _lead_or_stand_by(self) -> bool:
         """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished);
         otherwise stand by. True if this coordinator now leads."""
+        asked = time.monotonic()
         try:
             lease = self.store.acquire_lease(self.task.name, self.replica_id, self.lease_ttl_s)
         except LeaseHeld as held:
             self._standby_reason = (f"task {self.task.name!r} is led by another coordinator ({held.holder}) "
                                     f"until {held.expires_at:%H:%M:%S} UTC at least")
-            self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+            # Try again a third of a lease later, or just after this lease runs out if that is sooner: a
+            # dead leader's lease is taken over within a tick of its expiry, not up to a third later.
+            left = (held.expires_at - datetime.now(UTC)).total_seconds()
+            self._next_lease_action = time.monotonic() + min(self.lease_ttl_s / 3, max(left, 0.0) + 0.05)
             return False
         self.interrupted_rounds = [r.round_id for r in self.store.fail_unfinished_rounds(
             self.task.name, "coordinator restarted before the round committed")]
         self._lease = lease
+        self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.info("leading task %r as %s (lease epoch %d, %g s, renewed every %g s)", self.task.name,
                  self.replica_id, lease.epoch, self.lease_ttl_s, self.lease_ttl_s / 3)
@@ -273,13 +284,21 @@ class Coordinator:
             return
         lease = self._lease
         if lease is None:
-            took = self._lead_or_stand_by()
-            self._load_state()  # a standby follows the store, so the reads it serves stay current
-            if took:
-                log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
-                            "previous leader marked failed", self.task.name, self._lease.epoch if self._lease
-                            else 0, len(self.interrupted_rounds))
+            try:
+                took = self._lead_or_stand_by()
+                if took:
+                    self._load_state()  # the state the previous leader left is the store's
+                    log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
+                                "previous leader marked failed", self.task.name,
+                                self._lease.epoch if self._lease else 0, len(self.interrupted_rounds))
+                else:
+                    self._follow_store()
+            except StoreError as err:
+                log.warning("standing by for task %r: the store did not answer (%s); retrying",
+                            self.task.name, err)
+                self._next_lease_action = time.monotonic() + 1.0
             return
+        asked = time.monotonic()
         try:
             renewed = self.store.renew_lease(lease, self.lease_ttl_s)
         except LeaseLost as err:
@@ -292,7 +311,15 @@ class Coordinator:
         with self._lock:
             if self._lease is lease:
                 self._lease = renewed
+                self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+
+    def _follow_store(self) -> None:
+        """A standby's reads (downloads, the latest version) follow the store: the state is rebuilt only
+        when the leader committed a new version (one small read, without the model, each time)."""
+        latest = self.store.latest_version(self.task.name, with_payload=False)
+        if latest.version != self.version:
+            self._load_state()
 
     def _stand_down(self, why: str) -> None:
         """Stop leading: the open round is dropped (its accepted updates are in no version; the new
@@ -321,12 +348,20 @@ class Coordinator:
             self._announce(event)
 
     def _require_leader(self) -> Lease:
+        """The lease, to lead a round call; UNAVAILABLE ``not_leader`` while standing by, and also once the
+        lease may have run out unrenewed (the store unreachable, or this process paused): another
+        coordinator may lead by then, and a client kept here would only lose its work to fencing."""
         lease = self._lease
         if lease is None:
             self.refusals["not_leader"] += 1
             raise Refusal(Status.UNAVAILABLE, "not_leader",
                           f"this coordinator is standing by: {self._standby_reason}; retry, or use another "
                           "coordinator address")
+        if time.monotonic() >= self._lead_until:
+            self.refusals["not_leader"] += 1
+            raise Refusal(Status.UNAVAILABLE, "not_leader",
+                          "this coordinator could not renew its lead in time (its store does not answer); "
+                          "retry, or use another coordinator address")
         return lease
 
     def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
@@ -344,6 +379,17 @@ class Coordinator:
                 ledger.epsilon, committed_rounds,
                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
         return ledger
+
+    def _secure_round_factory(self) -> SecureRoundFactory | None:
+        """What builds a round's secure-aggregation stages (``server.secure_round``), for a task that asks."""
+        a = self.task.aggregation
+        if not a.secure_aggregation:
+            return None
+        factory = SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
+                                     a.weight_cap(self.task.training, self.task.batch_size),
+                                     self.task.rounds.minimum)
+        factory.check(self.task.rounds.selection_goal)  # settings no full round could run with: at start
+        return factory
 
     def _privacy_refusal(self) -> str | None:
         """Why no further round may open (the next would take ε past the budget), or None. Called by the
@@ -373,8 +419,7 @@ class Coordinator:
         credential ids are never kept). A plain string is a client id in the trusted-network mode (refused
         INVALID_ARGUMENT unless 1 to 256 characters; ``Identifier`` checks the ids it is given the same way).
         """
-        caller = client if isinstance(client, Caller) else Caller.trusted(client)
-        return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
+        return pseudonym(self._salt, client if isinstance(client, Caller) else Caller.trusted(client))
 
     def check_task(self, task_name: str) -> None:
         """Refuse (NOT_FOUND) a task this coordinator does not serve; the name is echoed cut short."""
@@ -462,7 +507,8 @@ class Coordinator:
         with self._lock:
             if version == self.machine.version:
                 return list(self._names), list(self._state.globals)
-            if not 0 <= version < self.machine.version:  # never asks the store about a value it cannot hold
+            # Never asks the store about a value it cannot hold; a standby may lag its leader by a version.
+            if version < 0 or (version > self.machine.version and self._lease is not None):
                 raise Refusal(Status.NOT_FOUND, "unknown_version",
                               f"task {task_name!r} has no model version {version}")
         try:
@@ -538,7 +584,8 @@ class Coordinator:
     def _assignment(self, r: OpenRoundState, token: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, token,
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
-                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value)
+                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value,
+                          secure_aggregation=self.task.aggregation.secure_aggregation)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
@@ -568,7 +615,7 @@ class Coordinator:
         self._check_task(task_name)
         self._require_leader()
         key = self.client_key(client)
-        digest = _digest(weight, delta)
+        digest = update_digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         outcome: ReportOutcome | None = None
         effects: list[Effect] = []
@@ -602,6 +649,24 @@ class Coordinator:
                 return ReportOutcome(True, f"accepted in round {r.round_num}; the commit waits for the store")
         return outcome
 
+    def secure_step(self, task_name: str, client: str | Caller, round_id: int, token: str,
+                    message: ClientMessage | None, digest: str) -> tuple[SecurePhase, Instruction]:
+        """One ``SecureAggregation`` call (``server.secure_round``): the machine takes the message (None: a
+        poll) under the lock and says what the client must do next; a stage that closes may end the round,
+        whose commit or failure is performed here, outside the lock."""
+        self._check_task(task_name)
+        self._require_leader()
+        key = self.client_key(client)
+        effects: list[Effect] = []
+        try:
+            with self._lock:
+                try:
+                    return self.machine.secure_step(key, round_id, token, message, digest, self._clock())
+                finally:
+                    effects = self.machine.take_effects()
+        finally:
+            self._perform(effects)
+
     def _stored_round(self, round_id: int, key: str) -> ClosedRound | None:
         """A finished round of this task as the store has it, with ``key``'s accepted update digest (if
         any) as its only accepted entry; None for a round the task does not have or that is not finished.
@@ -632,7 +697,8 @@ class Coordinator:
             open_round = self.machine.outcome(round_id)
             if open_round is not None:
                 return open_round
-            if not 1 <= round_id <= self._newest_round_id:  # not opened by this task (yet): no store read
+            # Not opened by this task (yet): no store read. A standby does not see the leader's new rounds.
+            if round_id < 1 or (round_id > self._newest_round_id and self._lease is not None):
                 raise unknown
             if round_id in self._finished:
                 cached = self._finished[round_id]
@@ -646,7 +712,8 @@ class Coordinator:
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
         if record is None or record.task != self.task.name:
-            self._remember_finished(round_id, None)
+            if record is not None or round_id <= self._newest_round_id:  # else it may be opened later
+                self._remember_finished(round_id, None)
             raise unknown
         outcome = None
         if record.state == RoundState.COMMITTED:
@@ -1008,6 +1075,12 @@ class _TokenBuckets:
         return allowed
 
 
+def pseudonym(salt: bytes, caller: Caller) -> str:
+    """The key a caller is known by in a task's store: HMAC-SHA256 of its identity under the task's salt
+    (``TaskRecord.pseudonym_salt``); a tool auditing the store (the failover drill) computes the same."""
+    return hmac.new(salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
+
+
 def _figures(summary: RoundSummary) -> str:
     """A closed round for the log: its reports, weight and duration, then its metrics (those that are not
     zero: counts of capped or clipped updates matter when they happen)."""
@@ -1029,19 +1102,6 @@ def _store_unavailable(err: StoreError) -> Refusal:
                    f"the coordinator's store is unavailable ({err}); retry later")
 
 
-def _digest(weight: float, delta: Sequence[UpdateTensor]) -> str:
-    """What identifies an update (an identical retry has the same digest); a row-sparse tensor by its rows
-    and their values, so no dense copy is made for it."""
-    h = hashlib.sha256(np.float64(weight).tobytes())
-    for d in delta:
-        if isinstance(d, RowSparse):
-            h.update(b"rows:" + np.ascontiguousarray(d.indices, np.int64).tobytes())
-            h.update(np.ascontiguousarray(d.values).tobytes())
-        else:
-            h.update(np.ascontiguousarray(d).tobytes())
-    return h.hexdigest()
-
-
 def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[UpdateTensor],
                     layouts: Sequence[TensorLayout]) -> tuple[str, str] | None:
     """(reason, message) if the update must be refused; shapes were checked when its manifest arrived."""
@@ -1054,7 +1114,7 @@ def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence
     for d, layout in zip(delta, layouts, strict=True):
         if tuple(d.shape) != layout.shape or d.dtype != layout.dtype:
             return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
-        if not np.isfinite(d.values if isinstance(d, RowSparse) else d).all():
+        if not all_finite(d.values if isinstance(d, RowSparse) else d):
             return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
     return _invalid_metrics(metrics)
 
