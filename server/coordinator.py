@@ -440,12 +440,14 @@ class Coordinator:
             m, r, ledger = self.machine, self.machine.round, self.ledger
             live = None
             if r is not None:
-                phase = (RoundPhase.COMMITTING if r.commit_due else
+                phase = (RoundPhase.COMMITTING if r.commit_due or r.committing or r.aggregating else
                          RoundPhase.SELECTING if r.selecting else RoundPhase.REPORTING)
+                report = r.aggregate.report
                 live = LiveRound(r.round_id, r.round_num, r.base_version, phase, len(r.assigned),
                                  r.answered(), len(r.accepted), len(r.refused), s.clients_per_round,
                                  s.selection_goal, s.minimum, float(r.aggregate.total_weight), r.opened,
-                                 r.selection_ends, r.deadline, max(0.0, r.deadline - now))
+                                 r.selection_ends, r.deadline, max(0.0, r.deadline - now),
+                                 tuple(report.stages), report.updates_clipped, report.weights_capped)
             privacy = None if ledger is None else PrivacySpent(ledger.epsilon, ledger.parameters.delta,
                                                                 ledger.rounds, ledger.epsilon_budget)
             return LiveView(self.task.name, self.replica_id, m.version, self._lease is not None,

@@ -48,6 +48,9 @@ class LiveRound:
     selection_ends_at: float
     deadline_at: float
     seconds_left: float  # to the reporting deadline (0 once past)
+    stages: tuple[str, ...] = ()  # the aggregation stages the round's updates go through
+    updates_clipped: int = 0
+    weights_capped: int = 0
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,9 @@ class ByteCounter(grpc.aio.ServerInterceptor):
     def __init__(self, received: Counter, sent: Counter) -> None:
         self._received = received
         self._sent = sent
+        # The counters of each method, looked up once; only methods with a handler get here, so the
+        # labels are the service's methods, never whatever method name a client sends.
+        self._by_method: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
@@ -262,7 +265,10 @@ class ByteCounter(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = str(handler_call_details.method)
-        received, sent = self._received.labels(method), self._sent.labels(method)
+        counters = self._by_method.get(method)
+        if counters is None:
+            counters = self._by_method[method] = (self._received.labels(method), self._sent.labels(method))
+        received, sent = counters
         decode = handler.request_deserializer
         encode = handler.response_serializer
 

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
@@ -418,15 +419,17 @@ def test_the_documented_metrics_are_the_exposed_ones(tmp_path: Path) -> None:
 
 
 def test_the_prometheus_examples_pass_promtool(tmp_path: Path) -> None:
-    """promtool (Debian's ``prometheus`` package) checks the scrape config and the rules, and unit-tests
-    the no-commit alert: it fires after 30 minutes without a commit (and 5 of waiting), never while rounds
-    commit."""
+    """deploy/alerts.yml holds deploy/README's rules; promtool (Debian's ``prometheus`` package) checks the
+    scrape config and the rules, and unit-tests the no-commit alert: it fires after 30 minutes without a
+    commit (and 5 of waiting), never while rounds commit."""
+    scrape, rules = (next(b for b in _yaml_blocks() if key in b) for key in ("scrape_configs", "groups:"))
+    alerts = DEPLOY_README.parent / "alerts.yml"  # the compose file's Prometheus loads this one
+    assert yaml.safe_load(alerts.read_text()) == yaml.safe_load(rules), "deploy/alerts.yml != deploy/README"
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus): the examples are not checked")
-    scrape, rules = (next(b for b in _yaml_blocks() if key in b) for key in ("scrape_configs", "groups:"))
+        pytest.skip("promtool not installed (apt-get install prometheus): the rules were not run")
     (tmp_path / "prometheus.yml").write_text(scrape + "rule_files: [rules.yml]\n")
-    (tmp_path / "rules.yml").write_text(rules)
+    (tmp_path / "rules.yml").write_text(alerts.read_text())
     (tmp_path / "tests.yml").write_text("""
 rule_files: [rules.yml]
 evaluation_interval: 1m
