@@ -25,7 +25,9 @@ connection through a loopback relay (``simulations.wire_tap``), which counts eve
 (HTTP/2 and gRPC framing, check-in, and for the secure round every poll and stage message), so the row
 ``"wire"`` holds ``plain_upload_bytes_per_client`` and ``secure_upload_bytes_per_client`` as the transport
 saw them, their ratio, and the round's wall time. The clients send random updates (no training and no
-model download, the same in both runs): the bytes do not depend on the values.
+model download, the same in both runs): the bytes do not depend on the values. ``--keep-rows`` measures
+only this round and keeps the in-process rows already in ``--out`` (``wire_setup`` says when the wire row
+was measured).
 
 CPU times come from ``time.process_time`` in one process: clients and the coordinator run one after
 the other, so the numbers do not depend on other load on the machine as much as wall time would, but
@@ -191,10 +193,14 @@ def main() -> None:
                         help="clients of the real gRPC round measured at the transport (0: skip)")
     parser.add_argument("--wire-items", type=int, default=3616)
     parser.add_argument("--wire-factors", type=int, default=51)
+    parser.add_argument("--keep-rows", action="store_true",
+                        help="measure only the gRPC round and keep the in-process rows (and their setup) "
+                             "already in --out; the wire row gets its own setup facts")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows = []
-    for n in args.clients:
+    kept = json.loads(args.out.read_text()) if args.keep_rows else None
+    for n in [] if kept is not None else args.clients:
         row = measure(n, vector_length=args.vector_length, dropout=args.dropout, seed=args.seed)
         rows.append(row)
         print(f"{n:>6} clients (k={row['neighbours']}, t={row['threshold']}, {row['dropped']} dropped): "
@@ -211,7 +217,13 @@ def main() -> None:
               f"{wire['secure_upload_bytes_per_client']:,.0f} B/client at the transport "
               f"(x{wire['secure_over_plain']:.3f}); rounds {wire['plain_round_s']:.1f} s and "
               f"{wire['secure_round_s']:.1f} s wall")
-    extra = {"wire": wire} if wire is not None else {}
+    facts = {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if kept is not None:
+        kept.update({"wire": wire, "wire_setup": facts})
+        args.out.write_text(json.dumps(kept, indent=2) + "\n")
+        return
+    extra = {"wire": wire, "wire_setup": facts} if wire is not None else {}
     result = {"secagg": rows, **extra, "setup": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                         "machine": platform.machine(), "dropout": args.dropout,
                                         "seed": args.seed}}
