@@ -161,36 +161,26 @@ def _offered_secret(authorization: str) -> str:
 
 
 def coordinator_live(coordinator: Coordinator) -> LiveSource:
-    """The coordinator's live state as the dashboard shows it.
-
-    The one place that reads a ``Coordinator``'s insides for the page: it takes the coordinator's lock for a
-    consistent snapshot of the round in flight (counts, phase, times, the aggregation stages it runs). When
-    ``Coordinator.view()`` (a frozen snapshot) is available, this adapter is the only code to change."""
-    settings = coordinator.task.rounds
+    """The coordinator's live state as the dashboard shows it: ``Coordinator.view()`` (one consistent
+    snapshot taken under its lock, from memory) as plain values, plus the aggregation stages the round in
+    flight runs (its aggregator's report: a tuple, replaced whole, never changed in place)."""
 
     def live() -> Mapping[str, Any]:
-        with coordinator._lock:
-            now = coordinator._clock()
-            machine = coordinator.machine
-            r = machine.round
-            round_view = None if r is None else {
-                "round_id": r.round_id, "round_num": r.round_num, "base_version": r.base_version,
-                "phase": ("committing" if r.commit_due or r.committing or r.aggregating
-                          else "selecting" if r.selecting else "reporting"),
-                "selected": len(r.assigned), "reported": r.answered(), "accepted": len(r.accepted),
-                "refused": len(r.refused), "total_weight": r.aggregate.total_weight,
-                "selection_goal": settings.selection_goal, "goal": settings.clients_per_round,
-                "min_reports": settings.minimum,
-                "opened_at": _iso(r.opened), "selection_ends": _iso(r.selection_ends),
-                "deadline": _iso(r.deadline),
-                "seconds_to_selection_end": round(r.selection_ends - now, 1),
-                "seconds_to_deadline": round(r.deadline - now, 1),
-                "stages": list(r.aggregate.report.stages),
-                "updates_clipped": r.aggregate.report.updates_clipped,
-                "weights_capped": r.aggregate.report.weights_capped}
-            return {"task": coordinator.task.name, "version": machine.version,
-                    "leading": coordinator.leading, "standby_reason": coordinator.standby_reason,
-                    "round": round_view}
+        view = coordinator.view()
+        r = view.live_round
+        in_flight = coordinator.machine.round
+        stages = list(in_flight.aggregate.report.stages) if in_flight is not None else []
+        round_view = None if r is None else {
+            "round_id": r.round_id, "round_num": r.round_num, "base_version": r.base_version,
+            "phase": str(r.phase), "selected": r.selected, "reported": r.reporting, "accepted": r.accepted,
+            "refused": r.refused, "total_weight": r.total_weight, "selection_goal": r.selection_goal,
+            "goal": r.goal, "min_reports": r.min_reports, "opened_at": _iso(r.opened_at),
+            "selection_ends": _iso(r.selection_ends_at), "deadline": _iso(r.deadline_at),
+            "seconds_to_selection_end": round(r.selection_ends_at - view.taken_at, 1),
+            "seconds_to_deadline": round(r.seconds_left, 1),
+            "stages": stages if in_flight is not None and in_flight.round_id == r.round_id else []}
+        return {"task": view.task, "version": view.model_version, "leading": view.leading,
+                "standby_reason": view.standby_reason, "round": round_view}
 
     return live
 
