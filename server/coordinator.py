@@ -158,8 +158,8 @@ class Coordinator:
         self._round_listeners: list[RoundListener] = []  # see add_round_listener
         self._budget_logged = False
         self.interrupted_rounds: list[int] = []
-        self._lead_or_stand_by()
-        self._load_state()
+        if not self._lead_or_stand_by():  # a new leader loads the state as it takes the lead
+            self._load_state()
         self._progress_written: tuple[int, int, int, int, int, float] | None = None  # see record_progress
         self._unrecorded_failures: list[FailRound] = []  # failures a store outage kept from the store
         self._check_ins = _TokenBuckets.per_minute(task.rounds.max_check_ins_per_minute)
@@ -253,8 +253,9 @@ class Coordinator:
         return self._standby_reason
 
     def _lead_or_stand_by(self) -> bool:
-        """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished);
-        otherwise stand by. True if this coordinator now leads."""
+        """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished and
+        load the state it left, before any call is served as leader: a check-in let in earlier would open a
+        round on a stale version); otherwise stand by. True if this coordinator now leads."""
         asked = time.monotonic()
         try:
             lease = self.store.acquire_lease(self.task.name, self.replica_id, self.lease_ttl_s)
@@ -268,8 +269,10 @@ class Coordinator:
             return False
         self.interrupted_rounds = [r.round_id for r in self.store.fail_unfinished_rounds(
             self.task.name, "coordinator restarted before the round committed")]
-        self._lease = lease
-        self._lead_until = asked + self.lease_ttl_s
+        self._load_state()
+        with self._lock:
+            self._lease = lease
+            self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.info("leading task %r as %s (lease epoch %d, %g s, renewed every %g s)", self.task.name,
                  self.replica_id, lease.epoch, self.lease_ttl_s, self.lease_ttl_s / 3)
@@ -287,7 +290,6 @@ class Coordinator:
             try:
                 took = self._lead_or_stand_by()
                 if took:
-                    self._load_state()  # the state the previous leader left is the store's
                     log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
                                 "previous leader marked failed", self.task.name,
                                 self._lease.epoch if self._lease else 0, len(self.interrupted_rounds))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +127,30 @@ def test_secagg_cost_writes_the_documented_rows(tmp_path: Path) -> None:
     assert wire["secure_upload_bytes_per_client"] > wire["plain_upload_bytes_per_client"] > 4 * 80
     assert wire["secure_over_plain"] == wire["secure_upload_bytes_per_client"] / wire[
         "plain_upload_bytes_per_client"]
+
+
+def test_failover_drill_never_commits_twice_and_loses_no_version(
+        tmp_path: Path, require: Callable[[bool, str], None]) -> None:
+    """The failover drill, small: two replicas on a fresh PostgreSQL database, one client process, each
+    fault once (SIGKILL, SIGSTOP past the lease, a cut store connection) against the leader mid-round."""
+    import psycopg
+
+    try:
+        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3").close()
+    except psycopg.OperationalError as exc:
+        require(False, f"the failover drill needs PostgreSQL at 127.0.0.1:5432: {exc}")
+    out = tmp_path / "failover.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "failover_drill.py"), "--repeats", "1",
+                           "--replicas", "2", "--client-processes", "1", "--store",
+                           "postgresql+psycopg://postgres@127.0.0.1:5432/postgres", "--out", str(out)],
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    drill = json.loads(out.read_text())
+    assert (drill["kills"], drill["pauses"], drill["store_cuts"]) == (1, 1, 1)
+    assert drill["double_commits"] == 0 and drill["versions_lost"] == 0 and drill["updates_lost"] == 0
+    # Every fault was followed by a commit of the other replica, and the old leader, woken or reconnected,
+    # refused to lead (fencing) instead of taking clients.
+    assert drill["takeovers_missing"] == 0 and drill["takeover_seconds"]["max"] > 0
+    assert all(f["new_leader"] != f["leader"] for f in drill["faults"])
+    assert all(answer.startswith("UNAVAILABLE") for answer in drill["old_leader_answers"])
+    assert drill["versions_committed"] > 3 and drill["reports_acknowledged"] > 0

@@ -2,7 +2,8 @@
 runs out; a leader that lost its lease while paused can never commit over its successor (fencing).
 
 Both coordinators live in this process and share a real store (SQLite file, and PostgreSQL); "paused" means
-its ticks stop, as with SIGSTOP. Leases are short (1 s) and every wait is on a condition with a generous
+its ticks stop, as with SIGSTOP. Leases are short (5 s; a leader renews them just before it acts, since a
+leader refuses rounds once its lease may have run out) and every wait is on a condition with a generous
 bound.
 """
 
@@ -26,7 +27,7 @@ from fedrecon.server.store import RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
 
-TTL_S = 1.0
+TTL_S = 5.0
 TASK = TaskSpec(name="shared", model={"kind": "matrix_factorization", "num_items": 6, "num_factors": 2},
                 rounds=RoundSettings(clients_per_round=2, over_selection=1.0, min_reports=2))
 
@@ -40,6 +41,13 @@ def _until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) ->
 
 def _coordinator(store: SqlStore, name: str) -> Coordinator:
     return Coordinator(store, TASK, clock=ManualClock(), replica_id=name, lease_ttl_s=TTL_S)
+
+
+def _renewed(c: Coordinator) -> Coordinator:
+    """``c`` after its lease maintenance ran now (a leader renews, a standby tries to take the lead)."""
+    c._next_lease_action = 0.0
+    c.tick()
+    return c
 
 
 def _report(c: Coordinator, client: str, a: Assignment, value: float = 0.1) -> object:
@@ -58,10 +66,10 @@ def test_one_leads_the_other_stands_by_and_takes_over_from_a_paused_leader(db_ur
         assert b.model_arrays("shared", 0)[1][0].shape == (6, 2)  # a standby still serves reads
 
         # replica-a opens a round and accepts one of its two reports, then pauses (no more ticks).
-        first = a.check_in("shared", "u1", 1)
-        second = a.check_in("shared", "u2", 1)
+        first = _renewed(a).check_in("shared", "u1", 1)
+        second = _renewed(a).check_in("shared", "u2", 1)
         assert isinstance(first, Assignment) and isinstance(second, Assignment)
-        assert _report(a, "u1", first).accepted  # type: ignore[attr-defined]
+        assert _report(_renewed(a), "u1", first).accepted  # type: ignore[attr-defined]
 
         # Its lease runs out; replica-b takes the task and closes the round it left.
         _until(lambda: (b.tick(), b.leading)[1], "the standby leads")
@@ -169,24 +177,24 @@ def test_a_standby_reloads_only_when_the_leader_committed(db_url: str) -> None:
         b.store.list_rounds = counted_rounds  # type: ignore[attr-defined]
 
         def standby_tick() -> None:
-            a.tick()  # the leader keeps its lease
-            b._next_lease_action = 0.0  # b's maintenance runs now, not a third of a lease later
-            b.tick()
+            _renewed(a)  # the leader keeps its lease
+            _renewed(b)  # b's maintenance runs now, not a third of a lease later
 
         for _ in range(5):
             standby_tick()
         assert not b.leading and reads == ["version"] * 5
 
         # The leader opens a round: the standby still reads no model, yet answers for the new round.
+        standby_tick()
         first = a.check_in("shared", "u1", 1)
-        second = a.check_in("shared", "u2", 1)
+        second = _renewed(a).check_in("shared", "u2", 1)
         assert isinstance(first, Assignment) and isinstance(second, Assignment)
         standby_tick()
         assert reads.count("payload") == 0 and b.round_outcome("shared", first.round_id).state.name == "OPEN"
 
         # The leader commits version 1: the standby reloads once, and serves it.
         for client, got in (("u1", first), ("u2", second)):
-            assert _report(a, client, got).accepted  # type: ignore[attr-defined]
+            assert _report(_renewed(a), client, got).accepted  # type: ignore[attr-defined]
         assert a.version == 1
         np.testing.assert_array_equal(b.model_arrays("shared", 1)[1][0], a.model_arrays("shared", 1)[1][0])
         reads.clear()
@@ -201,7 +209,7 @@ def test_a_leader_whose_lease_ran_out_unrenewed_refuses_rounds(db_url: str) -> N
     lease may have run out, before any successor exists, and leads again when a renewal succeeds."""
     with SqlStore(db_url) as store:
         a = _coordinator(store, "replica-a")
-        assert isinstance(a.check_in("shared", "u1", 1), Assignment)
+        assert isinstance(_renewed(a).check_in("shared", "u1", 1), Assignment)
         lease = store.get_lease("shared")
         assert lease is not None
         _until(lambda: time.monotonic() >= a._lead_until, "the lease may have run out")  # no ticks
@@ -209,9 +217,8 @@ def test_a_leader_whose_lease_ran_out_unrenewed_refuses_rounds(db_url: str) -> N
             a.check_in("shared", "u2", 1)
         assert refused.value.status == Status.UNAVAILABLE and refused.value.reason == "not_leader"
         assert "renew" in refused.value.message
-        a._next_lease_action = 0.0
-        a.tick()  # nobody took the task: the renewal succeeds under the same epoch
-        assert isinstance(a.check_in("shared", "u2", 1), Assignment)
+        # Nobody took the task: the renewal succeeds under the same epoch.
+        assert isinstance(_renewed(a).check_in("shared", "u2", 1), Assignment)
         renewed = store.get_lease("shared")
         assert renewed is not None and renewed.epoch == lease.epoch
 
@@ -237,3 +244,75 @@ def test_a_client_leaves_a_coordinator_that_holds_its_calls(tmp_path: Path) -> N
             released.set()
             stuck.stop()
             live.stop()
+
+
+def test_a_standby_serves_no_round_before_it_loaded_what_the_leader_left(db_url: str) -> None:
+    """Taking the lead is: lease, close the old leader's rounds, load its last version, then serve. A
+    check-in arriving in the middle (another gRPC thread) is refused rather than given a round on the
+    version the standby last saw (which could then never commit: StaleRound)."""
+    with SqlStore(db_url) as store:
+        a = Coordinator(store, TASK, clock=ManualClock(), replica_id="replica-a", lease_ttl_s=600.0)
+        b = Coordinator(store, TASK, clock=ManualClock(), replica_id="replica-b", lease_ttl_s=600.0)
+        for client in ("u1", "u2"):
+            got = a.check_in("shared", client, 1)
+            assert isinstance(got, Assignment)
+            assert _report(a, client, got).accepted  # type: ignore[attr-defined]
+        assert a.version == 1 and b.version == 0  # b has not followed the store since
+        assert a.shut_down().state == "idle"
+        answers: list[object] = []
+        fail_unfinished = store.fail_unfinished_rounds
+
+        def during_takeover(task: str, reason: str) -> object:
+            try:
+                answers.append(b.check_in("shared", "u3", 1))
+            except Refusal as refused:
+                answers.append(refused.reason)
+            return fail_unfinished(task, reason)
+
+        store.fail_unfinished_rounds = during_takeover  # type: ignore[method-assign]
+        b._next_lease_action = 0.0
+        b.tick()
+        store.fail_unfinished_rounds = fail_unfinished  # type: ignore[method-assign]
+        assert b.leading and answers == ["not_leader"] and b.version == 1
+        for client in ("u3", "u4"):
+            got = b.check_in("shared", client, 1)
+            assert isinstance(got, Assignment) and got.model_version == 1
+            assert _report(b, client, got).accepted  # type: ignore[attr-defined]
+        assert b.version == 2
+
+
+def test_a_leader_paused_inside_a_transaction_does_not_hold_its_successor_back(postgres_url: str) -> None:
+    """A leader stopped (SIGSTOP) or cut off in the middle of a transaction keeps that transaction's row
+    locks, here the lease row as in a renewal; PostgreSQL ends such an idle transaction after
+    ``IDLE_IN_TRANSACTION_TIMEOUT_MS``, so a standby takes over instead of waiting for the leader to wake."""
+    from sqlalchemy import text
+
+    from fedrecon.server.store.sql_store import IDLE_IN_TRANSACTION_TIMEOUT_MS
+
+    with SqlStore(postgres_url) as old, SqlStore(postgres_url) as new:
+        a = Coordinator(old, TASK, clock=ManualClock(), replica_id="replica-a", lease_ttl_s=1.0)
+        assert a.leading
+        stuck = old._engine.connect()
+        stuck.begin()
+        stuck.execute(text("SELECT epoch FROM task_leases FOR UPDATE")).all()  # ...and the process stops
+        taken: list[object] = []
+        started = time.monotonic()
+
+        def take_over() -> None:
+            _until(lambda: (time.sleep(0.2), store_lease_expired(new))[1], "the lease runs out")
+            taken.append(new.acquire_lease("shared", "replica-b", 5.0))
+
+        worker = threading.Thread(target=take_over, daemon=True)
+        worker.start()
+        worker.join(120)
+        assert taken, "the standby is still waiting for the stopped leader's transaction"
+        assert taken[0].epoch == 2  # type: ignore[attr-defined]
+        assert time.monotonic() - started >= IDLE_IN_TRANSACTION_TIMEOUT_MS / 1000 * 0.9
+        stuck.invalidate()  # the server ended this session
+
+
+def store_lease_expired(store: SqlStore) -> bool:
+    from datetime import UTC, datetime
+
+    lease = store.get_lease("shared")
+    return lease is not None and lease.expires_at <= datetime.now(UTC)

@@ -88,6 +88,12 @@ CONNECT_TIMEOUT_S = 10
 """How long a connection attempt to a database server (PostgreSQL) may take, unless the URL sets
 ``connect_timeout`` itself."""
 
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
+"""PostgreSQL ends a session of the store that stays idle inside a transaction this long (unless the URL
+sets ``options``): the store's transactions send their statements back to back, so only a coordinator that
+was paused (SIGSTOP), cut off from the server or starved mid-transaction idles there, and the row locks it
+holds (the task's lease, a round) would otherwise keep a standby from taking over until it woke up."""
+
 MIGRATION_LOCK_KEY = 0x66656472_65636F6E  # "fedrecon" in ASCII: a 64-bit advisory lock key of our own
 """The PostgreSQL advisory lock that serialises schema migrations (`SqlStore.migrate`)."""
 
@@ -673,9 +679,13 @@ def _create_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         # A server that drops packets would otherwise hold every connection attempt for minutes.
         libpq = parsed.get_driver_name() in ("psycopg", "psycopg2")  # drivers taking libpq's parameters
-        timeout = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} \
-            if libpq and "connect_timeout" not in parsed.query else {}
-        return create_engine(parsed, pool_pre_ping=True, **timeout)
+        connect_args: dict[str, Any] = {}
+        if libpq and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+        if libpq and parsed.get_backend_name() == "postgresql" and "options" not in parsed.query:
+            connect_args["options"] = (
+                f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}")
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     memory = _is_memory_sqlite(url)
     extra: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
     engine = create_engine(
