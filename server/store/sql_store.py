@@ -159,6 +159,14 @@ class SqlStore:
         with _refusals_as_store_errors(), self._engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
 
+    def ping(self) -> None:
+        """Return if the store can serve now, else raise its error: `StoreUnavailable` when the database
+        does not answer, `StoreVanished` when the SQLite file was deleted or replaced. One tiny read (a
+        row of the tasks table, so the schema is really there): what the gRPC health service probes."""
+        self._require_same_file()
+        with self._read() as session:
+            session.execute(select(Task.id).limit(1)).all()
+
     @property
     def url(self) -> str:
         """The database URL with any password masked, safe to log."""
