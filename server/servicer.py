@@ -354,9 +354,12 @@ async def _parsed(requests: AsyncIterator[bytes], message_type: type[M]) -> Asyn
 
 
 async def _within(step: Awaitable[T], deadline: float, what: str) -> T:
-    """``step``'s result if it completes by ``deadline`` (event-loop time); else the stream is ended."""
+    """``step``'s result if it completes by ``deadline`` (event-loop time); else the stream is ended.
+    ``asyncio.timeout_at`` awaits ``step`` in the calling task (``wait_for`` made a task for each message
+    of each stream, a cost on the event loop paid per chunk)."""
     try:
-        return await asyncio.wait_for(step, max(0.0, deadline - asyncio.get_running_loop().time()))
+        async with asyncio.timeout_at(deadline):
+            return await step
     except TimeoutError:
         raise StreamRefused(CallStatus(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        f"stream ended by the coordinator: {what}")) from None
