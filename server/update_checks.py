@@ -34,10 +34,10 @@ def update_digest(weight: float, delta: Sequence[UpdateTensor]) -> str:
     for d in delta:
         if isinstance(d, RowSparse):
             h.update(b"rows:")
-            h.update(np.ascontiguousarray(d.indices, np.int64))
-            h.update(np.ascontiguousarray(d.values))
+            h.update(np.ascontiguousarray(d.indices, np.int64).data)
+            h.update(np.ascontiguousarray(d.values).data)
         else:
-            h.update(np.ascontiguousarray(d))
+            h.update(np.ascontiguousarray(d).data)
     return DIGEST_PREFIX + h.hexdigest()
 
 
