@@ -49,6 +49,7 @@ from fedrecon.core.compression import (
     add_scaled_into,
 )
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.secagg.updates import SecureEncoding
 
 #: Default bound S on the L2 norm of one client's update (all trainable tensors together), from the honest
 #: norms of 500 unclipped rounds (``benchmarks/update_norms.py``): MovieLens (2,998 users) with the paper's
@@ -107,9 +108,16 @@ class AggregationConfig:
     clipped_count_stddev: float | None = None
     # How clients encode their delta for upload (``core.compression``): quantised (q16, q8), row-sparse
     # (rowsparse) or both. The coordinator names it in every assignment; the simulator applies it too.
-    # Secure aggregation, once it exists as a setting here, must refuse any codec but "none" (its masked
-    # sum needs every client's dense, fixed-layout vector): that check belongs in this __post_init__.
     upload_codec: UploadCodec = UploadCodec.NONE
+    # Secure aggregation (``core.secagg``): clients clip and weight their own update (``secagg.updates``),
+    # quantise and mask it, and the coordinator learns only the round's sum. ``secure_neighbours`` is the
+    # SecAgg+ neighbourhood size k (even; None: the size recommended for 30% dropouts, the full graph for
+    # small rounds), ``secure_threshold`` the shares t that recover a secret (None: a majority of k), and
+    # ``secure_phase_timeout_s`` how long each stage after key advertisement waits for the clients.
+    secure_aggregation: bool = False
+    secure_neighbours: int | None = None
+    secure_threshold: int | None = None
+    secure_phase_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         # Coerce strings from task files and the CLI, so equal settings compare equal however given.
@@ -152,6 +160,43 @@ class AggregationConfig:
                                  "adaptive_clip_quantile too")
             if not (math.isfinite(self.clipped_count_stddev) and self.clipped_count_stddev >= 0):
                 raise ValueError("clipped_count_stddev must be finite and non-negative")
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuse what cannot run when the coordinator sees only the sum of a round's updates."""
+        if not (math.isfinite(self.secure_phase_timeout_s) and self.secure_phase_timeout_s > 0):
+            raise ValueError("secure_phase_timeout_s must be positive and finite")
+        if not self.secure_aggregation:
+            if self.secure_neighbours is not None or self.secure_threshold is not None:
+                raise ValueError("secure_neighbours and secure_threshold need secure_aggregation = true")
+            return
+        if self.upload_codec != UploadCodec.NONE:
+            raise ValueError(f"upload_codec {self.upload_codec.value!r} cannot be used with "
+                             "secure_aggregation: masking needs every client's dense vector of one fixed "
+                             "length, which compressed and row-sparse uploads are not; set upload_codec "
+                             "'none' (the masked vector is already 32-bit fixed point)")
+        if self.reduction != Reduction.MEAN:
+            raise ValueError(f"reduction {self.reduction.value!r} cannot be used with secure_aggregation: "
+                             "a trimmed mean or median needs every individual update, and with secure "
+                             "aggregation the coordinator sees only their sum; use reduction 'mean'")
+        if self.norm_policy != NormPolicy.CLIP:
+            raise ValueError(f"norm_policy {self.norm_policy.value!r} cannot be used with "
+                             "secure_aggregation: each client clips its own update to max_update_norm "
+                             "before masking (the coordinator cannot see a norm to reject on, and the "
+                             "quantiser needs the bound); use norm_policy 'clip'")
+        if self.adaptive_clip_quantile is not None:
+            raise ValueError("adaptive_clip_quantile cannot be used with secure_aggregation: adapting the "
+                             "bound needs each update's norm at the coordinator; use a fixed "
+                             "max_update_norm")
+        if self.secure_neighbours is not None and (self.secure_neighbours < 2 or self.secure_neighbours % 2):
+            raise ValueError("secure_neighbours must be even and at least 2 (each client's neighbours are "
+                             "the k/2 nearest on either side of a ring)")
+        if self.secure_threshold is not None:
+            if self.secure_threshold < 1:
+                raise ValueError("secure_threshold must be at least 1")
+            if self.secure_neighbours is not None and self.secure_threshold > self.secure_neighbours:
+                raise ValueError("secure_threshold cannot exceed secure_neighbours (a secret is split "
+                                 "among the k neighbours)")
 
     def noise_split(self, expected_clients: int) -> tuple[float, float]:
         """(noise multiplier of the sum, std of the noise on the within-bound count).
@@ -180,6 +225,12 @@ class AggregationConfig:
         if training.post_recon_steps_max is not None and training.post_recon_steps_max > 0:
             return float(batch_size * training.post_recon_steps_max)
         return DEFAULT_WEIGHT_CAP
+
+    def secure_encoding(self, weight_cap: float) -> SecureEncoding:
+        """What a client of a secure round encodes with (``secagg.updates``): this task's norm bound and
+        weight policy, applied on the client because the coordinator never sees one update."""
+        uniform = self.weighting == Weighting.UNIFORM
+        return SecureEncoding(self.max_update_norm, 1.0 if uniform else weight_cap, uniform)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -293,6 +344,21 @@ class AggregationReport:
         """The largest fraction of the round's weight one client held (1/K for the robust reducers)."""
         return self.max_client_weight / self.total_weight if self.total_weight > 0 else 0.0
 
+    def merge(self, other: AggregationReport) -> None:
+        """Add what another fold of the same round's stages did (a shard of the round's clients): counts
+        add, maxima take the larger."""
+        if other.stages != self.stages or other.clip_bound != self.clip_bound:
+            raise ValueError(f"cannot merge a shard folded by {other.stages} (bound {other.clip_bound}) into "
+                             f"{self.stages} (bound {self.clip_bound}): a round's shards share its stages")
+        self.updates_folded += other.updates_folded
+        self.weights_capped += other.weights_capped
+        self.updates_clipped += other.updates_clipped
+        self.updates_refused += other.updates_refused
+        self.total_weight += other.total_weight
+        self.max_client_weight = max(self.max_client_weight, other.max_client_weight)
+        self.max_norm = max(self.max_norm, other.max_norm)
+        self.updates_within_bound += other.updates_within_bound
+
     def metrics(self) -> dict[str, float]:
         return {"updates_folded": float(self.updates_folded),
                 "weights_capped": float(self.weights_capped),
@@ -373,6 +439,25 @@ class Reducer(abc.ABC):
     @abc.abstractmethod
     def mean(self) -> list[np.ndarray] | None: ...
 
+    @abc.abstractmethod
+    def partial(self) -> ReducedPart:
+        """What this reducer folded so far, to be merged into another reducer of the same round."""
+
+    @abc.abstractmethod
+    def merge(self, part: ReducedPart) -> None:
+        """Fold in what another reducer of the same kind and shapes folded (``partial``), exactly as if
+        its clients had been folded here."""
+
+
+@dataclass(frozen=True)
+class ReducedPart:
+    """A reducer's folded state: the running weighted sums and their total weight (streaming reducers), or
+    the buffered scaled updates and their count (trimmed mean, median). Small for the streaming reducers
+    (one model), so a shard of a round's clients sends this rather than its clients' updates."""
+
+    arrays: list[np.ndarray]
+    total: float
+
 
 class WeightedMean(Reducer):
     """Σ w·s·Δ / Σ w with float64 accumulators: memory is one model whatever the number of clients."""
@@ -398,10 +483,24 @@ class WeightedMean(Reducer):
                 acc += s
         self._total += float(weights.sum())
 
+    def add_sum(self, sums: Sequence[np.ndarray], total_weight: float) -> None:
+        """Add sums that were formed elsewhere (a secure round's unmasked Σ w·s·Δ and Σ w)."""
+        for acc, s in zip(self._sums, sums, strict=True):
+            acc += s
+        self._total += total_weight
+
     def mean(self) -> list[np.ndarray] | None:
         if self._total <= 0:
             return None
         return [(s / self._total).astype(np.float32) for s in self._sums]
+
+    def partial(self) -> ReducedPart:
+        return ReducedPart(self._sums, self._total)
+
+    def merge(self, part: ReducedPart) -> None:
+        for acc, s in zip(self._sums, part.arrays, strict=True):
+            acc += s
+        self._total += part.total
 
 
 class GaussianSum(WeightedMean):
@@ -458,6 +557,17 @@ class _Buffered(Reducer):
             return None
         return [self._reduce(buf[:self._count]).astype(np.float32) for buf in self._buffers]
 
+    def partial(self) -> ReducedPart:
+        return ReducedPart([buf[:self._count] for buf in self._buffers], float(self._count))
+
+    def merge(self, part: ReducedPart) -> None:
+        count = int(part.total)
+        if self._count + count > len(self._buffers[0]):
+            raise ValueError(f"more than {len(self._buffers[0])} updates in one round")
+        for buf, rows in zip(self._buffers, part.arrays, strict=True):
+            buf[self._count:self._count + count] = rows
+        self._count += count
+
     @abc.abstractmethod
     def _reduce(self, stacked: np.ndarray) -> np.ndarray: ...
 
@@ -485,6 +595,14 @@ class Median(_Buffered):
 
     def _reduce(self, stacked: np.ndarray) -> np.ndarray:
         return np.median(stacked, axis=0)
+
+
+@dataclass(frozen=True)
+class PartialAggregate:
+    """A shard's fold of part of a round: its report and its reducer's state (``Aggregator.partial``)."""
+
+    report: AggregationReport
+    reduced: ReducedPart
 
 
 @dataclass(frozen=True)
@@ -584,9 +702,36 @@ class Aggregator:
             return self.fold(DecodedUpdates([delta]), weights)
         return self.fold(StackedDeltas.one(delta), weights)  # type: ignore[arg-type]  # all dense here
 
+    def fold_secure_sum(self, sums: Sequence[np.ndarray], total_weight: float, count: int) -> None:
+        """Fold a secure round's unmasked sum of ``count`` clients (``SecureEncoding.decode_sum``): the
+        weight policy and the norm clip already ran on each client, so only the reducer's accumulators
+        move, and nothing per client is known here (no norms, no per-client weights)."""
+        if not isinstance(self.reducer, WeightedMean):
+            raise ValueError(f"a secure sum folds into a streaming mean, not into {self.reducer.name}")
+        if count < 0 or not (math.isfinite(total_weight) and total_weight >= 0):
+            raise ValueError("a secure sum has a non-negative count and total weight")
+        self.reducer.add_sum(sums, total_weight)
+        self.report.updates_folded += count
+        self.report.total_weight += total_weight
+
     def mean(self) -> list[np.ndarray] | None:
         """The round's delta; None when nothing was folded (the model must stay unchanged)."""
         return self.reducer.mean()
+
+    def partial(self) -> PartialAggregate:
+        """What this aggregator folded, for ``merge`` into the round's own aggregator elsewhere.
+
+        This is how a round's clients are folded in shards (``simulations.ray_backend``): each shard folds
+        its clients through the round's stages (the per-client transforms need each client's norm and
+        weight, so they run where the update is), and the driver merges the shards' partial sums. Only
+        the driver's aggregator releases the mean, so DP noise is drawn once per round, and the adaptive
+        clip bound moves on the merged counts."""
+        return PartialAggregate(dataclasses.replace(self.report), self.reducer.partial())
+
+    def merge(self, partial: PartialAggregate) -> None:
+        """Fold in a shard's ``partial`` of this round, as if its clients had been folded here."""
+        self.report.merge(partial.report)
+        self.reducer.merge(partial.reduced)
 
 
 def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], *, weight_cap: float,
@@ -615,11 +760,12 @@ def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]
                                 count_stddev, denominator if config.noise_multiplier is not None else None,
                                 rng)
     if config.noise_multiplier is not None:  # __post_init__ guarantees uniform weights, clip and mean
-        return Aggregator(transforms, GaussianSum(
+        return _secure_stages(config, Aggregator(transforms, GaussianSum(
             shapes, clip=bound, noise_multiplier=z_sum, expected_clients=denominator, rng=rng),
-            weighted=True, adaptive=adaptive)
+            weighted=True, adaptive=adaptive))
     if config.reduction == Reduction.MEAN:
-        return Aggregator(transforms, WeightedMean(shapes), weighted=True, adaptive=adaptive)
+        return _secure_stages(config, Aggregator(transforms, WeightedMean(shapes), weighted=True,
+                                                 adaptive=adaptive))
     check_buffer(config, shapes, max_clients)
     reducer: Reducer
     if config.reduction == Reduction.TRIMMED_MEAN:
@@ -627,6 +773,16 @@ def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]
     else:
         reducer = Median(shapes, max_clients)
     return Aggregator(transforms, reducer, weighted=False, adaptive=adaptive)
+
+
+def _secure_stages(config: AggregationConfig, aggregate: Aggregator) -> Aggregator:
+    """With secure aggregation the per-client stages run on the clients, before masking, and the round's
+    record says so: ``client_weight_cap, client_norm_clip, secure_sum, weighted_mean`` (or
+    ``gaussian_sum``: central DP noise added by the coordinator to the unmasked sum)."""
+    if config.secure_aggregation:
+        aggregate.report.stages = (*(f"client_{t.name}" for t in aggregate.transforms), "secure_sum",
+                                   aggregate.reducer.name)
+    return aggregate
 
 
 def check_buffer(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], max_clients: int) -> None:

@@ -135,8 +135,17 @@ def simulate(
              "stochastic rounding, a scale per row; unbiased), rowsparse (only the rows a client touched, "
              "lossless) or rowsparse_q16 / rowsparse_q8 (both); the same code as a coordinator's clients "
              "(default: none, or the task's)")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="secure aggregation (SecAgg+, in process): each client clips and weights its update, quantises "
+             "and masks it, and only the round's sum is unmasked; refused with an --upload-codec, a robust "
+             "--aggregator or adaptive clipping (default: off, or the task's)")] = None,
     centralized_epochs: Annotated[int, typer.Option(min=1)] = 20,
     eval_every: Annotated[int, typer.Option(min=1)] = 25,
+    xla: Annotated[bool, typer.Option(
+        help="compile the in-process training rounds with XLA: same results within float rounding, "
+             "several times less CPU per round after a few seconds of compilation (worth it from about "
+             "a hundred rounds)")] = False,
     seed: Annotated[int | None, typer.Option(help="default 0, or the task's seed")] = None,
     split_seed: Annotated[int, typer.Option(help="seed of the train/validation/test user split")] = 42,
     out: Annotated[Path, typer.Option(help="folder for metrics.json, model.npz and learning_curves.png")]
@@ -152,8 +161,16 @@ def simulate(
     = None,
     backend: Annotated[Backend, typer.Option(
         help="fedrecon: this project's engine; tff: TensorFlow Federated's build_fed_recon in the "
-             "environment `make tff-env` builds (same data, split, selection and metrics)")]
+             "environment `make tff-env` builds (same data, split, selection and metrics); ray: this "
+             "project's engine with each round's clients on Ray workers (the sim-ray extra; same results "
+             "as fedrecon)")]
     = Backend.FEDRECON,
+    address: Annotated[str | None, typer.Option(
+        help="with --backend ray: the Ray cluster to join (HEAD:6379, or 'auto' for the one `ray start` "
+             "began on this machine); default: a local Ray started for this run")] = None,
+    ray_workers: Annotated[int | None, typer.Option(
+        min=1, help="with --backend ray: worker actors, each holding its share of the users (default: one "
+                    "per CPU of the Ray cluster)")] = None,
     local_init: Annotated[LocalInit | None, typer.Option(
         help="how a client's user factors start: uniform (a ±0.05 draw per client and round; the default "
              "of the fedrecon backend), shared (one draw for all clients: what TFF does, the tff backend's "
@@ -189,6 +206,8 @@ class _Run:
     store: str | None
     out: Path
     batch_size: int
+    ray_address: str | None = None
+    ray_workers: int | None = None
 
 
 def _resolve(f: dict[str, Any]) -> _Run:
@@ -256,7 +275,8 @@ def _resolve(f: dict[str, Any]) -> _Run:
                       ("max_update_norm", "max_update_norm"), ("norm_policy", "norm_policy"),
                       ("max_client_weight", "max_client_weight"), ("server_weighting", "weighting"),
                       ("adaptive_clip_quantile", "adaptive_clip_quantile"),
-                      ("adaptive_clip_lr", "adaptive_clip_learning_rate"), ("upload_codec", "upload_codec")):
+                      ("adaptive_clip_lr", "adaptive_clip_learning_rate"), ("upload_codec", "upload_codec"),
+                      ("secure_aggregation", "secure_aggregation")):
         if f[flag] is not None:
             aggregation_fields[key] = f[flag]
     privacy = None
@@ -281,8 +301,10 @@ def _resolve(f: dict[str, Any]) -> _Run:
         rounds=pick("rounds", rounds_table.get("max_rounds"), 100),
         clients_per_round=pick("clients_per_round", rounds_table.get("clients_per_round"), 100),
         batch_size=batch_size, eval_every=f["eval_every"], seed=seed,
-        eval_clip=(1.0, 5.0) if f["clip"] else None)
+        eval_clip=(1.0, 5.0) if f["clip"] else None, xla=f["xla"])
     backend: Backend = f["backend"]
+    if backend != Backend.RAY and (f["address"] is not None or f["ray_workers"] is not None):
+        raise SimulateError("--address and --ray-workers go with --backend ray")
     local_default = LocalInit.SHARED if backend == Backend.TFF else LocalInit.UNIFORM
     num_factors = pick("factors", model_table.get("num_factors"), 50)
     use_biases = pick("biases", model_table.get("use_biases"), False)
@@ -331,7 +353,8 @@ def _resolve(f: dict[str, Any]) -> _Run:
         model = build_model(spec, dataset, shared_user=algorithm == Algorithm.FEDAVG)
         initial = globals_for_model(model_file, model, f"{f['data']} ({dataset.num_items} items)")
     return _Run(data=f["data"], spec=spec, dataset=dataset, initial=initial, transport=f["transport"],
-                backend=backend, store=f["store"], out=f["out"], batch_size=batch_size)
+                backend=backend, store=f["store"], out=f["out"], batch_size=batch_size,
+                ray_address=f["address"], ray_workers=f["ray_workers"])
 
 
 def _run(run: _Run) -> None:
@@ -360,7 +383,8 @@ def _run(run: _Run) -> None:
         try:
             result = run_experiment(spec, dataset, on_round=on_round, on_epoch=on_epoch,
                                     transport=run.transport.value, store_url=run.store,
-                                    initial_globals=run.initial, backend=run.backend.value)
+                                    initial_globals=run.initial, backend=run.backend.value,
+                                    ray_address=run.ray_address, ray_workers=run.ray_workers)
         except ExperimentInterrupted as stop:
             progress.stop()
             written = _write_outputs(run, stop.partial, interrupted=stop.rounds_done)
@@ -373,12 +397,12 @@ def _run(run: _Run) -> None:
         except KeyboardInterrupt:  # where no partial result exists (centralized training, start-up)
             progress.stop()
             _fail("interrupted: nothing written", code=130)
-        except (ValueError, RuntimeError) as err:
+        except (ValueError, RuntimeError, ImportError) as err:
             progress.stop()
             _fail(str(err), err)
 
     written = _write_outputs(run, result, interrupted=None)
-    engine = " (TFF backend)" if run.backend == Backend.TFF else ""
+    engine = {Backend.TFF: " (TFF backend)", Backend.RAY: " (on Ray)"}.get(run.backend, "")
     table = Table(title=f"{algorithm.value}{engine} on unseen test users (selected {unit} "
                         f"{int(result.selected.get('round', 0))} on validation)")
     for col in ("RMSE", "accuracy", "examples", "s/round"):

@@ -22,6 +22,7 @@ transport must own:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedrecon.core.compression import UploadCodec
 from fedrecon.protocol import Assignment, RoundState
+from fedrecon.secagg_wire import SecAggWireError, client_message, response
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.identity import Caller, Identifier
 from fedrecon.server.limits import ServerLimits
@@ -101,6 +103,9 @@ class CoordinatorServicer:
                 self._unary_call(self.GetRound, pb.GetRoundRequest), response_serializer=reply),
             "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
                 self._unary_call(self.ReportEvaluation, pb.ReportEvaluationRequest),
+                response_serializer=reply),
+            "SecureAggregation": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.SecureAggregation, pb.SecureAggregationRequest),
                 response_serializer=reply),
             "DownloadModel": grpc.unary_stream_rpc_method_handler(self._download_call),
             "ReportUpdate": grpc.stream_unary_rpc_method_handler(self._report_call,
@@ -218,7 +223,8 @@ class CoordinatorServicer:
                 reporting_deadline=deadline, model_spec_json=result.model_spec_json,
                 training_config_json=result.training_config_json, batch_size=result.batch_size,
                 max_chunk_bytes=self.max_chunk_bytes,
-                upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)]))
+                upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)],
+                secure_aggregation=result.secure_aggregation))
         lo, hi = Duration(), Duration()
         lo.FromNanoseconds(int(result.delay_min_s * 1e9))
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
@@ -296,6 +302,24 @@ class CoordinatorServicer:
         return pb.GetRoundResponse(round_id=outcome.round_id, round_num=outcome.round_num,
                                    state=_ROUND_STATES[outcome.state], new_version=outcome.new_version or 0,
                                    num_accepted=outcome.num_accepted, reason=outcome.reason)
+
+    async def SecureAggregation(self, request: pb.SecureAggregationRequest, context: grpc.aio.ServicerContext
+                                ) -> pb.SecureAggregationResponse:
+        """One step of a secure round (``server.secure_round``): decode the client's message strictly,
+        let the coordinator take it, answer what the client must do next. The digest of the message
+        recognises a retried identical message."""
+        caller = await self._caller(context, request.client_id)
+        try:
+            message = client_message(request)
+        except SecAggWireError as err:
+            await self._run(self.coordinator.count_refusal, "secagg_bad_message")
+            raise Refusal(Status.INVALID_ARGUMENT, "secagg_bad_message", str(err)) from err
+        kind = request.WhichOneof("message")
+        digest = hashlib.sha256(getattr(request, kind).SerializeToString(deterministic=True)).hexdigest() \
+            if kind is not None else ""
+        phase, instruction = await self._run(self.coordinator.secure_step, request.task_name, caller,
+                                             request.round_id, request.assignment_token, message, digest)
+        return response(phase, instruction)
 
     # ----- blocking helpers (run on the pool) ----------------------------------------------------------
     def _check_report(self, header: pb.ReportHeader, caller: Caller) -> list[Any]:

@@ -27,6 +27,7 @@ class Algorithm(StrEnum):
 class Backend(StrEnum):
     FEDRECON = "fedrecon"  # this project's engine
     TFF = "tff"  # TensorFlow Federated's build_fed_recon, in the environment `make tff-env` builds
+    RAY = "ray"  # this project's engine, each round's clients on Ray workers (the sim-ray extra)
 
 
 class Transport(StrEnum):

@@ -15,6 +15,7 @@ import numpy as np
 from fedrecon.core.aggregation import UNBOUNDED_MEAN, AggregationConfig
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
+from fedrecon.core.client_work import selection_value
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.data_split import has_held_out_batch
 from fedrecon.core.matrix_factorization import MatrixFactorization
@@ -26,6 +27,7 @@ from fedrecon.simulations.baselines import (
     train_centralized,
 )
 from fedrecon.simulations.grpc_transport import GrpcRounds
+from fedrecon.simulations.population import Population
 from fedrecon.simulations.ratings import FederatedRatings
 from fedrecon.simulations.runner import Evaluator, RoundRecord, RoundRunner, Simulation, SimulationSettings
 
@@ -107,7 +109,7 @@ def check_scorable(data: FederatedRatings, spec: ExperimentSpec) -> None:
 
 def selection_key(metrics: dict[str, float]) -> float:
     """Selection key: a diverged (NaN) evaluation must never be selected."""
-    return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
+    return selection_value(metrics)
 
 
 def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
@@ -120,8 +122,8 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                    on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,
                    on_epoch: Callable[[int, float], None] | None = None,
                    transport: str = "inprocess", store_url: str | None = None,
-                   initial_globals: list[np.ndarray] | None = None, backend: str = "fedrecon"
-                   ) -> ExperimentResult:
+                   initial_globals: list[np.ndarray] | None = None, backend: str = "fedrecon",
+                   ray_address: str | None = None, ray_workers: int | None = None) -> ExperimentResult:
     """Train ``spec.algorithm``; keep the validation-best round/epoch; evaluate it on all test users.
 
     ``transport="grpc"`` plays every training round through a real coordinator on loopback (store at
@@ -130,7 +132,9 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     ``backend="tff"`` computes every round and evaluation with TensorFlow Federated's ``build_fed_recon``
     (``simulations.tff_backend``); selection, model selection and scoring rules are unchanged, but TFF
     aggregates with its own weighted mean, so ``spec.aggregation`` (weight cap, norm clip, robust reducers)
-    applies to the fedrecon backend only (in process or over gRPC).
+    applies to the fedrecon backend only (in process or over gRPC). ``backend="ray"`` runs each round's
+    clients on ``ray_workers`` Ray actors (``simulations.ray_backend``; at ``ray_address``, else a local
+    Ray), with the in-process results.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
@@ -143,12 +147,19 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
             raise ValueError("the tff backend aggregates with TFF's plain weighted mean (no weight cap, no "
                              "norm bound): aggregation options apply to the fedrecon backend only")
         spec = dataclasses.replace(spec, aggregation=UNBOUNDED_MEAN)
+    if backend == "ray" and (spec.algorithm == "centralized" or transport != "inprocess"):
+        raise ValueError("the ray backend runs federated algorithms (fedrecon, fedavg) with the in-process "
+                         "client step (no --transport grpc)")
+    if isinstance(data.train, Population) and (spec.algorithm == "centralized" or transport != "inprocess"
+                                               or backend == "tff"):
+        raise ValueError("a population generated on demand trains federated algorithms on the fedrecon or "
+                         "ray backend, in process: the others would materialise every user")
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
     check_scorable(data, spec)
     ledger: PrivacyLedger | None = None
     if spec.privacy is not None:
-        if spec.algorithm == "centralized" or backend != "fedrecon" or transport != "inprocess":
+        if spec.algorithm == "centralized" or backend == "tff" or transport != "inprocess":
             raise ValueError("differential privacy runs the fedrecon engine in process (federated "
                              "algorithms, no --transport grpc, no tff backend)")
         parameters = spec.privacy.resolve(rounds=spec.settings.rounds, population=len(data.train),
@@ -183,6 +194,11 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         if transport == "grpc":
             runner = stack.enter_context(GrpcRounds(model, train_config, data.train, spec.settings,
                                                     store_url=store_url, aggregation=spec.aggregation))
+        if backend == "ray":
+            from fedrecon.simulations.ray_backend import RayRounds
+
+            runner = stack.enter_context(RayRounds(algorithm, data.train, spec.settings, workers=ray_workers,
+                                                   address=ray_address))
         if backend == "tff":
             from fedrecon.simulations.tff_backend import TffEngine, TffRounds
 

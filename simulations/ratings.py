@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import gzip
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedrecon.core.batching import ClientExamples
+from fedrecon.simulations.population import Population, SyntheticUsers, population_size
 
 RATING_FILES = ("ratings.dat", "u.data", "ratings.csv")
 
@@ -144,7 +145,7 @@ def synthetic_ratings(*, num_users: int = 1200, num_items: int = 600, rank: int 
 class FederatedRatings:
     """Per-user examples split into training, validation and unseen test users."""
 
-    train: dict[int, ClientExamples]
+    train: Mapping[int, ClientExamples]  # a dict, or a ``Population`` generated on demand
     validation: dict[int, ClientExamples]
     test: dict[int, ClientExamples]
     num_items: int
@@ -185,7 +186,30 @@ def split_users(ratings: Ratings, *, seed: int = 42, fractions: tuple[float, flo
                             mean_rating=float(kept.mean()), item_ids=np.asarray(ratings.item_ids, np.int64))
 
 
+def population_ratings(num_users: int, *, seed: int = 42, held_out: int | None = None) -> FederatedRatings:
+    """A population of ``num_users`` training users generated on demand (``population.Population``: ids
+    1..num_users, nothing held in memory per user), and ``held_out`` validation and as many test users
+    (the next ids; default min(1000, num_users // 8), at least 1), materialised: they are scored in full.
+    Users never have more than 300 ratings, the cap the MovieLens split applies."""
+    users = SyntheticUsers(seed=seed)
+    count = held_out if held_out is not None else max(1, min(1000, num_users // 8))
+    start = num_users + 1
+    validation = {u: users.user(u) for u in range(start, start + count)}
+    test = {u: users.user(u) for u in range(start + count, start + 2 * count)}
+    # The offset a model with biases starts from: the mean rating of (up to) 200 training users spread over
+    # the population, a statistic the server may know.
+    sample = range(1, num_users + 1, max(1, num_users // 200))
+    mean = float(np.concatenate([users.user(u).y for u in sample]).mean())
+    return FederatedRatings(train=Population(users, range(1, num_users + 1)), validation=validation,
+                            test=test, num_items=users.num_items, mean_rating=mean,
+                            item_ids=np.arange(users.num_items, dtype=np.int64))
+
+
 def load_dataset(source: str, *, seed: int = 42, max_examples_per_user: int | None = 300) -> FederatedRatings:
-    """``synthetic`` (the embedded default) or a MovieLens folder / ratings file."""
+    """``synthetic`` (the embedded default), ``population:N`` (N synthetic users generated on demand,
+    ``population_ratings``; ``seed`` seeds the generator) or a MovieLens folder / ratings file."""
+    size = population_size(source)
+    if size is not None:
+        return population_ratings(size, seed=seed)
     ratings = synthetic_ratings() if source == "synthetic" else read_ratings(source)
     return split_users(ratings, seed=seed, max_examples_per_user=max_examples_per_user)

@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedrecon.core.aggregation import ClientDeltas
+from fedrecon.core.aggregation import Aggregator, ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, pack_clients
-from fedrecon.core.client_work import EvaluationSums
+from fedrecon.core.client_work import EvaluationSums, selection_value
 from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
+from fedrecon.core.secagg.local import secure_round_sum
+from fedrecon.simulations.population import Population
+
+#: With XLA, each phase's step count is padded up to a multiple of this (all-masked steps are no-ops), so a
+#: run compiles at most ``ceil(max steps / 8)`` shapes per phase instead of one per distinct step count.
+XLA_STEP_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,9 @@ class SimulationSettings:
     # fixed: exactly clients_per_round users per round; poisson: each user with probability
     # clients_per_round / population (what the DP accountant's add-or-remove-one bound assumes).
     sampling: Sampling = Sampling.FIXED
+    # Compile the training rounds' client step with XLA (``ClientStep(xla=True)``): same results within
+    # float rounding, several times less CPU per round once compiled (a few seconds, once per shape).
+    xla: bool = False
 
 
 @dataclass
@@ -103,6 +112,25 @@ def uploaded(deltas: ClientDeltas, codec: UploadCodec, users: Sequence[int], *, 
                            for c, u in enumerate(users)])
 
 
+def fold_securely(aggregate: Aggregator, algorithm: FedRecon, deltas: ClientDeltas, weights: np.ndarray, *,
+                  batch_size: int, seed: int, round_num: int) -> None:
+    """Fold a simulated round through secure aggregation (``core.secagg``, in process): every client
+    clips, weights, quantises and masks its update as a device would, and only the unmasked sum reaches the
+    aggregate, so a simulation shows the quantisation's effect on the model."""
+    config = algorithm.aggregation
+    encoding = config.secure_encoding(config.weight_cap(algorithm.config, batch_size))
+    stacked = deltas.stacked()
+    per_client = [[t[c] for t in stacked] for c in range(deltas.num_clients)]
+    if len(per_client) < 2:  # a sum of one client is that client's update: nothing is released
+        return
+    sums, total_weight, result = secure_round_sum(
+        encoding, per_client, [float(w) for w in weights], algorithm.delta_shapes,
+        round_id=f"simulation/{seed}/{round_num}".encode(),
+        rng=np.random.default_rng([seed, round_num, 0x5EC]),
+        degree=config.secure_neighbours, threshold=config.secure_threshold)
+    aggregate.fold_secure_sum(sums, total_weight, result.count)
+
+
 DIVERGENCE_HINT = "training diverged: lower the client learning rate (--client-lr)"
 
 
@@ -113,10 +141,83 @@ def check_finite(record: RoundRecord, metrics: dict[str, float] | None) -> None:
         what = f"the training loss is not finite ({record.train_loss})"
     elif record.non_finite_clients:
         what = f"{record.non_finite_clients} of {record.num_clients} client updates are not finite"
-    elif metrics is not None and not np.isfinite(metrics["rmse"]):
-        what = f"the validation RMSE is not finite ({metrics['rmse']})"
+    elif metrics is not None and not np.isfinite(selection_value(metrics)):
+        name = "RMSE" if "rmse" in metrics else "loss"
+        what = f"the validation {name} is not finite ({metrics.get('rmse', metrics.get('loss'))})"
     if what is not None:
         raise NonFiniteTraining(f"round {record.round_num}: {what}; {DIVERGENCE_HINT}")
+
+
+def user_ids_of(train: Mapping[int, ClientExamples]) -> Sequence[int]:
+    """The training users in id order: a population generated on demand lists them as a ``range`` (no
+    list of a million ids), a dict of users is sorted."""
+    return train.user_ids if isinstance(train, Population) else sorted(train)
+
+
+def choose_clients(user_ids: Sequence[int], settings: SimulationSettings, round_num: int) -> list[int]:
+    """The clients of round ``round_num``, by ``settings.sampling``, seeded by (seed, round)."""
+    if settings.sampling == Sampling.POISSON:
+        return poisson_clients(user_ids, settings.clients_per_round, seed=settings.seed, round_num=round_num)
+    return select_clients(user_ids, settings.clients_per_round, seed=settings.seed, round_num=round_num)
+
+
+@dataclass(frozen=True)
+class ShardTraining:
+    """What a group of a round's clients reported besides their updates (summed over the group)."""
+
+    loss_sum: float = 0.0  # Σ squared error over the post-reconstruction examples
+    examples: float = 0.0  # post-reconstruction examples
+    non_finite: int = 0  # clients whose update was not finite
+
+    def __add__(self, other: ShardTraining) -> ShardTraining:
+        return ShardTraining(self.loss_sum + other.loss_sum, self.examples + other.examples,
+                             self.non_finite + other.non_finite)
+
+
+def round_aggregate(algorithm: FedRecon, state: ServerState, settings: SimulationSettings, round_num: int,
+                    num_clients: int) -> Aggregator:
+    """The aggregation stages of a simulated round of ``num_clients`` clients (the driver's, and each
+    shard's when the round is folded in shards: they must be the same stages)."""
+    return algorithm.new_aggregate(max_clients=max(num_clients, 1), batch_size=settings.batch_size,
+                                   expected_clients=settings.clients_per_round,
+                                   noise_rng=noise_rng(settings.seed, round_num), state=state)
+
+
+def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], examples: Sequence[ClientExamples],
+                   users: Sequence[int], aggregate: Aggregator, *, settings: SimulationSettings,
+                   round_num: int) -> ShardTraining:
+    """Run the client step for ``users`` (lock-step, one call) and fold their updates into ``aggregate``.
+
+    The one implementation of a simulated group of clients: the whole round in process, or one shard of it
+    on a Ray worker. Everything a client does is seeded by (seed, round, user), so a client's update does
+    not depend on which group it ran in."""
+    packed = pack_clients(algorithm.model, examples, algorithm.config, batch_size=settings.batch_size,
+                          local_rngs=[local_rng(settings.seed, round_num, u) for u in users],
+                          step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1)
+    result = algorithm.client_step_for(xla=settings.xla).train_clients(globals_, packed)
+    if algorithm.aggregation.secure_aggregation:
+        fold_securely(aggregate, algorithm, result.deltas, result.weights, batch_size=settings.batch_size,
+                      seed=settings.seed, round_num=round_num)
+    else:
+        deltas = uploaded(result.deltas, algorithm.aggregation.upload_codec, users, seed=settings.seed,
+                          round_num=round_num)
+        aggregate.fold(deltas, result.weights)
+    return ShardTraining(float(result.loss_sum.sum()), float(result.post_examples.sum()),
+                         int((~result.finite).sum()))
+
+
+def finish_round(algorithm: FedRecon, state: ServerState, aggregate: Aggregator, trained: ShardTraining, *,
+                 num_clients: int, started: float) -> tuple[ServerState, RoundRecord]:
+    """The server step on the round's folded aggregate, and the round's record."""
+    try:
+        new_state = algorithm.server_update(state, aggregate)
+    except NonFiniteUpdate as err:
+        raise NonFiniteTraining(f"{err}; {DIVERGENCE_HINT}") from err
+    record = RoundRecord(round_num=new_state.round_num, seconds=time.perf_counter() - started,
+                         train_loss=trained.loss_sum / max(trained.examples, 1.0),
+                         num_clients=num_clients, total_weight=aggregate.report.total_weight,
+                         aggregation=aggregate.report.metrics(), non_finite_clients=trained.non_finite)
+    return new_state, record
 
 
 RoundRunner = Callable[[ServerState], tuple[ServerState, RoundRecord]]
@@ -133,7 +234,7 @@ class Simulation:
         self.algorithm = algorithm
         self.train = train
         self.settings = settings
-        self.user_ids = sorted(train)
+        self.user_ids = user_ids_of(train)
         # Evaluation may split data differently from training (the FedAvg baseline trains on every batch
         # but is scored on the same held-out batches as FedRecon).
         self.eval_config = eval_config or algorithm.config
@@ -152,36 +253,19 @@ class Simulation:
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
         t0 = time.perf_counter()
-        round_num = state.round_num + 1
-        if s.sampling == Sampling.POISSON:
-            chosen = poisson_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
-        else:
-            chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
-        aggregate = self.algorithm.new_aggregate(max_clients=max(len(chosen), 1), batch_size=s.batch_size,
-                                                 expected_clients=s.clients_per_round,
-                                                 noise_rng=noise_rng(s.seed, round_num), state=state)
-        loss_sum = examples = 0.0
-        non_finite = 0
+        round_num, chosen, aggregate = self.new_round(state)
+        trained = ShardTraining()
         if chosen:  # a Poisson round may select nobody: the DP sum is then noise alone
-            packed = pack_clients(self.algorithm.model, [self.train[u] for u in chosen],
-                                  self.algorithm.config, batch_size=s.batch_size,
-                                  local_rngs=[local_rng(s.seed, round_num, u) for u in chosen])
-            result = self.algorithm.client_step.train_clients(state.globals, packed)
-            deltas = uploaded(result.deltas, self.algorithm.aggregation.upload_codec, chosen, seed=s.seed,
-                              round_num=round_num)
-            aggregate.fold(deltas, result.weights)
-            loss_sum, examples = float(result.loss_sum.sum()), float(result.post_examples.sum())
-            non_finite = int((~result.finite).sum())
-        try:
-            new_state = self.algorithm.server_update(state, aggregate)
-        except NonFiniteUpdate as err:
-            raise NonFiniteTraining(f"{err}; {DIVERGENCE_HINT}") from err
-        record = RoundRecord(round_num=round_num, seconds=time.perf_counter() - t0,
-                             train_loss=loss_sum / max(examples, 1.0),
-                             num_clients=len(chosen), total_weight=aggregate.report.total_weight,
-                             aggregation=aggregate.report.metrics(),
-                             non_finite_clients=non_finite)
-        return new_state, record
+            trained = train_and_fold(self.algorithm, state.globals, [self.train[u] for u in chosen], chosen,
+                                     aggregate, settings=s, round_num=round_num)
+        return finish_round(self.algorithm, state, aggregate, trained, num_clients=len(chosen), started=t0)
+
+    def new_round(self, state: ServerState) -> tuple[int, list[int], Aggregator]:
+        """The next round's number, its selected clients and its (empty) aggregation stages."""
+        round_num = state.round_num + 1
+        chosen = choose_clients(self.user_ids, self.settings, round_num)
+        aggregate = round_aggregate(self.algorithm, state, self.settings, round_num, len(chosen))
+        return round_num, chosen, aggregate
 
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
                  ) -> dict[str, float]:
@@ -234,8 +318,8 @@ class Simulation:
             self.latest_state = state
             if metrics is not None:
                 history.validation.append(metrics)
-                if metrics["rmse"] < best_rmse:
-                    self.best_state, best_rmse = state, metrics["rmse"]
+                if selection_value(metrics) < best_rmse:
+                    self.best_state, best_rmse = state, selection_value(metrics)
             if on_round is not None:
                 on_round(record, metrics)
         if keep_best and validation and best_rmse < float("inf"):
