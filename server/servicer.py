@@ -308,7 +308,7 @@ class CoordinatorServicer:
         """One step of a secure round (``server.secure_round``): decode the client's message strictly,
         let the coordinator take it, answer what the client must do next. The digest of the message
         recognises a retried identical message."""
-        caller = await self._caller(context, request.client_id)
+        caller = await self._as_caller(context, request.client_id, lambda caller: caller)
         try:
             message = client_message(request)
         except SecAggWireError as err:
