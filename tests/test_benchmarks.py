@@ -72,6 +72,35 @@ def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> No
     assert run["peak_rss_mb"] >= run["startup_rss_mb"] > 10
 
 
+def test_coordinator_load_lightweight_smoke_writes_the_documented_json(tmp_path: Path) -> None:
+    """The lightweight generator (no client training), small: 4 then 8 reports per round with
+    over-selection, so each round has stragglers that never report, and every round still commits."""
+    out = tmp_path / "light.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "coordinator_load.py"), "--lightweight",
+         "--data", "synthetic", "--clients", "4", "8", "--rounds", "2", "1", "--factors", "8",
+         "--over-selection", "1.5", "--generator-processes", "1", "--generator-threads", "3",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "lightweight"
+    small, large = result["runs"]
+    assert (small["clients"], small["rounds"], small["selected_per_round"]) == (4, 2, 6)
+    assert (large["clients"], large["rounds"], large["selected_per_round"]) == (8, 1, 12)
+    for run in (small, large):
+        assert run["rounds_committed"] == run["rounds"]
+        assert run["stragglers_per_round"] == run["selected_per_round"] - run["clients"]
+        assert run["report_bytes"] > (600 * 9 + 1) * 4  # the plain float32 delta, plus framing
+        assert run["download_bytes_per_client"] > (600 * 9 + 1) * 4
+        assert run["coordinator_cpu_ms_per_report"] >= 0 and run["peak_rss_mb"] >= run["startup_rss_mb"] > 10
+    for n in ("4", "8"):
+        assert set(result["by_clients"][n]) == {"coordinator_cpu_ms_per_report", "reports_per_s_per_core",
+                                                "peak_rss_mb"}
+    assert result["peak_rss_ratio"] == large["peak_rss_mb"] / small["peak_rss_mb"]
+    assert len(result["setup"]["load_average_before"]) == 3
+
+
 def test_fault_drill_loses_nothing_and_holds_against_hostile_clients(tmp_path: Path) -> None:
     """The scripted drill (kill, dropouts, hostile messages and clients, late reports) against a live
     coordinator with tokens: every figure the issue asks of it, each class reached for real."""
