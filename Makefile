@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup simulate test lint typecheck table clean tff-env
+.PHONY: setup simulate test lint typecheck table clean tff-env browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ typecheck: setup
 	rm -rf build/typecheck
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --target build/typecheck --no-deps .
 	cd build/typecheck && ../../$(BIN)/mypy --python-executable ../../$(BIN)/python -p fedrecon
+
+# Debian's chromium, which the dashboard's browser test drives headless through Playwright (Playwright never
+# downloads a browser of its own here). Installed only when missing; needs root (or sudo) for apt-get.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+	@chromium --version 2>/dev/null
 
 lint: setup
 	$(BIN)/ruff check .

@@ -40,6 +40,27 @@ Figures per N:
 
 After each run the store is checked: R committed rounds with N accepted reports each (else the script
 fails). The last lines compare peak_rss of the largest N with the smallest (flat: within 25%).
+
+``--lightweight`` measures the coordinator alone (``load_generator``): no client trains; generator
+processes (``--generator-processes`` x ``--generator-threads``) play the clients through the real gRPC
+calls with updates encoded once, before the run (shaped like real ones: the rows of ~150 items non-zero).
+Each round wants N reports and over-selects (``--over-selection``, default 1.3): ceil(1.3 N) clients
+check in and download, then N of them report and the rest are stragglers that never do; the round
+commits at its N-th report. The coordinator's CPU (user + system, ``/proc/<pid>/stat``) is read between
+the phases, so per N:
+
+- ``coordinator_cpu_ms_per_report``: coordinator CPU of the report phases (reading, validating and folding
+  every report, and the commit) / reports; ``reports_per_s_per_core`` = 1000 / that (what one core of
+  this coordinator sustains); ``reports_per_s_wall``: reports / wall time of the report phases (bounded
+  by the generator sharing the machine).
+- ``coordinator_cpu_ms_per_selected_client``: the selection phases (check-in and a 1-version download per
+  assigned client) / assigned clients.
+- ``peak_rss_mb``: the coordinator's VmHWM at the end of the run; ``peak_rss_ratio`` (top level) = peak
+  RSS at the largest N / at the smallest N (target: 1.5 at most from 100 to 10,000).
+
+Rounds per N default to enough for about 2,000 reports (CPU time is read in clock ticks of 10 ms). The
+machine's load average is recorded: the CPU figures are CPU time, so other load slows the run but does
+not enter them (beyond cache effects).
 """
 
 from __future__ import annotations
@@ -66,14 +87,19 @@ import numpy as np
 
 from fedrecon.client import FederatedClient
 from fedrecon.client.transport import CoordinatorChannel
+from fedrecon.core.compression import UploadCodec
 from fedrecon.core.config import FedReconConfig
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.store import SqlStore
 from fedrecon.server.task import TaskSpec
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
-from fedrecon.tensors import DEFAULT_CHUNK_BYTES
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES, TensorLayout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the generator module beside this script
+from load_generator import Generator, prepare_update, realistic_delta
 
 TASK_NAME = "movielens-load"
+LIGHT_REPORTS_TARGET = 2000  # default rounds per N give about this many reports
 CLIENTS_PER_CHANNEL = 100
 MAX_CHANNELS = 16
 FLAT_TOLERANCE = 0.25
@@ -100,9 +126,9 @@ recon_steps_max = 50
 post_recon_epochs = 1
 post_recon_steps_max = 50
 
-[rounds]  # every one of the N clients reports in every round
+[rounds]  # every round wants N reports; over-selection {over_selection}
 clients_per_round = {n}
-over_selection = 1.0
+over_selection = {over_selection}
 min_reports = {n}
 selection_timeout_s = 600.0
 reporting_timeout_s = 1200.0
@@ -110,7 +136,7 @@ retry_delay_s = [0.05, 0.5]
 max_rounds = {rounds}
 max_check_ins_per_minute = 1000000.0  # simulated clients check in back to back, round after round
 max_check_ins_per_minute_per_peer = 1000000000.0  # and all of them from this one host
-"""
+{aggregation}"""
 
 
 # ----- the coordinator process -----------------------------------------------------------------------------
@@ -139,9 +165,12 @@ def whole_model_bytes(num_items: int, factors: int, num_train_users: int) -> int
     return global_bytes(num_items, factors) + num_train_users * (factors + 1) * 4
 
 
-def write_task(path: Path, data: FederatedRatings, n: int, rounds: int, factors: int) -> TaskSpec:
+def write_task(path: Path, data: FederatedRatings, n: int, rounds: int, factors: int, *,
+               over_selection: float = 1.0, codec: UploadCodec = UploadCodec.NONE) -> TaskSpec:
+    aggregation = "" if codec == UploadCodec.NONE else f'\n[aggregation]\nupload_codec = "{codec.value}"\n'
     path.write_text(TASK_TOML.format(n=n, rounds=rounds, name=TASK_NAME, num_items=data.num_items,
-                                     factors=factors, offset=float(data.mean_rating)))
+                                     factors=factors, offset=float(data.mean_rating),
+                                     over_selection=over_selection, aggregation=aggregation))
     spec = TaskSpec.load(path)
     if spec.training != FedReconConfig():
         raise AssertionError("the task's training section is not the reference configuration")
@@ -266,6 +295,151 @@ def run_clients(n: int, rounds: int, factors: int, data: FederatedRatings, workd
     }
 
 
+def delta_layouts(spec: TaskSpec) -> list[TensorLayout]:
+    """What a report carries for this task: the global trainable variables, float32 (as the coordinator's
+    ``delta_layouts``)."""
+    from fedrecon.core.model_spec import model_from_config
+
+    model = model_from_config(spec.model)
+    return [TensorLayout(model.global_variables[i].name, np.dtype(np.float32),
+                         tuple(model.global_variables[i].shape)) for i in model.global_trainable]
+
+
+def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, workdir: Path, *,
+                    over_selection: float, processes: int, threads: int, codec: UploadCodec
+                    ) -> dict[str, Any]:
+    """One coordinator process, ``rounds`` rounds of N reports from the lightweight generator."""
+    task_file = workdir / "task.toml"
+    spec = write_task(task_file, data, n, rounds, factors, over_selection=over_selection, codec=codec)
+    goal = spec.rounds.selection_goal
+    layouts = delta_layouts(spec)
+    rng = np.random.default_rng(0)
+    updates = [prepare_update(layouts, realistic_delta(layouts, rng), codec, rng=rng) for _ in range(8)]
+    store_url = f"sqlite:///{workdir / 'coordinator.db'}"
+    ids = [f"load-{i}" for i in range(goal)]
+    reporting, stragglers = ids[:n], ids[n:]
+
+    coordinator = CoordinatorProcess(task_file, store_url, workdir, timeout_s=180.0)
+    pid = coordinator.proc.pid
+    generator = None
+    try:
+        time.sleep(1.0)  # let start-up settle before the baseline reading
+        startup = proc_memory_kb(pid)
+        generator = Generator(coordinator.address, TASK_NAME, updates, processes=processes, threads=threads)
+        select_cpu = report_cpu = select_wall = report_wall = 0.0
+        downloaded = retries = 0
+        rss_after_round_mb = []
+        for k in range(1, rounds + 1):
+            cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
+            assigned, down, waits = generator.select(ids)
+            cpu1, t1 = proc_cpu_s(pid), time.perf_counter()
+            if assigned != goal:
+                raise RuntimeError(f"round {k}: {assigned} of {goal} clients assigned")
+            accepted, refused = generator.report(reporting)
+            cpu2, t2 = proc_cpu_s(pid), time.perf_counter()
+            if accepted != n or refused:
+                raise RuntimeError(f"round {k}: {accepted} of {n} reports accepted, {refused} refused")
+            select_cpu += cpu1 - cpu0
+            report_cpu += cpu2 - cpu1
+            select_wall += t1 - t0
+            report_wall += t2 - t1
+            downloaded += down
+            retries += waits
+            rss_after_round_mb.append(proc_memory_kb(pid)["VmRSS"] / 1024)
+            print(f"  N={n} round {k}/{rounds}: select {t1 - t0:.2f} s ({1000 * (cpu1 - cpu0) / goal:.2f} ms "
+                  f"CPU/client), report {t2 - t1:.2f} s ({1000 * (cpu2 - cpu1) / n:.2f} ms CPU/report), "
+                  f"RSS {rss_after_round_mb[-1]:.0f} MB", flush=True)
+        peak = proc_memory_kb(pid)
+    except BaseException:
+        print(coordinator.log_text()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        if generator is not None:
+            generator.close()
+        code = coordinator.stop()
+    if code != 0:
+        raise RuntimeError(f"the coordinator exited with status {code}:\n{coordinator.log_text()[-3000:]}")
+    store = SqlStore(store_url)
+    try:
+        stored = store.list_rounds(TASK_NAME)
+    finally:
+        store.close()
+    committed = [r for r in stored if str(r.state) == "committed" and r.num_accepted == n]
+    if len(committed) != rounds or len(stored) != rounds:
+        seen = [(r.round_num, str(r.state), r.num_accepted) for r in stored]
+        raise RuntimeError(f"store check failed for N={n}: {len(committed)} of {rounds} rounds committed "
+                           f"with {n} reports; rounds {seen}")
+    reports = n * rounds
+    cpu_ms = 1000 * report_cpu / reports
+    return {
+        "clients": n,
+        "selected_per_round": goal,
+        "stragglers_per_round": len(stragglers),
+        "rounds": rounds,
+        "rounds_committed": len(committed),
+        "upload_codec": codec.value,
+        "report_bytes": updates[0].payload_bytes,
+        "coordinator_cpu_ms_per_report": cpu_ms,
+        "reports_per_s_per_core": 1000 / cpu_ms if cpu_ms > 0 else None,
+        "reports_per_s_wall": reports / report_wall,
+        "coordinator_cpu_ms_per_selected_client": 1000 * select_cpu / (goal * rounds),
+        "selected_per_s_wall": goal * rounds / select_wall,
+        "download_bytes_per_client": downloaded / (goal * rounds),
+        "coordinator_seconds_per_round": statistics.median(float(r.metrics["seconds"]) for r in committed),
+        "startup_rss_mb": startup["VmRSS"] / 1024,
+        "peak_rss_mb": peak["VmHWM"] / 1024,
+        "peak_growth_mb": (peak["VmHWM"] - startup["VmRSS"]) / 1024,
+        "rss_after_round_mb": rss_after_round_mb,
+        "client_retry_waits": retries,
+        "coordinator_cpu_s": {"select": select_cpu, "report": report_cpu},
+    }
+
+
+def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    runs = []
+    for i, n in enumerate(args.clients):
+        r = (args.rounds[i] if len(args.rounds) > 1 else args.rounds[0]) if args.rounds else \
+            max(1, math.ceil(LIGHT_REPORTS_TARGET / n))
+        with tempfile.TemporaryDirectory(prefix="fedrecon-load-") as tmp:
+            t0 = time.perf_counter()
+            runs.append(run_lightweight(n, r, args.factors, data, Path(tmp),
+                                        over_selection=args.over_selection,
+                                        processes=args.generator_processes, threads=args.generator_threads,
+                                        codec=UploadCodec(args.upload_codec)))
+            runs[-1]["wall_s"] = time.perf_counter() - t0
+            runs[-1]["load_average_after"] = os.getloadavg()[0]
+    print(f"{'clients':>8} {'rounds':>6} {'report B':>10} {'CPU ms/report':>14} {'reports/s/core':>15} "
+          f"{'reports/s wall':>15} {'CPU ms/selected':>16} {'peak RSS MB':>12}")
+    for r in runs:
+        print(f"{r['clients']:>8} {r['rounds']:>6} {r['report_bytes']:>10,} "
+              f"{r['coordinator_cpu_ms_per_report']:>14.3f} "
+              f"{r['reports_per_s_per_core'] or 0:>15.1f} {r['reports_per_s_wall']:>15.1f} "
+              f"{r['coordinator_cpu_ms_per_selected_client']:>16.3f} {r['peak_rss_mb']:>12.1f}")
+    result: dict[str, Any] = {"mode": "lightweight", "runs": runs,
+                              "by_clients": {str(r["clients"]): {
+                                  k: r[k] for k in ("coordinator_cpu_ms_per_report", "reports_per_s_per_core",
+                                                    "peak_rss_mb")} for r in runs}}
+    if len(runs) > 1:
+        small, large = min(runs, key=lambda x: x["clients"]), max(runs, key=lambda x: x["clients"])
+        result["peak_rss_ratio"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+        result["peak_rss_ratio_clients"] = [large["clients"], small["clients"]]
+        print(f"coordinator peak RSS N={large['clients']} / N={small['clients']}: "
+              f"{result['peak_rss_ratio']:.3f} (target <= 1.5)")
+    result["setup"] = {"data": Path(args.data).name, "train_users": len(data.train), "items": data.num_items,
+                       "factors": args.factors, "over_selection": args.over_selection,
+                       "generator": {"processes": args.generator_processes,
+                                     "threads": args.generator_threads},
+                       "coordinator_max_workers": 32, "cpus": os.cpu_count(),
+                       "python": platform.python_version(), "load_average_before": load_before,
+                       "load_average_after": os.getloadavg(), "code": code_version(),
+                       "wall_s": time.perf_counter() - t_start}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def code_version() -> dict[str, Any]:
     """The commit measured, and which product files differed from it (uncommitted work is measured too)."""
     repo = Path(__file__).resolve().parents[1]
@@ -315,13 +489,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", default="../shared/data/movielens/ml-1m-2998u",
                         help="a MovieLens folder or 'synthetic'")
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[3],
-                        help="rounds per run: one number for every N, or one per N")
+    parser.add_argument("--rounds", type=int, nargs="+", default=None,
+                        help="rounds per run: one number for every N, or one per N (default 3; with "
+                             f"--lightweight about {LIGHT_REPORTS_TARGET} reports' worth)")
     parser.add_argument("--factors", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/coordinator_load.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/coordinator_load.json "
+                             "(coordinator_load_lightweight.json with --lightweight)")
+    parser.add_argument("--lightweight", action="store_true",
+                        help="no client training: generator processes send precomputed updates")
+    parser.add_argument("--over-selection", type=float, default=1.3, help="--lightweight: over-selection")
+    parser.add_argument("--generator-processes", type=int, default=2)
+    parser.add_argument("--generator-threads", type=int, default=8, help="threads per generator process")
+    parser.add_argument("--upload-codec", default="none", choices=[c.value for c in UploadCodec],
+                        help="--lightweight: the task's upload codec")
     args = parser.parse_args(argv)
-    if len(args.rounds) not in (1, len(args.clients)):
+    if args.out is None:
+        args.out = Path("benchmarks/results/coordinator_load_lightweight.json" if args.lightweight
+                        else "benchmarks/results/coordinator_load.json")
+    if args.rounds is not None and len(args.rounds) not in (1, len(args.clients)):
         parser.error("--rounds takes one number, or one per --clients value")
+    if args.lightweight:
+        data = load_dataset(args.data)
+        print(f"{args.data}: {data.num_items} items, {args.factors} factors; lightweight generator "
+              f"{args.generator_processes} x {args.generator_threads}, over-selection {args.over_selection}",
+              flush=True)
+        return lightweight_main(args, data)
+    args.rounds = args.rounds or [3]
     rounds = args.rounds * len(args.clients) if len(args.rounds) == 1 else args.rounds
 
     t_start = time.perf_counter()

@@ -9,7 +9,9 @@
    reconstruct fresh local variables with the globals frozen, then update the globals with the locals
    frozen.
 4. Report the delta of the global trainable variables, its weight and metrics. ``ClientUpdate`` has no
-   field for local variables, so they cannot be sent; they are dropped when the round ends.
+   field for local variables, so they cannot be sent; they are dropped when the round ends. When the
+   round uses secure aggregation the delta is clipped, weighted, quantised and masked instead, and sent
+   through the round's secure stages (``secure_report``); the app sees the same ``ReportOutcome``.
 
 Nothing about a round is kept afterwards (clients are stateless between rounds).
 """
@@ -20,9 +22,9 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -32,6 +34,7 @@ from fedrecon.client.transport import TRANSIENT, CoordinatorChannel, RetryEvent,
 from fedrecon.client.vocabulary import ItemVocabulary
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.model_spec import model_from_config
 from fedrecon.protocol import Assignment, LatestModel, ReportOutcome, RetryLater, RoundOutcome
 
@@ -74,8 +77,18 @@ class FederatedClient:
                  channel: grpc.Channel | None = None, retry: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep, token: str | None = None,
                  tls: grpc.ChannelCredentials | None = None,
-                 on_retry: Callable[[RetryEvent], None] | None = None) -> None:
+                 on_retry: Callable[[RetryEvent], None] | None = None,
+                 model: ReconstructionModel | None = None,
+                 custom_objects: Mapping[str, Any] | None = None) -> None:
+        """``model``: the app's own model (e.g. a ``KerasReconstructionModel`` of a Keras model it ships),
+        used instead of building the task's description; it must have the task's variables (names, shapes,
+        global or local), else the step raises ``ValueError`` naming each difference. ``custom_objects``:
+        the classes and functions the app registers for building a Keras description (anything else
+        outside Keras, and any Lambda layer, is refused: ``core.keras_spec``)."""
         self.task = task
+        self._model = model
+        self._custom_objects = dict(custom_objects) if custom_objects else None
+        self._own_steps: dict[tuple[str, str], ClientStep] = {}
         self.client_id = client_id
         self._data = data
         self.transport = CoordinatorChannel(target, channel=channel, retry=retry, token=token, tls=tls,
@@ -134,7 +147,7 @@ class FederatedClient:
         """Download and run the FedRecon client step for ``assignment``; nothing is sent."""
         from fedrecon.core.client_work import client_update
 
-        step = client_step_for(assignment.model_spec_json, assignment.training_config_json)
+        step = self.step_for(assignment.model_spec_json, assignment.training_config_json)
         names, globals_ = self.globals_for(assignment.model_version)
         expected = [v.name for v in step.model.global_variables]
         if names != expected:
@@ -143,6 +156,25 @@ class FederatedClient:
                                rng=rng if rng is not None else np.random.default_rng())
         trainable = [names[i] for i in step.model.global_trainable]
         return trainable, update
+
+    def step_for(self, model_spec_json: str, training_json: str) -> ClientStep:
+        """The client step for a task's model and configuration: the process-wide shared one, or one for
+        the app's own model (checked against the task's variables) or its registered custom objects."""
+        if self._model is None and self._custom_objects is None:
+            return client_step_for(model_spec_json, training_json)
+        key = (model_spec_json, training_json)
+        if key not in self._own_steps:
+            from fedrecon.core.client_work import ClientStep
+            from fedrecon.core.keras_spec import check_model_fits
+
+            description = json.loads(model_spec_json)
+            if self._model is not None:
+                check_model_fits(description, self._model, "the app's model")
+                model = self._model
+            else:
+                model = model_from_config(description, custom_objects=self._custom_objects)
+            self._own_steps[key] = ClientStep(model, FedReconConfig.from_dict(json.loads(training_json)))
+        return self._own_steps[key]
 
     def participate(self, *, rng_for: RngFor | None = None, upload_rng_for: RngFor | None = None,
                     max_wait_s: float = 600.0) -> ReportOutcome:
@@ -154,6 +186,17 @@ class FederatedClient:
         assignment = self.check_in(max_wait_s=max_wait_s)
         names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
         try:
+            if assignment.secure_aggregation:  # masked, through the round's secure stages (secure_report)
+                try:
+                    from fedrecon.client.secure_report import SecureReporter
+                except ImportError as err:  # the secagg extra (cryptography) is not installed
+                    raise ImportError(f"round {assignment.round_num} of task {assignment.task_name!r} uses "
+                                      "secure aggregation, which needs the secagg extra: pip install "
+                                      f"'fedrecon[secagg]' ({err})") from err
+
+                return SecureReporter(self.transport, assignment, self.client_id, update.delta, update.weight,
+                                      dict(update.metrics), sleep=self._sleep, max_wait_s=max_wait_s,
+                                      rng=upload_rng_for(assignment) if upload_rng_for else None).run()
             return self.transport.report(assignment, self.client_id, names, update.delta, update.weight,
                                          update.metrics,
                                          rng=upload_rng_for(assignment) if upload_rng_for else None)
@@ -199,7 +242,7 @@ class FederatedClient:
         from fedrecon.core.batching import pack_clients
 
         latest, globals_ = self._latest()
-        step = client_step_for(latest.model_spec_json, latest.training_config_json)
+        step = self.step_for(latest.model_spec_json, latest.training_config_json)
         packed = pack_clients(step.model, [self.model_examples()], step.config, batch_size=latest.batch_size,
                               local_rngs=[rng if rng is not None else np.random.default_rng()],
                               evaluation=True)
@@ -213,7 +256,7 @@ class FederatedClient:
         """Reconstruct this user's local variables against the latest model, for on-device predictions;
         its recommendations are in the dataset's item ids."""
         latest, globals_ = self._latest()
-        step = client_step_for(latest.model_spec_json, latest.training_config_json)
+        step = self.step_for(latest.model_spec_json, latest.training_config_json)
         assert self._vocabulary is not None  # set by _latest
         return Personalization.fit(step.model, step.config, globals_, self.examples(),
                                    batch_size=latest.batch_size, version=latest.model_version, rng=rng,

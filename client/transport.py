@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -44,6 +45,9 @@ from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, 
 from fedrecon.update_encoding import codec_from_wire, payload_arrays, tensor_encoding
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # secure aggregation needs the `secagg` extra (cryptography): imported when a round asks
+    from fedrecon.secagg_wire import ClientMessage, Instruction, SecurePhase
 
 log = logging.getLogger("fedrecon.client")
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -151,7 +155,8 @@ class CoordinatorChannel:
 
     ``target`` may name several coordinators of one task (replicas: ``"host-a:50051,host-b:50051"``, or a
     sequence): calls go to one of them, and a call answered UNAVAILABLE (the coordinator is down, or it
-    stands by while another leads) is retried on the next one, round robin, with the usual backoff."""
+    stands by while another leads) or DEADLINE_EXCEEDED (it is paused or cut off from its store, and holds
+    calls without answering) is retried on the next one, round robin, with the usual backoff."""
 
     def __init__(self, target: str | Sequence[str] | None = None, *, channel: grpc.Channel | None = None,
                  retry: RetryPolicy | None = None, max_message_bytes: int = 4 * DEFAULT_CHUNK_BYTES,
@@ -203,10 +208,11 @@ class CoordinatorChannel:
         old.close()
 
     def _fail_over(self, state: RetryCallState) -> None:
-        """Before a retry: an UNAVAILABLE answer moves the next attempt to the next coordinator."""
+        """Before a retry: an UNAVAILABLE or DEADLINE_EXCEEDED answer moves the next attempt to the next
+        coordinator."""
         err = state.outcome.exception() if state.outcome else None
         if (len(self.targets) > 1 and isinstance(err, grpc.RpcError)
-                and err.code() == grpc.StatusCode.UNAVAILABLE):  # type: ignore[attr-defined]
+                and err.code() in TRANSIENT):  # type: ignore[attr-defined]
             with self._switching:
                 self._switch((self._current + 1) % len(self.targets))
             log.info("coordinator unavailable; trying %s next", self.target)
@@ -271,7 +277,8 @@ class CoordinatorChannel:
                               deadline=a.reporting_deadline.ToDatetime(tzinfo=UTC),
                               model_spec_json=a.model_spec_json, training_config_json=a.training_config_json,
                               batch_size=a.batch_size, max_chunk_bytes=a.max_chunk_bytes,
-                              upload_codec=codec_from_wire(a.upload_codec).value)
+                              upload_codec=codec_from_wire(a.upload_codec).value,
+                              secure_aggregation=a.secure_aggregation)
         w = response.retry
         lo = w.delay_min.ToNanoseconds() / 1e9
         return RetryLater(lo, max(lo, w.delay_max.ToNanoseconds() / 1e9), w.reason)
@@ -326,6 +333,25 @@ class CoordinatorChannel:
         return ReportOutcome(response.accepted, response.message, round_id=assignment.round_id,
                              round_num=assignment.round_num, model_version=assignment.model_version,
                              weight=float(weight), metrics=dict(metrics))
+
+    def secure_aggregation(self, assignment: Assignment, client_id: str, message: ClientMessage | None
+                           ) -> tuple[SecurePhase, Instruction]:
+        """One step of a secure round: send ``message`` (None: a poll) and return the round's stage and what
+        to do next (``client.secure_report`` drives the steps). A retried identical message is answered as
+        the first was, so retrying a transient failure is safe."""
+        from fedrecon.secagg_wire import SecurePhase, instruction_from, request_fields
+
+        request = pb.SecureAggregationRequest(task_name=assignment.task_name, client_id=client_id,
+                                              round_id=assignment.round_id, assignment_token=assignment.token,
+                                              **request_fields(message))  # type: ignore[arg-type]
+        self.bytes_uploaded += request.ByteSize()
+        answer = self._call(self.stub.SecureAggregation, request)
+        self.bytes_downloaded += answer.ByteSize()
+        phases = {pb.SEC_AGG_PHASE_SELECTING: SecurePhase.SELECTING,
+                  pb.SEC_AGG_PHASE_ADVERTISE: SecurePhase.ADVERTISE,
+                  pb.SEC_AGG_PHASE_SHARE: SecurePhase.SHARE, pb.SEC_AGG_PHASE_MASK: SecurePhase.MASK,
+                  pb.SEC_AGG_PHASE_UNMASK: SecurePhase.UNMASK, pb.SEC_AGG_PHASE_CLOSED: SecurePhase.CLOSED}
+        return phases.get(answer.phase, SecurePhase.SELECTING), instruction_from(answer)
 
     def report_evaluation(self, task: str, client_id: str, version: int, squared_error: float,
                           num_correct: float, num_examples: float) -> None:

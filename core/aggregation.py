@@ -46,8 +46,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedrecon.core.compression import DecodedUpdates, RowSparse, UpdateTensor, UploadCodec
+from fedrecon.core.compression import (
+    DecodedUpdates,
+    RowSparse,
+    UpdateTensor,
+    UploadCodec,
+    add_scaled_into,
+)
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.secagg.updates import SecureEncoding
 
 #: Default bound S on the L2 norm of one client's update (all trainable tensors together), from the honest
 #: norms of 500 unclipped rounds (``benchmarks/update_norms.py``): MovieLens (2,998 users) with the paper's
@@ -106,9 +113,16 @@ class AggregationConfig:
     clipped_count_stddev: float | None = None
     # How clients encode their delta for upload (``core.compression``): quantised (q16, q8), row-sparse
     # (rowsparse) or both. The coordinator names it in every assignment; the simulator applies it too.
-    # Secure aggregation, once it exists as a setting here, must refuse any codec but "none" (its masked
-    # sum needs every client's dense, fixed-layout vector): that check belongs in this __post_init__.
     upload_codec: UploadCodec = UploadCodec.NONE
+    # Secure aggregation (``core.secagg``): clients clip and weight their own update (``secagg.updates``),
+    # quantise and mask it, and the coordinator learns only the round's sum. ``secure_neighbours`` is the
+    # SecAgg+ neighbourhood size k (even; None: the size recommended for 30% dropouts, the full graph for
+    # small rounds), ``secure_threshold`` the shares t that recover a secret (None: a majority of k), and
+    # ``secure_phase_timeout_s`` how long each stage after key advertisement waits for the clients.
+    secure_aggregation: bool = False
+    secure_neighbours: int | None = None
+    secure_threshold: int | None = None
+    secure_phase_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         # Coerce strings from task files and the CLI, so equal settings compare equal however given.
@@ -151,6 +165,43 @@ class AggregationConfig:
                                  "adaptive_clip_quantile too")
             if not (math.isfinite(self.clipped_count_stddev) and self.clipped_count_stddev >= 0):
                 raise ValueError("clipped_count_stddev must be finite and non-negative")
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """Refuse what cannot run when the coordinator sees only the sum of a round's updates."""
+        if not (math.isfinite(self.secure_phase_timeout_s) and self.secure_phase_timeout_s > 0):
+            raise ValueError("secure_phase_timeout_s must be positive and finite")
+        if not self.secure_aggregation:
+            if self.secure_neighbours is not None or self.secure_threshold is not None:
+                raise ValueError("secure_neighbours and secure_threshold need secure_aggregation = true")
+            return
+        if self.upload_codec != UploadCodec.NONE:
+            raise ValueError(f"upload_codec {self.upload_codec.value!r} cannot be used with "
+                             "secure_aggregation: masking needs every client's dense vector of one fixed "
+                             "length, which compressed and row-sparse uploads are not; set upload_codec "
+                             "'none' (the masked vector is already 32-bit fixed point)")
+        if self.reduction != Reduction.MEAN:
+            raise ValueError(f"reduction {self.reduction.value!r} cannot be used with secure_aggregation: "
+                             "a trimmed mean or median needs every individual update, and with secure "
+                             "aggregation the coordinator sees only their sum; use reduction 'mean'")
+        if self.norm_policy != NormPolicy.CLIP:
+            raise ValueError(f"norm_policy {self.norm_policy.value!r} cannot be used with "
+                             "secure_aggregation: each client clips its own update to max_update_norm "
+                             "before masking (the coordinator cannot see a norm to reject on, and the "
+                             "quantiser needs the bound); use norm_policy 'clip'")
+        if self.adaptive_clip_quantile is not None:
+            raise ValueError("adaptive_clip_quantile cannot be used with secure_aggregation: adapting the "
+                             "bound needs each update's norm at the coordinator; use a fixed "
+                             "max_update_norm")
+        if self.secure_neighbours is not None and (self.secure_neighbours < 2 or self.secure_neighbours % 2):
+            raise ValueError("secure_neighbours must be even and at least 2 (each client's neighbours are "
+                             "the k/2 nearest on either side of a ring)")
+        if self.secure_threshold is not None:
+            if self.secure_threshold < 1:
+                raise ValueError("secure_threshold must be at least 1")
+            if self.secure_neighbours is not None and self.secure_threshold > self.secure_neighbours:
+                raise ValueError("secure_threshold cannot exceed secure_neighbours (a secret is split "
+                                 "among the k neighbours)")
 
     def noise_split(self, expected_clients: int) -> tuple[float, float]:
         """(noise multiplier of the sum, std of the noise on the within-bound count).
@@ -179,6 +230,12 @@ class AggregationConfig:
         if training.post_recon_steps_max is not None and training.post_recon_steps_max > 0:
             return float(batch_size * training.post_recon_steps_max)
         return DEFAULT_WEIGHT_CAP
+
+    def secure_encoding(self, weight_cap: float) -> SecureEncoding:
+        """What a client of a secure round encodes with (``secagg.updates``): this task's norm bound and
+        weight policy, applied on the client because the coordinator never sees one update."""
+        uniform = self.weighting == Weighting.UNIFORM
+        return SecureEncoding(self.max_update_norm, 1.0 if uniform else weight_cap, uniform)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -422,10 +479,20 @@ class WeightedMean(Reducer):
             return
         if isinstance(deltas, DecodedUpdates):  # row-sparse updates add their rows into the sums in place
             deltas.add_weighted_into(self._sums, weights * factors.scales)
+        elif isinstance(deltas, StackedDeltas) and deltas.num_clients == 1:  # one report: into the sums
+            a = float(weights[0] * factors.scales[0])
+            for acc, t in zip(self._sums, deltas.tensors, strict=True):
+                add_scaled_into(acc, np.asarray(t)[0], a)
         else:
             for acc, s in zip(self._sums, deltas.weighted_sum(weights * factors.scales), strict=True):
                 acc += s
         self._total += float(weights.sum())
+
+    def add_sum(self, sums: Sequence[np.ndarray], total_weight: float) -> None:
+        """Add sums that were formed elsewhere (a secure round's unmasked Σ w·s·Δ and Σ w)."""
+        for acc, s in zip(self._sums, sums, strict=True):
+            acc += s
+        self._total += total_weight
 
     def mean(self) -> list[np.ndarray] | None:
         if self._total <= 0:
@@ -640,6 +707,18 @@ class Aggregator:
             return self.fold(DecodedUpdates([delta]), weights)
         return self.fold(StackedDeltas.one(delta), weights)  # type: ignore[arg-type]  # all dense here
 
+    def fold_secure_sum(self, sums: Sequence[np.ndarray], total_weight: float, count: int) -> None:
+        """Fold a secure round's unmasked sum of ``count`` clients (``SecureEncoding.decode_sum``): the
+        weight policy and the norm clip already ran on each client, so only the reducer's accumulators
+        move, and nothing per client is known here (no norms, no per-client weights)."""
+        if not isinstance(self.reducer, WeightedMean):
+            raise ValueError(f"a secure sum folds into a streaming mean, not into {self.reducer.name}")
+        if count < 0 or not (math.isfinite(total_weight) and total_weight >= 0):
+            raise ValueError("a secure sum has a non-negative count and total weight")
+        self.reducer.add_sum(sums, total_weight)
+        self.report.updates_folded += count
+        self.report.total_weight += total_weight
+
     def mean(self) -> list[np.ndarray] | None:
         """The round's delta; None when nothing was folded (the model must stay unchanged)."""
         return self.reducer.mean()
@@ -686,11 +765,12 @@ def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]
                                 count_stddev, denominator if config.noise_multiplier is not None else None,
                                 rng)
     if config.noise_multiplier is not None:  # __post_init__ guarantees uniform weights, clip and mean
-        return Aggregator(transforms, GaussianSum(
+        return _secure_stages(config, Aggregator(transforms, GaussianSum(
             shapes, clip=bound, noise_multiplier=z_sum, expected_clients=denominator, rng=rng),
-            weighted=True, adaptive=adaptive)
+            weighted=True, adaptive=adaptive))
     if config.reduction == Reduction.MEAN:
-        return Aggregator(transforms, WeightedMean(shapes), weighted=True, adaptive=adaptive)
+        return _secure_stages(config, Aggregator(transforms, WeightedMean(shapes), weighted=True,
+                                                 adaptive=adaptive))
     check_buffer(config, shapes, max_clients)
     reducer: Reducer
     if config.reduction == Reduction.TRIMMED_MEAN:
@@ -698,6 +778,16 @@ def build_aggregator(config: AggregationConfig, shapes: Sequence[tuple[int, ...]
     else:
         reducer = Median(shapes, max_clients)
     return Aggregator(transforms, reducer, weighted=False, adaptive=adaptive)
+
+
+def _secure_stages(config: AggregationConfig, aggregate: Aggregator) -> Aggregator:
+    """With secure aggregation the per-client stages run on the clients, before masking, and the round's
+    record says so: ``client_weight_cap, client_norm_clip, secure_sum, weighted_mean`` (or
+    ``gaussian_sum``: central DP noise added by the coordinator to the unmasked sum)."""
+    if config.secure_aggregation:
+        aggregate.report.stages = (*(f"client_{t.name}" for t in aggregate.transforms), "secure_sum",
+                                   aggregate.reducer.name)
+    return aggregate
 
 
 def check_buffer(config: AggregationConfig, shapes: Sequence[tuple[int, ...]], max_clients: int) -> None:

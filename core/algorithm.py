@@ -66,6 +66,16 @@ class FedRecon:
 
         return ClientStep(self.model, self.config)
 
+    @functools.cached_property
+    def xla_client_step(self) -> ClientStep:
+        """The same client step with its training graph compiled by XLA (the simulator's ``--xla``)."""
+        from fedrecon.core.client_work import ClientStep
+
+        return ClientStep(self.model, self.config, xla=True)
+
+    def client_step_for(self, *, xla: bool) -> ClientStep:
+        return self.xla_client_step if xla else self.client_step
+
     def initial_state(self, seed: int, globals_: Sequence[np.ndarray] | None = None) -> ServerState:
         weights = list(globals_) if globals_ is not None else self.model.initial_globals(seed)
         trainable = [weights[i] for i in self.model.global_trainable]
@@ -73,8 +83,11 @@ class FedRecon:
                            round_num=0)
 
     @property
-    def _delta_shapes(self) -> list[tuple[int, ...]]:
+    def delta_shapes(self) -> list[tuple[int, ...]]:
+        """The shapes of an update: the global trainable variables, in model order."""
         return [tuple(self.model.global_variables[i].shape) for i in self.model.global_trainable]
+
+    _delta_shapes = delta_shapes
 
     def check_aggregation(self, *, max_clients: int) -> None:
         """Refuse settings whose buffering reducer would exceed its memory bound (at start, not mid-round)."""

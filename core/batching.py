@@ -20,7 +20,9 @@ from fedrecon.core.model import ClientViews, ReconstructionModel
 
 @dataclass(frozen=True)
 class ClientExamples:
-    """One client's examples in a fixed order: features ``x`` (``[n, ...]``) and targets ``y`` (``[n]``)."""
+    """One client's examples in a fixed order: features ``x`` (``[n, ...]``) and targets ``y`` (``[n]``, or
+    ``[n, T]`` for sequences: e.g. the next token at every position, padding marked by the objective's pad
+    id)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -35,7 +37,8 @@ class ClientExamples:
 
 @dataclass(frozen=True)
 class StepBatches:
-    """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` and ``mask`` ``[S, C, B]``."""
+    """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` ``[S, C, B, ...]`` and ``mask``
+    ``[S, C, B]`` (one flag per example; padding *inside* a sequence is the objective's business)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -57,13 +60,15 @@ class PackedClients:
 
 
 def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: Sequence[Sequence[int]],
-                batch_size: int) -> StepBatches:
+                batch_size: int, step_multiple: int = 1) -> StepBatches:
     num_clients = len(xs)
     num_steps = max((len(s) for s in schedules), default=0)
+    num_steps = -(-num_steps // step_multiple) * step_multiple  # all-masked steps are exact no-ops
     feature_shape = xs[0].shape[1:] if num_clients else ()
+    target_shape = ys[0].shape[1:] if num_clients else ()
     dtype = xs[0].dtype if num_clients else np.int32
     x = np.zeros((num_steps, num_clients, batch_size, *feature_shape), dtype)
-    y = np.zeros((num_steps, num_clients, batch_size), np.float32)
+    y = np.zeros((num_steps, num_clients, batch_size, *target_shape), np.float32)
     mask = np.zeros((num_steps, num_clients, batch_size), np.float32)
     offsets = np.arange(batch_size)
     for c, (cx, cy, steps) in enumerate(zip(xs, ys, schedules, strict=True)):
@@ -77,7 +82,8 @@ def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: S
         valid = positions < len(cy)
         positions = np.minimum(positions, len(cy) - 1)
         x[: len(steps), c] = cx[positions]
-        y[: len(steps), c] = np.where(valid, cy[positions], 0.0)
+        y[: len(steps), c] = np.where(valid.reshape(valid.shape + (1,) * len(target_shape)), cy[positions],
+                                      0.0)
         mask[: len(steps), c] = valid
     return StepBatches(x=x, y=y, mask=mask)
 
@@ -90,12 +96,16 @@ def pack_clients(
     batch_size: int,
     local_rngs: Sequence[np.random.Generator],
     evaluation: bool = False,
+    step_multiple: int = 1,
 ) -> PackedClients:
     """Views, fresh locals and padded step batches for ``clients`` under ``config``'s batch schedule.
 
     With ``evaluation=True`` the reconstruction phase uses the evaluation reconstruction settings and the
     second phase visits the evaluation batches once, in one padded batch per client (nothing is trained
     there, so the step order does not matter).
+
+    ``step_multiple`` pads each phase's step count up to a multiple with all-masked steps (exact no-ops):
+    fewer distinct shapes for a compiler that specialises on them (``ClientStep(xla=True)``).
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
@@ -120,7 +130,7 @@ def pack_clients(
         )
         recon_schedules.append(schedule.reconstruction)
         post_schedules.append(schedule.post_reconstruction)
-    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size)
+    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size, step_multiple)
     if evaluation:
         # One wide batch per client holding all its evaluation batches.
         widths = [len(s) * batch_size for s in post_schedules]
@@ -134,7 +144,7 @@ def pack_clients(
             eval_y.append(cy[idx])
         post = _pack_steps(eval_x, eval_y, [(0,) if len(f) else () for f in flat], wide)
     else:
-        post = _pack_steps(views.x, ys, post_schedules, batch_size)
+        post = _pack_steps(views.x, ys, post_schedules, batch_size, step_multiple)
     per_client = [model.initial_locals(rng) for rng in local_rngs]
     locals_ = [
         np.stack([p[i] for p in per_client]) if per_client else np.zeros((0, *spec.shape), np.float32)

@@ -36,7 +36,8 @@ except ModuleNotFoundError as _missing:  # an app brings its own TensorFlow; say
 
 from fedrecon.core.batching import ClientExamples, PackedClients, pack_clients
 from fedrecon.core.config import ClientWeighting, FedReconConfig
-from fedrecon.core.model import ReconstructionModel, masked_squared_error
+from fedrecon.core.model import ReconstructionModel
+from fedrecon.core.objectives import MeanSquaredError
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class ClientGroupTraining:
     deltas: ViewDeltas
     weights: np.ndarray  # [C] after the non-finite guard
     post_examples: np.ndarray  # [C] examples seen in the global update
-    loss_sum: np.ndarray  # [C] Σ squared error over the post-reconstruction examples (before each step)
+    loss_sum: np.ndarray  # [C] Σ loss (squared error, token cross-entropy) before each post-recon step
     finite: np.ndarray  # [C] bool: the update was finite
 
 
@@ -93,29 +94,51 @@ class ClientGroupResult:
     weighted_delta_sum: list[np.ndarray]  # Σ_c w_c Δ_c per global trainable variable
     weights: np.ndarray  # [C] after the non-finite guard
     post_examples: np.ndarray  # [C] examples seen in the global update
-    loss_sum: np.ndarray  # [C] Σ squared error over the post-reconstruction examples (before each step)
+    loss_sum: np.ndarray  # [C] Σ loss (squared error, token cross-entropy) before each post-recon step
     finite: np.ndarray  # [C] bool: the update was finite
 
 
 @dataclass(frozen=True)
 class EvaluationSums:
-    """Example-weighted evaluation sums over a group of clients."""
+    """Example-weighted evaluation sums over a group of clients.
+
+    For rating models (the MSE objective) ``squared_error`` is the loss sum and ``num_examples`` the
+    examples scored. For other objectives ``loss_sum`` / ``loss_units`` give the loss (cross-entropy per
+    non-padding token) and ``num_correct`` / ``num_examples`` the accuracy over the predictions the
+    objective counts (next-word prediction: not padding, out-of-vocabulary or end of sentence);
+    ``squared_error`` is then 0."""
 
     squared_error: float
     num_correct: float
     num_examples: float
+    loss_sum: float | None = None  # None: the MSE objective, whose loss is squared_error / num_examples
+    loss_units: float = 0.0
 
     def __add__(self, other: EvaluationSums) -> EvaluationSums:
+        loss_sum = (None if self.loss_sum is None and other.loss_sum is None
+                    else (self.loss_sum or 0.0) + (other.loss_sum or 0.0))
         return EvaluationSums(self.squared_error + other.squared_error,
                               self.num_correct + other.num_correct,
-                              self.num_examples + other.num_examples)
+                              self.num_examples + other.num_examples,
+                              loss_sum, self.loss_units + other.loss_units)
 
     def metrics(self) -> dict[str, float]:
-        """MSE, RMSE and rating accuracy (|y - ŷ| ≤ 0.5), weighted by examples over all users."""
+        """MSE, RMSE and rating accuracy (|y - ŷ| ≤ 0.5), weighted by examples over all users; for other
+        objectives the mean loss per unit and the accuracy over counted predictions."""
         n = max(self.num_examples, 1.0)
+        if self.loss_sum is not None:
+            return {"loss": self.loss_sum / max(self.loss_units, 1.0), "accuracy": self.num_correct / n,
+                    "num_examples": self.num_examples, "loss_units": self.loss_units}
         mse = self.squared_error / n
         return {"mse": mse, "rmse": float(np.sqrt(mse)), "accuracy": self.num_correct / n,
                 "num_examples": self.num_examples}
+
+
+def selection_value(metrics: dict[str, float]) -> float:
+    """The validation figure a run keeps its best round by (lower is better): RMSE for rating models, the
+    loss otherwise; a diverged (NaN) evaluation is never the best."""
+    value = metrics["rmse"] if "rmse" in metrics else metrics["loss"]
+    return value if np.isfinite(value) else float("inf")
 
 
 def _sgd(value: tf.Tensor, grad: tf.Tensor | tf.IndexedSlices | None, lr: tf.Tensor) -> tf.Tensor:
@@ -155,16 +178,17 @@ class _TraceOnce:
     Every argument must be a tensor or a list of tensors.
     """
 
-    def __init__(self, fn: Any, leading: Sequence[int]) -> None:
+    def __init__(self, fn: Any, leading: Sequence[int], *, xla: bool = False) -> None:
         self._python = fn
         self._leading = tuple(leading)
+        self._xla = xla
         self._function: Any = None
 
     def __call__(self, *args: Any) -> Any:
         if self._function is None:
             signature = [tf.nest.map_structure(lambda t, n=n: _relaxed(t, n), a)
                          for a, n in zip(args, self._leading, strict=True)]
-            self._function = tf.function(self._python, input_signature=signature)
+            self._function = tf.function(self._python, input_signature=signature, jit_compile=self._xla)
         return self._function(*args)
 
     def tracing_count(self) -> int:
@@ -181,25 +205,36 @@ _CLIENT_ARGS = (0, ALL, 1, 3, 3, 3, 3, 3, 3)
 _GRAPHS: dict[str, dict[str, _TraceOnce]] = {}
 
 
-def _graph_key(model: ReconstructionModel, config: FedReconConfig) -> str | None:
+def _graph_key(model: ReconstructionModel, config: FedReconConfig, xla: bool) -> str | None:
     describe = getattr(model, "config", None)
     if not callable(describe):  # e.g. a Keras model: no description, so no sharing between objects
         return None
-    return json.dumps([type(model).__qualname__, describe(), config.to_dict()], sort_keys=True, default=str)
+    return json.dumps([type(model).__qualname__, describe(), config.to_dict(), xla], sort_keys=True,
+                      default=str)
 
 
 class ClientStep:
-    """Compiled FedRecon client work and evaluation for one model and one configuration."""
+    """Compiled FedRecon client work and evaluation for one model and one configuration.
 
-    def __init__(self, model: ReconstructionModel, config: FedReconConfig) -> None:
+    With ``xla`` the training graph (both phases' loops, for all clients of a round) is compiled by XLA
+    into a few fused kernels instead of running op by op: the same graph, so the same results (within
+    float rounding), at a fraction of the per-step dispatch cost. XLA compiles once per input shape, so it
+    pays where shapes repeat: the simulator, whose rounds have the same client count and, with the step
+    count padded to a multiple (``pack_clients(step_multiple=...)``), a bounded number of shapes. A device
+    runs one client of a new shape per round and so keeps the op-by-op graph (``xla=False``); evaluation,
+    whose chunks all differ in shape, keeps it too.
+    """
+
+    def __init__(self, model: ReconstructionModel, config: FedReconConfig, *, xla: bool = False) -> None:
         self.model = model
         self.config = config
+        self.xla = xla
         self._recon_lr = float(config.reconstruction_optimizer.learning_rate)
         self._client_lr = float(config.client_optimizer.learning_rate)
-        key = _graph_key(model, config)
+        key = _graph_key(model, config, xla)
         graphs = _GRAPHS.get(key) if key is not None else None
         if graphs is None:
-            graphs = {"train": _TraceOnce(self._train, _CLIENT_ARGS),
+            graphs = {"train": _TraceOnce(self._train, _CLIENT_ARGS, xla=xla),
                       "train_reduced": _TraceOnce(self._train_reduced, (*_CLIENT_ARGS, 0)),
                       "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL)),  # views [rows, ...]
                       "expand": _TraceOnce(model.expand_views, (1, ALL, 0)),
@@ -221,7 +256,8 @@ class ClientStep:
     def _run_phase(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                    mask: tf.Tensor, lr: float, train_globals: bool, train_locals: bool,
                    local_l2: float = 0.0) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
-        """SGD over the step-major batches; returns new views, new locals and Σ squared error per client."""
+        """SGD over the step-major batches; returns new views, new locals and Σ loss per client (squared
+        error for ratings, token cross-entropy for next-word prediction)."""
         model = self.model
         g_idx = list(model.global_trainable) if train_globals else []
         l_idx = list(model.local_trainable) if train_locals else []
@@ -236,7 +272,7 @@ class ClientStep:
                 watched = [gv[i] for i in g_idx] + [lv[i] for i in l_idx]
                 tape.watch(watched)
                 pred = model.predict(gv, lv, xb)
-                loss = tf.reduce_sum(masked_squared_error(yb, pred, mb))
+                loss = tf.reduce_sum(model.objective.loss(yb, pred, mb))
                 if local_l2:
                     # Counted once per step that has data, like a per-batch regulariser in Keras.
                     has_data = tf.cast(tf.reduce_sum(mb, axis=1) > 0, tf.float32)
@@ -249,7 +285,7 @@ class ClientStep:
                 gv[i] = _sgd(gv[i], grads[k], lr)
             for k, i in enumerate(l_idx):
                 lv[i] = _sgd(lv[i], grads[len(g_idx) + k], lr)
-            se = se + tf.reduce_sum(tf.square(pred - yb) * mb, axis=1)
+            se = se + model.objective.sums(yb, pred, mb)[0]
             return s + 1, gv, lv, se
 
         _, gviews, locals_, se = tf.while_loop(
@@ -308,11 +344,10 @@ class ClientStep:
         num_clients = tf.shape(ey)[1]
         gviews = self.model.gather_views(globals_, view_index, num_clients)
         locals_ = self._reconstruct(gviews, locals_, rx, ry, rm)
-        pred = tf.clip_by_value(self.model.predict(gviews, locals_, ex[0]), clip_min, clip_max)
-        err = (pred - ey[0]) * em[0]
-        correct = tf.cast(tf.abs(pred - ey[0]) <= 0.5, tf.float32) * em[0]
-        return (tf.reduce_sum(tf.square(err), axis=1), tf.reduce_sum(correct, axis=1),
-                tf.reduce_sum(em[0], axis=1))
+        pred = self.model.predict(gviews, locals_, ex[0])
+        if isinstance(self.model.objective, MeanSquaredError):  # ratings may be clipped to their range
+            pred = tf.clip_by_value(pred, clip_min, clip_max)
+        return self.model.objective.sums(ey[0], pred, em[0])
 
     # ----- numpy entry points --------------------------------------------------------------------------
     def _common_args(self, globals_: Sequence[np.ndarray], packed: PackedClients) -> list:
@@ -348,23 +383,29 @@ class ClientStep:
     def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                  clip: tuple[float, float] | None = None) -> EvaluationSums:
         """Reconstruct each client's locals, then score its held-out batches."""
-        se, correct, count = self.evaluate_each(globals_, packed, clip)
-        return EvaluationSums(float(se.sum()), float(correct.sum()), float(count.sum()))
+        loss, units, correct, count = self._evaluate_sums(globals_, packed, clip)
+        if isinstance(self.model.objective, MeanSquaredError):
+            return EvaluationSums(float(loss.sum()), float(correct.sum()), float(count.sum()))
+        return EvaluationSums(0.0, float(correct.sum()), float(count.sum()), loss_sum=float(loss.sum()),
+                              loss_units=float(units.sum()))
 
     def evaluate_each(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                       clip: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``evaluate`` per client: [C] squared-error sums, correct counts and example counts (who gains
-        or pays under a change, e.g. users with few ratings against users with many)."""
+        """``evaluate`` per client: [C] loss sums (squared error for ratings), correct counts and counted
+        predictions (who gains or pays under a change, e.g. users with few ratings against many)."""
+        loss, _, correct, count = self._evaluate_sums(globals_, packed, clip)
+        return loss, correct, count
+
+    def _evaluate_sums(self, globals_: Sequence[np.ndarray], packed: PackedClients,
+                       clip: tuple[float, float] | None) -> tuple[np.ndarray, ...]:
         p = packed.post_reconstruction
         if p.num_steps == 0:
-            zeros = np.zeros(p.mask.shape[1], np.float64)
-            return zeros, zeros.copy(), zeros.copy()
+            return tuple(np.zeros(p.mask.shape[1], np.float64) for _ in range(4))
         lo, hi = clip if clip is not None else (-np.inf, np.inf)
-        se, correct, count = self._eval_fn(
+        sums = self._eval_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
             tf.convert_to_tensor(p.mask), tf.constant(lo, tf.float32), tf.constant(hi, tf.float32))
-        return (se.numpy().astype(np.float64), correct.numpy().astype(np.float64),
-                count.numpy().astype(np.float64))
+        return tuple(t.numpy().astype(np.float64) for t in sums)
 
     def reconstruct(self, globals_: Sequence[np.ndarray], examples: ClientExamples, *, batch_size: int,
                     rng: np.random.Generator, use_all_batches: bool = True) -> list[np.ndarray]:

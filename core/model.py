@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedrecon.core.lazy_tensorflow import tf
+from fedrecon.core.objectives import MSE, Objective
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ReconstructionModel(abc.ABC):
     global_variables: tuple[VariableSpec, ...] = ()
     #: Local variables (never leave the device, never appear in an upload).
     local_variables: tuple[VariableSpec, ...] = ()
+    #: What the client step minimises and how evaluation scores (``objectives``); rating models: MSE.
+    objective: Objective = MSE
 
     # ----- variable groups -------------------------------------------------------------------------
     @property
@@ -113,7 +116,8 @@ class ReconstructionModel(abc.ABC):
     @abc.abstractmethod
     def predict(self, global_views: Sequence[tf.Tensor], locals_: Sequence[tf.Tensor], x: tf.Tensor
                 ) -> tf.Tensor:
-        """Predictions of shape ``[C, B]`` for a client-batched input ``x`` of shape ``[C, B, ...]``."""
+        """Predictions ``[C, B, ...]`` (``[C, B]`` for ratings, logits ``[C, B, T, V]`` for next-word
+        prediction) for a client-batched input ``x`` of shape ``[C, B, ...]``."""
 
 
 def masked_squared_error(y: tf.Tensor, pred: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:

@@ -1,9 +1,10 @@
 """Models described as plain JSON objects, so the coordinator can tell a device which model to build.
 
-A task names its model by ``config()`` (for matrix factorization: ``{"kind": "matrix_factorization",
-"num_items": ..., ...}``); the client library, the coordinator and exported model files all rebuild it with
-``model_from_config``. Keras models are Python objects and cannot travel this way: build those in the app
-and pass them to the client library directly.
+A task names its model by ``config()``: ``{"kind": "matrix_factorization", "num_items": ..., ...}`` for
+the direct matrix factorization model, or ``{"kind": "keras", "architecture": ..., "local_layers": ...}``
+for any Keras 3 model (``keras_spec``: deserialised safely, its variables listed so that the coordinator
+needs no TensorFlow). The client library, the coordinator and exported model files all rebuild a model
+with ``model_from_config``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from typing import Any
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.core.model import ReconstructionModel
 
+KINDS = ("matrix_factorization", "keras")
 
-def model_from_config(config: Mapping[str, Any]) -> ReconstructionModel:
-    """The model a JSON description names; unknown kinds or fields raise ``ValueError``."""
+
+def model_from_config(config: Mapping[str, Any], *, custom_objects: Mapping[str, Any] | None = None,
+                      safe_mode: bool = True) -> ReconstructionModel:
+    """The model a JSON description names; unknown kinds or fields raise ``ValueError``. For Keras
+    descriptions, ``custom_objects`` are the classes and functions the app registers and ``safe_mode=False``
+    trusts the description with code (Lambda layers); see ``keras_spec``."""
     fields = dict(config)
     kind = fields.pop("kind", None)
     if kind == "matrix_factorization":
@@ -24,4 +30,8 @@ def model_from_config(config: Mapping[str, Any]) -> ReconstructionModel:
             return MatrixFactorization(**fields)
         except TypeError as err:
             raise ValueError(f"bad matrix_factorization description {dict(config)}: {err}") from err
-    raise ValueError(f"unknown model kind {kind!r} (known: 'matrix_factorization')")
+    if kind == "keras":
+        from fedrecon.core.keras_spec import KerasDescribedModel
+
+        return KerasDescribedModel(config, custom_objects=custom_objects, safe_mode=safe_mode)
+    raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(repr(k) for k in KINDS)})")

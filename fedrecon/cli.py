@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fedrecon import __version__, cli_client, cli_coordinator, cli_simulate
+from fedrecon import __version__, cli_client, cli_coordinator, cli_db, cli_health, cli_simulate
+from fedrecon.cli_config import FROM_ENVIRONMENT
 
 # TensorFlow's C++ start-up chatter says nothing a user of these commands can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,11 +31,13 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 
 
 app.command()(cli_simulate.simulate)
-app.command()(cli_coordinator.serve)
+app.command(context_settings=FROM_ENVIRONMENT)(cli_coordinator.serve)
 app.command()(cli_coordinator.status)
 app.command()(cli_coordinator.export)
 app.command()(cli_client.client)
 app.add_typer(cli_coordinator.token_app, name="token")
+app.add_typer(cli_db.db_app, name="db")
+app.command()(cli_health.health)
 
 
 def main() -> None:

@@ -11,16 +11,14 @@ time (unreachable, locked, broken). ``serve`` logs to stderr (``--log-level``), 
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import logging
-import math
 import signal
 import sys
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -30,10 +28,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from fedrecon.cli_config import ConfigOption
+from fedrecon.server.event_log import LogFormat, formatter
 from fedrecon.server.limits import Keepalive, ServerLimits
-from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S
+from fedrecon.server.store.records import DEFAULT_LEASE_TTL_S, SchemaPolicy
 
 if TYPE_CHECKING:
+    from fedrecon.server.dashboard import DashboardSettings
     from fedrecon.server.store import SqlStore
 
 console = Console()
@@ -73,7 +74,8 @@ def _exit_code(err: BaseException) -> int:
 
 
 @contextmanager
-def _store(url: str, *, create: bool = False) -> Iterator[SqlStore]:
+def _store(url: str, *, create: bool = False, schema: SchemaPolicy = SchemaPolicy.MIGRATE
+           ) -> Iterator[SqlStore]:
     """The store at ``url`` for one command, closed afterwards. Opening it (see ``open_store``) or any
     store error in the body ends the command with one line and `_exit_code`. The store's own error logs
     (a fault is logged with its traceback, for a coordinator's log) are kept out of the command's output:
@@ -83,7 +85,7 @@ def _store(url: str, *, create: bool = False) -> Iterator[SqlStore]:
     quiet = logging.NullHandler()
     logging.getLogger("fedrecon.server").addHandler(quiet)
     try:
-        sql = open_store(url, create=create)
+        sql = open_store(url, create=create, schema=schema)
         try:
             yield sql
         finally:
@@ -102,11 +104,12 @@ def _unknown_task(sql: SqlStore, name: str) -> NoReturn:
 
 
 @contextmanager
-def _serve_logging(level: LogLevel) -> Iterator[None]:
-    """``serve``'s log: the package's records at ``level`` to stderr, one line each with the time, for as
-    long as the command runs (then the handler goes: tests run several commands in one process)."""
+def _serve_logging(level: LogLevel, kind: LogFormat = LogFormat.TEXT) -> Iterator[None]:
+    """``serve``'s log: the package's records at ``level`` to stderr, one line each (text with the time, or
+    one JSON object: ``event_log``), for as long as the command runs (then the handler goes: tests run
+    several commands in one process)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(formatter(kind))
     package = logging.getLogger("fedrecon")
     previous = package.level
     package.addHandler(handler)
@@ -125,6 +128,11 @@ _KEEPALIVE = Keepalive()
 def serve(
     task: Annotated[Path, typer.Option(help="task description, .toml or .json")],
     store: StoreOption = DEFAULT_STORE,
+    config: ConfigOption = None,
+    migrate: Annotated[bool, typer.Option(
+        help="migrate the store's schema on start (the default); --no-migrate for deployments that run "
+             "`fedrecon db upgrade` as a step of their own: serve then changes no schema and refuses to "
+             "start (exit 2) unless the store is at this release's revision")] = True,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 50051,
     max_workers: Annotated[int, typer.Option(
@@ -190,18 +198,46 @@ def serve(
     tls_client_ca: Annotated[Path | None, typer.Option(help="PEM CA: demand client certificates it signed "
                                                             "(mutual TLS)")] = None,
     init_model: Annotated[Path | None, typer.Option(
-        help="a model file (fedrecon export, or simulate's model.npz from either backend) to start a new "
-             "task from; ignored if the task exists")]
+        help="a model file (fedrecon export, or simulate's model.npz from either backend; for a keras "
+             "task also a saved .keras model) to start a new task from; ignored if the task exists")]
     = None,
     log_level: Annotated[LogLevel, typer.Option(
         help="what to log on stderr: info shows a line per round event (opened, selected, committed or "
              "failed, with figures)")] = LogLevel.INFO,
+    log_format: Annotated[LogFormat, typer.Option(
+        help="text: readable lines; json: one JSON object per line with the event's name and figures (no "
+             "secret, token or raw client id in either)")] = LogFormat.TEXT,
+    metrics_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="serve Prometheus metrics on this port at /metrics (default: off)")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        help="address of the metrics endpoint (it has no authentication: keep it on a private network)")]
+    = "127.0.0.1",
+    health_probe_s: Annotated[float, typer.Option(
+        min=0.05, help="the gRPC health service says SERVING while a store probe this often succeeds "
+                       "(grpc.health.v1.Health, no token needed)")] = 5.0,
+    reflection: Annotated[bool, typer.Option(
+        help="offer gRPC server reflection (for grpcurl and similar tools)")] = False,
+    dashboard_port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="serve the read-only web dashboard on this port (0 picks a free one; "
+                               "default: no dashboard)")] = None,
+    dashboard_host: Annotated[str, typer.Option(
+        help="address the dashboard listens on; any but a loopback one needs --dashboard-credential-file")]
+    = "127.0.0.1",
+    dashboard_credential_file: Annotated[Path | None, typer.Option(
+        help="file holding the dashboard's admin credential (one line, at least 16 characters): every "
+             "request must give it, as the password of HTTP Basic (any user name) or as a Bearer token")]
+    = None,
 ) -> None:
     """Run a coordinator for TASK until SIGTERM/SIGINT; every round and model version goes to STORE.
 
+    Every option can also be set by a FEDRECON_<OPTION> environment variable (FEDRECON_STORE,
+    FEDRECON_PORT, FEDRECON_TLS_KEY, ...) or a key of --config FILE.toml (store, port, tls_key, ...); a flag
+    wins over the environment, which wins over the file.
+
     Every flag is checked (task file, model file, TLS files, limits, the port) before the store is opened:
     a mistyped flag must not cost a live round. Exits 1 if shutting down lost accepted updates."""
-    with _serve_logging(log_level):  # the log goes to stderr while serving, a line per round event
+    del config  # read by its callback: its values are the other options' defaults
+    with _serve_logging(log_level, log_format):  # the log goes to stderr while serving, a line per event
         from fedrecon.server.app import TlsFiles, check_bindable, start_server
         from fedrecon.server.auth import TokenAuthInterceptor
         from fedrecon.server.coordinator import Coordinator
@@ -225,9 +261,16 @@ def serve(
                 what = "is a folder" if init_model.is_dir() else "does not exist"
                 refuse(f"model file {init_model} {what}")
             try:
-                # By name, in the task's order; the first missing or differently shaped variable is named.
-                initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
-                                            f"task {spec.name}")
+                if init_model.suffix == ".keras":  # a saved Keras model of the task's architecture
+                    from fedrecon.core.keras_spec import globals_from_keras_file
+
+                    if spec.model.get("kind") != "keras":
+                        raise ValueError(f"the task's model is {spec.model.get('kind')!r}, not keras")
+                    initial = globals_from_keras_file(spec.model, init_model)
+                else:
+                    # By name, in the task's order; the first missing or differently shaped variable is named.
+                    initial = globals_for_model(ModelFile.load(init_model), model_from_config(spec.model),
+                                                f"task {spec.name}")
             except (ValueError, OSError) as err:
                 refuse(f"cannot use model {init_model} for task {spec.name}: {err}")
         if (tls_cert is None) != (tls_key is None) or (tls_client_ca is not None and tls_cert is None):
@@ -253,8 +296,15 @@ def serve(
             check_bindable(host, port)
         except OSError as err:
             refuse(f"cannot listen on {host}:{port}: {err}")
+        if metrics_port is not None:
+            try:
+                check_bindable(metrics_host, metrics_port)
+            except OSError as err:
+                refuse(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err}")
+        dashboard = _dashboard_settings(dashboard_port, dashboard_host, dashboard_credential_file)
 
-        with _store(store, create=True) as sql:
+        schema = SchemaPolicy.MIGRATE if migrate else SchemaPolicy.REQUIRE_HEAD
+        with _store(store, create=migrate, schema=schema) as sql:
             try:
                 coordinator = Coordinator(sql, spec, initial_globals=initial, replica_id=replica_id,
                                           lease_ttl_s=lease_ttl_s)
@@ -270,9 +320,11 @@ def serve(
                 running = start_server(
                     coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
                     interceptors=auth, tls=tls, limits=limits, keepalive=keepalive,
-                    shutdown_grace_s=shutdown_grace_s)
+                    shutdown_grace_s=shutdown_grace_s, health_probe_s=health_probe_s, reflection=reflection,
+                    metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard)
             except OSError as err:  # taken between the check and the bind
-                refuse(f"cannot listen on {host}:{port}: {err}")
+                refuse(f"cannot listen on {host}:{port} (or metrics on {metrics_host}:{metrics_port}): {err}"
+                       if metrics_port is not None else f"cannot listen: {err}")
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
@@ -287,7 +339,20 @@ def serve(
                      "; client tokens required" if require_token else "",
                      ("; TLS" + (" with client certificates" if tls_client_ca else "")) if tls else "",
                      "leading as " + coordinator.replica_id if coordinator.leading
-                     else "STANDING BY: " + coordinator.standby_reason)
+                     else "STANDING BY: " + coordinator.standby_reason,
+                     extra={"event": "listening", "figures": {
+                         "task": spec.name, "address": running.address, "model_version": coordinator.version,
+                         "leading": coordinator.leading, "metrics": running.metrics_endpoint.url
+                         if running.metrics_endpoint else None}})
+            if running.metrics_endpoint is not None:
+                log.info("Prometheus metrics on %s", running.metrics_endpoint.url)
+            # What start-up built (imports, the coordinator, its store engine) lives as long as the process:
+            # frozen out of the collector's generations, so the full collections that the per-report
+            # garbage triggers do not walk it every time (they did, at a measurable share of a report's CPU).
+            gc.freeze()
+            if running.dashboard is not None:
+                log.info("dashboard on %s%s", running.dashboard.url,
+                         " (admin credential required)" if dashboard and dashboard.credential else "")
             if port_file is not None:  # written whole, then renamed: a reader never sees a half-written file
                 partial = port_file.with_name(port_file.name + ".tmp")
                 partial.write_text(str(running.port))
@@ -301,69 +366,58 @@ def serve(
         log.info("shutdown: %s; stopped at model version %d", outcome.message, coordinator.version)
 
 
-def _finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or infinity: a value that is not meaningful is null."""
-    return value if math.isfinite(value) else None
+def _dashboard_settings(port: int | None, host: str, credential_file: Path | None
+                        ) -> DashboardSettings | None:
+    """The dashboard ``serve`` was asked for, checked before the store is opened (exit 2 with one line):
+    a readable credential, never an exposed page without one, a free port."""
+    from fedrecon.server.app import check_bindable
+    from fedrecon.server.dashboard import DashboardSettings, read_credential_file
+
+    if port is None:
+        if credential_file is not None or host != "127.0.0.1":
+            _fail("--dashboard-host and --dashboard-credential-file need --dashboard-port", 2)
+        return None
+    try:
+        credential = read_credential_file(credential_file) if credential_file is not None else None
+        settings = DashboardSettings(host=host, port=port, credential=credential)
+        settings.check()
+    except ValueError as err:
+        _fail(err, 2)
+    try:
+        check_bindable(host, port)
+    except OSError as err:
+        _fail(f"cannot listen on {host}:{port} for the dashboard: {err}", 2)
+    return settings
 
 
-def _open_round(r: Any, now: datetime) -> dict[str, Any]:
-    """A round still in flight as ``status`` shows it: its counts as the coordinator last recorded them
-    (every second or so while they change) and the time left to its deadline."""
-    return {"round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
-            "base_version": r.base_version, "target": r.target, "min_reports": r.min_reports,
-            "selected": r.num_selected, "reported": r.num_reported, "accepted": r.num_accepted,
-            "refused": r.num_refused, "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
-            "deadline": r.deadline.isoformat(), "seconds_left": round((r.deadline - now).total_seconds(), 1)}
+def _live_round(store_round: dict[str, Any] | None, live: dict[str, Any] | None, name: str
+                ) -> dict[str, Any] | None:
+    """The live round of task ``name``: from the running coordinator when ``live`` (its metrics, see
+    ``scrape_live``) is that task's leader, else the open round as the store last recorded it (None: none;
+    a coordinator standing by runs no round, the leader's progress is in the store)."""
+    if live is not None and live.get("task") == name and live.get("leader"):
+        r = live["live_round"]
+        return None if r is None else {"source": "coordinator", "url": live["url"], **r}
+    if store_round is None:
+        return None
+    o = store_round
+    return {"source": "store", "round_num": o["round_num"], "round_id": o["round_id"], "phase": o["state"],
+            "base_version": o["base_version"], "selected": o["selected"], "reporting": o["reported"],
+            "accepted": o["accepted"], "goal": o["target"], "min_reports": o["min_reports"],
+            "opened_at": o["opened_at"], "deadline": o["deadline"], "seconds_left": o["seconds_left"]}
 
 
-def _task_status(sql: SqlStore, name: str, rounds: int) -> dict[str, Any]:
+def _task_status(sql: SqlStore, name: str, rounds: int, live: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     from fedrecon.server.store import UnknownTask
+    from fedrecon.server.task_report import task_report
 
     try:
-        task = sql.get_task(name)
+        report = task_report(sql, name, recent_rounds=rounds)
     except UnknownTask:
         _unknown_task(sql, name)
-    versions = sql.list_versions(name)
-    all_rounds = sql.list_rounds(name)
-    states = Counter(str(r.state) for r in all_rounds)
-    unfinished = [r for r in all_rounds if not r.state.is_finished]
-    return {
-        "name": task.name,
-        "created_at": task.created_at.isoformat(),
-        "spec": task.spec,
-        "latest_version": versions[-1].version if versions else None,
-        "versions": [{"version": v.version, "parent": v.parent, "round_id": v.round_id,
-                      "created_at": v.created_at.isoformat()} for v in versions],
-        "rounds": {s: states.get(s, 0) for s in ("open", "aggregating", "committed", "failed")},
-        "open_round": _open_round(unfinished[-1], datetime.now(UTC)) if unfinished else None,
-        "privacy": _privacy(task.spec, all_rounds),
-        "recent_rounds": [{
-            "round_num": r.round_num, "round_id": r.round_id, "state": str(r.state),
-            "base_version": r.base_version, "new_version": r.new_version, "selected": r.num_selected,
-            "reported": r.num_reported, "accepted": r.num_accepted, "refused": r.num_refused,
-            "total_weight": r.total_weight, "opened_at": r.opened_at.isoformat(),
-            "closed_at": r.closed_at.isoformat() if r.closed_at else None,
-            "failure_reason": r.failure_reason, "metrics": r.metrics,
-            "stages": list(r.stages) if r.stages is not None else None} for r in all_rounds[-rounds:]],
-        # Pooled over the version's evaluations; null where not meaningful (no examples, or sums stored
-        # before the counts were bounded that overflow the float range).
-        "evaluations": [{"version": e.version, "clients": e.num_clients, "examples": _finite_or_none(
-            e.num_examples), **{k: _finite_or_none(v) for k, v in e.metrics().items()}}
-                        for e in sql.evaluation_summaries(name)],
-    }
-
-
-def _privacy(spec: dict[str, Any], rounds: list[Any]) -> dict[str, Any] | None:
-    """A DP task's guarantee so far: ε at δ after its committed rounds, as the coordinator stored it with
-    each round (no accountant runs here), and the budget; None for a task without noise."""
-    privacy = spec.get("privacy")
-    if privacy is None:
-        return None
-    committed = [r for r in rounds if str(r.state) == "committed"]
-    spent = committed[-1].metrics.get("epsilon", 0.0) if committed else 0.0
-    return {"noise_multiplier": (spec.get("aggregation") or {}).get("noise_multiplier"),
-            "clip": (spec.get("aggregation") or {}).get("max_update_norm"), **privacy,
-            "rounds_accounted": len(committed), "epsilon": spent}
+    report["live_round"] = _live_round(report["open_round"], live, name)
+    return report
 
 
 def _privacy_line(p: dict[str, Any]) -> str:
@@ -388,28 +442,58 @@ def _open_round_line(o: dict[str, Any]) -> str:
             f"{o['target']} it commits at, at least {o['min_reports']} by the {when}")
 
 
+def _live_round_line(o: dict[str, Any]) -> str:
+    """The live round as the running coordinator holds it, in one line."""
+    return (f"  live round {o['round_num']} ({o['phase']}, on version {o['base_version']}): {o['selected']} "
+            f"selected, {o['reporting']} reported ({o['accepted']} accepted) of the {o['goal']} it commits "
+            f"at, at least {o['min_reports']} by the deadline {o['deadline'][11:19]} UTC (in "
+            f"{o['seconds_left']:.0f} s); from the coordinator at {o['url']}")
+
+
 def status(
     store: StoreOption = DEFAULT_STORE,
     task: Annotated[str | None, typer.Option(help="one task (default: all)")] = None,
     rounds: Annotated[int, typer.Option(min=0, help="how many recent rounds to list")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for machines")] = False,
+    metrics_url: Annotated[str | None, typer.Option(
+        help="the running coordinator's metrics endpoint (serve --metrics-port), HOST:PORT or a URL: the "
+             "live round is read from it, and from the store when it cannot be reached")] = None,
 ) -> None:
-    """Show tasks, model versions, the open round, recent rounds and evaluation metrics held in STORE.
+    """Show tasks, model versions, the live round, recent rounds and evaluation metrics held in STORE.
 
     A store that does not exist is an error (exit 2): status never creates one."""
+    live, unreachable = None, None
+    if metrics_url is not None:
+        from fedrecon.server.metrics import scrape_live
+
+        try:
+            live = scrape_live(metrics_url)
+        except (OSError, ValueError) as err:  # the coordinator is down or not there: the store tells
+            unreachable = f"{metrics_url}: {' '.join(str(err).split())[:200]}"
     with _store(store) as sql:
         names = [task] if task else [t.name for t in sql.list_tasks()]
-        report: dict[str, Any] = {"store": sql.url, "tasks": [_task_status(sql, n, rounds) for n in names]}
+        report: dict[str, Any] = {"store": sql.url,
+                                  "tasks": [_task_status(sql, n, rounds, live) for n in names]}
+    if metrics_url is not None:
+        report["coordinator"] = ({"url": live["url"], "task": live["task"], "leader": live["leader"],
+                                  "model_version": live["model_version"]} if live is not None
+                                 else {"url": metrics_url, "unreachable": unreachable})
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    if unreachable is not None:
+        console.print(f"coordinator not reachable ({unreachable}): the live round is the store's last record",
+                      markup=False, highlight=False, soft_wrap=True)
     if not report["tasks"]:
         console.print(f"no tasks in {report['store']}", markup=False)
     for t in report["tasks"]:
         r = t["rounds"]
         console.print(f"[bold]{escape(t['name'])}[/]: model version {t['latest_version']}; rounds committed "
                       f"{r['committed']}, failed {r['failed']}, open {r['open'] + r['aggregating']}")
-        if t["open_round"] is not None:
+        live_round = t["live_round"]
+        if live_round is not None and live_round["source"] == "coordinator":
+            console.print(_live_round_line(live_round), markup=False, highlight=False, soft_wrap=True)
+        elif t["open_round"] is not None:
             console.print(_open_round_line(t["open_round"]), markup=False, highlight=False, soft_wrap=True)
         if t["privacy"] is not None:
             console.print(_privacy_line(t["privacy"]), markup=False, highlight=False, soft_wrap=True)
@@ -436,7 +520,8 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def export(
-    out: Annotated[Path, typer.Option(help="file to write (.npz)")],
+    out: Annotated[Path, typer.Option(help="file to write: .npz (a fedrecon model file), or .keras for a "
+                                           "keras task (a Keras model an app loads with keras.saving)")],
     task: Annotated[str, typer.Option(help="task name")],
     store: StoreOption = DEFAULT_STORE,
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
@@ -462,12 +547,22 @@ def export(
     from fedrecon.model_file import ModelFile
     from fedrecon.server.checkpoints import globals_from_bytes
 
-    names = [v.name for v in model_from_config(spec["model"]).global_variables]
+    model = model_from_config(spec["model"])
+    names = [v.name for v in model.global_variables]
+    arrays = globals_from_bytes(record.payload()[0], names)
+    described = model.config() if spec["model"].get("kind") == "keras" else spec["model"]  # + its variables
     try:
-        ModelFile(task=task, version=record.version, model_spec=spec["model"], names=names,
-                  arrays=globals_from_bytes(record.payload()[0], names), training=spec["training"],
-                  batch_size=spec["batch_size"],
-                  extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
+        if out.suffix == ".keras":
+            from fedrecon.core.keras_spec import save_keras_file
+
+            if spec["model"].get("kind") != "keras":
+                _fail(f"--out {out}: task {task} trains {spec['model'].get('kind')!r}, not a keras model; "
+                      "write a .npz", 2)
+            save_keras_file(described, arrays, out)
+        else:
+            ModelFile(task=task, version=record.version, model_spec=described, names=names, arrays=arrays,
+                      training=spec["training"], batch_size=spec["batch_size"],
+                      extra={"item_ids": list(spec["item_ids"])} if spec.get("item_ids") else {}).save(out)
     except OSError as err:
         _fail(f"cannot write {out}: {err.strerror or err}", 2)
     console.print(f"wrote version {record.version} of {task} to {out}", markup=False, highlight=False)

@@ -65,6 +65,8 @@ class Assignment:
     max_chunk_bytes: int = 0  # largest tensor chunk the coordinator accepts in a report (0: its default)
     # How the report's delta is to be encoded (``fedrecon.core.compression.UploadCodec``'s values).
     upload_codec: str = "none"
+    # The round uses secure aggregation: the update is masked and sent through ``SecureAggregation``.
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)

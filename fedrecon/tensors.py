@@ -127,18 +127,22 @@ def check_layouts(received: Sequence[TensorLayout], expected: Sequence[TensorLay
 
 
 class TensorAssembler:
-    """Rebuilds the tensors of one manifest from its chunks, refusing anything out of place."""
+    """Rebuilds the tensors of one manifest from its chunks, refusing anything out of place.
+
+    A tensor that arrives in one chunk (the usual case: chunks are up to a MiB) keeps that chunk's bytes
+    as they are, with no copy; only a tensor split over several chunks is copied into a buffer of its
+    own, allocated when its second chunk arrives."""
 
     def __init__(self, layouts: Sequence[TensorLayout], *,
                  payload_bytes: Sequence[int] | None = None) -> None:
         """``payload_bytes``: what each tensor's chunks carry when it travels encoded (default: its plain
         bytes); such a stream is read with ``finish_payloads``."""
         self.layouts = list(layouts)
-        sizes = ([layout.num_bytes for layout in self.layouts] if payload_bytes is None
-                 else list(payload_bytes))
-        if len(sizes) != len(self.layouts):
-            raise ValueError(f"{len(sizes)} payload sizes for {len(self.layouts)} tensors")
-        self._buffers = [bytearray(size) for size in sizes]
+        self._sizes = ([layout.num_bytes for layout in self.layouts] if payload_bytes is None
+                       else list(payload_bytes))
+        if len(self._sizes) != len(self.layouts):
+            raise ValueError(f"{len(self._sizes)} payload sizes for {len(self.layouts)} tensors")
+        self._buffers: list[bytes | bytearray] = [b""] * len(self.layouts)
         self._filled = [0] * len(self.layouts)
         self._current = 0
 
@@ -147,8 +151,7 @@ class TensorAssembler:
         if i >= len(self.layouts):
             raise TensorDecodeError(f"chunk for tensor {i}, but the manifest has {len(self.layouts)}")
         # Skip past tensors already complete (including empty ones) to find the one being filled.
-        while self._current < len(self.layouts) and self._filled[self._current] == len(
-                self._buffers[self._current]):
+        while self._current < len(self.layouts) and self._filled[self._current] == self._sizes[self._current]:
             self._current += 1
         if i != self._current:
             raise TensorDecodeError(f"chunk for tensor {i} while tensor {self._current} is incomplete "
@@ -156,19 +159,29 @@ class TensorAssembler:
         if chunk.offset != self._filled[i]:
             raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk at offset {chunk.offset}, "
                                     f"expected {self._filled[i]}")
-        end = self._filled[i] + len(chunk.data)
-        if not chunk.data or end > len(self._buffers[i]):
-            raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk of {len(chunk.data)} bytes at "
-                                    f"offset {chunk.offset} does not fit its {len(self._buffers[i])} bytes")
-        self._buffers[i][self._filled[i]:end] = chunk.data
+        data = chunk.data  # read once: every read of a protobuf bytes field is a copy
+        start, size = self._filled[i], self._sizes[i]
+        end = start + len(data)
+        if not data or end > size:
+            raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk of {len(data)} bytes at "
+                                    f"offset {chunk.offset} does not fit its {size} bytes")
+        if start == 0 and end == size:
+            self._buffers[i] = data  # the whole tensor in one chunk: kept as it came
+        else:
+            if start == 0:
+                self._buffers[i] = bytearray(size)
+            buffer = self._buffers[i]
+            assert isinstance(buffer, bytearray)  # a split tensor's first chunk made it
+            buffer[start:end] = data
         self._filled[i] = end
 
-    def finish_payloads(self) -> list[bytearray]:
-        """Each tensor's bytes as they arrived, once every byte has."""
-        for layout, buf, filled in zip(self.layouts, self._buffers, self._filled, strict=True):
-            if filled != len(buf):
+    def finish_payloads(self) -> list[bytes | bytearray]:
+        """Each tensor's bytes as they arrived, once every byte has (read-only use: a buffer may be the
+        chunk's own bytes)."""
+        for layout, size, filled in zip(self.layouts, self._sizes, self._filled, strict=True):
+            if filled != size:
                 raise TensorDecodeError(f"tensor {layout.name!r}: stream ended after {filled} of "
-                                        f"{len(buf)} bytes")
+                                        f"{size} bytes")
         return self._buffers
 
     def finish(self) -> list[np.ndarray]:

@@ -112,7 +112,8 @@ class UpdateAssembler:
         return out
 
 
-def _parsed(layout: TensorLayout, e: pb.TensorEncoding, dtype: np.dtype, raw: bytearray) -> EncodedTensor:
+def _parsed(layout: TensorLayout, e: pb.TensorEncoding, dtype: np.dtype, raw: bytes | bytearray
+            ) -> EncodedTensor:
     """Split a payload (whose length the assembler already checked) into indices, scales and values."""
     shape = layout.shape
     view = memoryview(raw)

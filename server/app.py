@@ -22,9 +22,13 @@ import grpc
 
 from fedrecon.server.auth import TokenAuthInterceptor
 from fedrecon.server.coordinator import Coordinator, ShutdownOutcome
+from fedrecon.server.dashboard import DashboardSettings, RunningDashboard, coordinator_live, start_dashboard
+from fedrecon.server.event_log import RefusalTally
+from fedrecon.server.health import DEFAULT_PROBE_S, StoreHealth, enable_reflection
 from fedrecon.server.identity import Identifier
 from fedrecon.server.limits import Keepalive, ServerLimits
-from fedrecon.server.servicer import CoordinatorServicer
+from fedrecon.server.metrics import CoordinatorMetrics, MetricsEndpoint, observe_store_calls
+from fedrecon.server.servicer import SERVICE, CoordinatorServicer
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
@@ -32,6 +36,8 @@ DEFAULT_SHUTDOWN_GRACE_S = 30.0
 PROGRESS_EVERY_S = 1.0
 """How often the open round's counts are written to the store for ``fedrecon status`` (when they changed):
 at most one small write a second, whatever the number of reports."""
+REFUSAL_LOG_EVERY_S = 60.0
+"""How often, at most, the refusals counted since the last such line are logged (``RefusalTally``)."""
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +99,15 @@ class RunningServer:
     _progress: threading.Thread
     _stopped: threading.Event
     _outcome: ShutdownOutcome | None = field(default=None)
+    health: StoreHealth | None = None
+    metrics: CoordinatorMetrics | None = None
+    metrics_endpoint: MetricsEndpoint | None = None
+    _refusals: RefusalTally | None = None
+    dashboard: RunningDashboard | None = None  # the read-only web page, when asked for
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return self.dashboard.url if self.dashboard is not None else None
 
     def stop(self, grace_s: float = 5.0) -> ShutdownOutcome:
         """Refuse new calls, give running ones ``grace_s`` seconds, then close the open round: committed if
@@ -102,6 +117,10 @@ class RunningServer:
             self._serving.join()
             return self._outcome or ShutdownOutcome("idle", "already stopped")
         self._stopped.set()
+        if self.health is not None:  # NOT_SERVING first: load balancers stop sending clients here
+            self.health.stop()
+        if self.dashboard is not None:  # first: the page must not read a store being closed
+            self.dashboard.stop()
         asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._serving.join()
@@ -109,6 +128,10 @@ class RunningServer:
         self._ticker.join()
         self._progress.join()
         self._outcome = self.coordinator.shut_down(self.shutdown_grace_s)
+        if self._refusals is not None:
+            self._refusals.maybe_log(force=True)
+        if self.metrics_endpoint is not None:  # last: a final scrape sees how the open round ended
+            self.metrics_endpoint.close()
         return self._outcome
 
     def wait(self) -> None:
@@ -128,11 +151,20 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  tls: TlsFiles | None = None, identifier: Identifier | None = None,
                  limits: ServerLimits | None = None, keepalive: Keepalive | None = None,
                  shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
-                 progress_s: float = PROGRESS_EVERY_S) -> RunningServer:
-    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given.
+                 progress_s: float = PROGRESS_EVERY_S, health_probe_s: float | None = DEFAULT_PROBE_S,
+                 reflection: bool = False, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+                 refusal_log_s: float = REFUSAL_LOG_EVERY_S, dashboard: DashboardSettings | None = None
+                 ) -> RunningServer:
+    """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given,
+    and the read-only web dashboard (``dashboard``) on its own address when ``dashboard`` is given.
 
     ``max_workers`` (if given) is ``limits.coordinator_threads``: the threads that run coordinator calls.
     Every ``progress_s`` seconds the open round's counts go to the store (``Coordinator.record_progress``).
+
+    Observing it (see ``health``, ``metrics``, ``event_log``): the gRPC health service says SERVING while a
+    store probe every ``health_probe_s`` seconds succeeds (None: no health service); ``reflection`` adds gRPC
+    server reflection; ``metrics_port`` (None: off) serves Prometheus metrics on ``metrics_host``; the
+    refusals counted are logged every ``refusal_log_s`` seconds at most.
 
     Memory must not grow with the number of clients reporting at once: a report being read is assembled in
     memory, so ``limits.max_report_streams`` bounds how many are read at once (the rest are told to retry),
@@ -140,6 +172,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     stream, is off, so each waiting stream keeps the default 64 KiB window.
     """
     limits = limits or ServerLimits()
+    if dashboard is not None:
+        dashboard.check()  # before anything starts: an exposed page without a credential is refused
     if max_workers is not None:
         limits = replace(limits, coordinator_threads=max_workers)
     keepalive = keepalive or Keepalive()
@@ -152,6 +186,21 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     executor = ThreadPoolExecutor(max_workers=limits.coordinator_threads, thread_name_prefix="coordinator")
     servicer = CoordinatorServicer(coordinator, identifier=identifier, limits=limits, executor=executor,
                                    max_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_message_bytes // 2))
+    metrics = None
+    if metrics_port is not None:
+        metrics = CoordinatorMetrics()
+        metrics.watch(coordinator.view, servicer.streams_open)
+        coordinator.add_round_listener(metrics.on_round)
+        observe_store_calls(coordinator.store, metrics.on_store_call)
+        interceptors = [metrics.interceptor(), *interceptors]  # first: refused calls' bytes count too
+    # Bound before the gRPC port, so a metrics port in use fails the start before any client is served.
+    endpoint = None
+    if metrics is not None and metrics_port is not None:
+        endpoint = metrics.serve_http(metrics_host, metrics_port)
+    health = None
+    if health_probe_s is not None:
+        health = StoreHealth(coordinator.store.ping, [SERVICE], every_s=health_probe_s)
+        health.probe_now()  # the first health check is answered with what the store says
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes),
                ("grpc.http2.bdp_probe", 0),
@@ -162,12 +211,18 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     async def serve() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server(interceptors=list(interceptors), options=options)
         server.add_generic_rpc_handlers((servicer.handler(),))
+        if health is not None:
+            health.add_to(server)
+        if reflection:
+            enable_reflection(server, [SERVICE])
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, tls.credentials()) if tls
                  else server.add_insecure_port(address))
         if bound == 0:
             raise OSError(f"could not bind {host}:{port}")
         await server.start()
+        if health is not None:
+            await health.start()
         return server, bound
 
     def run_loop() -> None:
@@ -194,8 +249,11 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
         server, loop, bound = started.result()
     except BaseException:
         executor.shutdown(wait=False)
+        if endpoint is not None:
+            endpoint.close()
         raise
     stopped = threading.Event()
+    refusals = RefusalTally(coordinator.view, every_s=refusal_log_s)
 
     def tick() -> None:
         while not stopped.wait(tick_s):
@@ -213,10 +271,22 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
             except Exception:
                 log.exception("recording the open round's progress failed; trying again in %.1f s",
                               progress_s)
+            refusals.maybe_log()  # a line only when one is due and something was refused
 
     ticker = threading.Thread(target=tick, name="coordinator-deadlines", daemon=True)
     ticker.start()
     progress = threading.Thread(target=record_progress, name="coordinator-progress", daemon=True)
     progress.start()
-    return RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
-                         serving, executor, ticker, progress, stopped)
+    running = RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
+                            serving, executor, ticker, progress, stopped, health=health, metrics=metrics,
+                            metrics_endpoint=endpoint, _refusals=refusals)
+    if dashboard is not None:
+        try:
+            running.dashboard = start_dashboard(dashboard, coordinator.store, coordinator_live(coordinator))
+        except BaseException as err:  # the address was taken meanwhile: nothing is left running
+            running.stop()
+            if isinstance(err, OSError):
+                raise OSError(f"could not bind the dashboard on {dashboard.host}:{dashboard.port}: {err}"
+                              ) from err
+            raise
+    return running

@@ -29,6 +29,9 @@ from fedrecon.server.statuses import CallStatus, status_of
 from fedrecon.server.store import SqlStore, UnknownCredential
 
 PREFIX = "frc"
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+"""Method prefixes that need no token: health probes (a load balancer or kubelet carries none, and the
+answer, SERVING or not, tells nothing about the task)."""
 
 
 def _hash(salt: str, secret: str) -> str:
@@ -70,8 +73,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self, store: SqlStore, *, cache_s: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 retry_hint_ms: int = 1000) -> None:
+                 retry_hint_ms: int = 1000, open_services: tuple[str, ...] = OPEN_SERVICES) -> None:
+        """``open_services``: method prefixes let through without a token (the health service)."""
         self._store = store
+        self._open = open_services
         self._cache_s = cache_s
         self._clock = clock
         self._retry_hint_ms = retry_hint_ms
@@ -110,8 +115,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or str(handler_call_details.method).startswith(self._open):
+            return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         header = str(metadata.get("authorization", ""))
         refusal = await self._refusal(header[len("Bearer "):] if header.startswith("Bearer ") else "")

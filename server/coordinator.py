@@ -52,6 +52,7 @@ from fedrecon.protocol import (
     RoundOutcome,
 )
 from fedrecon.protocol import RoundState as RoundView
+from fedrecon.secagg_wire import ClientMessage, Instruction, SecurePhase
 from fedrecon.server.checkpoints import (
     clip_bound_from_bytes,
     globals_from_bytes,
@@ -61,6 +62,15 @@ from fedrecon.server.checkpoints import (
 )
 from fedrecon.server.evaluations import MAX_EVALUATIONS_PER_MINUTE, EvaluationLimits
 from fedrecon.server.identity import Caller
+from fedrecon.server.live_view import (
+    LiveRound,
+    LiveView,
+    PrivacySpent,
+    RoundEvent,
+    RoundEventKind,
+    RoundListener,
+    RoundPhase,
+)
 from fedrecon.server.refusals import Refusal, Status
 from fedrecon.server.round_machine import (
     AskStore,
@@ -75,6 +85,7 @@ from fedrecon.server.round_machine import (
     OpenRoundState,
     RoundMachine,
 )
+from fedrecon.server.secure_round import SecureRoundFactory
 from fedrecon.server.store import (
     DEFAULT_LEASE_TTL_S,
     Lease,
@@ -91,6 +102,7 @@ from fedrecon.server.store import (
     UnknownVersion,
 )
 from fedrecon.server.task import TaskSpec
+from fedrecon.server.update_checks import all_finite, update_digest
 from fedrecon.tensors import TensorLayout
 
 log = logging.getLogger(__name__)
@@ -124,6 +136,7 @@ class Coordinator:
         self.model = model_from_config(task.model)
         self.algorithm = FedRecon(self.model, task.training, aggregation=task.aggregation)
         self.algorithm.check_aggregation(max_clients=task.rounds.clients_per_round)
+        self._secure_rounds = self._secure_round_factory()  # refuses unworkable settings before any write
         self._names = [v.name for v in self.model.global_variables]
         self._delta_layouts = [TensorLayout(self.model.global_variables[i].name, np.dtype(np.float32),
                                             tuple(self.model.global_variables[i].shape))
@@ -138,9 +151,11 @@ class Coordinator:
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_ttl_s = lease_ttl_s
         self._lease: Lease | None = None
+        self._lead_until = 0.0  # monotonic time the lease surely runs until (see _require_leader)
         self._standby_reason = ""
         self._next_lease_action = 0.0  # monotonic time of the next renewal or takeover attempt
         self.refusals: Counter[str] = Counter()  # refusals and notable events by reason (machine's and own)
+        self._round_listeners: list[RoundListener] = []  # see add_round_listener
         self._budget_logged = False
         self.interrupted_rounds: list[int] = []
         self._lead_or_stand_by()
@@ -214,7 +229,8 @@ class Coordinator:
                 max_clients=rounds.clients_per_round, batch_size=batch_size,
                 expected_clients=rounds.clients_per_round if noise_rng is not None else None,
                 noise_rng=noise_rng, state=self._state),
-            may_open=self._privacy_refusal if ledger is not None else None)
+            may_open=self._privacy_refusal if ledger is not None else None,
+            secure_round=self._secure_rounds)
         with self._lock:
             self._state = state
             self.ledger = ledger
@@ -239,16 +255,21 @@ class Coordinator:
     def _lead_or_stand_by(self) -> bool:
         """Take the task's lease if it is free (then fail the rounds a previous leader left unfinished);
         otherwise stand by. True if this coordinator now leads."""
+        asked = time.monotonic()
         try:
             lease = self.store.acquire_lease(self.task.name, self.replica_id, self.lease_ttl_s)
         except LeaseHeld as held:
             self._standby_reason = (f"task {self.task.name!r} is led by another coordinator ({held.holder}) "
                                     f"until {held.expires_at:%H:%M:%S} UTC at least")
-            self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+            # Try again a third of a lease later, or just after this lease runs out if that is sooner: a
+            # dead leader's lease is taken over within a tick of its expiry, not up to a third later.
+            left = (held.expires_at - datetime.now(UTC)).total_seconds()
+            self._next_lease_action = time.monotonic() + min(self.lease_ttl_s / 3, max(left, 0.0) + 0.05)
             return False
         self.interrupted_rounds = [r.round_id for r in self.store.fail_unfinished_rounds(
             self.task.name, "coordinator restarted before the round committed")]
         self._lease = lease
+        self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.info("leading task %r as %s (lease epoch %d, %g s, renewed every %g s)", self.task.name,
                  self.replica_id, lease.epoch, self.lease_ttl_s, self.lease_ttl_s / 3)
@@ -263,13 +284,21 @@ class Coordinator:
             return
         lease = self._lease
         if lease is None:
-            took = self._lead_or_stand_by()
-            self._load_state()  # a standby follows the store, so the reads it serves stay current
-            if took:
-                log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
-                            "previous leader marked failed", self.task.name, self._lease.epoch if self._lease
-                            else 0, len(self.interrupted_rounds))
+            try:
+                took = self._lead_or_stand_by()
+                if took:
+                    self._load_state()  # the state the previous leader left is the store's
+                    log.warning("took the lead of task %r (lease epoch %d): %d unfinished round(s) of the "
+                                "previous leader marked failed", self.task.name,
+                                self._lease.epoch if self._lease else 0, len(self.interrupted_rounds))
+                else:
+                    self._follow_store()
+            except StoreError as err:
+                log.warning("standing by for task %r: the store did not answer (%s); retrying",
+                            self.task.name, err)
+                self._next_lease_action = time.monotonic() + 1.0
             return
+        asked = time.monotonic()
         try:
             renewed = self.store.renew_lease(lease, self.lease_ttl_s)
         except LeaseLost as err:
@@ -282,7 +311,15 @@ class Coordinator:
         with self._lock:
             if self._lease is lease:
                 self._lease = renewed
+                self._lead_until = asked + self.lease_ttl_s
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
+
+    def _follow_store(self) -> None:
+        """A standby's reads (downloads, the latest version) follow the store: the state is rebuilt only
+        when the leader committed a new version (one small read, without the model, each time)."""
+        latest = self.store.latest_version(self.task.name, with_payload=False)
+        if latest.version != self.version:
+            self._load_state()
 
     def _stand_down(self, why: str) -> None:
         """Stop leading: the open round is dropped (its accepted updates are in no version; the new
@@ -295,18 +332,36 @@ class Coordinator:
             dropped = self.machine.round
             self.machine.round = None
             self._changed.notify_all()
+            event = None
+            if dropped is not None:  # the round ends here for this process (the new leader records it)
+                now = self._clock()
+                summary, participations = self.machine.summary(dropped, now)
+                event = RoundEvent(RoundEventKind.FAILED, self.task.name, dropped.round_id,
+                                   dropped.round_num, dropped.base_version, now,
+                                   reason=f"stood down: {why}", summary=summary,
+                                   participations=participations, duration_s=now - dropped.opened)
         self._next_lease_action = time.monotonic() + self.lease_ttl_s / 3
         log.error("stood down from task %r: %s%s", self.task.name, why,
                   f"; round {dropped.round_num} dropped with {len(dropped.accepted)} accepted update(s)"
-                  if dropped is not None else "")
+                  if dropped is not None else "", extra=event.log_extra() if event is not None else None)
+        if event is not None:
+            self._announce(event)
 
     def _require_leader(self) -> Lease:
+        """The lease, to lead a round call; UNAVAILABLE ``not_leader`` while standing by, and also once the
+        lease may have run out unrenewed (the store unreachable, or this process paused): another
+        coordinator may lead by then, and a client kept here would only lose its work to fencing."""
         lease = self._lease
         if lease is None:
             self.refusals["not_leader"] += 1
             raise Refusal(Status.UNAVAILABLE, "not_leader",
                           f"this coordinator is standing by: {self._standby_reason}; retry, or use another "
                           "coordinator address")
+        if time.monotonic() >= self._lead_until:
+            self.refusals["not_leader"] += 1
+            raise Refusal(Status.UNAVAILABLE, "not_leader",
+                          "this coordinator could not renew its lead in time (its store does not answer); "
+                          "retry, or use another coordinator address")
         return lease
 
     def _privacy_ledger(self, committed_rounds: int) -> PrivacyLedger | None:
@@ -324,6 +379,17 @@ class Coordinator:
                 ledger.epsilon, committed_rounds,
                 f", budget {privacy.epsilon_budget:g}" if privacy.epsilon_budget is not None else "")
         return ledger
+
+    def _secure_round_factory(self) -> SecureRoundFactory | None:
+        """What builds a round's secure-aggregation stages (``server.secure_round``), for a task that asks."""
+        a = self.task.aggregation
+        if not a.secure_aggregation:
+            return None
+        factory = SecureRoundFactory(self.task.name, a, tuple(self.algorithm.delta_shapes),
+                                     a.weight_cap(self.task.training, self.task.batch_size),
+                                     self.task.rounds.minimum)
+        factory.check(self.task.rounds.selection_goal)  # settings no full round could run with: at start
+        return factory
 
     def _privacy_refusal(self) -> str | None:
         """Why no further round may open (the next would take ε past the budget), or None. Called by the
@@ -353,8 +419,7 @@ class Coordinator:
         credential ids are never kept). A plain string is a client id in the trusted-network mode (refused
         INVALID_ARGUMENT unless 1 to 256 characters; ``Identifier`` checks the ids it is given the same way).
         """
-        caller = client if isinstance(client, Caller) else Caller.trusted(client)
-        return hmac.new(self._salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
+        return pseudonym(self._salt, client if isinstance(client, Caller) else Caller.trusted(client))
 
     def check_task(self, task_name: str) -> None:
         """Refuse (NOT_FOUND) a task this coordinator does not serve; the name is echoed cut short."""
@@ -365,6 +430,44 @@ class Coordinator:
     _check_task = check_task  # the name the round code calls it by
 
     # ----- views ---------------------------------------------------------------------------------------
+    def view(self) -> LiveView:
+        """The task as this coordinator holds it now (see ``live_view``), taken under the lock in one go and
+        from memory only (no store read): metrics scrapes, logs and dashboards may call it as often as
+        they like."""
+        s = self.task.rounds
+        with self._lock:
+            now = self._clock()
+            m, r, ledger = self.machine, self.machine.round, self.ledger
+            live = None
+            if r is not None:
+                phase = (RoundPhase.COMMITTING if r.commit_due else
+                         RoundPhase.SELECTING if r.selecting else RoundPhase.REPORTING)
+                live = LiveRound(r.round_id, r.round_num, r.base_version, phase, len(r.assigned),
+                                 r.answered(), len(r.accepted), len(r.refused), s.clients_per_round,
+                                 s.selection_goal, s.minimum, float(r.aggregate.total_weight), r.opened,
+                                 r.selection_ends, r.deadline, max(0.0, r.deadline - now))
+            privacy = None if ledger is None else PrivacySpent(ledger.epsilon, ledger.parameters.delta,
+                                                                ledger.rounds, ledger.epsilon_budget)
+            return LiveView(self.task.name, self.replica_id, m.version, self._lease is not None,
+                            "" if self._lease is not None else self._standby_reason, live, self.refusals,
+                            m.reports_accepted, m.committed_rounds, privacy, now)
+
+    def add_round_listener(self, listener: RoundListener) -> None:
+        """Call ``listener`` with every round this coordinator opens, commits or fails from now on (see
+        ``live_view.RoundListener``): how metrics and structured logs hear of rounds."""
+        with self._lock:
+            self._round_listeners.append(listener)
+
+    def _announce(self, event: RoundEvent) -> None:
+        """Tell the listeners (outside the lock); a listener's failure is logged, never the round's."""
+        with self._lock:
+            listeners = list(self._round_listeners)
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a round listener failed on %s of round %d", event.kind.value, event.round_num)
+
     @property
     def version(self) -> int:
         with self._lock:
@@ -404,7 +507,8 @@ class Coordinator:
         with self._lock:
             if version == self.machine.version:
                 return list(self._names), list(self._state.globals)
-            if not 0 <= version < self.machine.version:  # never asks the store about a value it cannot hold
+            # Never asks the store about a value it cannot hold; a standby may lag its leader by a version.
+            if version < 0 or (version > self.machine.version and self._lease is not None):
                 raise Refusal(Status.NOT_FOUND, "unknown_version",
                               f"task {task_name!r} has no model version {version}")
         try:
@@ -480,7 +584,8 @@ class Coordinator:
     def _assignment(self, r: OpenRoundState, token: str) -> Assignment:
         return Assignment(self.task.name, r.round_id, r.round_num, r.base_version, token,
                           datetime.fromtimestamp(r.deadline, UTC), self._model_spec_json, self._training_json,
-                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value)
+                          self.task.batch_size, upload_codec=self.task.aggregation.upload_codec.value,
+                          secure_aggregation=self.task.aggregation.secure_aggregation)
 
     # ----- reporting -----------------------------------------------------------------------------------
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
@@ -510,7 +615,7 @@ class Coordinator:
         self._check_task(task_name)
         self._require_leader()
         key = self.client_key(client)
-        digest = _digest(weight, delta)
+        digest = update_digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         outcome: ReportOutcome | None = None
         effects: list[Effect] = []
@@ -544,6 +649,24 @@ class Coordinator:
                 return ReportOutcome(True, f"accepted in round {r.round_num}; the commit waits for the store")
         return outcome
 
+    def secure_step(self, task_name: str, client: str | Caller, round_id: int, token: str,
+                    message: ClientMessage | None, digest: str) -> tuple[SecurePhase, Instruction]:
+        """One ``SecureAggregation`` call (``server.secure_round``): the machine takes the message (None: a
+        poll) under the lock and says what the client must do next; a stage that closes may end the round,
+        whose commit or failure is performed here, outside the lock."""
+        self._check_task(task_name)
+        self._require_leader()
+        key = self.client_key(client)
+        effects: list[Effect] = []
+        try:
+            with self._lock:
+                try:
+                    return self.machine.secure_step(key, round_id, token, message, digest, self._clock())
+                finally:
+                    effects = self.machine.take_effects()
+        finally:
+            self._perform(effects)
+
     def _stored_round(self, round_id: int, key: str) -> ClosedRound | None:
         """A finished round of this task as the store has it, with ``key``'s accepted update digest (if
         any) as its only accepted entry; None for a round the task does not have or that is not finished.
@@ -574,7 +697,8 @@ class Coordinator:
             open_round = self.machine.outcome(round_id)
             if open_round is not None:
                 return open_round
-            if not 1 <= round_id <= self._newest_round_id:  # not opened by this task (yet): no store read
+            # Not opened by this task (yet): no store read. A standby does not see the leader's new rounds.
+            if round_id < 1 or (round_id > self._newest_round_id and self._lease is not None):
                 raise unknown
             if round_id in self._finished:
                 cached = self._finished[round_id]
@@ -588,7 +712,8 @@ class Coordinator:
         except StoreUnavailable as err:
             raise _store_unavailable(err) from err
         if record is None or record.task != self.task.name:
-            self._remember_finished(round_id, None)
+            if record is not None or round_id <= self._newest_round_id:  # else it may be opened later
+                self._remember_finished(round_id, None)
             raise unknown
         outcome = None
         if record.state == RoundState.COMMITTED:
@@ -713,13 +838,19 @@ class Coordinator:
                 self.machine.open_failed()
             raise
         s = self.task.rounds
+        event = RoundEvent(RoundEventKind.OPENED, self.task.name, record.round_id, record.round_num,
+                           effect.base_version, effect.opened, selection_goal=s.selection_goal,
+                           goal=s.clients_per_round, min_reports=s.minimum,
+                           selection_timeout_s=s.selection_timeout_s, deadline_at=effect.deadline)
         with self._lock:  # logged before any assignment to the round can be
             self.machine.round_opened(effect, record.round_id, record.round_num)
             self._newest_round_id = max(self._newest_round_id, record.round_id)
             log.info("round %d opened on model version %d: selecting up to %d clients for %g s; commits at "
                      "%d reports, or at least %d by the deadline %s", record.round_num, effect.base_version,
                      s.selection_goal, s.selection_timeout_s, s.clients_per_round, s.minimum,
-                     datetime.fromtimestamp(effect.deadline, UTC).strftime("%H:%M:%S UTC"))
+                     datetime.fromtimestamp(effect.deadline, UTC).strftime("%H:%M:%S UTC"),
+                     extra=event.log_extra())
+        self._announce(event)
         return None
 
     def _commit(self, effect: CommitRound) -> list[Effect]:
@@ -733,6 +864,7 @@ class Coordinator:
             epsilon = self.ledger.parameters.epsilon_after(self.ledger.rounds + 1)
             effect = dataclasses.replace(effect, summary=dataclasses.replace(
                 effect.summary, metrics={**effect.summary.metrics, "epsilon": epsilon}))
+        started = time.monotonic()
         try:
             if effect.first_attempt:
                 self.store.mark_aggregating(effect.round_id, fencing=self._lease)
@@ -774,12 +906,25 @@ class Coordinator:
                 self.ledger.record_round(epsilon)
             closed = self.machine.commit_done(effect.round_id, effect.base_version + 1)
             effects = self.machine.take_effects()
+        event = RoundEvent(RoundEventKind.COMMITTED, self.task.name, effect.round_id, effect.round_num,
+                           effect.base_version, self._clock(), new_version=closed.new_version, why=effect.why,
+                           summary=effect.summary, participations=effect.participations,
+                           duration_s=effect.summary.metrics.get("seconds"),
+                           commit_s=time.monotonic() - started)
         log.info("round %d committed version %d (%s): %s", effect.round_num, closed.new_version, effect.why,
-                 _figures(effect.summary))
+                 _figures(effect.summary), extra=event.log_extra())
+        self._announce(event)
         return effects
 
     def _record_failure(self, effect: FailRound) -> None:
-        log.warning("round %d failed: %s; %s", effect.round_num, effect.reason, _figures(effect.summary))
+        event = RoundEvent(RoundEventKind.FAILED, self.task.name, effect.round_id, effect.round_num,
+                           effect.base_version if effect.base_version is not None else self.version,
+                           self._clock(), reason=effect.reason, summary=effect.summary,
+                           participations=effect.participations,
+                           duration_s=effect.summary.metrics.get("seconds"))
+        log.warning("round %d failed: %s; %s", effect.round_num, effect.reason, _figures(effect.summary),
+                    extra=event.log_extra())
+        self._announce(event)
         with self._lock:
             self._unrecorded_failures.append(effect)
         self._record_failures()
@@ -930,6 +1075,12 @@ class _TokenBuckets:
         return allowed
 
 
+def pseudonym(salt: bytes, caller: Caller) -> str:
+    """The key a caller is known by in a task's store: HMAC-SHA256 of its identity under the task's salt
+    (``TaskRecord.pseudonym_salt``); a tool auditing the store (the failover drill) computes the same."""
+    return hmac.new(salt, caller.key.encode(), hashlib.sha256).hexdigest()[:40]
+
+
 def _figures(summary: RoundSummary) -> str:
     """A closed round for the log: its reports, weight and duration, then its metrics (those that are not
     zero: counts of capped or clipped updates matter when they happen)."""
@@ -951,19 +1102,6 @@ def _store_unavailable(err: StoreError) -> Refusal:
                    f"the coordinator's store is unavailable ({err}); retry later")
 
 
-def _digest(weight: float, delta: Sequence[UpdateTensor]) -> str:
-    """What identifies an update (an identical retry has the same digest); a row-sparse tensor by its rows
-    and their values, so no dense copy is made for it."""
-    h = hashlib.sha256(np.float64(weight).tobytes())
-    for d in delta:
-        if isinstance(d, RowSparse):
-            h.update(b"rows:" + np.ascontiguousarray(d.indices, np.int64).tobytes())
-            h.update(np.ascontiguousarray(d.values).tobytes())
-        else:
-            h.update(np.ascontiguousarray(d).tobytes())
-    return h.hexdigest()
-
-
 def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence[UpdateTensor],
                     layouts: Sequence[TensorLayout]) -> tuple[str, str] | None:
     """(reason, message) if the update must be refused; shapes were checked when its manifest arrived."""
@@ -976,7 +1114,7 @@ def _invalid_update(weight: float, metrics: Mapping[str, float], delta: Sequence
     for d, layout in zip(delta, layouts, strict=True):
         if tuple(d.shape) != layout.shape or d.dtype != layout.dtype:
             return "bad_tensors", f"tensor {layout.name!r} must be {layout.dtype} {list(layout.shape)}"
-        if not np.isfinite(d.values if isinstance(d, RowSparse) else d).all():
+        if not all_finite(d.values if isinstance(d, RowSparse) else d):
             return "non_finite", f"tensor {layout.name!r} has NaN or infinite values"
     return _invalid_metrics(metrics)
 

@@ -43,8 +43,10 @@ from fedrecon.core.aggregation import Aggregator
 from fedrecon.core.compression import UpdateTensor
 from fedrecon.protocol import CREDENTIAL_SHARE_HINT, ReportOutcome, RetryLater, RoundOutcome
 from fedrecon.protocol import RoundState as RoundView
+from fedrecon.secagg_wire import ClientMessage, Instruction, SecureDone, SecurePhase, SecureWait
 from fedrecon.server.identity import Caller
 from fedrecon.server.refusals import Refusal, Status
+from fedrecon.server.secure_round import SecureFailed, SecureRound, SecureRoundFactory, SumReady
 from fedrecon.server.store.records import Outcome, Participation, RoundSummary
 from fedrecon.server.task import RoundSettings
 
@@ -92,6 +94,7 @@ class FailRound:
     reason: str
     summary: RoundSummary
     participations: tuple[Participation, ...]
+    base_version: int | None = None  # the version the round trained (the model stays at it)
 
 
 Effect = OpenRound | CommitRound | FailRound
@@ -162,6 +165,7 @@ class OpenRoundState:
     closing: str | None = None  # why the round closes; set once a commit was emitted (no more reports)
     committing: bool = False  # a CommitRound effect is out right now
     aggregating: bool = False  # the store has the round as "aggregating" (set by the driver)
+    secure: SecureRound | None = None  # a secure round's stages, once its roster is fixed
 
     def answered(self) -> int:
         return len(self.accepted) + len(self.refused)
@@ -178,9 +182,10 @@ class RoundMachine:
 
     def __init__(self, settings: RoundSettings, *, version: int, committed_rounds: int,
                  new_aggregate: Callable[[], Aggregator], may_open: Callable[[], str | None] | None = None,
-                 counts: Counter[str] | None = None) -> None:
+                 counts: Counter[str] | None = None, secure_round: SecureRoundFactory | None = None) -> None:
         """``new_aggregate`` makes an empty aggregate for a round; ``may_open`` says why no further round may
-        open (a spent privacy budget), or None."""
+        open (a spent privacy budget), or None; ``secure_round`` (a secure-aggregation task) builds a
+        round's secure stages when its selection closes (``server.secure_round``)."""
         self.settings = settings
         self.version = version
         self.committed_rounds = committed_rounds
@@ -191,6 +196,7 @@ class RoundMachine:
         self.stopping = False
         self._new_aggregate = new_aggregate
         self._may_open = may_open
+        self._secure_round = secure_round
         self._opening = False
         self._outbox: list[Effect] = []
         self._now: float | None = None  # the time of the event being handled (each event sets it)
@@ -285,6 +291,10 @@ class RoundMachine:
         if r.assigned.get(key) != token:
             self._refuse(r, key, Status.PERMISSION_DENIED, "not_assigned",
                          f"this client holds no assignment to round {r.round_num}", record=False)
+        if self._secure_round is not None:
+            self._refuse(r, key, Status.FAILED_PRECONDITION, "secure_round",
+                         f"round {r.round_num} uses secure aggregation: the update travels masked through "
+                         "the SecureAggregation call, never as a plain report", record=False)
         if key in r.accepted and digest is not None:
             if r.accepted[key] == digest:
                 return ReportOutcome(False, f"this update was already accepted in round {r.round_num}")
@@ -413,6 +423,9 @@ class RoundMachine:
             if r.answered() == len(r.assigned):
                 self._close_when_all_answered(r, now)
                 return
+        if self._secure_round is not None:
+            self._advance_secure(r, now)
+            return
         if now >= r.deadline:
             if len(r.accepted) >= s.minimum:
                 self._close(r, "deadline", now)
@@ -489,7 +502,8 @@ class RoundMachine:
 
     def _fail(self, r: OpenRoundState, reason: str, now: float | None, *, why: str | None = None) -> None:
         summary, participations = self.summary(r, now)
-        self._outbox.append(FailRound(r.round_id, r.round_num, reason, summary, participations))
+        self._outbox.append(FailRound(r.round_id, r.round_num, reason, summary, participations,
+                                      r.base_version))
         self._forget(r, ClosedRound("failed", why or reason, {}, round_num=r.round_num))
 
     def _forget(self, r: OpenRoundState, closed: ClosedRound) -> ClosedRound:
@@ -498,6 +512,83 @@ class RoundMachine:
             self.closed.popitem(last=False)
         self.round = None
         return closed
+
+    # ----- secure aggregation ------------------------------------------------------------------------
+    def secure_step(self, key: str, round_id: int, token: str, message: ClientMessage | None, digest: str,
+                    now: float) -> tuple[SecurePhase, Instruction]:
+        """One ``SecureAggregation`` call: take ``key``'s message (None: a poll) for the round's current
+        secure stage and say what the client must do next; raises ``Refusal`` (counted), changing nothing."""
+        try:
+            self.advance(now)
+            r = self.round
+            if r is None or r.round_id != round_id or r.commit_due:
+                return SecurePhase.CLOSED, self._secure_after_close(r, key, round_id, message)
+            if r.assigned.get(key) != token:
+                raise Refusal(Status.PERMISSION_DENIED, "not_assigned",
+                              f"this client holds no assignment to round {r.round_num}")
+            if self._secure_round is None:
+                raise Refusal(Status.FAILED_PRECONDITION, "not_secure",
+                              f"round {r.round_num} does not use secure aggregation: report with "
+                              "ReportUpdate")
+            if r.secure is None:
+                if message is not None:
+                    raise Refusal(Status.FAILED_PRECONDITION, "secagg_wrong_stage",
+                                  f"round {r.round_num} is still selecting its clients; no "
+                                  "secure-aggregation message is taken before its roster is fixed")
+                return SecurePhase.SELECTING, SecureWait(f"round {r.round_num} is selecting its clients")
+            if message is not None and r.secure.receive(key, message, digest):
+                self.advance(now)  # the message may complete its stage, or the whole round
+                if self.round is not r or r.commit_due:
+                    return SecurePhase.CLOSED, self._secure_after_close(self.round, key, round_id, None)
+            return r.secure.phase, r.secure.instruction(key)
+        except Refusal as refusal:
+            self.counts[refusal.reason] += 1
+            raise
+
+    def _secure_after_close(self, r: OpenRoundState | None, key: str, round_id: int,
+                            message: ClientMessage | None) -> Instruction:
+        """The answer for a secure round that is committing or over."""
+        if message is not None:
+            raise Refusal(Status.ABORTED, "round_over", f"round id {round_id} has closed its secure stages")
+        if r is not None and r.round_id == round_id:  # unmasked, its commit under way
+            return SecureWait(f"round {r.round_num} is committing")
+        closed = self.closed.get(round_id)
+        if closed is None:
+            raise Refusal(Status.FAILED_PRECONDITION, "wrong_round", f"round id {round_id} is not open, nor "
+                                                                      "one of the rounds that closed last")
+        state = RoundView.COMMITTED if closed.state == "committed" else RoundView.FAILED
+        return SecureDone(key in closed.accepted, state, closed.new_version, closed.why)
+
+    def _advance_secure(self, r: OpenRoundState, now: float) -> None:
+        """A secure round's clock: once selection has closed, build its stages, close those that are
+        complete or due, and commit the unmasked sum or fail the round."""
+        assert self._secure_round is not None
+        if r.selecting:
+            return
+        if r.secure is None:
+            made = self._secure_round(r.round_id, tuple(r.assigned), now, r.deadline)
+            if isinstance(made, str):
+                self._fail(r, made, now)
+                return
+            r.secure = made
+            log.info("round %d: secure aggregation over %d clients (%d neighbours each, threshold %d)",
+                     r.round_num, len(r.assigned), made.parameters.parameters.degree,
+                     made.parameters.parameters.threshold)
+        outcome = r.secure.advance(now)
+        if isinstance(outcome, SecureFailed):
+            self._fail(r, outcome.reason, now)
+        elif isinstance(outcome, SumReady):
+            r.aggregate.fold_secure_sum(outcome.sums, outcome.total_weight, len(outcome.survivors))
+            for key in outcome.survivors:  # individual weights and metrics are not known: only the sum is
+                r.accepted[key] = "secure_sum"
+                r.weights[key] = 0.0
+                r.metrics[key] = {}
+            self.reports_accepted += len(outcome.survivors)
+            if len(r.accepted) >= self.settings.minimum:
+                self._close(r, "unmasked", now)
+            else:
+                self._fail(r, f"only {len(r.accepted)} clients are in the secure sum; the minimum is "
+                              f"{self.settings.minimum}", now)
 
     # ----- shutdown ----------------------------------------------------------------------------------
     def stop(self, now: float) -> str | None:

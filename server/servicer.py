@@ -22,6 +22,7 @@ transport must own:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fedrecon.core.compression import UploadCodec
 from fedrecon.protocol import Assignment, RoundState
+from fedrecon.secagg_wire import SecAggWireError, client_message, response
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.identity import Caller, Identifier
 from fedrecon.server.limits import ServerLimits
@@ -101,6 +103,9 @@ class CoordinatorServicer:
                 self._unary_call(self.GetRound, pb.GetRoundRequest), response_serializer=reply),
             "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
                 self._unary_call(self.ReportEvaluation, pb.ReportEvaluationRequest),
+                response_serializer=reply),
+            "SecureAggregation": grpc.unary_unary_rpc_method_handler(
+                self._unary_call(self.SecureAggregation, pb.SecureAggregationRequest),
                 response_serializer=reply),
             "DownloadModel": grpc.unary_stream_rpc_method_handler(self._download_call),
             "ReportUpdate": grpc.stream_unary_rpc_method_handler(self._report_call,
@@ -185,23 +190,30 @@ class CoordinatorServicer:
         except ValueError as err:  # the transport proved no identity
             raise Unauthenticated(str(err)) from err
 
-    async def _caller(self, context: grpc.aio.ServicerContext, claimed_id: str) -> Caller:
-        """Who is calling, from what the transport verified (see ``identity``). What the transport knows is
-        read on the loop; the identity may need the store (a credential's devices), so it is derived on the
-        pool."""
+    async def _as_caller(self, context: grpc.aio.ServicerContext, claimed_id: str,
+                         call: Callable[[Caller], T]) -> T:
+        """``call(caller)`` for who is calling, derived from what the transport verified (see ``identity``).
+        What the transport knows is read on the loop; the identity may need the store (a credential's
+        devices), so it is derived on the pool, in the same trip as the call it is for (each trip to the
+        pool and back costs a thread hand-over both ways)."""
         token, cert = self._credentials(context)
-        try:
-            return await self._run(self.identifier.identify, claimed_id, token=token, client_cert_pem=cert,
-                                   peer=context.peer())
-        except ValueError as err:  # identify's word for "the transport proved no identity"
-            raise Unauthenticated(str(err)) from err
+        peer = context.peer()
+
+        def identified() -> T:
+            try:
+                caller = self.identifier.identify(claimed_id, token=token, client_cert_pem=cert, peer=peer)
+            except ValueError as err:  # identify's word for "the transport proved no identity"
+                raise Unauthenticated(str(err)) from err
+            return call(caller)
+
+        return await self._run(identified)
 
     # ----- the calls -----------------------------------------------------------------------------------
     async def CheckIn(self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext
                       ) -> pb.CheckInResponse:
-        caller = await self._caller(context, request.client_id)
-        result = await self._run(self.coordinator.check_in, request.task_name, caller,
-                                 request.protocol_version, dict(request.capabilities))
+        capabilities = dict(request.capabilities)
+        result = await self._as_caller(context, request.client_id, lambda caller: self.coordinator.check_in(
+            request.task_name, caller, request.protocol_version, capabilities))
         if isinstance(result, Assignment):
             deadline = Timestamp()
             deadline.FromDatetime(result.deadline)
@@ -211,7 +223,8 @@ class CoordinatorServicer:
                 reporting_deadline=deadline, model_spec_json=result.model_spec_json,
                 training_config_json=result.training_config_json, batch_size=result.batch_size,
                 max_chunk_bytes=self.max_chunk_bytes,
-                upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)]))
+                upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)],
+                secure_aggregation=result.secure_aggregation))
         lo, hi = Duration(), Duration()
         lo.FromNanoseconds(int(result.delay_min_s * 1e9))
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
@@ -225,7 +238,10 @@ class CoordinatorServicer:
         # A client may ask for smaller chunks, but not absurdly small ones (a message per byte).
         asked = request.max_chunk_bytes or self.max_chunk_bytes
         chunk = max(min(asked, self.max_chunk_bytes), min(MIN_CHUNK_BYTES, self.max_chunk_bytes))
-        messages = await self._run(self._download_messages, request.task_name, request.model_version, chunk)
+        messages = self._cached_download(request.task_name, request.model_version, chunk)
+        if messages is None:  # not encoded yet (or an older version, or an odd chunk size): on the pool
+            messages = await self._run(self._download_messages, request.task_name, request.model_version,
+                                       chunk)
         for message in messages:
             await _within(context.write(message), ends, f"the download was not read within "
                                                         f"{self.limits.download_s:g} s")
@@ -246,9 +262,9 @@ class CoordinatorServicer:
         if first is None or first.WhichOneof("kind") != "header":
             raise Refusal(Status.INVALID_ARGUMENT, "no_header", "a report stream must start with its header")
         header = first.header
-        caller = await self._caller(context, header.client_id)
         try:
-            expected = await self._run(self._check_report, header, caller)
+            caller, expected = await self._as_caller(
+                context, header.client_id, lambda caller: (caller, self._check_report(header, caller)))
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
             check_layouts(layouts, expected)
             # Plain float32, or encoded (quantised / row-sparse) as the header's encodings say; strict.
@@ -268,9 +284,9 @@ class CoordinatorServicer:
 
     async def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext
                                ) -> pb.ReportEvaluationResponse:
-        caller = await self._caller(context, request.client_id)
-        await self._run(self.coordinator.report_evaluation, request.task_name, caller, request.model_version,
-                        request.squared_error, request.num_correct, request.num_examples)
+        await self._as_caller(context, request.client_id, lambda caller: self.coordinator.report_evaluation(
+            request.task_name, caller, request.model_version, request.squared_error, request.num_correct,
+            request.num_examples))
         return pb.ReportEvaluationResponse()
 
     async def GetLatestModel(self, request: pb.GetLatestModelRequest, context: grpc.aio.ServicerContext
@@ -287,6 +303,24 @@ class CoordinatorServicer:
                                    state=_ROUND_STATES[outcome.state], new_version=outcome.new_version or 0,
                                    num_accepted=outcome.num_accepted, reason=outcome.reason)
 
+    async def SecureAggregation(self, request: pb.SecureAggregationRequest, context: grpc.aio.ServicerContext
+                                ) -> pb.SecureAggregationResponse:
+        """One step of a secure round (``server.secure_round``): decode the client's message strictly,
+        let the coordinator take it, answer what the client must do next. The digest of the message
+        recognises a retried identical message."""
+        caller = await self._caller(context, request.client_id)
+        try:
+            message = client_message(request)
+        except SecAggWireError as err:
+            await self._run(self.coordinator.count_refusal, "secagg_bad_message")
+            raise Refusal(Status.INVALID_ARGUMENT, "secagg_bad_message", str(err)) from err
+        kind = request.WhichOneof("message")
+        digest = hashlib.sha256(getattr(request, kind).SerializeToString(deterministic=True)).hexdigest() \
+            if kind is not None else ""
+        phase, instruction = await self._run(self.coordinator.secure_step, request.task_name, caller,
+                                             request.round_id, request.assignment_token, message, digest)
+        return response(phase, instruction)
+
     # ----- blocking helpers (run on the pool) ----------------------------------------------------------
     def _check_report(self, header: pb.ReportHeader, caller: Caller) -> list[Any]:
         self.coordinator.check_report(header.task_name, caller, header.round_id, header.assignment_token)
@@ -298,6 +332,14 @@ class CoordinatorServicer:
         return pb.GetLatestModelResponse(model_version=c.version, model_spec_json=c.model_spec_json,
                                          training_config_json=c.training_config_json,
                                          batch_size=c.task.batch_size, item_ids=c.task.item_ids or ())
+
+    def _cached_download(self, task: str, version: int, chunk: int) -> list[bytes] | None:
+        """The encoded stream of a version already encoded (checked on the loop: no store, no coordinator
+        lock, so the round's downloads cost no trip to the pool); None if it must be made. Only committed
+        versions are ever cached, and a committed version never changes."""
+        self.coordinator.check_task(task)  # refuses an unknown task, echoing its name cut short
+        with self._downloads_lock:
+            return self._downloads.get((version, chunk))
 
     def _download_messages(self, task: str, version: int, chunk: int) -> list[bytes]:
         """The encoded stream of a version; only the server's own chunk size is cached, so no caller can

@@ -21,6 +21,14 @@ Written by people as TOML (or JSON), for example::
 
     item_vocabulary = "movielens.items"  # optional: the dataset's own item ids, one a line, in model order
 
+A Keras model instead (``core.keras_spec``; the architecture is read from the file and stored with the task)::
+
+    [model]
+    kind = "keras"
+    architecture = "nextword.json"   # model.to_json(); or file = "nextword.keras" (a saved model)
+    local_layers = ["oov_embedding"] # their variables are local: reconstructed on devices, never sent
+    objective = { name = "sparse_categorical_crossentropy", pad_id = 0, accuracy_excludes = [1, 2] }
+
     [aggregation]                    # AggregationConfig fields; omitted ones keep the defaults
     max_update_norm = 20.0           # each update is clipped to this L2 norm (norm_policy = "clip")
     reduction = "mean"               # or "trimmed_mean" (trim_fraction) or "median"
@@ -49,6 +57,7 @@ from typing import Any
 
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.keras_spec import resolve_task_model
 from fedrecon.core.privacy import DEFAULT_DELTA, AccountantKind, PrivacyParameters, Sampling
 
 #: Fields of ``[rounds]`` written by older releases, now settings of ``[aggregation]``.
@@ -216,7 +225,7 @@ class TaskSpec:
         aggregation = _with_legacy_bound(dict(data.get("aggregation") or {}),
                                          {k: rounds.pop(k) for k in LEGACY_ROUND_FIELDS if k in rounds})
         try:
-            return cls(name=data["name"], model=dict(data["model"]),
+            return cls(name=data["name"], model=resolve_task_model(dict(data["model"]), base),
                        training=FedReconConfig.from_dict(dict(data.get("training", {}))),
                        rounds=RoundSettings(**rounds), aggregation=AggregationConfig.from_dict(aggregation),
                        batch_size=int(data.get("batch_size", 5)), seed=int(data.get("seed", 0)),

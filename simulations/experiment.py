@@ -15,6 +15,7 @@ import numpy as np
 from fedrecon.core.aggregation import UNBOUNDED_MEAN, AggregationConfig
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
+from fedrecon.core.client_work import selection_value
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.data_split import has_held_out_batch
 from fedrecon.core.matrix_factorization import MatrixFactorization
@@ -108,7 +109,7 @@ def check_scorable(data: FederatedRatings, spec: ExperimentSpec) -> None:
 
 def selection_key(metrics: dict[str, float]) -> float:
     """Selection key: a diverged (NaN) evaluation must never be selected."""
-    return metrics["rmse"] if np.isfinite(metrics["rmse"]) else float("inf")
+    return selection_value(metrics)
 
 
 def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:

@@ -69,9 +69,13 @@ class GrpcRounds:
         url = store_url or f"sqlite:///{Path(self._tmp.name) / 'coordinator.db'}"  # type: ignore[union-attr]
         self.store = SqlStore(url)
         self.task = simulation_task(task_name, model, config, settings, len(self.user_ids), aggregation)
-        self.coordinator = Coordinator(self.store, self.task)
+        # Version 0 is the simulation's own start (for a Keras model built by the app: its weights).
+        self.coordinator = Coordinator(self.store, self.task,
+                                       initial_globals=model.initial_globals(settings.seed))
         self.server = start_server(self.coordinator, host="127.0.0.1", port=0)
         self.channel = grpc.insecure_channel(self.server.address)
+        if self.task.aggregation.secure_aggregation:  # every client of a secure round waits for the others
+            workers = max(workers, self.task.rounds.clients_per_round)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simulated-client")
         self._observer = CoordinatorChannel(channel=self.channel)
 

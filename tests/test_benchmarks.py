@@ -110,11 +110,19 @@ def test_secagg_cost_writes_the_documented_rows(tmp_path: Path) -> None:
     """A tiny run (12 clients, 64 values): the same rows privacy_table's secagg section will carry."""
     out = tmp_path / "secagg.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "secagg_cost.py"), "--clients", "12",
-                           "--vector-length", "64", "--out", str(out)], capture_output=True, text=True,
-                          timeout=120)
+                           "--vector-length", "64", "--wire-clients", "3", "--wire-items", "20",
+                           "--wire-factors", "4", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["secagg"]
     assert row["clients"] == 12 and row["dropped"] == 4 and row["dropout_recovered"] is True
     assert row["plain_upload_bytes_per_client"] == 4 + 4 * 64
     assert row["upload_bytes_per_client"] > row["plain_upload_bytes_per_client"]  # keys and shares on top
     assert row["client_ms"] > 0 and row["coordinator_ms_per_client"] > 0
+    # The real gRPC round, counted at the transport: keys, shares and polls cost bytes on top of the update.
+    wire = json.loads(out.read_text())["wire"]
+    assert wire["clients"] == 3 and wire["update_values"] == 80
+    assert wire["plain_connections"] == wire["secure_connections"] == 3
+    assert wire["secure_upload_bytes_per_client"] > wire["plain_upload_bytes_per_client"] > 4 * 80
+    assert wire["secure_over_plain"] == wire["secure_upload_bytes_per_client"] / wire[
+        "plain_upload_bytes_per_client"]

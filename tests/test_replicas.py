@@ -8,6 +8,7 @@ bound.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,7 +68,14 @@ def test_one_leads_the_other_stands_by_and_takes_over_from_a_paused_leader(db_ur
         assert b.interrupted_rounds == [first.round_id]
         assert store.get_round(first.round_id).state == RoundState.FAILED
 
-        # replica-a wakes: the report that completes its round cannot be committed, and it stands down.
+        # replica-a wakes: its lease ran out unrenewed, so it refuses the report itself (the client fails
+        # over)...
+        with pytest.raises(Refusal) as expired:
+            _report(a, "u2", second)
+        assert expired.value.reason == "not_leader"
+        # ...and had the pause struck after that check, the store's fencing refuses the commit of the
+        # report that completes the round, and replica-a stands down.
+        a._lead_until = float("inf")
         with pytest.raises(Refusal) as fenced:
             _report(a, "u2", second)
         assert fenced.value.reason == "commit_failed" and "lost" in fenced.value.message
@@ -111,10 +119,14 @@ def test_a_client_given_both_addresses_follows_the_leader(tmp_path: Path) -> Non
                                          retry_delay_s=(0.05, 0.1)))
     retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=120.0)
     with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store:
-        leader = start_server(Coordinator(store, task, replica_id="replica-a", lease_ttl_s=TTL_S),
-                              tick_s=0.05)
-        standby = start_server(Coordinator(store, task, replica_id="replica-b", lease_ttl_s=TTL_S),
-                               tick_s=0.05)
+        # The client step runs in this process: TensorFlow is loaded first, since loading it holds the
+        # interpreter long enough on a busy machine (minutes) for both coordinators' leases to run out
+        # unrenewed (the lead then passes, as it should, and the first round fails). The hand-over tested
+        # here is the release at stop, not an expiry: default leases (15 s).
+        import fedrecon.core.client_work  # noqa: F401
+
+        leader = start_server(Coordinator(store, task, replica_id="replica-a"), tick_s=0.05)
+        standby = start_server(Coordinator(store, task, replica_id="replica-b"), tick_s=0.05)
         try:
             both = f"{standby.address},{leader.address}"
             first = FederatedClient(both, "shared", "u0", data.train[users[0]], retry=retry).participate(
@@ -129,3 +141,99 @@ def test_a_client_given_both_addresses_follows_the_leader(tmp_path: Path) -> Non
             leader.stop()
             standby.stop()
         assert [v.version for v in store.list_versions("shared")] == [0, 1, 2]
+
+
+def test_a_standby_reloads_only_when_the_leader_committed(db_url: str) -> None:
+    """Standing by costs one small read per lease period: the model (a payload read) and the task's rounds
+    are read again only when the leader committed a new version, then served at once."""
+    with SqlStore(db_url) as store:
+        a = _coordinator(store, "replica-a")
+        b = _coordinator(store, "replica-b")
+        assert a.leading and not b.leading
+        reads: list[str] = []
+        latest, rounds = store.latest_version, store.list_rounds
+
+        def counted_latest(task: str, *, with_payload: bool = True) -> object:
+            reads.append("payload" if with_payload else "version")
+            return latest(task, with_payload=with_payload)
+
+        def counted_rounds(task: str, **kwargs: object) -> object:
+            reads.append("rounds")
+            return rounds(task, **kwargs)  # type: ignore[arg-type]
+
+        b.store = type("CountingStore", (), {})()  # only b's reads are counted: a keeps the real store
+        for name in ("acquire_lease", "renew_lease", "get_version", "get_round", "fail_unfinished_rounds",
+                     "participation_in", "get_task"):
+            setattr(b.store, name, getattr(store, name))
+        b.store.latest_version = counted_latest  # type: ignore[attr-defined]
+        b.store.list_rounds = counted_rounds  # type: ignore[attr-defined]
+
+        def standby_tick() -> None:
+            a.tick()  # the leader keeps its lease
+            b._next_lease_action = 0.0  # b's maintenance runs now, not a third of a lease later
+            b.tick()
+
+        for _ in range(5):
+            standby_tick()
+        assert not b.leading and reads == ["version"] * 5
+
+        # The leader opens a round: the standby still reads no model, yet answers for the new round.
+        first = a.check_in("shared", "u1", 1)
+        second = a.check_in("shared", "u2", 1)
+        assert isinstance(first, Assignment) and isinstance(second, Assignment)
+        standby_tick()
+        assert reads.count("payload") == 0 and b.round_outcome("shared", first.round_id).state.name == "OPEN"
+
+        # The leader commits version 1: the standby reloads once, and serves it.
+        for client, got in (("u1", first), ("u2", second)):
+            assert _report(a, client, got).accepted  # type: ignore[attr-defined]
+        assert a.version == 1
+        np.testing.assert_array_equal(b.model_arrays("shared", 1)[1][0], a.model_arrays("shared", 1)[1][0])
+        reads.clear()
+        standby_tick()
+        standby_tick()
+        assert reads == ["version", "payload", "rounds", "version"] and b.version == 1
+        assert b.round_outcome("shared", first.round_id).state.name == "COMMITTED"
+
+
+def test_a_leader_whose_lease_ran_out_unrenewed_refuses_rounds(db_url: str) -> None:
+    """A leader that could not renew (paused, store unreachable) stops taking check-ins and reports once its
+    lease may have run out, before any successor exists, and leads again when a renewal succeeds."""
+    with SqlStore(db_url) as store:
+        a = _coordinator(store, "replica-a")
+        assert isinstance(a.check_in("shared", "u1", 1), Assignment)
+        lease = store.get_lease("shared")
+        assert lease is not None
+        _until(lambda: time.monotonic() >= a._lead_until, "the lease may have run out")  # no ticks
+        with pytest.raises(Refusal) as refused:
+            a.check_in("shared", "u2", 1)
+        assert refused.value.status == Status.UNAVAILABLE and refused.value.reason == "not_leader"
+        assert "renew" in refused.value.message
+        a._next_lease_action = 0.0
+        a.tick()  # nobody took the task: the renewal succeeds under the same epoch
+        assert isinstance(a.check_in("shared", "u2", 1), Assignment)
+        renewed = store.get_lease("shared")
+        assert renewed is not None and renewed.epoch == lease.epoch
+
+
+def test_a_client_leaves_a_coordinator_that_holds_its_calls(tmp_path: Path) -> None:
+    """A paused coordinator (SIGSTOP, or stuck on its store) accepts connections but answers nothing: a
+    call's deadline passes, and the retry goes to the next address instead of waiting on it again."""
+    from fedrecon.client.transport import CoordinatorChannel
+
+    released = threading.Event()
+    with SqlStore(f"sqlite:///{tmp_path / 'stuck.db'}") as stuck_store, \
+            SqlStore(f"sqlite:///{tmp_path / 'live.db'}") as live_store:
+        stuck = start_server(_coordinator(stuck_store, "stuck"), tick_s=0.05)
+        live = start_server(_coordinator(live_store, "live"), tick_s=0.05)
+        stuck.coordinator.check_in = lambda *a, **k: released.wait(60)  # type: ignore[method-assign]
+        try:
+            channel = CoordinatorChannel(f"{stuck.address},{live.address}", retry=RetryPolicy(
+                initial_s=0.05, max_s=0.2, give_up_after_s=60.0, rpc_timeout_s=1.0))
+            answer = channel.check_in("shared", "u1")
+            assert isinstance(answer, Assignment) and channel.target == live.address
+            channel.close()
+        finally:
+            released.set()
+            stuck.stop()
+            live.stop()

@@ -6,7 +6,7 @@ gRPC driver makes the same calls in the same order.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,9 @@ import numpy as np
 from .client import SecAggClient
 from .errors import ClientAbort
 from .messages import Message, SumResult, payload_bytes
-from .parameters import RoundParameters
+from .parameters import RoundParameters, build_parameters
 from .server import SecAggServer
+from .updates import SecureEncoding, quantised_update
 
 
 @dataclass
@@ -120,3 +121,22 @@ def secure_sum(updates: Mapping[int, np.ndarray], parameters: RoundParameters, r
     quantiser = parameters.quantiser
     result = local_round(parameters, lambda c: quantiser.quantise(updates[c], rng), dropouts=dropouts)
     return quantiser.dequantise_sum(result.total, result.count), result
+
+
+def secure_round_sum(encoding: SecureEncoding, deltas: Sequence[Sequence[np.ndarray]],
+                     weights: Sequence[float], shapes: Sequence[tuple[int, ...]], *, round_id: bytes,
+                     rng: np.random.Generator, degree: int | None = None, threshold: int | None = None,
+                     dropouts: DropoutPlan = DropoutPlan()) -> tuple[list[np.ndarray], float, SumResult]:
+    """A simulated round's secure aggregation, as a coordinator and its clients would run it: each client
+    encodes (clip, weight) and quantises its update, the round is masked and unmasked in process, and the
+    sum is decoded into ``Σ w·s·Δ`` per tensor and ``Σ w`` (``Aggregator.fold_secure_sum`` takes them).
+    Client ids are 1..C in the order given; ``rng`` draws the graph seed and the stochastic rounding."""
+    parameters = build_parameters(
+        round_id=round_id, clients=range(1, len(deltas) + 1),
+        vector_length=SecureEncoding.vector_length(shapes), clip=encoding.clip, degree=degree,
+        threshold=threshold, graph_seed=rng.bytes(16))
+    result = local_round(parameters, lambda c: quantised_update(
+        encoding, parameters.quantiser, deltas[c - 1], weights[c - 1], rng), dropouts=dropouts)
+    total = parameters.quantiser.dequantise_sum(result.total, result.count)
+    sums, total_weight = encoding.decode_sum(total, shapes)
+    return sums, total_weight, result

@@ -19,7 +19,10 @@ store's own errors with a diagnosis:
 
 ``create`` says whether the command may make a new store: ``serve`` and ``token issue`` write and may,
 ``status``, ``export`` and the other token commands only look and must not leave an empty database behind
-a mistyped URL.
+a mistyped URL. ``schema`` (`SchemaPolicy`) says whether it may migrate the schema: every command does by
+default, ``serve --no-migrate`` must find it at this release's revision (else `SchemaOutOfDate`), ``fedrecon
+db current`` takes it as it is. A schema newer than this release knows is refused unless taken as it is:
+this release could not use it, and Alembic could not take it back.
 """
 
 from __future__ import annotations
@@ -32,7 +35,17 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from .records import StoreError, StoreFault, StoreNotFound, StoreUnavailable, StoreUnopenable
+from fedrecon.server.migrations import head_revision, is_known_revision
+
+from .records import (
+    SchemaOutOfDate,
+    SchemaPolicy,
+    StoreError,
+    StoreFault,
+    StoreNotFound,
+    StoreUnavailable,
+    StoreUnopenable,
+)
 from .sql_store import SqlStore
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -41,27 +54,42 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 EXAMPLES = "sqlite:////absolute/path/fedrecon.db or postgresql+psycopg://USER@HOST/DATABASE"
 
 
-def open_store(url: str, *, create: bool) -> SqlStore:
-    """The store at ``url``, its schema migrated to the newest revision; the caller closes it.
+def open_store(url: str, *, create: bool, schema: SchemaPolicy = SchemaPolicy.MIGRATE) -> SqlStore:
+    """The store at ``url``, its schema as ``schema`` says (by default migrated to the newest revision);
+    the caller closes it.
 
-    With ``create`` a missing SQLite file is created and an empty database gets the store's tables; without
-    it neither happens (`StoreNotFound`). PostgreSQL databases are never created. Raises only `StoreError`
-    subclasses, each with a one-line message (see the module docstring)."""
+    With ``create`` a missing SQLite file is created and an empty database is accepted (and given the
+    store's tables unless ``schema`` forbids changing it); without it neither happens (`StoreNotFound`).
+    PostgreSQL databases are never created. Raises only `StoreError` subclasses, each with a one-line
+    message (see the module docstring)."""
+    if create and schema is SchemaPolicy.REQUIRE_HEAD:
+        raise ValueError("a store that must already be at the newest revision cannot be created")
     parsed = _parse(url)
     if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_path(parsed, create=create)
+        _check_sqlite_path(parsed, create=create, creator=_creator(schema))
     try:
-        store = SqlStore(url, migrate=create)
+        store = SqlStore(url, migrate=False)
     except (ArgumentError, NoSuchModuleError, ImportError, TypeError, ValueError) as err:
         raise StoreUnopenable(_driver_problem(parsed, err)) from err
     except StoreError as err:
         raise _diagnosed(err, parsed) from err
     try:
-        if not create:
-            if store.schema_revision() is None:
-                raise StoreNotFound(f"no store in {_where(parsed)}: it has none of the store's tables "
-                                    "(`fedrecon serve` creates them)")
-            store.migrate()  # an older store is brought up to date, as serve would
+        revision = store.schema_revision()
+        if revision is None and not create and schema is not SchemaPolicy.AS_FOUND:
+            raise StoreNotFound(f"no store in {_where(parsed)}: it has none of the store's tables "
+                                f"({_creator(schema)} creates them)")
+        if revision is not None and schema is not SchemaPolicy.AS_FOUND and not is_known_revision(revision):
+            raise SchemaOutOfDate(
+                f"the store in {_where(parsed)} is at schema revision {revision}, which this release does "
+                f"not know (its newest is {head_revision()}): a newer release migrated it; run that release",
+                revision=revision, head=head_revision())
+        if schema is SchemaPolicy.MIGRATE:
+            store.migrate()  # a new store is created, an older one brought up to date
+        elif schema is SchemaPolicy.REQUIRE_HEAD and revision != head_revision():
+            raise SchemaOutOfDate(
+                f"the store in {_where(parsed)} is at schema revision {revision}, this release needs "
+                f"{head_revision()}: run `fedrecon db upgrade --store URL` first (or serve without "
+                "--no-migrate, which migrates on start)", revision=str(revision), head=head_revision())
     except StoreUnopenable:
         store.close()
         raise
@@ -69,6 +97,11 @@ def open_store(url: str, *, create: bool) -> SqlStore:
         store.close()
         raise _diagnosed(err, parsed) from err
     return store
+
+
+def _creator(schema: SchemaPolicy) -> str:
+    """The command that creates a store, for a message of one that must not."""
+    return "`fedrecon serve`" if schema is SchemaPolicy.MIGRATE else "`fedrecon db upgrade`"
 
 
 def _parse(url: str) -> URL:
@@ -104,7 +137,7 @@ def _relative_hint(database: str) -> str:
     return f" (the path is relative to the current folder {os.getcwd()}{four})"
 
 
-def _check_sqlite_path(parsed: URL, *, create: bool) -> None:
+def _check_sqlite_path(parsed: URL, *, create: bool, creator: str) -> None:
     """Refuse, with the reason, a SQLite path that cannot hold a store (or, without ``create``, holds
     none), before sqlite3 is asked: it would create a file or say only "unable to open database file"."""
     database = parsed.database or ""
@@ -126,7 +159,7 @@ def _check_sqlite_path(parsed: URL, *, create: bool) -> None:
     if not path.exists():
         if not create:
             raise StoreNotFound(f"no store at {database}: the file does not exist{hint}; check --store "
-                                "(`fedrecon serve` creates a store, this command does not)")
+                                f"({creator} creates a store, this command does not)")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise StoreUnopenable(f"cannot create the SQLite store {database}: permission denied in the "
                                   f"folder {folder}")

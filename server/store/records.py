@@ -242,6 +242,33 @@ class StoreNotFound(StoreUnopenable):
     command that must not create one (``status``, ``export``, ``token list``)."""
 
 
+class SchemaPolicy(StrEnum):
+    """What opening a store (`open_store`) may do to its schema.
+
+    * ``MIGRATE``: bring it to this release's newest revision (what ``serve`` does by default, and every
+      command of a deployment that migrates on start).
+    * ``REQUIRE_HEAD``: change nothing, and refuse unless it is at this release's newest revision
+      (``serve --no-migrate``, for deployments that migrate as a step of their own: ``fedrecon db upgrade``).
+    * ``AS_FOUND``: change nothing and accept any revision, none included (``fedrecon db current``, and
+      ``db upgrade`` before it migrates).
+    """
+
+    MIGRATE = "migrate"
+    REQUIRE_HEAD = "require_head"
+    AS_FOUND = "as_found"
+
+
+class SchemaOutOfDate(StoreUnopenable):
+    """The store's schema is not the revision this release works with, and the command must not change it:
+    behind (``serve --no-migrate`` before ``fedrecon db upgrade`` ran), or ahead (a newer release migrated
+    it; this one cannot use it, nor take it back). The message says which and what to run."""
+
+    def __init__(self, message: str, *, revision: str, head: str) -> None:
+        super().__init__(message)
+        self.revision = revision
+        self.head = head
+
+
 class UnknownCredential(StoreError):
     def __init__(self, credential_id: int) -> None:
         super().__init__(f"no credential {credential_id}")

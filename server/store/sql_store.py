@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, Numeric, cast, create_engine, distinct, event, func, select
+from sqlalchemy import Engine, Numeric, cast, create_engine, distinct, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     DBAPIError,
@@ -88,6 +88,9 @@ CONNECT_TIMEOUT_S = 10
 """How long a connection attempt to a database server (PostgreSQL) may take, unless the URL sets
 ``connect_timeout`` itself."""
 
+MIGRATION_LOCK_KEY = 0x66656472_65636F6E  # "fedrecon" in ASCII: a 64-bit advisory lock key of our own
+"""The PostgreSQL advisory lock that serialises schema migrations (`SqlStore.migrate`)."""
+
 _READ_ONLY = "fedrecon_read_only"  # execution option: this transaction only reads
 
 
@@ -138,8 +141,15 @@ class SqlStore:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (creating it in an empty database), in one
-        transaction; a no-op on an up-to-date database."""
+        transaction; a no-op on an up-to-date database.
+
+        On PostgreSQL the transaction first takes an advisory lock, so migrations started at once (replicas
+        starting together, one ``fedrecon db upgrade`` init container per pod) run one after the other: the
+        later ones find the schema at head and do nothing, instead of failing on tables the first created.
+        SQLite needs no lock: its write transactions already exclude each other."""
         with _refusals_as_store_errors(), self._engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             upgrade_to_head(connection)
 
     def schema_revision(self) -> str | None:
@@ -148,6 +158,14 @@ class SqlStore:
         """
         with _refusals_as_store_errors(), self._engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
+
+    def ping(self) -> None:
+        """Return if the store can serve now, else raise its error: `StoreUnavailable` when the database
+        does not answer, `StoreVanished` when the SQLite file was deleted or replaced. One tiny read (a
+        row of the tasks table, so the schema is really there): what the gRPC health service probes."""
+        self._require_same_file()
+        with self._read() as session:
+            session.execute(select(Task.id).limit(1)).all()
 
     @property
     def url(self) -> str:
