@@ -128,8 +128,9 @@ def part_population(num_users: int, rounds: int, workers: int) -> dict[str, Any]
 
 def run_part(*args: str) -> dict[str, Any]:
     """One part in a fresh interpreter (its own peak RSS); its result is the last line it prints."""
-    done = subprocess.run([sys.executable, __file__, "--part", *args], check=True, capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, __file__, "--part", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"part {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -18,6 +18,11 @@ aggregation is (after TensorFlow Federated's aggregation factories):
    ``AggregationReport`` of what ran: the stages, how many updates were folded, clipped, capped, refused,
    and the largest share of the round's weight one client held.
 
+A round may also be folded in shards (the Ray backend: each worker folds its clients through the round's
+own stages, where the per-client norms and weights are) and the shards merged (``Aggregator.partial`` and
+``merge``): counts add, the streaming sums add, the buffering reducers' rows concatenate, and only the
+merged aggregator releases the mean (DP noise once) and moves the adaptive bound.
+
 Updates reach the stages through ``ClientDeltas``: the coordinator passes one dense update at a time
 (``StackedDeltas``, C = 1); the simulator passes a whole round straight from the TensorFlow client step
 (per-client norms computed in the graph, the weighted sum reduced in the graph), so clipping costs the

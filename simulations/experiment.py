@@ -150,6 +150,11 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
     if backend == "ray" and (spec.algorithm == "centralized" or transport != "inprocess"):
         raise ValueError("the ray backend runs federated algorithms (fedrecon, fedavg) with the in-process "
                          "client step (no --transport grpc)")
+    if backend == "ray" and spec.aggregation.secure_aggregation:
+        # Each worker would run its own secure round among its share of the clients: a different protocol
+        # (smaller rounds, thresholds over fewer clients) from the one secure round of the other backends.
+        raise ValueError("secure aggregation runs one secure round among all of a round's clients: use the "
+                         "fedrecon backend (in process or --transport grpc), not ray")
     if isinstance(data.train, Population) and (spec.algorithm == "centralized" or transport != "inprocess"
                                                or backend == "tff"):
         raise ValueError("a population generated on demand trains federated algorithms on the fedrecon or "

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from fedrecon.cli import app
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
@@ -79,3 +84,20 @@ def test_a_round_materialises_only_its_sampled_clients() -> None:
         assert record.num_clients == 40 and np.isfinite(record.train_loss)
         assert len(population.looked_up) == 40 * round_num
     assert len(set(population.looked_up[:40])) == 40
+
+
+def test_cli_simulates_a_population(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["simulate", "--data", "population:800", "--rounds", "2",
+                                      "--clients-per-round", "20", "--factors", "8", "--eval-every", "1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == "population:800" and len(metrics["train_loss"]) == 2
+    assert metrics["test"]["num_examples"] > 0 and np.isfinite(metrics["test"]["rmse"])
+
+
+def test_a_population_is_refused_where_it_would_be_materialised(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["simulate", "--data", "population:800", "--transport", "grpc",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "would materialise every user" in result.output
