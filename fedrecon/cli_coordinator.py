@@ -473,7 +473,10 @@ def export(
     model = model_from_config(spec["model"])
     names = [v.name for v in model.global_variables]
     arrays = globals_from_bytes(record.payload()[0], names)
-    described = model.config() if spec["model"].get("kind") == "keras" else spec["model"]  # + its variables
+    from fedrecon.core.keras_spec import KerasDescribedModel
+
+    # A keras description is exported with its variable table, so an app needs no build to read it.
+    described = model.config() if isinstance(model, KerasDescribedModel) else spec["model"]
     try:
         if out.suffix == ".keras":
             from fedrecon.core.keras_spec import save_keras_file
