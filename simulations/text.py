@@ -1,0 +1,204 @@
+"""Text datasets for next-word prediction: users' texts, a word vocabulary, and fixed-length examples.
+
+Readers:
+
+- a JSON object mapping each user to a list of texts (``by_speaker.json`` of tiny Shakespeare: speakers
+  of the plays, each with their utterances);
+- a folder with one ``.txt`` file per user, or one sub-folder of ``.txt`` files per user (the user is the
+  file's or sub-folder's name);
+- ``synthetic_texts``: generated users who each favour a few words of a small language (for tests that
+  need no files).
+
+Users are split into training, validation and unseen test users by a seed, after dropping users with fewer
+than ``min_words`` words (a user must have at least two batches of sequences: one to reconstruct from, one
+to score). The vocabulary is built from training users only: the ``vocab_size`` most frequent words, with
+ties broken alphabetically. Token ids: 0 padding, 1 beginning of sentence, 2 end of sentence, then the
+vocabulary, then one out-of-vocabulary id (the prediction target of every unknown word); a model that
+embeds unknown words per bucket reads the bucket (``hash mod oov_buckets``, stable across processes) from
+the example's second channel.
+
+An example is one sentence cut into windows of ``seq_len`` tokens: input ``[BOS, w1, ..., w_{T-1}]`` and
+targets ``[w1, ..., EOS]``, padded with 0. ``x`` is ``[n, seq_len, 2]`` (token id, OOV bucket + 1 or 0 for
+known words) and ``y`` ``[n, seq_len]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedrecon.core.batching import ClientExamples
+
+PAD, BOS, EOS = 0, 1, 2
+SPECIAL = 3
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|[.,!?;:]")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks of ``text`` (the tokenizer)."""
+    return _WORD.findall(text.lower())
+
+
+def sentences(texts: Sequence[str]) -> list[list[str]]:
+    """A user's texts as tokenized sentences (split after . ! ? and at line ends)."""
+    out = []
+    for text in texts:
+        for part in _SENTENCE_END.split(text):
+            tokens = words(part)
+            if tokens:
+                out.append(tokens)
+    return out
+
+
+def read_texts(source: str | Path) -> dict[str, list[str]]:
+    """Users' texts from a ``{user: [text, ...]}`` JSON file or a folder of per-user files/sub-folders."""
+    path = Path(source)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise ValueError(f"{path}: expected a JSON object mapping each user to a list of texts")
+        return {str(k): [str(t) for t in v] for k, v in data.items()}
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such text file or folder: {path}")
+    users: dict[str, list[str]] = {}
+    for entry in sorted(path.iterdir()):
+        if entry.is_file() and entry.suffix == ".txt":
+            users[entry.stem] = [entry.read_text(errors="replace")]
+        elif entry.is_dir():
+            files = sorted(entry.rglob("*.txt"))
+            if files:
+                users[entry.name] = [f.read_text(errors="replace") for f in files]
+    if not users:
+        raise ValueError(f"{path}: no .txt files (one per user) and no sub-folders of .txt files")
+    return users
+
+
+def synthetic_texts(*, num_users: int = 60, words_per_user: int = 300, vocabulary: int = 80, seed: int = 0
+                    ) -> dict[str, list[str]]:
+    """Users who write from a shared small language, each favouring a handful of its words (so a personal
+    part of a model has something to learn)."""
+    rng = np.random.default_rng(seed)
+    lexicon = [f"w{i}" for i in range(vocabulary)]
+    base = rng.dirichlet(np.full(vocabulary, 0.3))
+    users = {}
+    for u in range(num_users):
+        favourite = rng.choice(vocabulary, 4, replace=False)
+        p = base * 0.5
+        p[favourite] += 0.5 / 4
+        tokens = rng.choice(vocabulary, words_per_user, p=p / p.sum())
+        text = " ".join(lexicon[t] + ("." if i % 9 == 8 else "") for i, t in enumerate(tokens))
+        users[f"user{u}"] = [text]
+    return users
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Word ids (``SPECIAL + rank``) of the most frequent training words, plus OOV handling."""
+
+    words: tuple[str, ...]
+    oov_buckets: int = 1
+
+    @property
+    def oov_id(self) -> int:
+        return SPECIAL + len(self.words)
+
+    @property
+    def size(self) -> int:
+        """Number of output classes: padding, BOS, EOS, the words and the OOV id."""
+        return self.oov_id + 1
+
+    def accuracy_excludes(self) -> tuple[int, ...]:
+        """Targets the paper's accuracy does not count (padding is never a target): EOS and OOV."""
+        return (EOS, self.oov_id)
+
+    def bucket(self, word: str) -> int:
+        """The OOV bucket of an unknown word, 1..oov_buckets (0: a known word)."""
+        return 1 + zlib.crc32(word.encode()) % self.oov_buckets
+
+    def encode(self, sentence: Sequence[str]) -> tuple[list[int], list[int]]:
+        index = self._index()
+        ids = [index.get(w, self.oov_id) for w in sentence]
+        buckets = [0 if w in index else self.bucket(w) for w in sentence]
+        return ids, buckets
+
+    def _index(self) -> dict[str, int]:
+        cached = self.__dict__.get("_cached_index")
+        if cached is None:
+            cached = {w: SPECIAL + i for i, w in enumerate(self.words)}
+            object.__setattr__(self, "_cached_index", cached)
+        return cached
+
+
+def build_vocabulary(texts: Mapping[str, Sequence[str]], size: int, *, oov_buckets: int = 1) -> Vocabulary:
+    """The ``size`` most frequent words of ``texts`` (call it with training users only)."""
+    counts: Counter[str] = Counter()
+    for user_texts in texts.values():
+        for sentence in sentences(user_texts):
+            counts.update(sentence)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return Vocabulary(tuple(w for w, _ in ranked[:size]), oov_buckets)
+
+
+def examples(texts: Sequence[str], vocabulary: Vocabulary, seq_len: int, *, max_examples: int | None = None
+             ) -> ClientExamples:
+    """A user's sentences as next-word examples (see the module docstring), in text order."""
+    xs, ys = [], []
+    for sentence in sentences(texts):
+        ids, buckets = vocabulary.encode(sentence)
+        inputs = [BOS, *ids]
+        in_buckets = [0, *buckets]
+        targets = [*ids, EOS]
+        for start in range(0, len(targets), seq_len):
+            x = np.zeros((seq_len, 2), np.int32)
+            y = np.zeros(seq_len, np.float32)
+            chunk = slice(start, start + seq_len)
+            n = len(targets[chunk])
+            x[:n, 0] = inputs[chunk]
+            x[:n, 1] = in_buckets[chunk]
+            y[:n] = targets[chunk]
+            xs.append(x)
+            ys.append(y)
+    if max_examples is not None:
+        xs, ys = xs[:max_examples], ys[:max_examples]
+    if not xs:
+        return ClientExamples(x=np.zeros((0, seq_len, 2), np.int32), y=np.zeros((0, seq_len), np.float32))
+    return ClientExamples(x=np.stack(xs), y=np.stack(ys))
+
+
+@dataclass(frozen=True)
+class FederatedText:
+    vocabulary: Vocabulary
+    train: dict[int, ClientExamples]
+    validation: dict[int, ClientExamples]
+    test: dict[int, ClientExamples]
+    users: tuple[str, ...]  # user names by integer id
+    dropped_users: int  # users under the minimum-text rule
+
+
+def split_texts(texts: Mapping[str, Sequence[str]], *, vocab_size: int, seq_len: int, seed: int = 42,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), min_words: int = 100,
+                oov_buckets: int = 1, max_examples_per_user: int | None = 256) -> FederatedText:
+    """Users split by ``seed`` into train/validation/test after dropping users with under ``min_words``
+    words; the vocabulary comes from training users only."""
+    names = sorted(texts)
+    kept = [n for n in names if sum(len(s) for s in sentences(texts[n])) >= min_words]
+    if len(kept) < 3:
+        raise ValueError(f"only {len(kept)} users have at least {min_words} words: too few to split")
+    order = np.random.default_rng(seed).permutation(len(kept))
+    n_train = round(fractions[0] * len(kept))
+    n_val = max(1, round(fractions[1] * len(kept)))
+    parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
+    vocabulary = build_vocabulary({kept[i]: texts[kept[i]] for i in parts[0]}, vocab_size,
+                                  oov_buckets=oov_buckets)
+    ids = {name: i for i, name in enumerate(kept)}
+    split = [{ids[kept[i]]: examples(texts[kept[i]], vocabulary, seq_len, max_examples=max_examples_per_user)
+              for i in part} for part in parts]
+    return FederatedText(vocabulary, split[0], split[1], split[2], tuple(kept), len(names) - len(kept))
