@@ -552,11 +552,7 @@ def export(
     arrays = globals_from_bytes(record.payload()[0], names)
     from fedrecon.core.keras_spec import KerasDescribedModel
 
-<<<<<<< ours
-    # A Keras description gains its variable table; a matrix factorization's is the task's own.
-=======
     # A keras description is exported with its variable table, so an app needs no build to read it.
->>>>>>> theirs
     described = model.config() if isinstance(model, KerasDescribedModel) else spec["model"]
     try:
         if out.suffix == ".keras":
