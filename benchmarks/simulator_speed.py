@@ -1,12 +1,18 @@
-"""Seconds per FedRecon round: lock-step simulator against one client at a time, in one process.
+"""Seconds per simulated FedRecon round: the XLA-compiled lock-step simulator, the previous (op-by-op graph)
+lock-step path, one client at a time, and TensorFlow Federated, in one run.
 
+    make tff-env   # once, for the TFF figure (without it the TFF figure is left out, with the reason)
     python benchmarks/simulator_speed.py --data ../shared/data/movielens/ml-1m-2998u --rounds 20 \
         --out benchmarks/results/simulator_speed.json
 
-Both paths run the same client step (``client_work``) with the reference configuration and 100 clients
-per round. The reference path calls it once per client (``client_update``, what a device does, C = 1) and
-folds each update into the running sum; the simulator packs all clients of a round into one call. The
-figure is the median wall time per round after one warm-up round, and the ratio between the two.
+Every path runs the reference configuration (50 factors, 100 clients per round, batch 5, the paper's
+reconstruction and client steps). ``fedrecon`` is the lock-step simulator with its training graph compiled
+by XLA (``simulate --xla``); ``previous_path`` the same graph run op by op (the default until XLA was
+added); ``one_client_at_a_time`` calls the client step once per client (what a device does, C = 1) and
+folds each update; ``tff`` is TFF 0.87's ``build_fed_recon`` in its own environment (``process.next`` timed
+inside the TFF process). Figures are medians over the rounds after the first (which includes tracing and
+compilation); compilation is reported separately. Keys other than these (``ray``, ``population_1e6``,
+written by ``simulator_scale.py``) are kept.
 """
 
 from __future__ import annotations
@@ -20,12 +26,58 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fedrecon.core.aggregation import UNBOUNDED_MEAN
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.client_work import client_update
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
-from fedrecon.simulations.ratings import load_dataset
+from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rng, select_clients
+
+
+def _lockstep(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float]:
+    """(median seconds per round after the first, seconds of the first round)."""
+    algorithm = FedRecon(MatrixFactorization(data.num_items, 50), FedReconConfig())
+    sim = Simulation(algorithm, data.train, SimulationSettings(rounds=rounds, clients_per_round=100,
+                                                               batch_size=5, xla=xla))
+    state = algorithm.initial_state(0)
+    seconds = []
+    for _ in range(rounds + 1):
+        state, record = sim.run_round(state)
+        seconds.append(record.seconds)
+    return statistics.median(seconds[1:]), seconds[0]
+
+
+def _one_by_one(data: FederatedRatings, rounds: int) -> float:
+    algorithm = FedRecon(MatrixFactorization(data.num_items, 50), FedReconConfig())
+    user_ids = sorted(data.train)
+    state = algorithm.initial_state(0)
+    seconds = []
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        round_num = state.round_num + 1
+        aggregate = algorithm.new_aggregate(max_clients=100, batch_size=5)
+        for user in select_clients(user_ids, 100, seed=0, round_num=round_num):
+            update = client_update(algorithm.client_step, state.globals, data.train[user],
+                                   batch_size=5, rng=local_rng(0, round_num, user))
+            aggregate.fold_one(update.delta, update.weight)
+        state = algorithm.server_update(state, aggregate)
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds[1:])
+
+
+def _tff(data: FederatedRatings, rounds: int) -> tuple[float | None, str | None]:
+    from fedrecon.simulations.experiment import ExperimentSpec, run_experiment
+
+    spec = ExperimentSpec(num_factors=50, local_init="shared", config=FedReconConfig(),
+                          aggregation=UNBOUNDED_MEAN,
+                          settings=SimulationSettings(rounds=rounds, clients_per_round=100, batch_size=5,
+                                                      eval_every=10 ** 6, seed=0))
+    try:
+        result = run_experiment(spec, data, backend="tff")
+    except Exception as err:  # no TFF environment here: say so instead of a figure
+        return None, f"{type(err).__name__}: {err}"
+    return result.seconds_per_round, None
 
 
 def main() -> None:
@@ -33,42 +85,40 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--one-by-one-rounds", type=int, default=5)
+    parser.add_argument("--tff-rounds", type=int, default=6, help="0 leaves TFF out")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     data = load_dataset(args.data)
-    model = MatrixFactorization(data.num_items, 50)
-    algorithm = FedRecon(model, FedReconConfig())
-    settings = SimulationSettings(rounds=args.rounds, clients_per_round=100, batch_size=5)
-    sim = Simulation(algorithm, data.train, settings)
+    load_start = os.getloadavg()
+    xla, xla_first = _lockstep(data, args.rounds, xla=True)
+    graph, graph_first = _lockstep(data, args.rounds, xla=False)
+    slow = _one_by_one(data, args.one_by_one_rounds)
+    tff, tff_missing = (_tff(data, args.tff_rounds) if args.tff_rounds
+                        else (None, "not asked (--tff-rounds 0)"))
 
-    state = algorithm.initial_state(0)
-    lockstep = []
-    for _ in range(args.rounds + 1):
-        state, record = sim.run_round(state)
-        lockstep.append(record.seconds)
-
-    state = algorithm.initial_state(0)
-    one_by_one = []
-    for _ in range(args.rounds + 1):
-        t0 = time.perf_counter()
-        round_num = state.round_num + 1
-        aggregate = algorithm.new_aggregate(max_clients=100, batch_size=5)
-        for user in select_clients(sim.user_ids, 100, seed=settings.seed, round_num=round_num):
-            update = client_update(algorithm.client_step, state.globals, data.train[user],
-                                   batch_size=5, rng=local_rng(settings.seed, round_num, user))
-            aggregate.fold_one(update.delta, update.weight)
-        state = algorithm.server_update(state, aggregate)
-        one_by_one.append(time.perf_counter() - t0)
-
-    fast = statistics.median(lockstep[1:])
-    slow = statistics.median(one_by_one[1:])
-    result = {"rounds": args.rounds, "clients_per_round": 100,
-              "lockstep_seconds_per_round": fast, "one_client_at_a_time_seconds_per_round": slow,
-              "speedup": slow / fast, "cpus": os.cpu_count()}
-    print(f"lock-step simulator:  {fast:.4f} s/round")
-    print(f"one client at a time: {slow:.4f} s/round")
-    print(f"speed-up:             {slow / fast:.1f}x")
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    kept = {k: v for k, v in previous.items() if k in ("ray", "population_1e6", "scale_machine")}
+    result = {
+        "seconds_per_round": {"fedrecon": xla, "previous_path": graph, "one_client_at_a_time": slow,
+                              "tff": tff},
+        "first_round_seconds": {"fedrecon": xla_first, "previous_path": graph_first},
+        "speedup_vs_previous_path": graph / xla,
+        "speedup_vs_tff": tff / xla if tff else None,
+        "tff_missing": tff_missing,
+        "rounds": args.rounds, "one_by_one_rounds": args.one_by_one_rounds, "tff_rounds": args.tff_rounds,
+        "clients_per_round": 100, "data": Path(args.data).name, "cpus": os.cpu_count(),
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        **kept,
+    }
+    print(f"lock-step, XLA (fedrecon):       {xla * 1000:.1f} ms/round (first round {xla_first:.1f} s)")
+    print(f"lock-step, op by op (previous):  {graph * 1000:.1f} ms/round ({graph / xla:.2f}x slower)")
+    print(f"one client at a time:            {slow * 1000:.1f} ms/round ({slow / xla:.1f}x slower)")
+    if tff:
+        print(f"TFF build_fed_recon:             {tff * 1000:.1f} ms/round ({tff / xla:.0f}x slower)")
+    else:
+        print(f"TFF: no figure ({tff_missing})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
