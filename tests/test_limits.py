@@ -115,7 +115,14 @@ def test_no_rpc_hands_out_another_clients_data() -> None:
     answers = {m.name: m.output_type.name for m in service.methods}
     assert answers == {"CheckIn": "CheckInResponse", "DownloadModel": "TensorStreamMessage",
                        "ReportUpdate": "ReportUpdateResponse", "ReportEvaluation": "ReportEvaluationResponse",
-                       "GetLatestModel": "GetLatestModelResponse", "GetRound": "GetRoundResponse"}
+                       "GetLatestModel": "GetLatestModelResponse", "GetRound": "GetRoundResponse",
+                       "SecureAggregation": "SecureAggregationResponse"}
+    # A secure round's answers carry only what the protocol gives every participant: public keys and
+    # shares encrypted to the recipient, never a report, an update or a masked input.
+    secure_next = {f.message_type.name for f in pb.SecureAggregationResponse.DESCRIPTOR.oneofs_by_name[
+        "next"].fields}
+    assert secure_next == {"SecAggWait", "SecAggParameters", "SecAggRoster", "SecAggDelivery",
+                           "SecAggUnmaskRequest", "SecAggDone"}
     report_fields = {f.name for f in pb.ReportUpdateResponse.DESCRIPTOR.fields}
     assert report_fields == {"accepted", "message"}
     evaluation_fields = {f.name for f in pb.ReportEvaluationResponse.DESCRIPTOR.fields}
