@@ -212,7 +212,10 @@ class Drill:
         deadline = time.monotonic() + timeout
         while self.version() < version:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"version {version} never came")
+                rounds = [(r.round_id, r.state.value) for r in self.store.list_rounds("drill", limit=5)]
+                raise RuntimeError(f"version {version} never came; latest rounds {rounds}; refused "
+                                   f"{dict(self.refused)}; coordinator log ends:\n"
+                                   f"{self.coordinator.log_text()[-3000:] if self.coordinator else ''}")
             time.sleep(0.1)
 
     def wait_for_no_open_round(self, timeout: float = 60.0) -> None:

@@ -21,6 +21,7 @@ sparse gradients (``tf.IndexedSlices``) are applied as scatter updates.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,6 +177,10 @@ class _TraceOnce:
     each argument, ``leading[i]`` leading dimensions (steps, clients, batch slots, view rows), the rest kept
     (a model's own dimensions: a Keras model insists on them). One trace then serves every later call.
     Every argument must be a tensor or a list of tensors.
+
+    Threads share it (many clients in one process, a server personalizing several requests): the first
+    calls race to build the function, so building is under a lock; otherwise each racing thread would make
+    and trace a function of its own (ten clients, ten traces, seconds each on a busy machine).
     """
 
     def __init__(self, fn: Any, leading: Sequence[int], *, xla: bool = False) -> None:
@@ -183,13 +188,19 @@ class _TraceOnce:
         self._leading = tuple(leading)
         self._xla = xla
         self._function: Any = None
+        self._building = threading.Lock()
 
     def __call__(self, *args: Any) -> Any:
-        if self._function is None:
-            signature = [tf.nest.map_structure(lambda t, n=n: _relaxed(t, n), a)
-                         for a, n in zip(args, self._leading, strict=True)]
-            self._function = tf.function(self._python, input_signature=signature, jit_compile=self._xla)
-        return self._function(*args)
+        function = self._function
+        if function is None:
+            with self._building:
+                if self._function is None:
+                    signature = [tf.nest.map_structure(lambda t, n=n: _relaxed(t, n), a)
+                                 for a, n in zip(args, self._leading, strict=True)]
+                    self._function = tf.function(self._python, input_signature=signature,
+                                                 jit_compile=self._xla)
+                function = self._function
+        return function(*args)
 
     def tracing_count(self) -> int:
         return 0 if self._function is None else int(self._function.experimental_get_tracing_count())
@@ -239,8 +250,8 @@ class ClientStep:
                       "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL)),  # views [rows, ...]
                       "expand": _TraceOnce(model.expand_views, (1, ALL, 0)),
                       "evaluate": _TraceOnce(self._evaluate, (*_CLIENT_ARGS, 0, 0))}
-            if key is not None:
-                _GRAPHS[key] = graphs
+            if key is not None:  # a thread that built the same graphs first wins: one trace per process
+                graphs = _GRAPHS.setdefault(key, graphs)
         self.graphs = graphs
         self._train_fn = graphs["train"]
         self._train_reduced_fn = graphs["train_reduced"]

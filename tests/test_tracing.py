@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,48 @@ def test_simulated_rounds_of_different_group_sizes_trace_once(tf_warnings: list[
         result.deltas.stacked()
     assert step.tracing_count() == 3  # client work, weighted sum, dense per-client deltas
     assert not [m for m in tf_warnings if "retracing" in m], tf_warnings
+
+
+def test_clients_starting_together_in_threads_trace_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several clients of one process (the fault drill's, an app serving users) start their first round at
+    the same moment: they share one trace instead of racing to build one each (on a busy machine ten
+    concurrent traces took longer than a round's reporting window)."""
+    model = MatrixFactorization(310, 4)
+    config = FedReconConfig(recon_epochs=3, recon_steps_max=5)  # a configuration no other test uses
+    globals_ = model.initial_globals(0)
+    seeds = list(range(8))
+    barrier = threading.Barrier(len(seeds))
+    errors: list[BaseException] = []
+    steps: list[ClientStep] = []
+    lock = threading.Lock()
+    traced: list[int] = []  # the Python body runs once per trace
+    original = ClientStep._train_reduced
+
+    def counting(self: ClientStep, *args: object) -> object:
+        traced.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(ClientStep, "_train_reduced", counting)
+
+    def run(seed: int) -> None:
+        try:
+            rng = np.random.default_rng(seed)
+            barrier.wait(timeout=120)
+            step = ClientStep(model, config)
+            with lock:
+                steps.append(step)
+            client_update(step, globals_, _client(rng, 20 + 9 * seed, 310), batch_size=5, rng=rng)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert len(steps) == len(seeds)
+    # Every step got the process's one set of graphs, and its training graph was traced exactly once.
+    assert len({id(s.graphs["train_reduced"]) for s in steps}) == 1
+    assert steps[0].graphs["train_reduced"].tracing_count() == 1
+    assert len(traced) == 1
