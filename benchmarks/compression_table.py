@@ -17,6 +17,9 @@ For each codec of ``--codecs`` (``core.compression``; default: all of them):
   functions the client library and the coordinator run; a quantised round draws its rounding from
   ``upload_rng(seed, round, user)``, as over gRPC), the round selected on validation users, scored once on
   all unseen test users.
+
+``measure_table`` (every codec: bytes, then training) is what ``privacy_table.py``'s compression section
+calls; this script's command line writes its result as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -90,6 +95,45 @@ def measure_upload(spec: ExperimentSpec, data: FederatedRatings, codec: UploadCo
             "serialized_upload_bytes_per_client": sum(serialized) / clients}
 
 
+def print_row(row: dict[str, Any]) -> None:
+    print(f"{row['codec']:>14}: {row['upload_bytes_per_client']:>10,.0f} B/client/round on the wire "
+          f"({row['serialized_upload_bytes_per_client']:,.0f} serialized)  test RMSE {row['rmse']:.4f}  "
+          f"accuracy {row['accuracy']:.4f}  ({row['seconds_per_round']:.3f} s/round)", flush=True)
+
+
+def measure_table(data: FederatedRatings, *, data_name: str, rounds: int = 500, clients_per_round: int = 100,
+                  byte_clients: int = 20, codecs: Sequence[UploadCodec] = tuple(UploadCodec),
+                  on_row: Callable[[dict[str, Any]], None] | None = print_row) -> dict[str, Any]:
+    """For each codec the bytes of one real round of ``byte_clients`` clients, then the RMSE after
+    ``rounds`` rounds of ``clients_per_round``: ``{"compression": rows, ...}``, the JSON this script
+    writes (``data_name`` is what it records as the data). ``on_row`` sees each row as it is measured."""
+    logging.getLogger("fedrecon.server").setLevel(logging.ERROR)  # not "created task ..." for every codec
+    base = tuned_spec()
+    spec = dataclasses.replace(base, settings=dataclasses.replace(
+        base.settings, rounds=rounds, clients_per_round=clients_per_round))
+    rows = []
+    for codec in codecs:
+        t0 = time.perf_counter()
+        wire = measure_upload(spec, data, codec, byte_clients)
+        result = run_experiment(dataclasses.replace(spec, aggregation=AggregationConfig(upload_codec=codec)),
+                                data)
+        row = {"codec": codec.value, **wire, "rmse": result.test["rmse"], "accuracy": result.test["accuracy"],
+               "validation_rmse": result.selected.get("rmse"), "selected_round": result.selected.get("round"),
+               "seconds_per_round": result.seconds_per_round, "wall_seconds": time.perf_counter() - t0}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    plain = next((r["upload_bytes_per_client"] for r in rows if r["codec"] == UploadCodec.NONE), None)
+    if plain:
+        for r in rows:
+            r["bytes_vs_none"] = r["upload_bytes_per_client"] / plain
+    return {"compression": rows, "data": data_name, "rounds": rounds,
+            "clients_per_round": clients_per_round, "byte_clients": byte_clients,
+            "bytes_measured": "client-to-coordinator bytes on each client's TCP connection (loopback relay), "
+                              "whole participation in round 1, all calls, gRPC/HTTP/2 framing included",
+            "spec": spec.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,38 +144,14 @@ def main() -> None:
     parser.add_argument("--byte-clients", type=int, default=20, help="clients whose bytes are counted")
     parser.add_argument("--codecs", default=",".join(c.value for c in UploadCodec))
     args = parser.parse_args()
-    logging.getLogger("fedrecon.server").setLevel(logging.ERROR)  # not "created task ..." for every codec
 
-    data = load_dataset(args.data)
-    base = tuned_spec()
-    spec = dataclasses.replace(base, settings=dataclasses.replace(
-        base.settings, rounds=args.rounds, clients_per_round=args.clients_per_round))
     codecs = [UploadCodec(c.strip()) for c in args.codecs.split(",")]
+    data = load_dataset(args.data)
     print(f"{args.data}: {len(data.train)} training users, {data.num_items} items; tuned configuration, "
           f"{args.rounds} rounds of {args.clients_per_round} clients; bytes over {args.byte_clients} "
           "clients of one real round on loopback", flush=True)
-    rows = []
-    for codec in codecs:
-        t0 = time.perf_counter()
-        wire = measure_upload(spec, data, codec, args.byte_clients)
-        result = run_experiment(dataclasses.replace(spec, aggregation=AggregationConfig(upload_codec=codec)),
-                                data)
-        row = {"codec": codec.value, **wire, "rmse": result.test["rmse"], "accuracy": result.test["accuracy"],
-               "validation_rmse": result.selected.get("rmse"), "selected_round": result.selected.get("round"),
-               "seconds_per_round": result.seconds_per_round, "wall_seconds": time.perf_counter() - t0}
-        rows.append(row)
-        print(f"{codec.value:>14}: {row['upload_bytes_per_client']:>10,.0f} B/client/round on the wire "
-              f"({row['serialized_upload_bytes_per_client']:,.0f} serialized)  test RMSE {row['rmse']:.4f}  "
-              f"accuracy {row['accuracy']:.4f}  ({row['seconds_per_round']:.3f} s/round)", flush=True)
-    plain = next((r["upload_bytes_per_client"] for r in rows if r["codec"] == UploadCodec.NONE), None)
-    if plain:
-        for r in rows:
-            r["bytes_vs_none"] = r["upload_bytes_per_client"] / plain
-    out = {"compression": rows, "data": args.data, "rounds": args.rounds,
-           "clients_per_round": args.clients_per_round, "byte_clients": args.byte_clients,
-           "bytes_measured": "client-to-coordinator bytes on each client's TCP connection (loopback relay), "
-                             "whole participation in round 1, all calls, gRPC/HTTP/2 framing included",
-           "spec": spec.to_dict(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    out = measure_table(data, data_name=args.data, rounds=args.rounds, codecs=codecs,
+                        clients_per_round=args.clients_per_round, byte_clients=args.byte_clients)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
     print(f"wrote {args.out}")

@@ -1,21 +1,39 @@
-"""What privacy costs: unseen-user RMSE and accuracy under user-level DP at ε = ∞, 8, 3, 1.
+"""Issue 13's privacy table in one run: what DP costs, what secure aggregation costs, what compression saves.
 
     python benchmarks/privacy_table.py --data ../shared/data/movielens/ml-1m-2998u \
         --out benchmarks/results/privacy_table.json
 
-Every run uses the same aggregation so the rows differ by noise and by the configuration tuned for it:
-uniform weights, each update clipped to S, K users per round out of the training population (fixed-size
-selection as a coordinator does, or ``--sampling poisson``), the tuned MovieLens configuration of
-``movielens_table.py`` otherwise. Rounds, K, S, the server optimizer and the number of factors are chosen
-per ε on validation users with ``tune_privacy.py`` (``TUNED``; the command line can override them for
-every row); each row's JSON states its own. For a finite ε the noise multiplier is calibrated by the
-accountant so that the row's rounds spend exactly ε at ``--delta``; the ε = ∞ row is the same pipeline
-without noise. Model selection uses validation users (outside the guarantee, like all evaluation
-reports), the figures are on unseen test users.
+writes ``{"dp": [...], "population_1e6_noise_multiplier": {...}, "secagg": [...], "compression": [...]}``
+plus each section's setup (``dp_setup``, ``secagg_setup``, ``compression_setup``, and ``secagg_wire`` with
+its ``secagg_wire_setup``: the same update over real gRPC, plain and secure, counted at the transport),
+``section_wall_seconds``, ``sections_run`` and ``machine``. ``--sections dp,secagg,compression`` (default:
+all) picks what this run measures; a section not run keeps what an existing ``--out`` file holds for it.
+The file is rewritten after every section, with ``sections_pending`` naming what is still to come (the key
+is gone once the run is complete), so a long run shows its progress.
 
-Also answered without training: the noise multiplier a population of 10⁶ users would need for the same ε
-and rounds (and the resulting noise on the mean, z·S/K), and who pays for DP: the RMSE of the test users
-with the fewest ratings (bottom third) against those with the most (top third), with and without DP.
+**dp**: unseen-user RMSE and accuracy under user-level DP at ε = ∞, 8, 3, 1 (``--epsilons``). Every run
+uses the same aggregation so the rows differ by noise and by the configuration tuned for it: uniform
+weights, each update clipped to S, K users per round out of the training population (fixed-size selection
+as a coordinator does, or ``--sampling poisson``), the tuned MovieLens configuration of
+``movielens_table.py`` otherwise. Rounds, K, S, the server optimizer and the number of factors are chosen
+per ε on validation users with ``tune_privacy.py`` (``TUNED``; ``--rounds``, ``--clients-per-round``,
+``--clip``, ``--server-*`` and ``--factors`` override them for every DP row); each row's JSON (``runs``)
+states its own. For a finite ε the noise multiplier is calibrated by the accountant so that the row's
+rounds spend exactly ε at ``--delta``; the ε = ∞ row is the same pipeline without noise. Model selection
+uses validation users (outside the guarantee, like all evaluation reports), the figures are on unseen test
+users. Also answered without training: the noise multiplier a population of 10⁶ users would need for the
+same ε and rounds (and the resulting noise on the mean, z·S/K), and who pays for DP: the RMSE of the test
+users with the fewest ratings (bottom third) against those with the most (top third), with and without DP.
+
+**secagg**: ``secagg_cost.measure_table``: one in-process SecAgg+ round per ``--secagg-clients`` (default
+100 and 1,000) with a MovieLens-sized update and 30% dropouts, client and coordinator CPU and bytes per
+client, then one real loopback gRPC round each way (``--secagg-wire-clients``, 0 skips it). Its docstring
+defines the figures.
+
+**compression**: ``compression_table.measure_table``: per codec of ``--compression-codecs`` (default all)
+the bytes a client sends in one real loopback round, counted by the transport, and the unseen-user RMSE of
+the tuned configuration trained ``--compression-rounds`` rounds (default 500) of
+``--compression-clients-per-round`` (100) with every upload encoded. Its docstring defines the figures.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,6 +59,7 @@ from movielens_table import tuned_spec
 from fedrecon.core.aggregation import AggregationConfig, Weighting
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.batching import pack_clients
+from fedrecon.core.compression import UploadCodec
 from fedrecon.core.config import OptimizerSpec
 from fedrecon.core.optimizers import SERVER_OPTIMIZERS
 from fedrecon.core.privacy import AccountantKind, DpOptions, Sampling, noise_multiplier_for
@@ -60,8 +80,13 @@ def per_user_rmse(result: ExperimentResult, spec: ExperimentSpec, data: Federate
     return math.sqrt(float(se.sum()) / max(float(count.sum()), 1.0))
 
 
-#: Keys of the deliverable JSON that other benchmarks fill in; rewriting the DP rows keeps them.
-SHARED_KEYS = ("secagg", "compression")
+#: The sections in the order they run, and the keys of the JSON each one writes: a run that leaves a
+#: section out keeps these keys from the file it rewrites.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "dp": ("dp", "population_1e6_noise_multiplier", "dp_setup", "runs"),
+    "secagg": ("secagg", "secagg_setup", "secagg_wire", "secagg_wire_setup"),
+    "compression": ("compression", "compression_setup"),
+}
 
 
 @dataclass(frozen=True)
@@ -131,25 +156,8 @@ def dp_spec(run: DpRun, epsilon: float, *, delta: float, sampling: Sampling,
         aggregation=AggregationConfig(weighting=Weighting.UNIFORM, max_update_norm=run.clip), privacy=privacy)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/movielens/ml-1m-2998u")
-    parser.add_argument("--rounds", type=int, help="override every row's tuned rounds")
-    parser.add_argument("--clients-per-round", type=int, help="override every row's tuned K")
-    parser.add_argument("--clip", type=float, help="override every row's L2 bound S of one user's update")
-    parser.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, help="override every row's")
-    parser.add_argument("--server-lr", type=float, help="override every row's server learning rate")
-    parser.add_argument("--server-momentum", type=float, help="override every row's server momentum")
-    parser.add_argument("--factors", type=int, help="override every row's number of item factors")
-    parser.add_argument("--delta", type=float, default=1e-6)
-    parser.add_argument("--epsilons", default="inf,8,3,1")
-    parser.add_argument("--accountant", choices=[a.value for a in AccountantKind], default="rdp")
-    parser.add_argument("--sampling", choices=[s.value for s in Sampling], default="fixed")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy_table.json"))
-    args = parser.parse_args()
-
-    data = load_dataset(args.data)
+def measure_dp(data: FederatedRatings, args: argparse.Namespace) -> dict[str, Any]:
+    """The dp section: one training per ε of ``--epsilons``, each row printed as it finishes."""
     population = len(data.train)
     # Test users by how many ratings they have: the bottom and top thirds.
     by_count = sorted(data.test, key=lambda u: len(data.test[u]))
@@ -201,23 +209,133 @@ def main() -> None:
            "noise_multiplier": r.get("noise_multiplier", 0.0), "rmse": r["test_rmse"],
            "accuracy": r["test_accuracy"], "rmse_few_ratings": r["rmse_by_group"]["fewest_ratings"],
            "rmse_many_ratings": r["rmse_by_group"]["most_ratings"]} for r in rows.values()]
-    out = {"dp": dp,
-           "population_1e6_noise_multiplier": {text: r["population_1e6"] for text, r in rows.items()
-                                               if "population_1e6" in r},
-           "data": args.data, "population": population, "sampling": args.sampling, "delta": args.delta,
-           "accountant": args.accountant,
-           "groups": {g: {"users": len(u), "ratings_min": min(counts[g]), "ratings_max": max(counts[g])}
-                      for g, u in groups.items()},
-           "runs": rows, "spec": tuned_spec().to_dict(),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
-    # The secure-aggregation and compression tables share this file but come from their own benchmarks:
-    # keep whatever they wrote.
-    if args.out.is_file():
-        previous = json.loads(args.out.read_text())
-        out.update({k: previous[k] for k in SHARED_KEYS if k in previous})
+    return {"dp": dp,
+            "population_1e6_noise_multiplier": {text: r["population_1e6"] for text, r in rows.items()
+                                                if "population_1e6" in r},
+            "dp_setup": {"data": args.data, "population": population, "sampling": args.sampling,
+                         "delta": args.delta, "accountant": args.accountant,
+                         "groups": {g: {"users": len(u), "ratings_min": min(counts[g]),
+                                        "ratings_max": max(counts[g])} for g, u in groups.items()},
+                         "spec": tuned_spec().to_dict()},
+            "runs": rows}
+
+
+def measure_secagg(args: argparse.Namespace) -> dict[str, Any]:
+    """The secagg section: ``secagg_cost.measure_table`` with the ``--secagg-*`` sizes."""
+    import secagg_cost  # imported here: only this section needs the secagg extra (cryptography)
+
+    table = secagg_cost.measure_table(
+        args.secagg_clients, vector_length=args.secagg_vector_length, dropout=args.secagg_dropout,
+        seed=args.secagg_seed, wire_clients=args.secagg_wire_clients, wire_items=args.secagg_wire_items,
+        wire_factors=args.secagg_wire_factors)
+    out = {"secagg": table["secagg"],
+           "secagg_setup": {**table["setup"], "vector_length": args.secagg_vector_length,
+                            "runs": "in process, one round per row (core.secagg.local_round)"}}
+    if "wire" in table:
+        out.update(secagg_wire=table["wire"], secagg_wire_setup=table["wire_setup"])
+    return out
+
+
+def measure_compression(data: FederatedRatings, args: argparse.Namespace) -> dict[str, Any]:
+    """The compression section: ``compression_table.measure_table`` with the ``--compression-*`` sizes."""
+    import compression_table  # imported here: it imports the server (grpc, the store)
+
+    table = compression_table.measure_table(
+        data, data_name=args.data, rounds=args.compression_rounds,
+        clients_per_round=args.compression_clients_per_round, byte_clients=args.compression_byte_clients,
+        codecs=[UploadCodec(c.strip()) for c in args.compression_codecs.split(",")])
+    rows = table.pop("compression")
+    return {"compression": rows, "compression_setup": table}
+
+
+def machine_facts() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_average_start": list(os.getloadavg()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def write_json(path: Path, out: dict[str, Any]) -> None:
+    """Replace ``path`` whole (a reader never sees half a file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(out, indent=2, allow_nan=False) + "\n")
+    partial.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/movielens/ml-1m-2998u")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated sections to measure (default: all); the others keep what "
+                             "--out holds")
+    dp = parser.add_argument_group("dp section")
+    dp.add_argument("--rounds", type=int, help="override every DP row's tuned rounds")
+    dp.add_argument("--clients-per-round", type=int, help="override every DP row's tuned K")
+    dp.add_argument("--clip", type=float, help="override every DP row's L2 bound S of one user's update")
+    dp.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, help="override every DP row's")
+    dp.add_argument("--server-lr", type=float, help="override every DP row's server learning rate")
+    dp.add_argument("--server-momentum", type=float, help="override every DP row's server momentum")
+    dp.add_argument("--factors", type=int, help="override every DP row's number of item factors")
+    dp.add_argument("--delta", type=float, default=1e-6)
+    dp.add_argument("--epsilons", default="inf,8,3,1")
+    dp.add_argument("--accountant", choices=[a.value for a in AccountantKind], default="rdp")
+    dp.add_argument("--sampling", choices=[s.value for s in Sampling], default="fixed")
+    sa = parser.add_argument_group("secagg section (secagg_cost.py's options)")
+    sa.add_argument("--secagg-clients", type=int, nargs="+", default=[100, 1000])
+    sa.add_argument("--secagg-vector-length", type=int, default=184_439,
+                    help="values per update (default: the MovieLens update size)")
+    sa.add_argument("--secagg-dropout", type=float, default=0.3)
+    sa.add_argument("--secagg-seed", type=int, default=0)
+    sa.add_argument("--secagg-wire-clients", type=int, default=10,
+                    help="clients of the real gRPC round, plain and secure (0: skip it)")
+    sa.add_argument("--secagg-wire-items", type=int, default=3616)
+    sa.add_argument("--secagg-wire-factors", type=int, default=51)
+    co = parser.add_argument_group("compression section (compression_table.py's options)")
+    co.add_argument("--compression-rounds", type=int, default=500, help="training rounds for the RMSE")
+    co.add_argument("--compression-clients-per-round", type=int, default=100)
+    co.add_argument("--compression-byte-clients", type=int, default=20,
+                    help="clients of the real round whose bytes are counted")
+    co.add_argument("--compression-codecs", default=",".join(c.value for c in UploadCodec))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy_table.json"))
+    args = parser.parse_args()
+    chosen = {name.strip() for name in args.sections.split(",") if name.strip()}
+    if not chosen or chosen - set(SECTIONS):
+        parser.error(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}")
+    sections = [name for name in SECTIONS if name in chosen]
+
+    # A section left out keeps what the file already holds for it (and its wall time).
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out: dict[str, Any] = {"sections_pending": list(sections), "sections_run": [], "section_wall_seconds": {}}
+    for name in SECTIONS:
+        if name not in sections:
+            out.update({k: previous[k] for k in SECTIONS[name] if k in previous})
+            if name in previous.get("section_wall_seconds", {}):
+                out["section_wall_seconds"][name] = previous["section_wall_seconds"][name]
+    out["machine"] = machine_facts()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
+
+    data = load_dataset(args.data) if {"dp", "compression"} & chosen else None
+    for name in sections:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        if name == "dp":
+            assert data is not None
+            out.update(measure_dp(data, args))
+        elif name == "secagg":
+            out.update(measure_secagg(args))
+        else:
+            assert data is not None
+            out.update(measure_compression(data, args))
+        out["section_wall_seconds"][name] = time.perf_counter() - t0
+        out["sections_run"].append(name)
+        out["sections_pending"].remove(name)
+        if not out["sections_pending"]:
+            del out["sections_pending"]
+            out["machine"].update(load_average_end=list(os.getloadavg()),
+                                  finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        write_json(args.out, out)
+        print(f"== {name}: {out['section_wall_seconds'][name]:.0f} s; wrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ was measured).
 
 CPU times come from ``time.process_time`` in one process: clients and the coordinator run one after
 the other, so the numbers do not depend on other load on the machine as much as wall time would, but
-they do include the shared caches' contention. ``measure`` is what ``privacy_table.py``'s secagg section
-calls.
+they do include the shared caches' contention. ``measure_table`` (every row, then the wire round) is what
+``privacy_table.py``'s secagg section calls; this script's command line writes its result as it is.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,51 @@ def _wire_round(secure: bool, updates: list[np.ndarray], seed: int) -> dict[str,
             "connections": len(per_connection), "round_s": seconds}
 
 
+def machine_facts() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(f"{row['clients']:>6} clients (k={row['neighbours']}, t={row['threshold']}, "
+          f"{row['dropped']} dropped): client {row['client_ms']:.1f} ms, "
+          f"coordinator {row['coordinator_ms_per_client']:.1f} ms/client, "
+          f"upload {row['upload_bytes_per_client']:,.0f} B vs {row['plain_upload_bytes_per_client']:,} B "
+          f"plain, recovered: {row['dropout_recovered']} ({row['wall_s']:.0f} s wall)", flush=True)
+
+
+def print_wire(wire: dict[str, Any]) -> None:
+    print(f"over gRPC, {wire['clients']} clients, {wire['update_values']:,} values: "
+          f"plain {wire['plain_upload_bytes_per_client']:,.0f} B/client, secure "
+          f"{wire['secure_upload_bytes_per_client']:,.0f} B/client at the transport "
+          f"(x{wire['secure_over_plain']:.3f}); rounds {wire['plain_round_s']:.1f} s and "
+          f"{wire['secure_round_s']:.1f} s wall", flush=True)
+
+
+def measure_table(clients: Sequence[int] = (100, 1000), *, vector_length: int = MOVIELENS_UPDATE_VALUES,
+                  dropout: float = 0.3, seed: int = 0, wire_clients: int = 10, wire_items: int = 3616,
+                  wire_factors: int = 51,
+                  on_row: Callable[[dict[str, Any]], None] | None = print_row) -> dict[str, Any]:
+    """Every in-process row (``measure``), then the gRPC round (``measure_wire``; skipped when
+    ``wire_clients`` is 0): ``{"secagg": rows, "wire": ..., "wire_setup": ..., "setup": ...}``, the JSON
+    this script writes. ``on_row`` sees each row as it is measured (printing it, by default)."""
+    rows = []
+    for n in clients:
+        row = measure(n, vector_length=vector_length, dropout=dropout, seed=seed)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    extra: dict[str, Any] = {}
+    if wire_clients:
+        wire = measure_wire(wire_clients, items=wire_items, factors=wire_factors, seed=seed)
+        if on_row is not None:
+            print_wire(wire)
+        extra = {"wire": wire, "wire_setup": machine_facts()}
+    return {"secagg": rows, **extra, "setup": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                              "machine": platform.machine(), "dropout": dropout,
+                                              "seed": seed}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,35 +244,19 @@ def main() -> None:
                              "already in --out; the wire row gets its own setup facts")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = []
-    kept = json.loads(args.out.read_text()) if args.keep_rows else None
-    for n in [] if kept is not None else args.clients:
-        row = measure(n, vector_length=args.vector_length, dropout=args.dropout, seed=args.seed)
-        rows.append(row)
-        print(f"{n:>6} clients (k={row['neighbours']}, t={row['threshold']}, {row['dropped']} dropped): "
-              f"client {row['client_ms']:.1f} ms, "
-              f"coordinator {row['coordinator_ms_per_client']:.1f} ms/client, "
-              f"upload {row['upload_bytes_per_client']:,.0f} B vs {row['plain_upload_bytes_per_client']:,} B "
-              f"plain, recovered: {row['dropout_recovered']} ({row['wall_s']:.0f} s wall)")
-    wire = None
-    if args.wire_clients:
-        wire = measure_wire(args.wire_clients, items=args.wire_items, factors=args.wire_factors,
-                            seed=args.seed)
-        print(f"over gRPC, {wire['clients']} clients, {wire['update_values']:,} values: "
-              f"plain {wire['plain_upload_bytes_per_client']:,.0f} B/client, secure "
-              f"{wire['secure_upload_bytes_per_client']:,.0f} B/client at the transport "
-              f"(x{wire['secure_over_plain']:.3f}); rounds {wire['plain_round_s']:.1f} s and "
-              f"{wire['secure_round_s']:.1f} s wall")
-    facts = {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if kept is not None:
-        kept.update({"wire": wire, "wire_setup": facts})
+    if args.keep_rows:
+        kept = json.loads(args.out.read_text())
+        wire = None
+        if args.wire_clients:
+            wire = measure_wire(args.wire_clients, items=args.wire_items, factors=args.wire_factors,
+                                seed=args.seed)
+            print_wire(wire)
+        kept.update({"wire": wire, "wire_setup": machine_facts()})
         args.out.write_text(json.dumps(kept, indent=2) + "\n")
         return
-    extra = {"wire": wire, "wire_setup": facts} if wire is not None else {}
-    result = {"secagg": rows, **extra, "setup": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                        "machine": platform.machine(), "dropout": args.dropout,
-                                        "seed": args.seed}}
+    result = measure_table(args.clients, vector_length=args.vector_length, dropout=args.dropout,
+                           seed=args.seed, wire_clients=args.wire_clients, wire_items=args.wire_items,
+                           wire_factors=args.wire_factors)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

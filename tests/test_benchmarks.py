@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,16 +28,29 @@ def test_movielens_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path:
     assert table["config"]["rounds"] == 2
 
 
-def test_privacy_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path: Path) -> None:
-    """Two rounds of 50 users, ε = ∞ and 3: the issue's keys, a calibrated z, and the accountant's answer
-    for a million users (a far smaller sampling rate needs far less noise for the same ε)."""
+def test_privacy_table_writes_every_section_of_the_documented_json(ml_2998_dir: Path, tmp_path: Path) -> None:
+    """All three sections in one small run (about 50 s on 2 busy cores): DP with two rounds of 50 users at
+    ε = ∞ and 3 (a calibrated z, and the accountant's answer for a million users: a far smaller sampling
+    rate needs far less noise for the same ε); secure aggregation with 12 clients of 64 values and a 3-client
+    gRPC round; two codecs' bytes over 2 clients of a real round and two training rounds of 10."""
     out = tmp_path / "privacy.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "privacy_table.py"), "--data", str(ml_2998_dir),
-         "--out", str(out), "--rounds", "2", "--clients-per-round", "50", "--epsilons", "inf,3"],
+         "--out", str(out), "--rounds", "2", "--clients-per-round", "50", "--epsilons", "inf,3",
+         "--secagg-clients", "12", "--secagg-vector-length", "64", "--secagg-wire-clients", "3",
+         "--secagg-wire-items", "20", "--secagg-wire-factors", "4",
+         "--compression-rounds", "2", "--compression-clients-per-round", "10",
+         "--compression-byte-clients", "2", "--compression-codecs", "none,rowsparse_q8"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads(out.read_text())
+    assert {"dp", "population_1e6_noise_multiplier", "secagg", "compression", "dp_setup", "secagg_setup",
+            "secagg_wire", "secagg_wire_setup", "compression_setup", "runs", "machine"} <= set(table)
+    assert table["sections_run"] == ["dp", "secagg", "compression"] and "sections_pending" not in table
+    assert set(table["section_wall_seconds"]) == {"dp", "secagg", "compression"}
+    assert all(s > 0 for s in table["section_wall_seconds"].values())
+    assert table["machine"]["cpus"] >= 1 and "finished" in table["machine"]
+
     no_dp, dp = table["dp"]
     for row in (no_dp, dp):
         assert set(row) == {"epsilon", "delta", "noise_multiplier", "rmse", "accuracy", "rmse_few_ratings",
@@ -48,6 +62,28 @@ def test_privacy_table_writes_the_documented_json(ml_2998_dir: Path, tmp_path: P
     assert table["runs"]["3"]["epsilon_spent"] <= 3.0 + 1e-3
     million = table["population_1e6_noise_multiplier"]["3"]["50"]["noise_multiplier"]
     assert 0 < million < dp["noise_multiplier"]
+    assert table["dp_setup"]["population"] > 2000 and table["dp_setup"]["delta"] == 1e-6
+
+    (secagg,) = table["secagg"]
+    assert {"clients", "client_ms", "coordinator_ms_per_client", "upload_bytes_per_client",
+            "dropout_recovered", "neighbours", "threshold"} <= set(secagg)
+    assert secagg["clients"] == 12 and secagg["dropped"] == 4 and secagg["dropout_recovered"] is True
+    assert 0 < secagg["threshold"] <= secagg["neighbours"] <= 11
+    assert secagg["client_ms"] > 0 and secagg["coordinator_ms_per_client"] > 0
+    assert secagg["upload_bytes_per_client"] > secagg["plain_upload_bytes_per_client"] == 4 + 4 * 64
+    assert table["secagg_setup"]["vector_length"] == 64 and table["secagg_setup"]["dropout"] == 0.3
+    wire = table["secagg_wire"]
+    assert wire["clients"] == 3 and wire["update_values"] == 80
+    assert wire["secure_upload_bytes_per_client"] > wire["plain_upload_bytes_per_client"] > 4 * 80
+
+    rows = {r["codec"]: r for r in table["compression"]}
+    assert set(rows) == {"none", "rowsparse_q8"}
+    for r in rows.values():
+        assert {"codec", "upload_bytes_per_client", "rmse", "accuracy"} <= set(r)
+        assert math.isfinite(r["rmse"]) and 0.5 < r["rmse"] < 4.0 and 0.0 < r["accuracy"] < 1.0
+        assert r["connections"] == 2  # counted by the transport, one connection per client
+    assert rows["rowsparse_q8"]["upload_bytes_per_client"] < rows["none"]["upload_bytes_per_client"] / 10
+    assert table["compression_setup"]["rounds"] == 2 and table["compression_setup"]["byte_clients"] == 2
 
 
 def test_coordinator_load_smoke_writes_the_documented_json(tmp_path: Path) -> None:
