@@ -17,8 +17,10 @@ One architecture (``core.nextword``), four rows:
 Every row is scored on the same held-out batches (odd batches) of every unseen test speaker; accuracy
 excludes padding, out-of-vocabulary and end-of-sentence targets (the paper's convention). Hyper-parameters
 are chosen on validation speakers only: for each trained variant the client learning rate from
-``--client-lrs`` by validation accuracy after ``--tune-rounds`` rounds (reconstruction uses the same rate),
-then a run of ``--rounds`` rounds whose round is kept by validation loss; the fine-tuning rate from
+``--client-lrs`` by validation loss after ``--tune-rounds`` rounds (reconstruction uses the same rate; so
+early, accuracy is still flat: the arg-max is often an excluded class such as OOV or EOS);
+the chosen trial then goes on to ``--rounds`` rounds (the same run as one started for the total: selection is
+seeded by round), and the round with the highest validation accuracy is kept; the fine-tuning rate from
 ``--finetune-lrs`` by validation accuracy. Test speakers are scored once per row.
 
 Bytes: each trained variant's task is served by a real coordinator (``fedrecon.server``) on loopback, and
@@ -30,7 +32,8 @@ after download and sends nothing back, so its row carries FedAvg's measured byte
 
 ``reconstruction_steps``: test accuracy of the two FedRecon variants when unseen speakers reconstruct with
 0, 1 or 5 steps (5 epochs capped at 5 steps: a speaker with fewer reconstruction batches revisits them) or
-the training setting (``default``: one epoch over the reconstruction batches).
+the training setting (``default``: one epoch over the reconstruction batches, at most ``--steps-max``
+steps, as every client phase in training).
 """
 
 from __future__ import annotations
@@ -46,12 +49,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import grpc
+import numpy as np
 
 from fedrecon.client import FederatedClient
 from fedrecon.core.algorithm import FedRecon, ServerState
@@ -125,24 +130,63 @@ def score(sim: Simulation, config: FedReconConfig, state: ServerState, users: Ma
         sim.eval_config = trained_with
 
 
-def train(variant: str, lr: float, rounds: int, sizes: NextWordSizes, data: FederatedText,
-          args: argparse.Namespace) -> tuple[Simulation, FedReconConfig, ServerState, dict[str, Any]]:
-    """``rounds`` rounds in process; the round with the lowest validation loss is kept."""
+@dataclass
+class Run:
+    """A variant's training so far: its simulation, the last state, and the validation-best state."""
+
+    sim: Simulation
+    config: FedReconConfig
+    lr: float
+    state: ServerState
+    best: ServerState
+    best_metrics: dict[str, float]
+    seconds: list[float] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {"client_lr": self.lr, "rounds": self.state.round_num, "wall_seconds": self.wall_seconds,
+                "seconds_per_round": statistics.mean(self.seconds[1:] or self.seconds),
+                "first_round_seconds": self.seconds[0], "selected_round": int(self.best_metrics["round"]),
+                "validation_accuracy": self.best_metrics["accuracy"],
+                "validation_loss": self.best_metrics["loss"],
+                "validation": [{k: m[k] for k in ("round", "loss", "accuracy")} for m in self.validation]}
+
+
+def start(variant: str, lr: float, sizes: NextWordSizes, data: FederatedText, args: argparse.Namespace,
+          *, rounds: int, eval_every: int) -> Run:
+    """The first ``rounds`` rounds of ``variant`` at client learning rate ``lr`` (a trial)."""
     model = build(variant, sizes, data, args.seed)
     config = training_config(variant, lr, args)
     algorithm = FedRecon(model, config)
-    sim = Simulation(algorithm, data.train, settings_of(args, rounds),
+    sim = Simulation(algorithm, data.train, settings_of(args, 1),
                      eval_config=evaluation_config(config, "default"))
+    state = algorithm.initial_state(args.seed)
+    run = Run(sim, config, lr, state, state, {"loss": float("inf"), "accuracy": -1.0, "round": 0})
+    return extend(run, data, rounds=rounds, eval_every=eval_every)
+
+
+def extend(run: Run, data: FederatedText, *, rounds: int, eval_every: int) -> Run:
+    """``rounds`` more rounds in process (selection continues by round number, so a trial extended is the
+    same run as one started for the total); validation every ``eval_every`` rounds and after the last; the
+    state with the highest validation accuracy so far is kept (the table's figure; the loss can keep falling
+    while the arg-max still lands on an excluded class such as OOV, which accuracy counts as a miss)."""
+    if rounds <= 0:
+        return run
+    run.sim.settings = dataclasses.replace(run.sim.settings, rounds=rounds, eval_every=eval_every)
+
+    def keep(_record: Any, metrics: dict[str, float] | None) -> None:
+        if metrics is not None and metrics["accuracy"] > run.best_metrics["accuracy"]:
+            assert run.sim.latest_state is not None
+            run.best, run.best_metrics = run.sim.latest_state, metrics
+
     t0 = time.perf_counter()
-    state, history = sim.run(algorithm.initial_state(args.seed), validation=data.validation)
-    seconds = [r.seconds for r in history.rounds]
-    best = min(history.validation, key=lambda m: m["loss"])
-    info = {"client_lr": lr, "rounds": rounds, "wall_seconds": time.perf_counter() - t0,
-            "seconds_per_round": statistics.mean(seconds[1:] or seconds),
-            "first_round_seconds": seconds[0], "selected_round": int(best["round"]),
-            "validation_accuracy": best["accuracy"], "validation_loss": best["loss"],
-            "validation": [{k: m[k] for k in ("round", "loss", "accuracy")} for m in history.validation]}
-    return sim, config, state, info
+    state, history = run.sim.run(run.state, validation=data.validation, on_round=keep, keep_best=False)
+    run.wall_seconds += time.perf_counter() - t0
+    run.state = state
+    run.seconds += [r.seconds for r in history.rounds]
+    run.validation += history.validation
+    return run
 
 
 def measure_bytes(variant: str, model: Any, config: FedReconConfig, data: FederatedText,
@@ -176,6 +220,25 @@ def measure_bytes(variant: str, model: Any, config: FedReconConfig, data: Federa
     return {"download_bytes_per_client": sum(down) / clients, "upload_bytes_per_client": sum(up) / clients}
 
 
+def most_frequent_word_baseline(data: FederatedText, batch_size: int) -> dict[str, Any]:
+    """A reference for the accuracies: always predict the training speakers' most frequent counted target
+    (not padding, EOS or OOV), scored on the test speakers' held-out (odd) batches as the rows are."""
+    excluded = {0, *data.vocabulary.accuracy_excludes()}
+    ids = np.concatenate([c.y.reshape(-1) for c in data.train.values()]).astype(np.int64)
+    counts = np.bincount(ids[~np.isin(ids, list(excluded))], minlength=data.vocabulary.size)
+    top = int(counts.argmax())
+    hits = counted = 0
+    for client in data.test.values():
+        odd = np.arange(len(client)) // batch_size % 2 == 1
+        y = client.y[odd].reshape(-1).astype(np.int64)
+        y = y[~np.isin(y, list(excluded))]
+        hits += int((y == top).sum())
+        counted += len(y)
+    words = data.vocabulary.words
+    return {"word": words[top - 3] if 3 <= top < 3 + len(words) else str(top),
+            "accuracy": hits / max(counted, 1), "targets_counted": counted}
+
+
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 
@@ -189,14 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="text folder or JSON file, or 'synthetic'")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--tune-rounds", type=int, default=25, help="rounds of each learning-rate trial")
+    parser.add_argument("--tune-rounds", type=int, default=10, help="rounds of each learning-rate trial")
     parser.add_argument("--clients-per-round", type=int, default=20)
-    parser.add_argument("--client-lrs", default="1.0,2.0", help="client learning rates tried per variant")
+    parser.add_argument("--client-lrs", default="0.5,1.0", help="client learning rates tried per variant")
     parser.add_argument("--finetune-lrs", default="0.1,0.5,1.0", help="fine-tuning rates tried on FedAvg")
-    parser.add_argument("--server-optimizer", default="sgd", choices=("sgd", "adam", "yogi", "adagrad"))
-    parser.add_argument("--server-lr", type=float, default=1.0)
+    parser.add_argument("--server-optimizer", default="adam", choices=("sgd", "adam", "yogi", "adagrad"))
+    parser.add_argument("--server-lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps-max", type=int, default=None, help="cap on each client phase's steps")
+    parser.add_argument("--steps-max", type=int, default=4, help="cap on each client phase's steps")
     parser.add_argument("--vocab", type=int, default=2000, help="words in the vocabulary")
     parser.add_argument("--oov-buckets", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=16)
@@ -230,16 +293,20 @@ def main(argv: list[str] | None = None) -> None:
     steps: dict[str, dict[str, float]] = {}
     fedavg_trained = None
     for row, variant in TRAINED.items():
-        trials = []
-        for lr in client_lrs if len(client_lrs) > 1 else []:
-            *_, info = train(variant, lr, args.tune_rounds, sizes, data, args)
-            trials.append({k: info[k] for k in ("client_lr", "validation_accuracy", "validation_loss",
-                                                "selected_round", "wall_seconds")})
-            print(f"  {row} tuning lr {lr:g}: validation accuracy {info['validation_accuracy']:.4f}",
+        trials = [start(variant, lr, sizes, data, args, rounds=args.tune_rounds, eval_every=args.tune_rounds)
+                  for lr in client_lrs]
+        for trial in trials:
+            print(f"  {row} trial lr {trial.lr:g}: validation loss {trial.best_metrics['loss']:.4f}, "
+                  f"accuracy {trial.best_metrics['accuracy']:.4f} after {args.tune_rounds} rounds",
                   flush=True)
-        lr = max(trials, key=lambda t: t["validation_accuracy"])["client_lr"] if trials else client_lrs[0]
-        tuning[row] = {"trials": trials, "client_lr": lr}
-        sim, config, state, info = train(variant, lr, args.rounds, sizes, data, args)
+        run = min(trials, key=lambda t: t.best_metrics["loss"])
+        lr = run.lr
+        kept = ("client_lr", "validation_accuracy", "validation_loss", "selected_round", "wall_seconds")
+        tuning[row] = {"trials": [{k: t.info()[k] for k in kept} for t in trials], "client_lr": lr}
+        del trials
+        run = extend(run, data, rounds=args.rounds - args.tune_rounds,
+                     eval_every=max(1, args.rounds // args.evaluations))
+        sim, config, state, info = run.sim, run.config, run.best, run.info()
         model = sim.algorithm.model
         runs[row] = info
         parameters[row] = parameter_count(model)
@@ -283,8 +350,10 @@ def main(argv: list[str] | None = None) -> None:
 
     per_round = {row: runs[row]["seconds_per_round"] for row in TRAINED}
     per_round["fedavg_finetune"] = per_round["fedavg"]
+    baseline = most_frequent_word_baseline(data, args.batch_size)
     out = {
         "rows": {row: rows[row] for row in ROWS},
+        "most_frequent_word_baseline": baseline,
         "reconstruction_steps": steps,
         "seconds_per_round": {row: per_round[row] for row in ROWS},
         "config": {
@@ -302,8 +371,9 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size, "steps_max": args.steps_max, "seed": args.seed,
             "server_optimizer": {"name": args.server_optimizer, "learning_rate": args.server_lr},
             "client_lr_grid": client_lrs, "finetune_lr_grid": finetune_lrs,
-            "selection": "client learning rate by validation accuracy after tune_rounds; round by validation "
-                         "loss; fine-tuning rate by validation accuracy; test speakers scored once per row",
+            "selection": "client learning rate by validation loss after tune_rounds; round by validation "
+                         "accuracy; fine-tuning rate by validation accuracy; test speakers scored once per "
+                         "row",
             "accuracy": "held-out (odd) batches of unseen test speakers; padding, OOV and EOS targets "
                         "excluded",
             "bytes_measured": f"server-to-client (download) and client-to-server (upload) bytes on each of "
