@@ -20,7 +20,7 @@ are chosen on validation speakers only: for each trained variant the client lear
 ``--client-lrs`` by validation loss after ``--tune-rounds`` rounds (reconstruction uses the same rate; so
 early, accuracy is still flat: the arg-max is often an excluded class such as OOV or EOS);
 the chosen trial then goes on to ``--rounds`` rounds (the same run as one started for the total: selection is
-seeded by round), and the round with the highest validation accuracy is kept; the fine-tuning rate from
+seeded by round), and the round with the lowest validation loss is kept; the fine-tuning rate from
 ``--finetune-lrs`` by validation accuracy. Test speakers are scored once per row.
 
 Bytes: each trained variant's task is served by a real coordinator (``fedrecon.server``) on loopback, and
@@ -169,14 +169,15 @@ def start(variant: str, lr: float, sizes: NextWordSizes, data: FederatedText, ar
 def extend(run: Run, data: FederatedText, *, rounds: int, eval_every: int) -> Run:
     """``rounds`` more rounds in process (selection continues by round number, so a trial extended is the
     same run as one started for the total); validation every ``eval_every`` rounds and after the last; the
-    state with the highest validation accuracy so far is kept (the table's figure; the loss can keep falling
-    while the arg-max still lands on an excluded class such as OOV, which accuracy counts as a miss)."""
+    state with the lowest validation loss so far is kept. (Not the highest accuracy: early on, a model whose
+    arg-max is the most frequent word everywhere scores about as well as a trained one, and keeping it
+    would report a unigram predictor; a first run did exactly that.)"""
     if rounds <= 0:
         return run
     run.sim.settings = dataclasses.replace(run.sim.settings, rounds=rounds, eval_every=eval_every)
 
     def keep(_record: Any, metrics: dict[str, float] | None) -> None:
-        if metrics is not None and metrics["accuracy"] > run.best_metrics["accuracy"]:
+        if metrics is not None and metrics["loss"] < run.best_metrics["loss"]:
             assert run.sim.latest_state is not None
             run.best, run.best_metrics = run.sim.latest_state, metrics
 
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             "server_optimizer": {"name": args.server_optimizer, "learning_rate": args.server_lr},
             "client_lr_grid": client_lrs, "finetune_lr_grid": finetune_lrs,
             "selection": "client learning rate by validation loss after tune_rounds; round by validation "
-                         "accuracy; fine-tuning rate by validation accuracy; test speakers scored once per "
+                         "loss; fine-tuning rate by validation accuracy; test speakers scored once per "
                          "row",
             "accuracy": "held-out (odd) batches of unseen test speakers; padding, OOV and EOS targets "
                         "excluded",
