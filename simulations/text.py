@@ -187,14 +187,19 @@ def split_texts(texts: Mapping[str, Sequence[str]], *, vocab_size: int, seq_len:
                 fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), min_words: int = 100,
                 oov_buckets: int = 1, max_examples_per_user: int | None = 256) -> FederatedText:
     """Users split by ``seed`` into train/validation/test after dropping users with under ``min_words``
-    words; the vocabulary comes from training users only."""
+    words (tokens, punctuation included); the vocabulary comes from training users only. Validation and
+    test get ``fractions[1]`` and ``fractions[2]`` of the kept users, rounded, but at least one user each;
+    training gets the rest."""
     names = sorted(texts)
     kept = [n for n in names if sum(len(s) for s in sentences(texts[n])) >= min_words]
     if len(kept) < 3:
         raise ValueError(f"only {len(kept)} users have at least {min_words} words: too few to split")
     order = np.random.default_rng(seed).permutation(len(kept))
-    n_train = round(fractions[0] * len(kept))
-    n_val = max(1, round(fractions[1] * len(kept)))
+    # At least one validation and one test user (and so at most n - 2 training users), whatever the
+    # fractions round to: a split without unseen users could neither select nor score a model.
+    n_val = min(max(1, round(fractions[1] * len(kept))), len(kept) - 2)
+    n_test = min(max(1, round(fractions[2] * len(kept))), len(kept) - 1 - n_val)
+    n_train = len(kept) - n_val - n_test
     parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
     vocabulary = build_vocabulary({kept[i]: texts[kept[i]] for i in parts[0]}, vocab_size,
                                   oov_buckets=oov_buckets)

@@ -1,10 +1,12 @@
-"""A loopback TCP relay that records what clients send: bytes as they leave a client's socket.
+"""A loopback TCP relay that records what clients send, and counts what they receive, per connection.
 
 ``WireTap`` listens on 127.0.0.1 (a free port) and forwards each connection to a coordinator on 127.0.0.1,
-keeping every byte of the client-to-server direction, per connection. It measures what is really on the
-wire (HTTP/2 frames, gRPC framing, headers, every call a client makes), where the client library's own
-counters only add up serialized message sizes. ``tests/test_locals_stay_home.py`` searches these bytes for
-local variables; ``benchmarks/compression_table.py`` counts them per client. Loopback only, by design.
+keeping every byte of the client-to-server direction and counting every byte of the server-to-client
+direction, per connection. It measures what is really on the wire (HTTP/2 frames, gRPC framing, headers,
+every call a client makes), where the client library's own counters only add up serialized message sizes.
+``tests/test_locals_stay_home.py`` searches the sent bytes for local variables;
+``benchmarks/compression_table.py`` counts them per client; ``benchmarks/nwp_table.py`` counts both
+directions (upload and download). Loopback only, by design.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class WireTap:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._sent: list[bytearray] = []  # per connection, in the order they were accepted
+        self._received: list[list[int]] = []  # per connection: [bytes the server sent to the client]
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._accept, name="wire-tap", daemon=True)]
@@ -37,6 +40,12 @@ class WireTap:
         with self._lock:
             return [len(b) for b in self._sent]
 
+    def received_per_connection(self) -> list[int]:
+        """How many bytes each connection's client received from the server so far (only counted, not
+        kept), in the same order as ``sent_per_connection``."""
+        with self._lock:
+            return [count[0] for count in self._received]
+
     def _accept(self) -> None:
         while True:
             try:
@@ -45,20 +54,27 @@ class WireTap:
                 return
             server = socket.create_connection(self._target)
             record = bytearray()
+            count = [0]
             with self._lock:
                 self._sent.append(record)
+                self._received.append(count)
                 self._sockets += [client, server]
-            for src, dst, keep in ((client, server, record), (server, client, None)):
-                t = threading.Thread(target=self._pipe, args=(src, dst, keep), name="wire-tap", daemon=True)
+            for src, dst, keep, counter in ((client, server, record, None), (server, client, None, count)):
+                t = threading.Thread(target=self._pipe, args=(src, dst, keep, counter), name="wire-tap",
+                                     daemon=True)
                 t.start()
                 self._threads.append(t)
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bytearray | None,
+              counter: list[int] | None) -> None:
         try:
             while data := src.recv(1 << 16):
                 if record is not None:
                     with self._lock:
                         record += data
+                if counter is not None:
+                    with self._lock:
+                        counter[0] += len(data)
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:  # the other side is gone
