@@ -40,7 +40,7 @@ over_selection = 1.0
 min_reports = {clients}
 selection_timeout_s = 60.0
 reporting_timeout_s = 60.0
-retry_delay_s = [0.05, 0.2]
+retry_delay_s = {retry}
 max_rounds = {max_rounds}
 """
 BOUND_S = 60.0  # generous for a busy machine; the connect timeout given is 2 s
@@ -62,10 +62,10 @@ def _task_spec() -> TaskSpec:
 
 
 @contextmanager
-def _serve(tmp_path: Path, *extra: str, max_rounds: int = 5, clients: int = 2
+def _serve(tmp_path: Path, *extra: str, max_rounds: int = 5, clients: int = 2, retry: str = "[0.05, 0.2]"
            ) -> Iterator[CoordinatorProcess]:
     task = tmp_path / "task.toml"
-    task.write_text(TASK.format(max_rounds=max_rounds, clients=clients))
+    task.write_text(TASK.format(max_rounds=max_rounds, clients=clients, retry=retry))
     server = CoordinatorProcess(task, f"sqlite:///{tmp_path / 'cli.db'}", tmp_path, extra_args=extra)
     try:
         yield server
@@ -166,7 +166,9 @@ def test_nothing_accepted_exits_1(tmp_path: Path) -> None:
             f"connecting to {server.address} (plaintext)",
             f"fedrecon client: the coordinator at {server.address} refused: UNAUTHENTICATED: a valid client "
             "token is required"]
-    with _serve(tmp_path, max_rounds=0) as server:
+    # A retry window of at least 0.25 s keeps each client within its check-in budget (a burst of 10, then
+    # one a second) for the whole --max-wait: a shorter one let a fast client be rate-limited (refused 1).
+    with _serve(tmp_path, max_rounds=0, retry="[0.25, 0.5]") as server:
         ran = runner.invoke(app, ["client", "--task", "cli", "--data", "synthetic", "--users", "2",
                                   "--coordinator", server.address, "--max-wait", "1"])
         assert ran.exit_code == 1, ran.output
