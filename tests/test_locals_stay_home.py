@@ -9,34 +9,27 @@ report) and every 8-byte window of their float32 values, and each value as a flo
 the captured bytes: none may be there. The positive control runs the same search for the update the
 client uploaded, which must be found, so the search is not blind.
 
-Matrix factorization runs against the coordinator, with plain and with row-sparse uploads. A Keras model
-with a local layer cannot be served by the coordinator (a task describes its model as matrix-factorization
-JSON; Keras models are Python objects that do not travel), so for Keras the client library's own transport
-sends the client step's update through the same relay to a loopback endpoint that only reads
-``ReportUpdate`` streams, and the same search runs on those bytes.
+Both model families run against the coordinator: matrix factorization with plain and with row-sparse
+uploads, and a Keras task (served from its description, rebuilt by the device) with a local layer.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from pathlib import Path
 
-import grpc
 import keras
 import numpy as np
 import pytest
 
 from fedrecon.client import FederatedClient
 from fedrecon.client.participant import client_step_for
-from fedrecon.client.transport import CoordinatorChannel
 from fedrecon.core.aggregation import AggregationConfig
 from fedrecon.core.batching import ClientExamples
-from fedrecon.core.client_work import ClientStep, client_update
+from fedrecon.core.client_work import client_update
 from fedrecon.core.compression import UploadCodec
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
-from fedrecon.core.keras_model import KerasReconstructionModel
 from fedrecon.protocol import Assignment
 from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
@@ -44,8 +37,6 @@ from fedrecon.server.store import SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.simulations.wire_tap import WireTap
-from fedrecon.v1 import coordinator_pb2 as pb
-from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 
 SEED = 1234
 WINDOW = 8  # bytes: two consecutive float32 values
@@ -90,19 +81,10 @@ def assert_locals_absent_and_update_present(stream: bytes, locals_: Sequence[np.
     assert hit > 0.95, f"only {hit:.0%} of the update's windows were found: the search is blind"
 
 
-# ----- matrix factorization against the coordinator -----------------------------------------------------
-@pytest.mark.parametrize("codec", [UploadCodec.NONE, UploadCodec.ROWSPARSE])
-def test_a_real_round_sends_no_local_value(codec: UploadCodec, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    data = load_dataset("synthetic", seed=42)
-    user = sorted(data.train)[0]
-    examples = data.train[user]
-    task = TaskSpec(name="home", model={"kind": "matrix_factorization", "num_items": data.num_items,
-                                        "num_factors": 16, "use_biases": True,
-                                        "initial_offset": round(data.mean_rating, 3)},
-                    training=FedReconConfig(client_optimizer=OptimizerSpec("sgd", 0.5)),
-                    aggregation=AggregationConfig(upload_codec=codec, norm_policy="none"),
-                    rounds=RoundSettings(clients_per_round=1, min_reports=1, selection_timeout_s=60,
-                                         reporting_timeout_s=60))
+# ----- a real round against the coordinator ------------------------------------------------------------
+def _round_sends_no_local_value(task: TaskSpec, examples: ClientExamples, tmp_path: Path,
+                                local_names: list[str]) -> Assignment:
+    """One client, one real round through the relay; then the search. Returns the assignment."""
     assigned: list[Assignment] = []
 
     def rng_for(a: Assignment) -> np.random.Generator:
@@ -111,18 +93,17 @@ def test_a_real_round_sends_no_local_value(codec: UploadCodec, tmp_path) -> None
 
     with SqlStore(f"sqlite:///{tmp_path / 'coordinator.db'}") as store, \
             start_server(Coordinator(store, task)) as server, WireTap(server.port) as relay, \
-            FederatedClient(relay.address, "home", f"user-{user}", examples) as client:
-        report = client.participate(rng_for=rng_for, max_wait_s=30)
+            FederatedClient(relay.address, task.name, "user-1", examples) as client:
+        report = client.participate(rng_for=rng_for, max_wait_s=60)
         assert report.accepted and report.status == "OK"
-        assert server.coordinator.wait_for_version(1, timeout=30)
+        assert server.coordinator.wait_for_version(1, timeout=60)
         stream = relay.sent()
         a = assigned[0]
         _, globals_ = client.globals_for(a.model_version)
         model_examples = client.model_examples()
         _, after = client.globals_for(1)
-    assert a.upload_codec == codec.value
     step = client_step_for(a.model_spec_json, a.training_config_json)
-    assert [v.name for v in step.model.local_variables] == ["user_embedding", "user_bias"]
+    assert [v.name for v in step.model.local_variables] == local_names
     update = client_update(step, globals_, model_examples, batch_size=a.batch_size,
                            rng=np.random.default_rng(SEED))
     # The coordinator's new version is the old plus exactly this update (one client, server SGD with
@@ -134,75 +115,46 @@ def test_a_real_round_sends_no_local_value(codec: UploadCodec, tmp_path) -> None
                                      rng=np.random.default_rng(SEED), use_all_batches=False)
     assert not np.allclose(fresh[0], reconstructed[0])  # reconstruction moved them: two sets to look for
     assert_locals_absent_and_update_present(stream, [*fresh, *reconstructed], update.delta)
+    return a
 
 
-# ----- a Keras model with a local layer, at the client library's transport ------------------------------
-class UserVector(keras.layers.Layer):
-    """The user's embedding as a layer (local): scores item vectors against one vector."""
-
-    def __init__(self, dim: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.dim = dim
-        self.embedding_initializer = keras.initializers.RandomUniform(-0.5, 0.5)
-
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        self.embedding = self.add_weight(shape=(self.dim,), initializer=self.embedding_initializer,
-                                         name="embedding")
-
-    def call(self, item_vectors):  # type: ignore[no-untyped-def]
-        return keras.ops.sum(item_vectors * self.embedding, axis=-1)
+def _rounds(clients: int = 1) -> RoundSettings:
+    return RoundSettings(clients_per_round=clients, min_reports=clients, selection_timeout_s=60,
+                         reporting_timeout_s=60)
 
 
-class ReportSink(pb_grpc.CoordinatorServicer):
-    """Reads ``ReportUpdate`` streams to the end and accepts them: the other end of the Keras case."""
+@pytest.mark.parametrize("codec", [UploadCodec.NONE, UploadCodec.ROWSPARSE])
+def test_a_real_round_sends_no_local_value(codec: UploadCodec, tmp_path: Path) -> None:
+    """Matrix factorization: the user's embedding and bias stay home, dense or row-sparse uploads."""
+    data = load_dataset("synthetic", seed=42)
+    user = sorted(data.train)[0]
+    task = TaskSpec(name="home", model={"kind": "matrix_factorization", "num_items": data.num_items,
+                                        "num_factors": 16, "use_biases": True,
+                                        "initial_offset": round(data.mean_rating, 3)},
+                    training=FedReconConfig(client_optimizer=OptimizerSpec("sgd", 0.5)),
+                    aggregation=AggregationConfig(upload_codec=codec, norm_policy="none"),
+                    rounds=_rounds())
+    a = _round_sends_no_local_value(task, data.train[user], tmp_path, ["user_embedding", "user_bias"])
+    assert a.upload_codec == codec.value
 
-    def __init__(self) -> None:
-        self.reports = 0
 
-    def ReportUpdate(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        for _ in request_iterator:
-            pass
-        self.reports += 1
-        return pb.ReportUpdateResponse(accepted=True, message="read")
-
-
-def test_a_keras_update_with_a_local_layer_sends_no_local_value() -> None:
+def test_a_keras_task_with_a_local_layer_sends_no_local_value(tmp_path: Path) -> None:
+    """A Keras model served by the coordinator from its description (item embeddings and a hidden layer
+    global, a personal output layer local): the personal layer's values stay home."""
     keras.utils.set_random_seed(0)
-    num_items, factors = 40, 16
-    items = keras.Input(shape=(), dtype="int32")
-    item_vectors = keras.layers.Embedding(num_items, factors, name="items")(items)
-    user = UserVector(factors, name="user")
-    model = KerasReconstructionModel(keras.Model(items, user(item_vectors)), [user])
-    assert [v.name for v in model.local_variables] == ["user/embedding"]
-    step = ClientStep(model, FedReconConfig(client_optimizer=OptimizerSpec("sgd", 0.5)))
+    num_items = 40
+    items = keras.Input(shape=(), dtype="int32", name="item")
+    vectors = keras.layers.Embedding(num_items, 8, name="items")(items)
+    hidden = keras.layers.Dense(16, activation="tanh", name="hidden")(vectors)
+    rating = keras.layers.Dense(1, name="personal")(hidden)
+    architecture = json.loads(keras.Model(items, rating).to_json())
+    task = TaskSpec(name="keras-home", batch_size=5,
+                    model={"kind": "keras", "architecture": architecture, "local_layers": ["personal"],
+                           "objective": "mse"},
+                    training=FedReconConfig(client_optimizer=OptimizerSpec("sgd", 0.5)),
+                    aggregation=AggregationConfig(norm_policy="none"), rounds=_rounds())
     rng = np.random.default_rng(5)
     examples = ClientExamples(x=rng.choice(num_items, 30, replace=False).astype(np.int32),
                               y=rng.integers(1, 6, 30).astype(np.float32))
-    globals_ = model.initial_globals(0)
-    update = client_update(step, globals_, examples, batch_size=5, rng=np.random.default_rng(SEED))
-    assert {f.name for f in dataclasses.fields(update)} == {"delta", "weight", "metrics"}
-    fresh = model.initial_locals(np.random.default_rng(SEED))
-    reconstructed = step.reconstruct(globals_, examples, batch_size=5, rng=np.random.default_rng(SEED),
-                                     use_all_batches=False)
-    assert not np.allclose(fresh[0], reconstructed[0])
-
-    sink = ReportSink()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_CoordinatorServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with WireTap(port) as relay:
-            channel = CoordinatorChannel(relay.address)
-            assignment = Assignment(task_name="keras", round_id=1, round_num=1, model_version=0, token="t",
-                                    deadline=datetime.now(UTC), model_spec_json="{}",
-                                    training_config_json="{}", batch_size=5)
-            trainable = [model.global_variables[i].name for i in model.global_trainable]
-            outcome = channel.report(assignment, "keras-user", trainable, update.delta, update.weight,
-                                     update.metrics)
-            channel.close()
-            stream = relay.sent()
-    finally:
-        server.stop(grace=None)
-    assert outcome.accepted and sink.reports == 1
-    assert_locals_absent_and_update_present(stream, [*fresh, *reconstructed], update.delta)
+    a = _round_sends_no_local_value(task, examples, tmp_path, ["personal/kernel", "personal/bias"])
+    assert json.loads(a.model_spec_json)["kind"] == "keras"
