@@ -7,7 +7,8 @@ TensorFlow is needed: a round commits the plaintext aggregate within the quantis
 clients vanishing after the key-sharing stage are recovered; too many vanishing fail the round before
 anything is unmasked and the next round commits; a hostile client gets a clear status for every bad
 message and the round loses nothing; and every array the coordinator's secure-aggregation server receives
-is a masked vector, never a client's quantised update.
+is a masked vector, never a client's quantised update. The last test takes the app's path instead: devices
+that reconstruct and train on real data call ``FederatedClient.participate()`` in a secure round.
 """
 
 from __future__ import annotations
@@ -360,3 +361,56 @@ def test_a_hostile_client_gets_clear_statuses_and_the_round_loses_nothing(store_
     assert record.state == RoundState.COMMITTED and record.num_accepted == 4
     assert all(o is not None and o.committed_version == 1 for o in outcomes[:4]) and outcomes[4] is None
     np.testing.assert_allclose(g1 - g0, plaintext_mean(updates[:4], weights[:4]), atol=1e-4, rtol=0)
+
+
+def test_devices_that_train_take_part_through_participate(tmp_path: Path) -> None:
+    """The app's path: three ``FederatedClient``s with real data reconstruct, train and call
+    ``participate()`` in a secure round; it commits the plaintext mean of their own updates (recomputed from
+    the same seeds) within the quantisation error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedrecon.client import FederatedClient
+    from fedrecon.client.participant import client_step_for
+    from fedrecon.core.client_work import client_update
+    from fedrecon.simulations.ratings import load_dataset
+
+    data = load_dataset("synthetic", seed=42)
+    users = sorted(data.train)[:3]
+    task = TaskSpec(name="secure-devices", model={"kind": "matrix_factorization", "num_items": data.num_items,
+                                                  "num_factors": 4},
+                    aggregation=AggregationConfig(secure_aggregation=True, secure_phase_timeout_s=120.0),
+                    rounds=RoundSettings(clients_per_round=3, over_selection=1.0, min_reports=3,
+                                         selection_timeout_s=120.0, reporting_timeout_s=240.0))
+    assigned: dict[int, Assignment] = {}
+
+    def play(k: int) -> tuple[ReportOutcome, list[np.ndarray], object]:
+        def rng_for(a: Assignment) -> np.random.Generator:
+            assigned[k] = a
+            return np.random.default_rng(100 + k)
+
+        with FederatedClient(address, task.name, f"device-{k}", data.train[users[k]]) as client:
+            outcome = client.participate(rng_for=rng_for, upload_rng_for=lambda a: np.random.default_rng(k),
+                                         max_wait_s=240.0)
+            _, globals_ = client.globals_for(assigned[k].model_version)
+            return outcome, globals_, client.model_examples()
+
+    with serving(f"sqlite:///{tmp_path / 'coordinator.db'}", task) as (address, store):
+        with ThreadPoolExecutor(3) as pool:
+            played = list(pool.map(play, range(3)))
+        (record,) = store.list_rounds(task.name)
+        g0, g1 = (globals_from_bytes(store.get_version(task.name, v).parameters, NAMES)[0] for v in (0, 1))
+    assert all(o.accepted and o.in_round and o.committed_version == 1 for o, _, _ in played), played
+    assert record.state == RoundState.COMMITTED and "secure_sum" in record.stages
+    a = assigned[0]
+    step = client_step_for(a.model_spec_json, a.training_config_json)
+    updates, weights = [], []
+    for k, (_, globals_, examples) in enumerate(played):
+        update = client_update(step, globals_, examples, batch_size=a.batch_size,  # type: ignore[arg-type]
+                               rng=np.random.default_rng(100 + k))
+        (delta,) = update.delta
+        updates.append(delta)
+        weights.append(float(update.weight))
+    assert any(np.abs(u).max() > 1e-3 for u in updates)  # they trained: a mean worth comparing
+    levels = (2**32 - 1) // 3
+    bound = 3 * (2 * 20.0 / levels) * CAP / sum(min(w, CAP) for w in weights) * 2 + 1e-6
+    np.testing.assert_allclose(g1 - g0, plaintext_mean(updates, weights), atol=bound, rtol=0)
