@@ -322,6 +322,8 @@ def serve(
                     interceptors=auth, tls=tls, limits=limits, keepalive=keepalive,
                     shutdown_grace_s=shutdown_grace_s, health_probe_s=health_probe_s, reflection=reflection,
                     metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard)
+            except ValueError as err:  # settings no round could complete with (a masked update too large)
+                refuse(str(err))
             except OSError as err:  # taken between the check and the bind
                 refuse(f"cannot listen on {host}:{port} (or metrics on {metrics_host}:{metrics_port}): {err}"
                        if metrics_port is not None else f"cannot listen: {err}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -32,6 +33,29 @@ from fedrecon.server.servicer import SERVICE, CoordinatorServicer
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
+# What the client library sends at most in one gRPC message (``CoordinatorChannel``'s default): a masked
+# update travels as one message, so it must fit this whatever the coordinator accepts.
+CLIENT_MAX_MESSAGE_BYTES = 4 * DEFAULT_CHUNK_BYTES
+_MESSAGE_FRAMING_BYTES = 1024  # the round id, the client's secure-aggregation id and protobuf framing
+
+
+def check_secure_message_fits(coordinator: Coordinator, max_message_bytes: int) -> None:
+    """Raise ``ValueError`` when a secure round of this task could never complete: each client's masked
+    update (4 bytes per trainable value, plus the weight) goes as one gRPC message, which neither this
+    coordinator (``max_message_bytes``) nor the client library (4 MiB) would carry. Refused at start, with
+    the figures, instead of every report failing mid-round."""
+    if not coordinator.task.aggregation.secure_aggregation:
+        return
+    values = sum(math.prod(s) for s in coordinator.algorithm.delta_shapes) + 1
+    needed = 4 * values + _MESSAGE_FRAMING_BYTES
+    limit = min(max_message_bytes, CLIENT_MAX_MESSAGE_BYTES)
+    if needed > limit:
+        raise ValueError(
+            f"task {coordinator.task.name}: secure aggregation sends each client's masked update as one "
+            f"message of {needed / (1 << 20):.2f} MiB ({values:,} values), over the {limit / (1 << 20):.2f} "
+            f"MiB a message may carry (this coordinator's --max-message-mb and the client library's 4 MiB); "
+            f"secure aggregation needs a model under {(limit - _MESSAGE_FRAMING_BYTES) // 4 - 1:,} trainable "
+            "global values")
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 PROGRESS_EVERY_S = 1.0
 """How often the open round's counts are written to the store for ``fedrecon status`` (when they changed):
@@ -172,6 +196,7 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     stream, is off, so each waiting stream keeps the default 64 KiB window.
     """
     limits = limits or ServerLimits()
+    check_secure_message_fits(coordinator, max_message_bytes)
     if dashboard is not None:
         dashboard.check()  # before anything starts: an exposed page without a credential is refused
     if max_workers is not None:

@@ -122,3 +122,39 @@ def test_a_coordinator_refuses_at_start_settings_no_round_could_run_with(tmp_pat
             Coordinator(store, task)
         with pytest.raises(UnknownTask):  # refused before anything was written
             store.get_task("too-high")
+
+
+def test_a_masked_update_larger_than_a_message_is_refused_at_start(tmp_path: Path) -> None:
+    """A masked update travels as one gRPC message: a model too large for it is refused when the server
+    starts, with the figures, by the API and by ``fedrecon serve`` (one line, exit 2); a model that fits
+    starts."""
+    import subprocess
+    import sys
+
+    from fedrecon.server.app import start_server
+    from fedrecon.server.coordinator import Coordinator
+    from fedrecon.server.store import SqlStore
+
+    def task(num_items: int) -> TaskSpec:
+        return TaskSpec(name="big", model={"kind": "matrix_factorization", "num_items": num_items,
+                                           "num_factors": 50},
+                        aggregation=AggregationConfig(secure_aggregation=True))
+
+    # 21,000 × 50 = 1,050,000 values: 4.0 MiB masked, over 4 MiB with the weight and framing.
+    with SqlStore(f"sqlite:///{tmp_path / 'c.db'}") as store, \
+            pytest.raises(ValueError, match=r"masked update as one message of 4\.01 MiB \(1,050,001 values\)"
+                                            r".*under 1,048,319 trainable global values"):
+        start_server(Coordinator(store, task(21_000)))
+    with SqlStore(f"sqlite:///{tmp_path / 'd.db'}") as store, \
+            start_server(Coordinator(store, task(20_000))) as server:  # 1,000,001 values: 3.8 MiB, fits
+        assert server.port > 0
+    (tmp_path / "big.toml").write_text('name = "big"\n[model]\nkind = "matrix_factorization"\n'
+                                       'num_items = 21000\nnum_factors = 50\n'
+                                       '[aggregation]\nsecure_aggregation = true\n')
+    ran = subprocess.run([sys.executable, "-m", "fedrecon.cli", "serve", "--task", str(tmp_path / "big.toml"),
+                          "--store", f"sqlite:///{tmp_path / 'e.db'}", "--port", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert "Traceback" not in ran.stderr
+    (line,) = [x for x in ran.stderr.splitlines() if "masked update" in x]
+    assert "secure aggregation sends each client's masked update as one message" in line
