@@ -42,7 +42,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc
 from movielens_table import tuned_spec
 
 from fedrecon.client import FederatedClient
@@ -74,10 +73,7 @@ def measure_upload(spec: ExperimentSpec, data: FederatedRatings, codec: UploadCo
             start_server(Coordinator(store, task)) as server, WireTap(server.port) as tap:
         serialized = []
         for user in users:
-            # Its own connection, as a device has (gRPC would otherwise share one among channels).
-            channel = grpc.insecure_channel(tap.address, options=[
-                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            channel = tap.device_channel(MAX_MESSAGE_BYTES)  # its own connection, as a device has
             with FederatedClient(None, task.name, f"user-{user}", data.train[user],
                                  channel=channel) as client:
                 report = client.participate(rng_for=lambda _a, u=user: local_rng(seed, 1, u),

@@ -55,7 +55,6 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import grpc
 import numpy as np
 
 from fedrecon.client import FederatedClient
@@ -203,10 +202,7 @@ def measure_bytes(variant: str, model: Any, config: FedReconConfig, data: Federa
             SqlStore(f"sqlite:///{Path(tmp) / 'coordinator.db'}") as store, \
             start_server(Coordinator(store, task)) as server, WireTap(server.port) as tap:
         for user in users:
-            # Its own connection, as a device has (gRPC would otherwise share one among channels).
-            channel = grpc.insecure_channel(tap.address, options=[
-                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            channel = tap.device_channel(MAX_MESSAGE_BYTES)  # its own connection, as a device has
             with FederatedClient(None, task.name, f"speaker-{user}", data.train[user],
                                  channel=channel) as client:
                 report = client.participate(rng_for=lambda _a, u=user: local_rng(args.seed, 1, u),

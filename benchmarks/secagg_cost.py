@@ -124,8 +124,6 @@ def _wire_round(secure: bool, updates: list[np.ndarray], seed: int) -> dict[str,
     import tempfile
     import threading
 
-    import grpc
-
     from fedrecon.client.secure_report import SecureReporter
     from fedrecon.client.transport import CoordinatorChannel
     from fedrecon.core.aggregation import AggregationConfig
@@ -146,9 +144,7 @@ def _wire_round(secure: bool, updates: list[np.ndarray], seed: int) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="fedrecon-secagg-wire-") as tmp, \
             SqlStore(f"sqlite:///{Path(tmp) / 'coordinator.db'}") as store, \
             start_server(Coordinator(store, task)) as server, WireTap(server.port) as tap:
-        channels = [CoordinatorChannel(channel=grpc.insecure_channel(tap.address, options=[
-            ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)])) for _ in range(clients)]
+        channels = [CoordinatorChannel(channel=tap.device_channel(64 << 20)) for _ in range(clients)]
         assignments = []
         for i, channel in enumerate(channels):
             a = channel.check_in("wire", f"client-{i}")

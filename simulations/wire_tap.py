@@ -15,6 +15,8 @@ import contextlib
 import socket
 import threading
 
+import grpc
+
 
 class WireTap:
     """A relay to ``127.0.0.1:target_port``; ``address`` is where clients connect instead."""
@@ -29,6 +31,13 @@ class WireTap:
         self._sockets: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._accept, name="wire-tap", daemon=True)]
         self._threads[0].start()
+
+    def device_channel(self, max_message_bytes: int = 4 << 20) -> grpc.Channel:
+        """A gRPC channel to the relay on a TCP connection of its own, as each device has: channels in one
+        process otherwise share a connection, and the per-connection counts would mix clients."""
+        return grpc.insecure_channel(self.address, options=[
+            ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
 
     def sent(self) -> bytes:
         """Everything clients sent so far, all connections one after another."""
