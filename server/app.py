@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import ssl
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import grpc
 
+from fedrecon.core.secagg.updates import SecureEncoding
 from fedrecon.server.auth import TokenAuthInterceptor
 from fedrecon.server.coordinator import Coordinator, ShutdownOutcome
 from fedrecon.server.dashboard import DashboardSettings, RunningDashboard, coordinator_live, start_dashboard
@@ -46,7 +46,7 @@ def check_secure_message_fits(coordinator: Coordinator, max_message_bytes: int) 
     the figures, instead of every report failing mid-round."""
     if not coordinator.task.aggregation.secure_aggregation:
         return
-    values = sum(math.prod(s) for s in coordinator.algorithm.delta_shapes) + 1
+    values = SecureEncoding.vector_length(coordinator.algorithm.delta_shapes)  # every value and the weight
     needed = 4 * values + _MESSAGE_FRAMING_BYTES
     limit = min(max_message_bytes, CLIENT_MAX_MESSAGE_BYTES)
     if needed > limit:
