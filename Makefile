@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup simulate test lint typecheck table clean tff-env browser
+.PHONY: setup simulate test lint typecheck table clean tff-env browser deploy-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 	@chromium --version 2>/dev/null
+
+# The checkers deploy/ is validated with beyond PyPI's (tests/test_deploy_files.py, tests/test_observe.py):
+# promtool from Debian's prometheus package (scrape config, alert rules and their unit test) and the
+# docker-compose client (compose.yaml renders, and refuses to without the database password). Debian
+# packages no compose v2 plugin; a `docker compose` already on the machine is used first.
+deploy-tools:
+	@command -v promtool >/dev/null && command -v docker-compose >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus docker-compose; }
+	@promtool --version 2>&1 | head -1; docker-compose version --short 2>/dev/null
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import typer.main
 import yaml
 from typer.testing import CliRunner
@@ -69,12 +68,13 @@ def _compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_compose_file_passes_docker_compose_config() -> None:
+def test_compose_file_passes_docker_compose_config(require: Callable[[bool, str], None]) -> None:
     """Valid for the compose client here, and the database password has no default: without it the file
     does not even render."""
     compose = _compose_command()
-    if compose is None:
-        pytest.skip("no compose client (docker compose plugin or docker-compose) installed here")
+    require(compose is not None,
+            "no compose client (docker compose plugin or docker-compose) installed here: make deploy-tools")
+    assert compose is not None
     args = [*compose, "-f", str(DEPLOY / "compose.yaml"), "config"]
     env = {k: v for k, v in os.environ.items() if k != "FEDRECON_DB_PASSWORD"}
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=DEPLOY,

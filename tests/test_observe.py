@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -418,7 +420,7 @@ def test_the_documented_metrics_are_the_exposed_ones(tmp_path: Path) -> None:
     assert used and used <= documented
 
 
-def test_the_prometheus_examples_pass_promtool(tmp_path: Path) -> None:
+def test_the_prometheus_examples_pass_promtool(tmp_path: Path, require: Callable[[bool, str], None]) -> None:
     """deploy/alerts.yml holds deploy/README's rules; promtool (Debian's ``prometheus`` package) checks the
     scrape config and the rules, and unit-tests the no-commit alert: it fires after 30 minutes without a
     commit (and 5 of waiting), never while rounds commit."""
@@ -426,8 +428,8 @@ def test_the_prometheus_examples_pass_promtool(tmp_path: Path) -> None:
     alerts = DEPLOY_README.parent / "alerts.yml"  # the compose file's Prometheus loads this one
     assert yaml.safe_load(alerts.read_text()) == yaml.safe_load(rules), "deploy/alerts.yml != deploy/README"
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus): the rules were not run")
+    require(promtool is not None, "promtool not installed (make deploy-tools): the rules were not run")
+    assert promtool is not None
     (tmp_path / "prometheus.yml").write_text(scrape + "rule_files: [rules.yml]\n")
     (tmp_path / "rules.yml").write_text(alerts.read_text())
     (tmp_path / "tests.yml").write_text("""
@@ -456,3 +458,75 @@ tests:
                  ["test", "rules", "tests.yml"]):
         done = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+
+
+def test_a_real_prometheus_scrapes_the_coordinator(tmp_path: Path,
+                                                   require: Callable[[bool, str], None]) -> None:
+    """Debian's Prometheus server, with deploy/README's job name and alert rules, scrapes a live coordinator:
+    the target is up, a committed round shows in its time series, and the rules load and evaluate without
+    error. This is the scrape path the compose file sets up, minus the containers."""
+    prometheus = shutil.which("prometheus")
+    require(prometheus is not None, "prometheus not installed (make deploy-tools): no real scrape")
+    assert prometheus is not None
+    alerts = DEPLOY_README.parent / "alerts.yml"
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store, \
+            start_server(Coordinator(store, _task()), metrics_port=0) as server:
+        assert server.metrics_endpoint is not None
+        target = server.metrics_endpoint.url.split("//", 1)[1].split("/", 1)[0]
+        (tmp_path / "rules.yml").write_text(alerts.read_text())
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp_path / "rules.yml")],
+            "scrape_configs": [{"job_name": "fedrecon", "static_configs": [{"targets": [target]}]}]}))
+        with socket.socket() as probe:  # a free loopback port for Prometheus's own API
+            probe.bind(("127.0.0.1", 0))
+            api = f"http://127.0.0.1:{probe.getsockname()[1]}/api/v1/"
+            listen = f"127.0.0.1:{probe.getsockname()[1]}"
+        log = (tmp_path / "prometheus.log").open("w")
+        process = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                    f"--web.listen-address={listen}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+
+        def query(expression: str) -> list[dict[str, Any]]:
+            url = api + "query?" + urllib.parse.urlencode({"query": expression})
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    body = json.load(response)
+            except OSError:
+                return []
+            assert body["status"] == "success", body
+            return list(body["data"]["result"])
+
+        def value(expression: str) -> float | None:
+            result = query(expression)
+            return float(result[0]["value"][1]) if result else None
+
+        try:
+            _wait_for(lambda: value('up{job="fedrecon"}') == 1, "Prometheus sees the coordinator up")
+            assert value('fedrecon_rounds_total{job="fedrecon",outcome="committed"}') == 0
+            wire = Wire(server.address)
+            wire.download(0)
+            _one_round(wire)
+            wire.close()
+            _wait_for(lambda: server.coordinator.version == 1, "version 1")
+            _wait_for(lambda: value('fedrecon_rounds_total{job="fedrecon",outcome="committed"}') == 1,
+                      "the committed round in Prometheus")
+            assert value('fedrecon_model_version{job="fedrecon"}') == 1
+            assert value('fedrecon_refusals_total{job="fedrecon",reason="non_finite"}') == 1
+
+            def rules() -> list[dict[str, Any]]:
+                with urllib.request.urlopen(api + "rules", timeout=10) as response:
+                    return [r for g in json.load(response)["data"]["groups"] for r in g["rules"]]
+
+            expected = {r["alert"] for g in yaml.safe_load(alerts.read_text())["groups"] for r in g["rules"]}
+            _wait_for(lambda: {r["name"] for r in rules() if r.get("lastEvaluation", "").startswith("2")
+                               and not r["lastEvaluation"].startswith("0001")} >= expected,
+                      "every alert rule evaluated")
+            assert all(r["health"] == "ok" for r in rules()), rules()
+            firing = {r["name"] for r in rules() if r["state"] == "firing"}
+            assert "FedreconNoRoundCommitted" not in firing  # a round was just committed
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+            log.close()
