@@ -40,8 +40,22 @@ if TYPE_CHECKING:
 console = Console()
 DEFAULT_STORE = "sqlite:///fedrecon.db"
 StoreOption = Annotated[str, typer.Option(
+    envvar="FEDRECON_STORE",
     help="SQLAlchemy URL of the store: sqlite:///relative.db, sqlite:////absolute/path.db (four slashes) or "
          "postgresql+psycopg://USER@HOST/DATABASE")]
+MigrateOption = Annotated[bool, typer.Option(
+    envvar="FEDRECON_MIGRATE",
+    help="bring the store's schema to this release's revision first (the default, as serve does); "
+         "--no-migrate (or FEDRECON_MIGRATE=false, what a deployment that runs `fedrecon db upgrade` as a "
+         "step of its own sets) changes no schema: the command refuses (exit 2) a store at another "
+         "revision, and never creates one")]
+"""``--migrate/--no-migrate`` of the commands besides serve that open a store (status, export, token): a
+newer release's ``fedrecon status`` run by an operator in a --no-migrate deployment must not migrate the
+database behind the coordinators' backs, nor create one."""
+
+
+def _schema_policy(migrate: bool) -> SchemaPolicy:
+    return SchemaPolicy.MIGRATE if migrate else SchemaPolicy.REQUIRE_HEAD
 log = logging.getLogger("fedrecon.serve")
 
 
@@ -303,8 +317,7 @@ def serve(
                 refuse(f"cannot serve metrics on {metrics_host}:{metrics_port}: {err}")
         dashboard = _dashboard_settings(dashboard_port, dashboard_host, dashboard_credential_file)
 
-        schema = SchemaPolicy.MIGRATE if migrate else SchemaPolicy.REQUIRE_HEAD
-        with _store(store, create=migrate, schema=schema) as sql:
+        with _store(store, create=migrate, schema=_schema_policy(migrate)) as sql:
             try:
                 coordinator = Coordinator(sql, spec, initial_globals=initial, replica_id=replica_id,
                                           lease_ttl_s=lease_ttl_s)
@@ -460,6 +473,7 @@ def status(
     metrics_url: Annotated[str | None, typer.Option(
         help="the running coordinator's metrics endpoint (serve --metrics-port), HOST:PORT or a URL: the "
              "live round is read from it, and from the store when it cannot be reached")] = None,
+    migrate: MigrateOption = True,
 ) -> None:
     """Show tasks, model versions, the live round, recent rounds and evaluation metrics held in STORE.
 
@@ -472,7 +486,7 @@ def status(
             live = scrape_live(metrics_url)
         except (OSError, ValueError) as err:  # the coordinator is down or not there: the store tells
             unreachable = f"{metrics_url}: {' '.join(str(err).split())[:200]}"
-    with _store(store) as sql:
+    with _store(store, schema=_schema_policy(migrate)) as sql:
         names = [task] if task else [t.name for t in sql.list_tasks()]
         report: dict[str, Any] = {"store": sql.url,
                                   "tasks": [_task_status(sql, n, rounds, live) for n in names]}
@@ -527,6 +541,7 @@ def export(
     task: Annotated[str, typer.Option(help="task name")],
     store: StoreOption = DEFAULT_STORE,
     version: Annotated[int | None, typer.Option(help="model version (default: latest)")] = None,
+    migrate: MigrateOption = True,
 ) -> None:
     """Write a model version to a file the client library (personalize) and the simulator can load."""
     from fedrecon.server.store import UnknownTask, UnknownVersion
@@ -535,7 +550,7 @@ def export(
         _fail(f"--out {out} is a folder: name the file to write, e.g. {out / 'model.npz'}", 2)
     if not out.parent.is_dir():
         _fail(f"cannot write {out}: the folder {out.parent} does not exist", 2)
-    with _store(store) as sql:
+    with _store(store, schema=_schema_policy(migrate)) as sql:
         try:
             spec = sql.get_task(task).spec
             record = sql.latest_version(task) if version is None else sql.get_version(task, version)
@@ -588,11 +603,13 @@ def token_issue(
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="print the token alone on stdout, for TOKEN=$(fedrecon token issue ... -q)")]
     = False,
+    migrate: MigrateOption = True,
 ) -> None:
     """Issue a client token; it is printed once and cannot be recovered later.
 
     Like serve, it creates the store when there is none yet (tokens are often issued before the
-    coordinator first starts), and says so on stderr: serve --require-token must name the same store."""
+    coordinator first starts), and says so on stderr: serve --require-token must name the same store.
+    With --no-migrate it creates none (run `fedrecon db upgrade` first), as serve --no-migrate."""
     from fedrecon.server.auth import issue_token
     from fedrecon.server.store import StoreError, StoreNotFound, open_store, require_label
 
@@ -600,14 +617,17 @@ def token_issue(
         require_label(label)  # before the store is opened: a bad label stores nothing
     except ValueError as err:
         _fail(err, 2)
-    try:  # does it exist? (without creating it: the notice below must be true)
-        open_store(store, create=False).close()
-        created = False
+    try:  # does it exist? (creating and changing nothing: the notice below must be true)
+        probe = open_store(store, create=False, schema=SchemaPolicy.AS_FOUND)
+        try:
+            created = probe.schema_revision() is None  # an empty PostgreSQL database gets its tables
+        finally:
+            probe.close()
     except StoreNotFound:
         created = True
     except StoreError:  # any other problem is told by _store below
         created = False
-    with _store(store, create=True) as sql:
+    with _store(store, create=migrate, schema=_schema_policy(migrate)) as sql:
         try:
             credential_id, token = issue_token(sql, label, max_devices=max_devices)
         except ValueError as err:
@@ -627,18 +647,19 @@ def token_issue(
 def token_revoke(
     credential_id: Annotated[int, typer.Argument(help="the credential id ('token list')")],
     store: StoreOption = DEFAULT_STORE,
+    migrate: MigrateOption = True,
 ) -> None:
     """Revoke a client token: calls with it are refused from then on."""
-    with _store(store) as sql:
+    with _store(store, schema=_schema_policy(migrate)) as sql:
         record = sql.revoke_credential(credential_id)  # UnknownCredential: exit 2
     console.print(Text(f"credential {record.credential_id} ({record.label}) revoked at {record.revoked_at}"),
                   soft_wrap=True)
 
 
 @token_app.command("list")
-def token_list(store: StoreOption = DEFAULT_STORE) -> None:
+def token_list(store: StoreOption = DEFAULT_STORE, migrate: MigrateOption = True) -> None:
     """List credentials (ids, labels, devices, state); secrets are not stored and cannot be shown."""
-    with _store(store) as sql:
+    with _store(store, schema=_schema_policy(migrate)) as sql:
         records = sql.list_credentials()
     table = Table(title="client credentials")
     for col in ("id", "label", "devices", "created", "state"):

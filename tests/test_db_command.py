@@ -140,6 +140,49 @@ def test_no_migrate_refuses_an_empty_store_and_creates_nothing(db_url: str, task
         assert status.exit_code == 3 and "no schema yet" in status.stdout, status.output
 
 
+READERS = (["status"], ["export", "--task", "schema", "--out", "{out}"], ["token", "list"],
+           ["token", "revoke", "1"], ["token", "issue", "--label", "ops"])
+"""Every command besides serve and db that opens a store: each takes --no-migrate / FEDRECON_MIGRATE."""
+
+
+def test_no_migrate_commands_leave_an_older_schema_alone(db_url: str, tmp_path: Path) -> None:
+    """An operator's newer `fedrecon status` (or export, or token) in a --no-migrate deployment must not
+    migrate the database behind the coordinators' backs: with --no-migrate, or FEDRECON_MIGRATE=false as
+    the deployment's environment sets it, each refuses with one line and the revision stays."""
+    _build_at(db_url, OLDER)
+    head = head_revision()
+    for args in READERS:
+        args = [a.replace("{out}", str(tmp_path / "m.npz")) for a in args]
+        _one_line_error(_run([*args, "--store", db_url, "--no-migrate"]), 2, f"at schema revision {OLDER}",
+                        f"this release needs {head}", "fedrecon db upgrade --store")
+        _one_line_error(_run(args, env={"FEDRECON_STORE": db_url, "FEDRECON_MIGRATE": "false"}), 2,
+                        f"at schema revision {OLDER}")
+        assert _revision(db_url) == OLDER, args
+    assert not (tmp_path / "m.npz").exists()
+    # Without the flag they migrate, as before (what a deployment that migrates on start expects).
+    listed = _run(["token", "list", "--store", db_url])
+    assert listed.exit_code == 0, listed.output
+    assert _revision(db_url) == head
+
+
+def test_no_migrate_commands_work_at_the_head_and_create_nothing(db_url: str, tmp_path: Path) -> None:
+    """At this release's revision --no-migrate changes nothing about what the commands do; where there is no
+    store, token issue (which otherwise creates one) refuses and creates none."""
+    refused = _run(["token", "issue", "--label", "ops", "--store", db_url, "--no-migrate"])
+    _one_line_error(refused, 2, "no store", "fedrecon db upgrade` creates")
+    if db_url.startswith("sqlite"):
+        assert not Path(db_url.removeprefix("sqlite:///")).exists()
+    else:
+        assert _table_names(db_url) == []
+    assert _run(["db", "upgrade", "--store", db_url]).exit_code == 0
+    issued = _run(["token", "issue", "--label", "ops", "--quiet", "--store", db_url, "--no-migrate"])
+    assert issued.exit_code == 0 and issued.stderr == "", issued.output
+    listed = _run(["token", "list", "--no-migrate"], env={"FEDRECON_STORE": db_url})
+    assert listed.exit_code == 0 and "ops" in listed.stdout, listed.output
+    status = _run(["status", "--json", "--store", db_url, "--no-migrate"])
+    assert status.exit_code == 0 and '"tasks": []' in status.stdout, status.output
+
+
 def test_a_schema_newer_than_the_release_is_refused_even_when_migrating(db_url: str,
                                                                         task_file: Path) -> None:
     """A rolled-back release meets a schema a newer one wrote: it can neither use nor downgrade it."""
