@@ -257,7 +257,9 @@ class Drill:
         """Start replica i (again: same name and port, so clients find it where it was)."""
         self.replicas[i] = CoordinatorProcess(
             self.task_file, self.urls[i], self.folder, port=self.ports[i], name=f"replica-{i}",
-            extra_args=["--replica-id", f"replica-{i}", "--lease-ttl-s", str(self.args.lease_ttl_s)],
+            # SIGTERM only ends the drill, when its clients are gone: no round to drain for (--drain-s 0).
+            extra_args=["--replica-id", f"replica-{i}", "--lease-ttl-s", str(self.args.lease_ttl_s),
+                        "--drain-s", "0"],
             timeout_s=120.0)
         self.ports[i] = self.replicas[i].port  # type: ignore[union-attr]
 

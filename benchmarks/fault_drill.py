@@ -120,7 +120,8 @@ class Drill:
         """Start the coordinator; a restart keeps the port, so clients find it where it was."""
         port = self.coordinator.port if self.coordinator else 0
         self.coordinator = CoordinatorProcess(self.task, self.store_url, self.folder, port=port,
-                                              extra_args=["--require-token"])
+                                              # SIGTERM only ends the drill: nothing to drain for.
+                                              extra_args=["--require-token", "--drain-s", "0"])
 
     @property
     def address(self) -> str:

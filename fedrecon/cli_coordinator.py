@@ -194,6 +194,10 @@ def serve(
     shutdown_grace_s: Annotated[float, typer.Option(
         min=0, help="on SIGTERM, how long a due commit is retried while the store is unavailable; after "
                     "it, the process exits 1 and says which accepted updates were lost")] = 30.0,
+    drain_s: Annotated[float, typer.Option(
+        min=0, help="on SIGTERM, first let the open round finish: no client is assigned any more and health "
+                    "says NOT_SERVING, but the clients already selected may report for up to this long, so "
+                    "a restart does not fail a round about to complete (0: close it at once)")] = 20.0,
     max_message_mb: Annotated[float, typer.Option(min=0.01, help="largest gRPC message accepted or sent")]
     = 4.0,
     port_file: Annotated[Path | None, typer.Option(help="write the bound port here once listening")] = None,
@@ -333,7 +337,8 @@ def serve(
                 running = start_server(
                     coordinator, host=host, port=port, max_message_bytes=int(max_message_mb * (1 << 20)),
                     interceptors=auth, tls=tls, limits=limits, keepalive=keepalive,
-                    shutdown_grace_s=shutdown_grace_s, health_probe_s=health_probe_s, reflection=reflection,
+                    shutdown_grace_s=shutdown_grace_s, drain_s=drain_s, health_probe_s=health_probe_s,
+                    reflection=reflection,
                     metrics_port=metrics_port, metrics_host=metrics_host, dashboard=dashboard)
             except ValueError as err:  # settings no round could complete with (a masked update too large)
                 refuse(str(err))
@@ -373,7 +378,9 @@ def serve(
                 partial.write_text(str(running.port))
                 partial.replace(port_file)
             stop.wait()
-            log.info("shutting down: no new calls; the open round commits if it has enough reports")
+            log.info("shutting down: %s",
+                     f"no new clients; the open round's may report for up to {drain_s:g} s" if drain_s > 0
+                     else "no new calls; the open round commits if it has enough reports")
             outcome = running.stop()
         if outcome.lost_updates:
             log.error("shutdown: %s", outcome.message)

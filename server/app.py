@@ -128,21 +128,29 @@ class RunningServer:
     metrics_endpoint: MetricsEndpoint | None = None
     _refusals: RefusalTally | None = None
     dashboard: RunningDashboard | None = None  # the read-only web page, when asked for
+    drain_s: float = 0.0  # on stop, how long the open round may go on taking its clients' reports
 
     @property
     def dashboard_url(self) -> str | None:
         return self.dashboard.url if self.dashboard is not None else None
 
     def stop(self, grace_s: float = 5.0) -> ShutdownOutcome:
-        """Refuse new calls, give running ones ``grace_s`` seconds, then close the open round: committed if
-        it has its minimum of reports, retrying for ``shutdown_grace_s`` while the store is unavailable;
-        failed otherwise. The outcome says whether accepted updates were lost (``lost_updates``)."""
+        """Drain, refuse new calls, give running ones ``grace_s`` seconds, then close the open round:
+        committed if it has its minimum of reports, retrying for ``shutdown_grace_s`` while the store is
+        unavailable; failed otherwise. The outcome says whether accepted updates were lost
+        (``lost_updates``).
+
+        Draining (``drain_s`` > 0) comes first, while calls are still served: health says NOT_SERVING and
+        no client is assigned any more, but the clients of the open round may report for up to ``drain_s``
+        seconds (`Coordinator.drain`), so a restart does not fail a round that was about to complete."""
         if self._stopped.is_set():
             self._serving.join()
             return self._outcome or ShutdownOutcome("idle", "already stopped")
-        self._stopped.set()
         if self.health is not None:  # NOT_SERVING first: load balancers stop sending clients here
             self.health.stop()
+        if self.drain_s > 0:
+            log.info("shutdown: %s", self.coordinator.drain(self.drain_s))
+        self._stopped.set()
         if self.dashboard is not None:  # first: the page must not read a store being closed
             self.dashboard.stop()
         asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result()
@@ -177,8 +185,8 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
                  shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
                  progress_s: float = PROGRESS_EVERY_S, health_probe_s: float | None = DEFAULT_PROBE_S,
                  reflection: bool = False, metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-                 refusal_log_s: float = REFUSAL_LOG_EVERY_S, dashboard: DashboardSettings | None = None
-                 ) -> RunningServer:
+                 refusal_log_s: float = REFUSAL_LOG_EVERY_S, dashboard: DashboardSettings | None = None,
+                 drain_s: float = 0.0) -> RunningServer:
     """Serve ``coordinator`` on ``host:port`` (port 0 picks a free one), with TLS when ``tls`` is given,
     and the read-only web dashboard (``dashboard``) on its own address when ``dashboard`` is given.
 
@@ -188,7 +196,7 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     Observing it (see ``health``, ``metrics``, ``event_log``): the gRPC health service says SERVING while a
     store probe every ``health_probe_s`` seconds succeeds (None: no health service); ``reflection`` adds gRPC
     server reflection; ``metrics_port`` (None: off) serves Prometheus metrics on ``metrics_host``; the
-    refusals counted are logged every ``refusal_log_s`` seconds at most.
+    refusals counted are logged every ``refusal_log_s`` seconds at most. ``drain_s``: `RunningServer.stop`.
 
     Memory must not grow with the number of clients reporting at once: a report being read is assembled in
     memory, so ``limits.max_report_streams`` bounds how many are read at once (the rest are told to retry),
@@ -304,7 +312,7 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     progress.start()
     running = RunningServer(coordinator, servicer, bound, f"{host}:{bound}", shutdown_grace_s, server, loop,
                             serving, executor, ticker, progress, stopped, health=health, metrics=metrics,
-                            metrics_endpoint=endpoint, _refusals=refusals)
+                            metrics_endpoint=endpoint, _refusals=refusals, drain_s=drain_s)
     if dashboard is not None:
         try:
             running.dashboard = start_dashboard(dashboard, coordinator.store, coordinator_live(coordinator))

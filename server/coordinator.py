@@ -801,6 +801,10 @@ class Coordinator:
         """Apply timeouts (and retry what a store outage held back); called periodically by the server so a
         silent round still ends on time."""
         self.maintain_lease()
+        self._advance_clock()
+
+    def _advance_clock(self) -> None:
+        """The round's timeouts at the current time, and what they emit performed."""
         with self._lock:
             self.machine.advance(self._clock())
             effects = self.machine.take_effects()
@@ -973,6 +977,43 @@ class Coordinator:
         return written
 
     # ----- shutdown ------------------------------------------------------------------------------------
+    def drain(self, timeout_s: float, *, poll_s: float = 0.5) -> str:
+        """Let the open round finish before a shutdown: no one is assigned any more (`RoundMachine.drain`),
+        and this waits up to ``timeout_s`` seconds while the clients already selected report, until the
+        round commits or fails by its own rules. Reports keep arriving meanwhile (the server is still
+        serving; only its health says NOT_SERVING), so a rolling restart does not throw away the work of a
+        round that was about to complete. What is still open after ``timeout_s`` is for `shut_down`.
+        Returns a line saying how the drain ended, which the caller logs."""
+        give_up = time.monotonic() + timeout_s
+        with self._lock:
+            r = self.machine.round
+            waiting = self.machine.drain(self._clock())
+            effects = self.machine.take_effects()
+        self._perform(effects)
+        self._record_failures()
+        if r is None:
+            return "no round was open"
+        if waiting:
+            log.info("draining: round %d has %d of %d selected clients' reports; waiting up to %g s for the "
+                     "rest", r.round_num, len(r.accepted), len(r.assigned), timeout_s,
+                     extra={"event": "draining", "figures": {
+                         "round_num": r.round_num, "accepted": len(r.accepted), "selected": len(r.assigned),
+                         "drain_s": timeout_s}})
+        while True:
+            with self._changed:
+                if self.machine.round is not r or r.commit_due:
+                    break
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    return (f"round {r.round_num} still open after the {timeout_s:g} s drain, with "
+                            f"{len(r.accepted)} of {len(r.assigned)} reports")
+                self._changed.wait(min(remaining, poll_s))
+            self._advance_clock()  # the round's deadline applies while it drains (the lease is the ticker's)
+        closed = self.machine.closed.get(r.round_id)
+        if closed is not None:
+            return f"round {r.round_num} {closed.state} while draining"
+        return f"round {r.round_num} is committing"
+
     def shut_down(self, grace_s: float = 0.0, *, retry_every_s: float = 0.5) -> ShutdownOutcome:
         """Close the open round (see ``_close_for_shutdown``), then give up the lead at once, so a standby
         coordinator takes the task without waiting for the lease to run out."""

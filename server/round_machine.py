@@ -217,7 +217,11 @@ class RoundMachine:
         """Assign ``key`` to the open round (opening one if none is), or say when to come back."""
         s = self.settings
         self.advance(now)
-        if self.stopping:
+        if self.stopping:  # draining: only a client already selected (retrying its check-in) is answered
+            r = self.round
+            if (r is not None and not r.commit_due and key in r.assigned and key not in r.accepted
+                    and key not in r.refused):
+                return Assigned(r, r.assigned[key])
             return RetryLater(*s.retry_delay_s, reason="the coordinator is shutting down")
         if s.max_rounds is not None and self.committed_rounds >= s.max_rounds:
             return RetryLater(*s.retry_delay_s,
@@ -412,17 +416,10 @@ class RoundMachine:
                 self._emit_commit(r, now, first_attempt=False)
             return
         s = self.settings
-        if r.selecting and now >= r.selection_ends:
-            r.selecting = False
-            log.info("round %d: %d clients selected when the %g s selection window closed", r.round_num,
-                     len(r.assigned), s.selection_timeout_s)
-            if len(r.assigned) < s.minimum:
-                self._fail(r, f"only {len(r.assigned)} clients checked in within "
-                              f"{s.selection_timeout_s:g} s; the minimum is {s.minimum}", now)
-                return
-            if r.answered() == len(r.assigned):
-                self._close_when_all_answered(r, now)
-                return
+        if (r.selecting and now >= r.selection_ends
+                and self._end_selection(r, now, f"the {s.selection_timeout_s:g} s selection window closed",
+                                        f"within {s.selection_timeout_s:g} s")):
+            return
         if self._secure_round is not None:
             self._advance_secure(r, now)
             return
@@ -432,6 +429,20 @@ class RoundMachine:
             else:
                 self._fail(r, f"only {len(r.accepted)} reports by the deadline; the minimum is {s.minimum}",
                            now, why="deadline")
+
+    def _end_selection(self, r: OpenRoundState, now: float, when: str, within: str) -> bool:
+        """Take no further clients into ``r``; True if that settled it (too few to reach the minimum: failed;
+        every one of them already answered: closed)."""
+        r.selecting = False
+        log.info("round %d: %d clients selected when %s", r.round_num, len(r.assigned), when)
+        if len(r.assigned) < self.settings.minimum:
+            self._fail(r, f"only {len(r.assigned)} clients checked in {within}; the minimum is "
+                          f"{self.settings.minimum}", now)
+            return True
+        if r.answered() == len(r.assigned):
+            self._close_when_all_answered(r, now)
+            return True
+        return False
 
     def _close_when_all_answered(self, r: OpenRoundState, now: float | None) -> None:
         if len(r.accepted) >= self.settings.minimum:
@@ -591,6 +602,24 @@ class RoundMachine:
                               f"{self.settings.minimum}", now)
 
     # ----- shutdown ----------------------------------------------------------------------------------
+    def drain(self, now: float) -> bool:
+        """The first step of a graceful shutdown: assign no one any more (no new client, no new round), but
+        let the open round run by its own rules, so the clients already training for it can still report
+        and it commits at its goal, when all have answered, or at its deadline. A round still selecting
+        takes the clients it has: with fewer than its minimum it fails now, since none can join.
+
+        True while the open round is still taking reports (the driver waits for it, up to its drain time,
+        then calls `stop`); False when there is none to wait for."""
+        self.stopping = True
+        r = self.round
+        if r is None or r.commit_due:
+            return False
+        if r.selecting and self._end_selection(r, now, "the coordinator began shutting down",
+                                               "before the coordinator began shutting down"):
+            return False
+        self.advance(now)
+        return self.round is r and not r.commit_due
+
     def stop(self, now: float) -> str | None:
         """Stop assigning and close the open round: commit it if it has its minimum of reports (or its
         commit was due), else fail it. Returns None when no round is open, else what happened (the commit,

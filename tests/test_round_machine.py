@@ -224,6 +224,54 @@ def test_stop_commits_a_round_with_its_minimum_and_fails_one_without() -> None:
     del token
 
 
+def test_drain_assigns_no_one_but_lets_the_selected_clients_finish_the_round() -> None:
+    """A graceful shutdown's first step: the round still selecting keeps the clients it has, and commits
+    when they have all answered, by its own rules; nobody new is assigned and no round opens."""
+    settings = RoundSettings(clients_per_round=4, over_selection=1.0, min_reports=2, selection_timeout_s=10.0,
+                             reporting_timeout_s=20.0, retry_delay_s=(1.0, 3.0))
+    m = _machine(settings)
+    _open(m)
+    tokens = {k: _assign(m, k) for k in ("a", "b", "c")}  # 3 of the 4 wanted: still selecting
+    _report(m, "a", tokens["a"], 1.0)
+    assert m.drain(2.0) is True and m.take_effects() == []  # b and c are still training
+    late = m.check_in("d", Caller.trusted("d"), 2.5)
+    assert isinstance(late, RetryLater) and "shutting down" in late.reason
+    assert m.check_in("b", Caller.trusted("b"), 2.5) == Assigned(m.round, tokens["b"])  # a retry: same
+    _report(m, "b", tokens["b"], 3.0, now=3.0)
+    assert m.take_effects() == []  # c may still report: the goal (4) is out of reach, the minimum is met
+    admission = m.admit("c", 1, tokens["c"], "c-bad", 4.0)
+    assert isinstance(admission, Fold)
+    _refused(lambda: m.refuse_report(admission.round, "c", Status.INVALID_ARGUMENT, "bad_weight", "no"),
+             Status.INVALID_ARGUMENT, "bad_weight")
+    (commit,) = m.take_effects()
+    assert isinstance(commit, CommitRound) and commit.why == "all answered"
+    assert commit.summary.num_accepted == 2 and commit.summary.num_selected == 3
+    np.testing.assert_allclose(commit.aggregate.mean()[0], np.full((6, 2), 2.0))
+    assert m.drain(5.0) is False  # the commit is out: nothing more to wait for
+
+
+def test_drain_fails_a_round_that_cannot_reach_its_minimum_and_waits_for_none() -> None:
+    settings = RoundSettings(clients_per_round=3, over_selection=1.0, min_reports=2, selection_timeout_s=10.0,
+                             reporting_timeout_s=20.0)
+    m = _machine(settings)
+    _open(m)
+    _assign(m, "a")
+    assert m.drain(1.0) is False
+    (fail,) = m.take_effects()
+    assert isinstance(fail, FailRound)
+    assert fail.reason == ("only 1 clients checked in before the coordinator began shutting down; "
+                           "the minimum is 2")
+    assert _machine().drain(0.0) is False  # no round open: nothing to wait for
+    m = _machine(settings)
+    _open(m)
+    tokens = {k: _assign(m, k) for k in ("a", "b", "c")}  # selection over (the goal): the deadline applies
+    _report(m, "a", tokens["a"], 1.0)
+    assert m.drain(2.0) is True
+    m.advance(30.0)  # the deadline passes during the drain with 1 < 2 reports: the round fails as usual
+    (fail,) = m.take_effects()
+    assert isinstance(fail, FailRound) and "only 1 reports by the deadline" in fail.reason
+
+
 def test_the_machine_imports_no_store_driver_network_or_tensorflow() -> None:
     code = ("import sys; import fedrecon.server.round_machine; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -8,8 +8,10 @@ saying which accepted updates were lost. Real ``fedrecon serve`` processes on Po
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,7 @@ import pytest
 
 import fedrecon.server.store.sql_store as sql_store
 from fedrecon.protocol import Assignment
+from fedrecon.server.checkpoints import globals_from_bytes
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.process import CoordinatorProcess
@@ -48,20 +51,27 @@ reporting_timeout_s = 600.0
     return path
 
 
-def _report_one(address: str, task: str) -> None:
-    """One client checks in and reports: the round then has its minimum (1) but not its goal (3)."""
+def _check_in(address: str, task: str, client: str) -> pb.CheckInResponse:
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        a = stub.CheckIn(pb.CheckInRequest(task_name=task, client_id="alice", protocol_version=1),
-                         timeout=30).assignment
-        delta = [np.full((6, 2), 0.5, np.float32)]
-        header = pb.ReportHeader(task_name=task, client_id="alice", round_id=a.round_id,
+        return pb_grpc.CoordinatorStub(channel).CheckIn(
+            pb.CheckInRequest(task_name=task, client_id=client, protocol_version=1), timeout=30)
+
+
+def _report(address: str, task: str, client: str, a: pb.Assignment, value: float = 0.5) -> None:
+    with grpc.insecure_channel(address) as channel:
+        delta = [np.full((6, 2), value, np.float32)]
+        header = pb.ReportHeader(task_name=task, client_id=client, round_id=a.round_id,
                                  assignment_token=a.assignment_token, weight=1.0,
                                  manifest=manifest(["item_embedding"], delta))
-        answer = stub.ReportUpdate(iter([pb.ReportUpdateRequest(header=header),
-                                         *(pb.ReportUpdateRequest(chunk=c) for c in chunks(delta, 16))]),
-                                   timeout=30)
-        assert answer.accepted
+        answer = pb_grpc.CoordinatorStub(channel).ReportUpdate(
+            iter([pb.ReportUpdateRequest(header=header),
+                  *(pb.ReportUpdateRequest(chunk=c) for c in chunks(delta, 16))]), timeout=30)
+        assert answer.accepted, answer.message
+
+
+def _report_one(address: str, task: str) -> None:
+    """One client checks in and reports: the round then has its minimum (1) but not its goal (3)."""
+    _report(address, task, "alice", _check_in(address, task, "alice").assignment)
 
 
 def _rounds(url: str, task: str) -> list[tuple[RoundState, int | None]]:
@@ -138,3 +148,58 @@ def test_shut_down_retries_a_due_commit_on_sqlite(tmp_path: Path, monkeypatch: p
             assert (outcome.state, outcome.lost_updates, c.version) == ("lost", 1, 0)
             assert "LOST 1 accepted update(s) of round 1" in outcome.message
             assert [r.state for r in store.list_rounds("movies")] == [RoundState.OPEN]
+
+
+def test_sigterm_drains_the_open_round_so_its_selected_clients_still_count(tmp_path: Path) -> None:
+    """A rolling restart while a round waits for its last report: after SIGTERM the coordinator assigns no
+    one (a new client is told to come back, health says NOT_SERVING) but the client already selected can
+    still report, the round commits with both updates, and serve exits 0. Without the drain the round
+    would fail with its one report (the minimum is 2)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    task = "drained"
+    path = tmp_path / f"{task}.toml"
+    path.write_text(f"""
+name = "{task}"
+[model]
+kind = "matrix_factorization"
+num_items = 6
+num_factors = 2
+[rounds]
+clients_per_round = 2
+over_selection = 1.0
+min_reports = 2
+selection_timeout_s = 600.0
+reporting_timeout_s = 600.0
+""")
+    url = f"sqlite:///{tmp_path / 'drain.db'}"
+    proc = CoordinatorProcess(path, url, tmp_path, extra_args=["--drain-s", "600"])
+    try:
+        first, second = (_check_in(proc.address, task, who).assignment for who in ("alice", "bob"))
+        _report(proc.address, task, "alice", first, 1.0)
+        proc.proc.send_signal(signal.SIGTERM)
+        give_up = time.monotonic() + 120
+        while "draining: round 1 has 1 of 2" not in proc.log_text():
+            assert proc.proc.poll() is None and time.monotonic() < give_up, proc.log_text()
+            time.sleep(0.05)
+        late = _check_in(proc.address, task, "carol")
+        assert late.WhichOneof("outcome") == "retry" and "shutting down" in late.retry.reason
+        again = _check_in(proc.address, task, "bob")  # bob's check-in retried: the same assignment
+        assert again.assignment.assignment_token == second.assignment_token
+        with grpc.insecure_channel(proc.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        _report(proc.address, task, "bob", second, 3.0)
+        assert proc.proc.wait(timeout=120) == 0, proc.log_text()
+    finally:
+        code = proc.stop()
+    log = proc.log_text()
+    assert code == 0 and "round 1 committed while draining" in log, log
+    assert _rounds(url, task) == [(RoundState.COMMITTED, 1)]
+    with SqlStore(url) as store:
+        (record,) = store.list_rounds(task)
+        assert record.num_accepted == 2
+        before, after = (globals_from_bytes(store.get_version(task, v).payload()[0], ["item_embedding"])[0]
+                         for v in (0, 1))
+    # The mean of alice's 1.0 and bob's 3.0, applied by the server's SGD at learning rate 1.
+    np.testing.assert_allclose(after - before, 2.0, atol=1e-6)
