@@ -8,7 +8,8 @@ and 15 s reporting windows (generous, so rounds hold on a busy machine), and the
 settings (weight cap, update-norm bound). Every client, honest or hostile, holds its own token, as a phone
 would. The phases:
 
-1. normal: two rounds with 10 clients each (2 over-selected reports are told the round is over);
+1. normal: two rounds with 10 clients each (2 over-selected reports are told the round is over); the
+   first is tried up to three times (``warm_up_rounds_failed``), since its clients trace the client step;
 2. dropouts: 10 assigned, 3 vanish after downloading; the round commits from 7 at its deadline;
 3. bad input: 200 malformed or hostile messages from "mallory" (garbage streams, local-variable names,
    wrong shapes, forged assignment tokens and credentials, wrong rounds, non-finite weights, oversized
@@ -106,6 +107,7 @@ class Drill:
         self.users = iter(sorted(self.data.train))
         self.acknowledged: Counter[int] = Counter()  # round id -> reports acknowledged as accepted
         self.refused: Counter[str] = Counter()
+        self.warm_up_rounds_failed = 0
         self.hostile_statuses: Counter[str] = Counter()  # every hostile call's status, over the drill
         self.cases: dict[str, Counter[str]] = {}
         self.figures: dict[str, object] = {}
@@ -235,6 +237,24 @@ class Drill:
         before = self.version()
         self.together([partial(self.honest, self.client()) for _ in range(10)])
         self.wait_for_version(before + 1)
+
+    def warm_up(self) -> None:
+        """The first normal round, tried up to three times. Its clients trace the client step in this
+        process (ten threads at once), which took longer than the 15 s reporting window with a load
+        average of 17, so that round failed for lateness; a failed try is recorded as such and its late
+        refusals are not counted among the drill's (phase 9 expects exactly its own three)."""
+        for _ in range(3):
+            self.wait_for_no_open_round()
+            before = self.version()
+            self.together([partial(self.honest, self.client()) for _ in range(10)])
+            self.wait_for_no_open_round()
+            if self.version() > before:
+                self.refused.pop("late", None)
+                return
+            self.warm_up_rounds_failed += 1
+        log = self.coordinator.log_text()[-3000:] if self.coordinator else ""
+        raise RuntimeError(f"no warm-up round committed in 3 tries; refused {dict(self.refused)}; "
+                           f"coordinator log ends:\n{log}")
 
     def dropouts(self) -> None:
         self.wait_for_no_open_round()
@@ -570,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         drill = Drill(args.store or f"sqlite:///{folder / 'drill.db'}", folder)
         drill.start()
         try:
-            for phase in (drill.normal_round, drill.normal_round, drill.dropouts,
+            for phase in (drill.warm_up, drill.normal_round, drill.dropouts,
                           lambda: drill.bad_input(args.bad_messages), drill.outweigh, drill.huge,
                           drill.impersonation, lambda: drill.idle_streams(args.idle_streams),
                           drill.evaluation_poisoning, drill.late):
@@ -589,6 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "reports_accepted": sum(drill.acknowledged.values()),
         "reports_folded_in_committed_rounds": sum(r.num_accepted for r in committed),
         "reports_refused": dict(sorted(drill.refused.items())),
+        "warm_up_rounds_failed": drill.warm_up_rounds_failed,
         "cases": {kind: dict(sorted(c.items())) for kind, c in drill.cases.items()},
         "versions": len(versions),
         "versions_verified": verified,
