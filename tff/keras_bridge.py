@@ -300,8 +300,8 @@ def input_spec(description: Mapping[str, Any]) -> tuple[tf.TensorSpec, tf.Tensor
     raise UnsupportedInTff("the model has no InputLayer")
 
 
-def reconstruction_model(description: Mapping[str, Any], local_start: Mapping[str, np.ndarray] | None
-                         ) -> tff.learning.models.ReconstructionModel:
+def build_reconstruction_model(description: Mapping[str, Any], local_start: Mapping[str, np.ndarray] | None
+                               ) -> tff.learning.models.ReconstructionModel:
     """TFF's ReconstructionModel of the task, its variables in fedrecon's order (``ModelWeights``' order)."""
     keras_model = build_keras2_model(description, local_start)
     groups = variables_in_fedrecon_order(keras_model, description)
@@ -411,9 +411,9 @@ class CountedTargets(CountedAccuracy):
         return self.denominator
 
 
-def objective(description: Mapping[str, Any]) -> tuple[Callable[[], tf.keras.losses.Loss],
-                                                         Callable[[], list[tf.keras.metrics.Metric]],
-                                                         Callable[[], list[tf.keras.metrics.Metric]]]:
+def build_objective(description: Mapping[str, Any]) -> tuple[Callable[[], tf.keras.losses.Loss],
+                                                               Callable[[], list[tf.keras.metrics.Metric]],
+                                                               Callable[[], list[tf.keras.metrics.Metric]]]:
     """The task's loss, its training metrics and its evaluation metrics, as TFF's no-argument builders."""
     config = dict(description.get("objective") or {"name": "mse"})
     if config.get("name") != "sparse_categorical_crossentropy":
@@ -429,5 +429,5 @@ def objective(description: Mapping[str, Any]) -> tuple[Callable[[], tf.keras.los
                      CountedTargets(pad_id, excludes, name="num_examples")])
 
 
-__all__ = ["UnsupportedInTff", "build_keras2_model", "client_dataset", "input_spec", "objective",
-           "reconstruction_model", "variables_in_fedrecon_order"]
+__all__ = ["UnsupportedInTff", "build_keras2_model", "build_objective", "build_reconstruction_model",
+           "client_dataset", "input_spec", "variables_in_fedrecon_order"]

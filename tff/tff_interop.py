@@ -258,8 +258,8 @@ def _task(spec: dict[str, Any], eval_clip: tuple[float, float] | None, local_sta
     if is_keras(spec):
         if local_start is not None and not isinstance(local_start, Mapping):
             raise ValueError("a Keras task's local start is a mapping of local variable name to value")
-        loss_fn, train_metrics_fn, eval_metrics_fn = keras_bridge.objective(spec)
-        keras_model_fn = functools.partial(keras_bridge.reconstruction_model, spec, local_start)
+        loss_fn, train_metrics_fn, eval_metrics_fn = keras_bridge.build_objective(spec)
+        keras_model_fn = functools.partial(keras_bridge.build_reconstruction_model, spec, local_start)
         return keras_model_fn, loss_fn, train_metrics_fn, eval_metrics_fn
     if isinstance(local_start, Mapping):
         raise ValueError("matrix factorization's local start is the user factors, a list of floats")
