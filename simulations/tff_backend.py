@@ -6,6 +6,11 @@ and hands only the computation to ``tff.learning.algorithms.build_fed_recon`` / 
 which run in their own environment (``make tff-env``) as a worker process (``tff/tff_worker.py``).
 So a TFF run and a fedrecon run of the same task differ only in the engine that computes each round.
 
+Two kinds of model cross: matrix factorization, and Keras models with local layers
+(``KerasReconstructionModel``, e.g. ``core.nextword``), whose description the worker rebuilds in tf.keras 2
+(``tff/keras_bridge.py``, which refuses what it cannot build exactly). ``SideBySide`` runs one task in both
+engines round by round (the parity tests, ``benchmarks/tff_parity.py`` and ``tff_side_by_side.py``).
+
 The worker's interpreter is ``$FEDRECON_TFF_PYTHON`` if set, else ``.venv-tff/bin/python`` in the working
 directory or in the source checkout.
 """
@@ -28,7 +33,9 @@ from fedrecon.core.aggregation import UNBOUNDED_MEAN
 from fedrecon.core.algorithm import FedRecon, ServerState
 from fedrecon.core.batching import ClientExamples
 from fedrecon.core.config import FedReconConfig
+from fedrecon.core.keras_model import KerasReconstructionModel
 from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.core.model import ReconstructionModel
 from fedrecon.simulations.runner import RoundRecord, Simulation, SimulationSettings, select_clients
 from fedrecon.tensors import arrays_from_bytes, arrays_to_bytes
 
@@ -62,20 +69,40 @@ def tff_python() -> Path:
                          "(or set FEDRECON_TFF_PYTHON to an interpreter with tensorflow-federated 0.87)")
 
 
-def _names(model: MatrixFactorization) -> list[str]:
+def _names(model: ReconstructionModel) -> list[str]:
     return [v.name for v in model.global_variables]
 
 
-def save_globals(model: MatrixFactorization, arrays: Sequence[np.ndarray], path: Path) -> None:
+def save_globals(model: ReconstructionModel, arrays: Sequence[np.ndarray], path: Path) -> None:
     """Global variables by name, as the plain ``.npz`` the worker reads (``fedrecon.tensors``, no meta)."""
     path.write_bytes(arrays_to_bytes(dict(zip(_names(model), (np.asarray(a, np.float32) for a in arrays),
                                               strict=True))))
 
 
-def load_globals(model: MatrixFactorization, path: Path) -> list[np.ndarray]:
+def load_globals(model: ReconstructionModel, path: Path) -> list[np.ndarray]:
     named, _ = arrays_from_bytes(path.read_bytes())
     return [np.asarray(named[n], np.float32).reshape(v.shape)
             for n, v in zip(_names(model), model.global_variables, strict=True)]
+
+
+def shared_local_start(model: KerasReconstructionModel) -> dict[str, np.ndarray]:
+    """The one start every client's local variables take, by name: what TFF can run.
+
+    TFF's ``build_fed_recon`` builds the client model once, so all clients start their locals from one
+    value; fedrecon draws each client's start from the local layers' initializers. The two agree only when
+    that draw does not depend on the client, which two differently seeded draws show (a zeros or constant
+    initializer, like the personal adapter of ``core.nextword``); a random one is refused.
+    """
+    first = model.initial_locals(np.random.default_rng(0))
+    second = model.initial_locals(np.random.default_rng(1))
+    random = [v.name for v, a, b in zip(model.local_variables, first, second, strict=True)
+              if not np.array_equal(a, b)]
+    if random:
+        raise ValueError(f"the local variables {random} start from a random draw per client; TFF's "
+                         "build_fed_recon builds the client model once and starts every client from the same "
+                         "value, so it cannot run them: give those local layers a deterministic initializer "
+                         "(zeros or a constant) to compare with TFF")
+    return {v.name: a for v, a in zip(model.local_variables, first, strict=True)}
 
 
 class TffEngine:
@@ -83,16 +110,20 @@ class TffEngine:
 
     ``users`` is every user the run may train or evaluate (training, validation and test users alike);
     their examples are sent once, in the order this side holds them, so TFF batches exactly the same
-    examples as fedrecon does.
+    examples as fedrecon does. ``model`` is FedRecon matrix factorization or a Keras model with local layers.
     """
 
-    def __init__(self, model: MatrixFactorization, config: FedReconConfig,
+    def __init__(self, model: ReconstructionModel, config: FedReconConfig,
                  users: Mapping[int, ClientExamples], *, batch_size: int,
                  initial_globals: Sequence[np.ndarray],
                  eval_clip: tuple[float, float] | None = None, python: Path | None = None) -> None:
-        if not isinstance(model, MatrixFactorization) or model.shared_user:
-            raise ValueError("the TFF backend runs FedRecon matrix factorization (user factors local) only")
-        if model.local_init == "uniform":
+        keras_locals: dict[str, np.ndarray] | None = None
+        if isinstance(model, KerasReconstructionModel):
+            keras_locals = shared_local_start(model)
+        elif not isinstance(model, MatrixFactorization) or model.shared_user:
+            raise ValueError("the TFF backend runs FedRecon matrix factorization (user factors local) and "
+                             "Keras models with local layers only")
+        elif model.local_init == "uniform":
             raise ValueError("TFF's build_fed_recon draws the local variables' start once, when it builds "
                              "the client computation, so every client starts from the same vector: run the "
                              "TFF backend with local_init 'shared' (what TFF does) or 'zeros'")
@@ -125,11 +156,18 @@ class TffEngine:
                 "y": np.concatenate([np.asarray(users[u].y, np.float32) for u in ids])}))
             initial = self.workdir / "initial.npz"
             save_globals(model, initial_globals, initial)
-            # The shared start, so TFF's clients begin from the very vector fedrecon's do.
-            local_start = (model.initial_locals(np.random.default_rng(0))[0].tolist()
-                           if model.local_init == "shared" else None)
+            # The shared start, so TFF's clients begin from the very values fedrecon's do.
+            local_start = None
+            if isinstance(model, MatrixFactorization) and model.local_init == "shared":
+                local_start = model.initial_locals(np.random.default_rng(0))[0].tolist()
+            locals_file = None
+            if keras_locals is not None:
+                locals_file = self.workdir / "locals.npz"
+                locals_file.write_bytes(arrays_to_bytes(keras_locals))
             self.info = self._call({"op": "init", "model": model.config(), "training": config.to_dict(),
-                                    "local_start": local_start, "batch_size": batch_size,
+                                    "local_start": local_start,
+                                    "locals": str(locals_file) if locals_file else None,
+                                    "batch_size": batch_size,
                                     "data": str(self.workdir / "data.npz"), "globals": str(initial),
                                     "eval_clip": list(eval_clip) if eval_clip else None})
         except BaseException:
@@ -185,11 +223,16 @@ class TffEngine:
         return self._read_globals("get_globals")[0]
 
     def evaluate(self, globals_: Sequence[np.ndarray], users: Sequence[int]) -> dict[str, float]:
-        """``build_fed_recon_eval`` of ``users`` under ``globals_``: example-weighted MSE, RMSE, accuracy."""
+        """``build_fed_recon_eval`` of ``users`` under ``globals_``, in the keys of fedrecon's evaluation:
+        example-weighted MSE, RMSE and accuracy for ratings; loss per target and accuracy over counted
+        targets for a Keras task."""
         path = self._scratch("eval")
         save_globals(self.model, globals_, path)
         reply = self._call({"op": "evaluate", "users": [int(u) for u in users], "globals": str(path)})
         path.unlink()
+        if "loss_per_target" in reply:
+            return {"loss": reply["loss_per_target"], "accuracy": reply["accuracy"],
+                    "num_examples": reply["num_examples"]}
         return {"mse": reply["mse"], "rmse": float(np.sqrt(reply["mse"])), "accuracy": reply["accuracy"],
                 "num_examples": reply["num_examples"]}
 
@@ -236,8 +279,11 @@ class TffRounds:
         round_num = state.round_num + 1
         chosen = select_clients(self.user_ids, s.clients_per_round, seed=s.seed, round_num=round_num)
         globals_, figures = self.engine.train_round(chosen)
+        # A Keras task's worker also reports fedrecon's definition of the training loss; TFF's own (a mean
+        # of batch means) is all there is for matrix factorization.
         record = RoundRecord(round_num=round_num, seconds=float(figures["seconds"]),
-                             train_loss=float(figures["loss"]), num_clients=len(chosen),
+                             train_loss=float(figures.get("loss_per_example", figures["loss"])),
+                             num_clients=len(chosen),
                              total_weight=float("nan"))  # TFF does not report the sum of client weights
         return ServerState(globals_, state.optimizer_state, round_num), record
 
@@ -256,7 +302,7 @@ class SideBySide:
     evaluate them). Used by the parity tests and ``benchmarks/tff_parity.py``.
     """
 
-    def __init__(self, model: MatrixFactorization, config: FedReconConfig,
+    def __init__(self, model: ReconstructionModel, config: FedReconConfig,
                  train: Mapping[int, ClientExamples], users: Mapping[int, ClientExamples],
                  settings: SimulationSettings, *,
                  python: Path | None = None) -> None:
@@ -268,11 +314,13 @@ class SideBySide:
                                 python=python)
         self.theirs = TffRounds(self.engine, list(train), settings)
         self.state_ours = self.state_theirs = self.initial
+        self.records: list[tuple[RoundRecord, RoundRecord]] = []  # (fedrecon's, TFF's) per round
 
     def step(self) -> float:
         """One round in each engine; the max abs difference of their new global weights."""
-        self.state_ours, _ = self.ours.run_round(self.state_ours)
-        self.state_theirs, _ = self.theirs(self.state_theirs)
+        self.state_ours, ours = self.ours.run_round(self.state_ours)
+        self.state_theirs, theirs = self.theirs(self.state_theirs)
+        self.records.append((ours, theirs))
         return max_abs_difference(self.state_ours.globals, self.state_theirs.globals)
 
     def evaluate(self, users: Mapping[int, ClientExamples]) -> tuple[dict[str, float], dict[str, float]]:

@@ -51,6 +51,19 @@ def ml_2998_dir() -> Path:
     return ML_2998
 
 
+@pytest.fixture(scope="session")
+def tff_env() -> Path:
+    """The TensorFlow Federated environment's interpreter (``make tff-env``), for the TFF parity tests."""
+    # Imported here, not at the top: the TFF backend module loads TensorFlow, which most tests never need.
+    from fedrecon.simulations.tff_backend import TffUnavailable, tff_python
+
+    try:
+        return tff_python()
+    except TffUnavailable as err:
+        require(False, str(err))
+        raise
+
+
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A throw-away PostgreSQL database on 127.0.0.1:5432 for one test module, dropped afterwards."""

@@ -40,23 +40,12 @@ from fedrecon.simulations.tff_backend import (
     SideBySide,
     TffEngine,
     TffError,
-    TffUnavailable,
     max_abs_difference,
-    tff_python,
 )
 
 ONE_ROUND_TOLERANCE = 1e-5
 RMSE_TOLERANCE = 1e-4
 ACCURACY_TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def tff_env(require) -> Path:  # type: ignore[no-untyped-def]
-    try:
-        return tff_python()
-    except TffUnavailable as err:
-        require(False, str(err))
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ This module runs only in the TFF environment (``make tff-env``: TensorFlow 2.14,
 from fedrecon, whose own environment cannot hold TFF. The TFF worker (``tff_worker.py``) uses it, and so can
 anyone with TFF code of their own, with this folder on the path:
 
-    PYTHONPATH=simulations .venv-tff/bin/python
+    PYTHONPATH=tff .venv-tff/bin/python
     >>> import tff_interop
     >>> weights, spec, training = tff_interop.read_model_file("model.npz")   # fedrecon export / simulate
     >>> process, evaluator = tff_interop.build_processes(spec, training)
@@ -16,16 +16,22 @@ anyone with TFF code of their own, with this folder on the path:
 ``fedrecon serve --init-model``, ``simulate --init-model`` and the client library load; a test reads what this
 side writes with fedrecon's own reader.
 
-The Keras model mirrors ``core.matrix_factorization``: item factors (and item bias, global offset) in global
-layers; the user's factors (and bias) in a local layer.
+Two kinds of task. Matrix factorization: the Keras model here mirrors ``core.matrix_factorization``: item
+factors (and item bias, global offset) in global layers; the user's factors (and bias) in a local layer.
+A Keras task (``kind = "keras"``, e.g. ``core.nextword``): its Keras 3 description is rebuilt in tf.keras 2
+by ``keras_bridge``, which refuses what it cannot build exactly; its local variables' start must be given
+(``build_processes(..., local_start={name: value})``), as TFF starts every client from one value.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import keras_bridge
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -100,39 +106,55 @@ class MatrixFactorization(tf.keras.Model):
 
 
 # ----- weight conversion: fedrecon's global variables <-> TFF ModelWeights ---------------------------------
+def is_keras(spec: dict[str, Any]) -> bool:
+    """A Keras task (``core.keras_spec``, rebuilt by ``keras_bridge``) rather than matrix factorization."""
+    return spec.get("kind") == "keras"
+
+
+def _global_table(spec: dict[str, Any]) -> list[tuple[str, tuple[int, ...], bool]]:
+    """fedrecon's global variables in its order: (name, shape TFF holds it in, trainable)."""
+    if is_keras(spec):
+        return [(str(v["name"]), tuple(int(d) for d in v["shape"]), bool(v.get("trainable", True)))
+                for v in spec["variables"] if not v.get("local")]
+    items, factors = int(spec["num_items"]), int(spec["num_factors"])
+    table = [("item_embedding", (items, factors), True)]
+    if spec.get("use_biases", False):  # TFF keeps the item bias as a [items, 1] embedding; fedrecon [items]
+        table += [("item_bias", (items, 1), True), ("global_bias", (), True)]
+    return table
+
+
 def global_names(spec: dict[str, Any]) -> list[str]:
-    """fedrecon's global variable names, in its order (``core.matrix_factorization``)."""
-    names = ["item_embedding"]
-    if spec.get("use_biases", False):
-        names += ["item_bias", "global_bias"]
-    return names
+    """fedrecon's global variable names, in its order (``core.matrix_factorization``, or a Keras task's
+    variable table)."""
+    return [name for name, _, _ in _global_table(spec)]
 
 
 def to_model_weights(arrays: dict[str, np.ndarray], spec: dict[str, Any]) -> tff.learning.models.ModelWeights:
-    """A fedrecon model (arrays by name) as the ``ModelWeights`` of this reconstruction model's globals.
-
-    TFF keeps the item bias as a ``[items, 1]`` embedding; fedrecon keeps ``[items]``.
-    """
-    shapes = {"item_embedding": (int(spec["num_items"]), int(spec["num_factors"])),
-              "item_bias": (int(spec["num_items"]), 1), "global_bias": ()}
-    trainable = []
-    for name in global_names(spec):
+    """A fedrecon model (arrays by name) as the ``ModelWeights`` of this reconstruction model's globals:
+    trainable and non-trainable, each in fedrecon's order (the order the TFF model lists them in)."""
+    trainable, non_trainable = [], []
+    for name, shape, is_trainable in _global_table(spec):
         if name not in arrays:
             raise ValueError(f"the model has no variable {name!r} (has {sorted(arrays)})")
         value = np.asarray(arrays[name], np.float32)
-        if value.size != math.prod(shapes[name]):
-            raise ValueError(f"{name} has shape {value.shape}; this model needs {shapes[name]}")
-        trainable.append(value.reshape(shapes[name]))
-    return tff.learning.models.ModelWeights(trainable=trainable, non_trainable=[])
+        if value.size != math.prod(shape):
+            raise ValueError(f"{name} has shape {value.shape}; this model needs {shape}")
+        (trainable if is_trainable else non_trainable).append(value.reshape(shape))
+    return tff.learning.models.ModelWeights(trainable=trainable, non_trainable=non_trainable)
 
 
 def from_model_weights(weights: tff.learning.models.ModelWeights, spec: dict[str, Any]
                        ) -> dict[str, np.ndarray]:
     """TFF's global ``ModelWeights`` back in fedrecon's names and shapes."""
+    table = _global_table(spec)
+    values = iter(list(weights.trainable))
+    fixed = iter(list(weights.non_trainable))
     out = {}
-    for name, value in zip(global_names(spec), weights.trainable, strict=True):
-        value = np.asarray(value, np.float32)
-        out[name] = value.reshape(-1) if name == "item_bias" else value
+    for name, _, is_trainable in table:
+        value = np.asarray(next(values) if is_trainable else next(fixed), np.float32)
+        out[name] = value.reshape(-1) if name == "item_bias" and not is_keras(spec) else value
+    if next(values, None) is not None or next(fixed, None) is not None:
+        raise ValueError("TFF's weights hold more variables than the task's globals")
     return out
 
 
@@ -225,16 +247,22 @@ def check_supported(training: dict[str, Any]) -> None:
             raise ValueError(f"{key} must be sgd")
 
 
-def build_processes(spec: dict[str, Any], training: dict[str, Any],
-                    eval_clip: tuple[float, float] | None = None, local_start: list[float] | None = None
-                    ) -> tuple[tff.learning.templates.LearningProcess,
-                               tff.learning.templates.LearningProcess]:
-    """``build_fed_recon`` and ``build_fed_recon_eval`` for a fedrecon model description and training config.
+LocalStart = list[float] | Mapping[str, np.ndarray] | None
+MetricsFn = Callable[[], list[tf.keras.metrics.Metric]]
 
-    Datasets are batches of ``(item ids [B] int64, ratings [B, 1] float32)``. ``local_start``: the user
-    factors every client starts from, for ``local_init="shared"`` (default: TFF's own draw).
-    """
-    check_supported(training)
+
+def _task(spec: dict[str, Any], eval_clip: tuple[float, float] | None, local_start: LocalStart
+          ) -> tuple[Callable[[], tff.learning.models.ReconstructionModel],
+                     Callable[[], tf.keras.losses.Loss], MetricsFn | None, MetricsFn]:
+    """The model, loss, training metrics and evaluation metrics of a task, as TFF's no-argument builders."""
+    if is_keras(spec):
+        if local_start is not None and not isinstance(local_start, Mapping):
+            raise ValueError("a Keras task's local start is a mapping of local variable name to value")
+        loss_fn, train_metrics_fn, eval_metrics_fn = keras_bridge.build_objective(spec)
+        keras_model_fn = functools.partial(keras_bridge.build_reconstruction_model, spec, local_start)
+        return keras_model_fn, loss_fn, train_metrics_fn, eval_metrics_fn
+    if isinstance(local_start, Mapping):
+        raise ValueError("matrix factorization's local start is the user factors, a list of floats")
     lo, hi = eval_clip or (-math.inf, math.inf)
     input_spec = (tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, 1], tf.float32))
 
@@ -251,13 +279,38 @@ def build_processes(spec: dict[str, Any], training: dict[str, Any],
     def metrics_fn() -> list[tf.keras.metrics.Metric]:
         return [ClippedSquaredError(lo, hi), RatingAccuracy(lo, hi), ExampleCount()]
 
+    return model_fn, loss_fn, None, metrics_fn
+
+
+def client_dataset(spec: dict[str, Any], x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """One client's examples (fedrecon's order and arrays) as the batches the task's TFF model reads."""
+    if is_keras(spec):
+        return keras_bridge.client_dataset(x, y, batch_size)
+    return tf.data.Dataset.from_tensor_slices(
+        (x.astype(np.int64), y.astype(np.float32)[:, None])).batch(batch_size)
+
+
+def build_processes(spec: dict[str, Any], training: dict[str, Any],
+                    eval_clip: tuple[float, float] | None = None, local_start: LocalStart = None
+                    ) -> tuple[tff.learning.templates.LearningProcess,
+                               tff.learning.templates.LearningProcess]:
+    """``build_fed_recon`` and ``build_fed_recon_eval`` for a fedrecon model description and training config.
+
+    Datasets are ``client_dataset``'s batches. ``local_start``: where every client's local variables start
+    (TFF builds the client model once, so it is one value for all clients). Matrix factorization: the user
+    factors, for ``local_init="shared"`` (default: TFF's own draw). A Keras task: every local variable's
+    value by name (required; ``keras_bridge``).
+    """
+    check_supported(training)
+    model_fn, loss_fn, train_metrics_fn, eval_metrics_fn = _task(spec, eval_clip, local_start)
+
     split = tff.learning.models.ReconstructionModel.build_dataset_split_fn
     recon_sgd = tff.learning.optimizers.build_sgdm(
         float(training["reconstruction_optimizer"]["learning_rate"]))
     weighting = (tff.learning.ClientWeighting.UNIFORM if training["client_weighting"] == "uniform"
                  else tff.learning.ClientWeighting.NUM_EXAMPLES)
     process = tff.learning.algorithms.build_fed_recon(
-        model_fn, loss_fn=loss_fn, metrics_fn=None,
+        model_fn, loss_fn=loss_fn, metrics_fn=train_metrics_fn,
         server_optimizer_fn=_optimizer(training["server_optimizer"]),
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(
             float(training["client_optimizer"]["learning_rate"])),
@@ -271,7 +324,7 @@ def build_processes(spec: dict[str, Any], training: dict[str, Any],
     eval_epochs = training.get("eval_recon_epochs")
     eval_cap = training.get("eval_recon_steps_max")
     evaluator = tff.learning.algorithms.build_fed_recon_eval(
-        model_fn, loss_fn=loss_fn, metrics_fn=metrics_fn, reconstruction_optimizer_fn=recon_sgd,
+        model_fn, loss_fn=loss_fn, metrics_fn=eval_metrics_fn, reconstruction_optimizer_fn=recon_sgd,
         dataset_split_fn=split(recon_epochs=int(training["recon_epochs"] if eval_epochs is None
                                                 else eval_epochs),
                                recon_steps_max=training["recon_steps_max"] if eval_cap is None

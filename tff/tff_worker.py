@@ -8,11 +8,16 @@ travel as ``.npz`` files in fedrecon's variable names and shapes.
 
 Commands:
 
-- ``init``: build the TFF processes for a task (``tff_interop.build_processes``), load every user's ratings
-  (an ``.npz`` of concatenated examples) as one ``tf.data.Dataset`` each, and set the global weights.
+- ``init``: build the TFF processes for a task (``tff_interop.build_processes``: matrix factorization, or a
+  Keras task rebuilt by ``keras_bridge``), load every user's examples (an ``.npz`` of concatenated
+  examples) as one ``tf.data.Dataset`` each, and set the global weights. ``local_start`` is the shared user
+  factors of matrix factorization; ``locals`` an ``.npz`` of a Keras task's local variables' start.
 - ``round``: one ``process.next`` over the datasets of the given users; write the new global weights and
-  report the seconds ``next`` took and TFF's training loss.
-- ``evaluate``: reconstruct-then-evaluate the given users under given global weights.
+  report the seconds ``next`` took and TFF's training loss (``loss``: its mean of batch losses), and for a
+  Keras task also ``loss_per_example``, fedrecon's definition of the training loss.
+- ``evaluate``: reconstruct-then-evaluate the given users under given global weights: TFF's evaluation
+  metrics by name (``mse``, ``accuracy``, ``num_examples`` for ratings; ``loss_per_target``, ``accuracy``,
+  ``num_examples`` for a Keras task).
 - ``get_globals``: write the training process's current global weights.
 - ``quit``.
 """
@@ -31,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-from tff_interop import build_processes, from_model_weights, to_model_weights
+from tff_interop import build_processes, client_dataset, from_model_weights, to_model_weights
 
 
 class Worker:
@@ -43,15 +48,18 @@ class Worker:
     def init(self, cmd: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.spec = dict(cmd["model"])
+        local_start = cmd.get("local_start")
+        if cmd.get("locals"):
+            with np.load(cmd["locals"]) as f:
+                local_start = {k: f[k] for k in f.files}
         self.process, self.evaluator = build_processes(self.spec, cmd["training"], cmd.get("eval_clip"),
-                                                         cmd.get("local_start"))
+                                                         local_start)
         batch_size = int(cmd["batch_size"])
         data = np.load(cmd["data"])
         users, offsets, xs, ys = data["users"], data["offsets"], data["x"], data["y"]
         for k, user in enumerate(users):
             a, b = int(offsets[k]), int(offsets[k + 1])
-            self.datasets[int(user)] = tf.data.Dataset.from_tensor_slices(
-                (xs[a:b].astype(np.int64), ys[a:b].astype(np.float32)[:, None])).batch(batch_size)
+            self.datasets[int(user)] = client_dataset(self.spec, xs[a:b], ys[a:b], batch_size)
         self.state = self.process.initialize()
         self.state = self.process.set_model_weights(self.state, self._load_weights(cmd["globals"]))
         self.eval_state = self.evaluator.initialize()
@@ -79,8 +87,9 @@ class Worker:
         self.state = output.state
         self._save_weights(self.process.get_model_weights(self.state), cmd["out"])
         train = output.metrics["client_work"]["train"]
-        # TFF's loss metric: the mean over post-reconstruction batches of each batch's mean loss.
-        return {"seconds": seconds, "loss": float(train["loss"])}
+        # TFF's loss metric: the mean over post-reconstruction batches of each batch's mean loss; a Keras
+        # task's metrics add fedrecon's own definition (keras_bridge.LossPerExample).
+        return {"seconds": seconds, **{k: float(v) for k, v in train.items()}}
 
     def get_globals(self, cmd: dict[str, Any]) -> dict[str, Any]:
         self._save_weights(self.process.get_model_weights(self.state), cmd["out"])
@@ -94,8 +103,7 @@ class Worker:
         output = self.evaluator.next(self.eval_state, data)
         seconds = time.perf_counter() - t0
         metrics = output.metrics["client_work"]["eval"]["current_round_metrics"]
-        return {"mse": float(metrics["mse"]), "accuracy": float(metrics["accuracy"]),
-                "num_examples": float(metrics["num_examples"]), "seconds": seconds}
+        return {**{k: float(v) for k, v in metrics.items()}, "seconds": seconds}
 
 
 def main() -> None:
