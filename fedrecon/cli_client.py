@@ -98,10 +98,9 @@ def _load_users(data: str, model_spec_json: str, task_item_ids: tuple[int, ...],
     if encoding is not None:
         vocabulary, seq_len = encoding
         texts = load_texts(data)
-        ids = split_users(texts, seed=split_seed)
-        kept = ids.kept
-        return ({i: examples(texts[kept[i]], vocabulary, seq_len, max_examples=MAX_SEQUENCES_PER_USER)
-                 for i in sorted(ids.ids(split))[:users]}, None)
+        parts = split_users(texts, seed=split_seed)
+        return ({i: examples(texts[parts.kept[i]], vocabulary, seq_len, max_examples=MAX_SEQUENCES_PER_USER)
+                 for i in sorted(parts.ids(split))[:users]}, None)
     from fedrecon.simulations.ratings import load_dataset
 
     dataset = load_dataset(data, seed=split_seed)
