@@ -402,9 +402,13 @@ def _describe_in_subprocess(description: Mapping[str, Any], seed: int, weights_f
     from fedrecon.tensors import arrays_from_bytes
 
     request = json.dumps({"description": dict(description), "seed": seed, "weights_from": weights_from})
+    # -P: the child imports the fedrecon this interpreter has installed, not a folder named fedrecon in the
+    # working directory (``python -m`` would put it first on sys.path): from the root of a checkout that
+    # is the source tree's fedrecon/, without its generated protocol modules, and the child failed there.
     try:
-        done = subprocess.run([sys.executable, "-m", "fedrecon.core.keras_spec"], input=request.encode(),
-                              capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=False)
+        done = subprocess.run([sys.executable, "-P", "-m", "fedrecon.core.keras_spec"],
+                              input=request.encode(), capture_output=True, timeout=SUBPROCESS_TIMEOUT_S,
+                              check=False)
     except subprocess.TimeoutExpired as err:
         raise ValueError(f"building the keras model took over {SUBPROCESS_TIMEOUT_S:g} s") from err
     if done.returncode != 0:
