@@ -67,7 +67,7 @@ from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.simulations.grpc_transport import simulation_task
 from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rng, select_clients
-from fedrecon.simulations.text import FederatedText, read_texts, split_texts, synthetic_texts
+from fedrecon.simulations.text import FederatedText, load_texts, split_texts, text_description
 from fedrecon.simulations.wire_tap import WireTap
 
 MAX_MESSAGE_BYTES = 16 << 20
@@ -75,16 +75,6 @@ MAX_MESSAGE_BYTES = 16 << 20
 TRAINED = {"fedavg": "global", "fedrecon_local_oov": "local_oov", "fedrecon_personal_layer": "personal_layer"}
 ROWS = ("fedavg", "fedavg_finetune", "fedrecon_local_oov", "fedrecon_personal_layer")
 STEPS = ("0", "1", "5", "default")
-
-
-def load_texts(data: str) -> dict[str, list[str]]:
-    """``synthetic``, a JSON file, a folder holding ``by_speaker.json``, or a folder of per-user texts."""
-    if data == "synthetic":
-        return synthetic_texts()
-    path = Path(data)
-    if path.is_dir() and (path / "by_speaker.json").is_file():
-        path = path / "by_speaker.json"
-    return read_texts(path)
 
 
 def training_config(variant: str, lr: float, args: argparse.Namespace) -> FedReconConfig:
@@ -236,6 +226,20 @@ def most_frequent_word_baseline(data: FederatedText, batch_size: int) -> dict[st
             "accuracy": hits / max(counted, 1), "targets_counted": counted}
 
 
+def write_task_files(folder: Path, variant: str, sizes: NextWordSizes, data: FederatedText) -> list[Path]:
+    """The files a coordinator's next-word task names (``deploy/tasks/nextword.toml``): the Keras
+    architecture of ``variant`` (``nextword.json``) and the vocabulary built from the training speakers,
+    one word a line in id order (``nextword.words``), so served devices encode text as this table does."""
+    model = build(variant, sizes, data, 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    architecture, words = folder / "nextword.json", folder / "nextword.words"
+    architecture.write_text(json.dumps(json.loads(model.keras_model.to_json()), indent=1) + "\n")
+    words.write_text("".join(f"{w}\n" for w in text_description(data.vocabulary, sizes.seq_len)["words"]))
+    print(f"wrote {architecture} and {words}: local layers {model.config()['local_layers']}, objective "
+          f"{json.dumps(model.config()['objective'])}")
+    return [architecture, words]
+
+
 def machine() -> dict[str, Any]:
     import tensorflow as tf
 
@@ -247,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="text folder or JSON file, or 'synthetic'")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the table's JSON (required unless --write-task)")
+    parser.add_argument("--write-task", type=Path, metavar="FOLDER",
+                        help="only write the architecture and vocabulary files of a coordinator's task for "
+                             "--task-variant (deploy/tasks/nextword.toml names them), then stop")
+    parser.add_argument("--task-variant", default="personal_layer", choices=sorted(set(TRAINED.values())))
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--tune-rounds", type=int, default=10, help="rounds of each learning-rate trial")
     parser.add_argument("--clients-per-round", type=int, default=20)
@@ -268,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--byte-clients", type=int, default=5, help="clients whose bytes are counted")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.out is None and args.write_task is None:
+        parser.error("--out is required (or --write-task)")
     logging.getLogger("fedrecon.server").setLevel(logging.ERROR)
     started = time.perf_counter()
     facts_before = machine()
@@ -277,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                        oov_buckets=args.oov_buckets, max_examples_per_user=args.max_examples)
     sizes = NextWordSizes(data.vocabulary.size, seq_len=args.seq_len, embedding=args.embedding,
                           hidden=args.hidden, oov_buckets=args.oov_buckets)
+    if args.write_task is not None:
+        write_task_files(args.write_task, args.task_variant, sizes, data)
+        return
     client_lrs = [float(v) for v in args.client_lrs.split(",")]
     finetune_lrs = [float(v) for v in args.finetune_lrs.split(",")]
     print(f"{args.data}: {len(texts)} speakers, {data.dropped_users} under {args.min_words} tokens dropped; "

@@ -6,7 +6,15 @@ A Keras model travels as JSON (``kind = "keras"``)::
      "architecture": {...},            # keras.saving.serialize_keras_object(model): no code, no weights
      "local_layers": ["user"],         # layers whose variables are local (reconstructed, never sent)
      "objective": {"name": "mse"},     # core.objectives: the loss and the metrics
-     "variables": [{"name": "items/embeddings", "shape": [10, 4], "trainable": true, "local": false}, ...]}
+     "variables": [{"name": "items/embeddings", "shape": [10, 4], "trainable": true, "local": false}, ...],
+     "text": {"words": ["the", ...], "seq_len": 16, "oov_buckets": 50}}   # optional: see below
+
+``text`` (optional) says how a device turns its own text into the model's input (``simulations.text``):
+the vocabulary's words in id order, the sequence length and the out-of-vocabulary buckets. It travels
+with the model, to every device and into exported model files, because a device must use the task's
+vocabulary: one built from its own text would give ids another meaning than the model learnt. In a task
+file, ``text = { vocabulary = "words.txt", seq_len = 16, oov_buckets = 50 }`` names a file of one word a
+line, in id order, which is read and embedded.
 
 ``variables`` (optional in a task file) is the variable table in wire order: globals first, then locals.
 The coordinator reads names and shapes from it and never imports TensorFlow: when the table is missing, or
@@ -42,7 +50,8 @@ if TYPE_CHECKING:
     from fedrecon.core.lazy_tensorflow import tf
 
 KIND = "keras"
-DESCRIPTION_FIELDS = frozenset({"kind", "architecture", "local_layers", "objective", "variables"})
+DESCRIPTION_FIELDS = frozenset({"kind", "architecture", "local_layers", "objective", "variables", "text"})
+TEXT_FIELDS = frozenset({"words", "seq_len", "oov_buckets"})
 SUBPROCESS_TIMEOUT_S = 600.0
 
 
@@ -111,6 +120,30 @@ def check_description(description: Mapping[str, Any]) -> None:
             _specs(table, False)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"bad keras variable table: {err!r}") from err
+    if description.get("text") is not None:
+        check_text(description["text"])
+
+
+def check_text(text: Any) -> None:
+    """Refuse a malformed ``text`` encoding with one line: the words (distinct, non-empty strings without
+    spaces: the tokenizer never yields one), a positive ``seq_len`` and ``oov_buckets``."""
+    if not isinstance(text, Mapping):
+        raise ValueError("text must be a table: words (or vocabulary = a file), seq_len, oov_buckets")
+    unknown = set(text) - TEXT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown text fields {sorted(unknown)}; known: {sorted(TEXT_FIELDS)}")
+    words = text.get("words")
+    if not isinstance(words, list | tuple) or not words or not all(
+            isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words):
+        raise ValueError("text.words must be a non-empty list of words without spaces, in id order")
+    if len(set(words)) != len(words):
+        raise ValueError("text.words lists a word twice")
+    for key in ("seq_len", "oov_buckets"):
+        value = text.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"text.{key} must be a positive integer")
+    if "seq_len" not in text:
+        raise ValueError("text.seq_len is required (the model's sequence length)")
 
 
 def _walk(node: Any) -> Iterator[Mapping[str, Any]]:
@@ -296,8 +329,23 @@ def resolve_task_model(table: Mapping[str, Any], base: Path | None = None) -> di
         if isinstance(architecture, str):  # a JSON string holding JSON (json.dumps of model.to_json())
             architecture = json.loads(architecture)
         model["architecture"] = architecture
+    if isinstance(model.get("text"), Mapping) and "vocabulary" in model["text"]:
+        model["text"] = _read_text_vocabulary(dict(model["text"]), base)
     check_description(model)
     return model
+
+
+def _read_text_vocabulary(text: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """``text.vocabulary`` (a file of one word a line, in id order) read into ``text.words``."""
+    if "words" in text:
+        raise ValueError("give the text vocabulary once: words (inline) or vocabulary (a file)")
+    path = Path(str(text.pop("vocabulary")))
+    path = path if path.is_absolute() or base is None else base / path
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise ValueError(f"cannot read the text vocabulary {path}: {err.strerror or err}") from err
+    return {**text, "words": [line.strip() for line in lines if line.strip()]}
 
 
 def globals_from_keras_file(description: Mapping[str, Any], path: Path) -> list[np.ndarray]:
@@ -354,9 +402,13 @@ def _describe_in_subprocess(description: Mapping[str, Any], seed: int, weights_f
     from fedrecon.tensors import arrays_from_bytes
 
     request = json.dumps({"description": dict(description), "seed": seed, "weights_from": weights_from})
+    # -P: the child imports the fedrecon this interpreter has installed, not a folder named fedrecon in the
+    # working directory (``python -m`` would put it first on sys.path): from the root of a checkout that
+    # is the source tree's fedrecon/, without its generated protocol modules, and the child failed there.
     try:
-        done = subprocess.run([sys.executable, "-m", "fedrecon.core.keras_spec"], input=request.encode(),
-                              capture_output=True, timeout=SUBPROCESS_TIMEOUT_S, check=False)
+        done = subprocess.run([sys.executable, "-P", "-m", "fedrecon.core.keras_spec"],
+                              input=request.encode(), capture_output=True, timeout=SUBPROCESS_TIMEOUT_S,
+                              check=False)
     except subprocess.TimeoutExpired as err:
         raise ValueError(f"building the keras model took over {SUBPROCESS_TIMEOUT_S:g} s") from err
     if done.returncode != 0:

@@ -5,6 +5,11 @@ against plaintext or the reverse, unreadable or mismatched certificate files), p
 they happen, and ends with what became of the reports: accepted, of those committed into a model version,
 and refused. It exits 1 when nothing was accepted.
 
+What ``--data`` is depends on the task: ratings (``synthetic`` or a MovieLens folder/file) for a task without
+text, users' texts for a task whose model takes text (its description's ``text``: ``simulations.text``).
+Text is encoded with the task's vocabulary, fetched from the coordinator with the model, never with one
+built from the data at hand: a device's ids must mean what they meant in training.
+
 Heavy imports (TensorFlow, gRPC) happen inside the command so ``fedrecon --help`` stays fast.
 """
 
@@ -25,7 +30,9 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     import grpc
+    import numpy as np
 
+    from fedrecon.core.batching import ClientExamples
     from fedrecon.protocol import ReportOutcome, RoundOutcome
 
 console = Console(highlight=False, soft_wrap=True)  # one message, one line, whatever the width
@@ -70,6 +77,37 @@ def tls_options(ca: Path | None, cert: Path | None, key: Path | None) -> grpc.Ch
             "not a PEM certificate and an unencrypted PEM private key")
         _fail(f"--tls-cert {cert} / --tls-key {key}: {why} ({err.reason or err})")
     return tls_credentials(ca_pem, cert_chain=cert_pem, private_key=key_pem)
+
+
+def _load_users(data: str, model_spec_json: str, task_item_ids: tuple[int, ...], *, split: str,
+                split_seed: int, users: int) -> tuple[dict[int, ClientExamples], np.ndarray | None]:
+    """The first ``users`` users of ``split`` as the model's examples, and the dataset's item ids when the
+    clients speak them (a task with an item vocabulary). Text is encoded with the task's own vocabulary
+    (its model description's ``text``), so only the chosen users' text is read into examples."""
+    import json
+
+    from fedrecon.simulations.text import (
+        MAX_SEQUENCES_PER_USER,
+        encoding_of,
+        examples,
+        load_texts,
+        split_users,
+    )
+
+    encoding = encoding_of(json.loads(model_spec_json))
+    if encoding is not None:
+        vocabulary, seq_len = encoding
+        texts = load_texts(data)
+        parts = split_users(texts, seed=split_seed)
+        return ({i: examples(texts[parts.kept[i]], vocabulary, seq_len, max_examples=MAX_SEQUENCES_PER_USER)
+                 for i in sorted(parts.ids(split))[:users]}, None)
+    from fedrecon.simulations.ratings import load_dataset
+
+    dataset = load_dataset(data, seed=split_seed)
+    population = getattr(dataset, split)
+    # With an item vocabulary the clients speak the dataset's own item ids; without, the model's indices.
+    return ({u: population[u] for u in sorted(population)[:users]},
+            dataset.item_ids if task_item_ids else None)
 
 
 @dataclass(frozen=True)
@@ -133,7 +171,11 @@ def summarize(outcomes: Iterable[ReportOutcome | str], rounds: Mapping[int, Roun
 
 def client(
     task: Annotated[str, typer.Option(help="task name")],
-    data: Annotated[str, typer.Option(help="'synthetic' or a MovieLens folder/file: one client per user")],
+    data: Annotated[str, typer.Option(help=(
+        "one client per user of it. For a ratings task: 'synthetic' or a MovieLens folder/file. For a task "
+        "whose model takes text (deploy/tasks/nextword.toml): a {user: [text, ...]} JSON file, a folder "
+        "holding by_speaker.json, a folder of one .txt file (or one sub-folder of .txt files) per user, or "
+        "'synthetic'; encoded with the task's vocabulary"))],
     coordinator: Annotated[str, typer.Option(
         help="host:port of the coordinator; replicas of one task as a comma-separated list (calls fail "
              "over to the next on UNAVAILABLE)")] = "127.0.0.1:50051",
@@ -158,6 +200,12 @@ def client(
 ) -> None:
     """Run USERS clients of a dataset against a coordinator, each as its own FederatedClient.
 
+    Users are split into train, validation and test users by --split-seed as simulate splits them (text:
+    users with under 100 words dropped first, as when the task's vocabulary was built), and the first
+    USERS of --split take part. A text task's users encode their text with the task's vocabulary (served
+    with the model), keep their first 256 sequences, reconstruct the task's local layers and upload only
+    the global delta.
+
     With --token all users share one credential, which a coordinator counts as one device unless the token
     was issued for more (fedrecon token issue --max-devices N): its other users are then refused
     assignments or check-ins ("capped"), and the command says so. Exits 1 when no report was accepted."""
@@ -177,12 +225,7 @@ def client(
     )
     from fedrecon.core.batching import ClientExamples
     from fedrecon.protocol import CREDENTIAL_SHARE_HINT, ReportOutcome
-    from fedrecon.simulations.ratings import load_dataset
 
-    try:
-        dataset = load_dataset(data, seed=split_seed)
-    except (OSError, ValueError) as err:
-        _fail(f"cannot load --data {data}: {err}")
     def retry_line(who: str, event: RetryEvent) -> Text:
         return Text(f"{who}: {event.call} {event.code}, retry {event.attempt} in {event.delay_s:.1f} s"
                     f"{' (as the coordinator asked)' if event.hinted else ''}")
@@ -198,12 +241,14 @@ def client(
         _fail(str(err))
     except grpc.RpcError as err:
         _fail(f"the coordinator at {coordinator} refused: {err.code().name}: {err.details()}")  # type: ignore[attr-defined]
-    population = getattr(dataset, split)
-    chosen = sorted(population)[:users]
+    try:
+        population, item_ids = _load_users(data, latest.model_spec_json, latest.item_ids, split=split,
+                                           split_seed=split_seed, users=users)
+    except (OSError, ValueError) as err:
+        _fail(f"cannot load --data {data}: {err}")
+    chosen = sorted(population)
     if not chosen:
         _fail(f"the {split} split of {data} has no users")
-    # With an item vocabulary the clients speak the dataset's own item ids; without, the model's indices.
-    item_ids = dataset.item_ids if latest.item_ids else None
     total = len(chosen) * (1 if evaluate else rounds)
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -52,12 +52,16 @@ StepsCapOption = typer.Option(metavar="N|none",
 
 
 def simulate(
-    data: Annotated[str, typer.Option(help="'synthetic' (embedded, no download) or a MovieLens folder/file")]
-    = "synthetic",
+    data: Annotated[str, typer.Option(help=(
+        "'synthetic' (embedded, no download) or a MovieLens folder/file; with a --config task whose model "
+        "takes text (deploy/tasks/nextword.toml): users' texts (a {user: [text, ...]} JSON file, a folder "
+        "holding by_speaker.json, a folder of per-user .txt files) or 'synthetic', encoded with the task's "
+        "vocabulary"))] = "synthetic",
     config: Annotated[Path | None, typer.Option(
         "--config", exists=True, dir_okay=False,
         help="a task file (TOML/JSON, as `serve --task` takes): its model, [training], [rounds], "
-             "[aggregation], batch_size and seed; flags given explicitly override it")] = None,
+             "[aggregation], batch_size and seed; flags given explicitly override it. A Keras task "
+             "(deploy/tasks/nextword.toml) simulates the task's own model with fedrecon")] = None,
     algorithm: Annotated[Algorithm, typer.Option(help="what to train")] = Algorithm.FEDRECON,
     rounds: Annotated[int | None, typer.Option(
         min=1, help="training rounds (default 100, or the task's max_rounds; centralized: ignored)")] = None,
@@ -179,6 +183,9 @@ def simulate(
     """Run a simulation locally; print validation metrics as it goes and unseen-test metrics at the end.
 
     Settings come from the algorithm's defaults, then the task file (--config), then the flags given.
+    With a Keras task file the model is the task's (its factor, bias and clip options do not apply) and,
+    when it takes text, --data is users' texts: users with under 100 words are dropped, the rest split by
+    --split-seed, and every user's text is encoded with the task's vocabulary, as `fedrecon client` does.
     """
     flags = {k: v for k, v in locals().items()}
     try:
@@ -199,7 +206,7 @@ class _Run:
 
     data: str
     spec: Any  # ExperimentSpec
-    dataset: Any  # FederatedRatings
+    dataset: Any  # FederatedRatings, or FederatedText for a task whose model takes text
     initial: list[Any] | None
     transport: Transport
     backend: Backend
@@ -219,14 +226,28 @@ def _resolve(f: dict[str, Any]) -> _Run:
 
     algorithm: Algorithm = f["algorithm"]
     task: dict[str, Any] = {}
+    described: dict[str, Any] | None = None  # a task's Keras model, as the coordinator would serve it
     if f["config"] is not None:
         from fedrecon.server.task import TaskSpec, read_task_table
 
         task = read_task_table(f["config"])
-        try:
-            TaskSpec.from_dict(task)  # the coordinator's own validation: a file serve refuses is refused
+        try:  # the coordinator's own validation: a file serve refuses is refused
+            task_spec = TaskSpec.from_dict(task, base=Path(f["config"]).parent)
         except ValueError as err:
             raise SimulateError(f"{f['config']}: {err}") from err
+        if task_spec.model.get("kind") == "keras":
+            described = dict(task_spec.model)
+            given = [flag for flag in ("factors", "biases", "local_init", "init_model")
+                     if f[flag] is not None]
+            if f["clip"]:
+                given.append("clip")
+            if given:
+                raise SimulateError(f"{f['config']} describes its own model: --{', --'.join(given)} "
+                                    f"apply to matrix factorization only".replace("_", "-"))
+            if algorithm != Algorithm.FEDRECON or f["backend"] != Backend.FEDRECON:
+                raise SimulateError(f"{f['config']} describes its own model, which simulate trains with "
+                                    "--algorithm fedrecon on --backend fedrecon (in process or --transport "
+                                    "grpc)")
     model_table = dict(task.get("model") or {})
     rounds_table = dict(task.get("rounds") or {})
 
@@ -337,7 +358,12 @@ def _resolve(f: dict[str, Any]) -> _Run:
     spec = ExperimentSpec(algorithm=algorithm.value, num_factors=num_factors, use_biases=use_biases,
                           local_init=local_init.value, config=training, settings=settings,
                           aggregation=aggregation, privacy=privacy,
-                          centralized=CentralizedSettings(epochs=f["centralized_epochs"], seed=seed))
+                          centralized=CentralizedSettings(epochs=f["centralized_epochs"], seed=seed),
+                          model_description=described)
+    if described is not None and described.get("text") is not None:
+        return _Run(data=f["data"], spec=spec, dataset=_load_text(f["data"], described, f["split_seed"]),
+                    initial=None, transport=f["transport"], backend=backend, store=f["store"], out=f["out"],
+                    batch_size=batch_size)
     from fedrecon.simulations.ratings import load_dataset
 
     with console.status(f"loading {f['data']}"):
@@ -357,13 +383,30 @@ def _resolve(f: dict[str, Any]) -> _Run:
                 ray_address=f["address"], ray_workers=f["ray_workers"])
 
 
+def _load_text(data: str, described: dict[str, Any], split_seed: int) -> Any:
+    """Users' texts split by ``split_seed`` (as ``fedrecon client`` splits them) and encoded with the task's
+    vocabulary: the simulation sees the ids its devices would send."""
+    from fedrecon.simulations.text import encode_split, encoding_of, load_texts, split_users
+
+    encoding = encoding_of(described)
+    assert encoding is not None
+    vocabulary, seq_len = encoding
+    with console.status(f"loading {data}"):
+        texts = load_texts(data)
+        return encode_split(texts, split_users(texts, seed=split_seed), vocabulary, seq_len)
+
+
 def _run(run: _Run) -> None:
     from fedrecon.simulations.experiment import ExperimentInterrupted, run_experiment
 
     spec, dataset = run.spec, run.dataset
     algorithm = Algorithm(spec.algorithm)
+    vocabulary = getattr(dataset, "vocabulary", None)
+    size = (f"{vocabulary.size} classes (the task's vocabulary)" if vocabulary is not None
+            else f"{dataset.num_items} items")
+    dropped = f" ({dataset.dropped_users} with under 100 words left out)" if vocabulary is not None else ""
     console.print(f"[bold]{run.data}[/]: {len(dataset.train)} training, {len(dataset.validation)} "
-                  f"validation, {len(dataset.test)} unseen test users; {dataset.num_items} items")
+                  f"validation, {len(dataset.test)} unseen test users{dropped}; {size}")
     total = spec.centralized.epochs if algorithm == Algorithm.CENTRALIZED else spec.settings.rounds
     unit = "epoch" if algorithm == Algorithm.CENTRALIZED else "round"
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -374,7 +417,7 @@ def _run(run: _Run) -> None:
             progress.update(task, advance=1, info=f"loss {record.train_loss:.3f}")
             if metrics is not None:
                 eps = f"  ε {record.epsilon:.3f}" if record.epsilon is not None else ""
-                progress.console.print(f"round {record.round_num:5d}  validation RMSE {metrics['rmse']:.4f}"
+                progress.console.print(f"round {record.round_num:5d}  validation {_score(metrics)}"
                                        f"  accuracy {metrics['accuracy']:.4f}{eps}")
 
         def on_epoch(epoch, rmse):  # type: ignore[no-untyped-def]
@@ -405,10 +448,11 @@ def _run(run: _Run) -> None:
     engine = {Backend.TFF: " (TFF backend)", Backend.RAY: " (on Ray)"}.get(run.backend, "")
     table = Table(title=f"{algorithm.value}{engine} on unseen test users (selected {unit} "
                         f"{int(result.selected.get('round', 0))} on validation)")
-    for col in ("RMSE", "accuracy", "examples", "s/round"):
+    score = "rmse" if "rmse" in result.test else "loss"
+    for col in (score.upper() if score == "rmse" else score, "accuracy", "examples", "s/round"):
         table.add_column(col, justify="right")
     spr = f"{result.seconds_per_round:.3f}" if result.seconds_per_round is not None else "-"
-    table.add_row(f"{result.test['rmse']:.4f}", f"{result.test['accuracy']:.4f}",
+    table.add_row(f"{result.test[score]:.4f}", f"{result.test['accuracy']:.4f}",
                   f"{int(result.test['num_examples'])}", spr)
     console.print(table)
     if result.privacy is not None:
@@ -423,6 +467,11 @@ def _run(run: _Run) -> None:
         if p["stopped"]:
             console.print(p["stopped"], highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(written)} in {run.out}")
+
+
+def _score(metrics: dict[str, float]) -> str:
+    """The validation figure a run selects by: RMSE for rating models, the loss otherwise."""
+    return f"RMSE {metrics['rmse']:.4f}" if "rmse" in metrics else f"loss {metrics['loss']:.4f}"
 
 
 def _write_outputs(run: _Run, result: Any, *, interrupted: int | None) -> list[str]:
@@ -447,8 +496,10 @@ def _write_outputs(run: _Run, result: Any, *, interrupted: int | None) -> list[s
         ModelFile(task=f"simulate-{run.backend.value}", version=version, model_spec=result.model.config(),
                   names=[v.name for v in result.model.global_variables], arrays=list(result.globals),
                   training=spec.config.to_dict(), batch_size=run.batch_size,
-                  # The dataset's own item ids: personalization then speaks in them (e.g. movie ids).
-                  extra={"item_ids": [int(i) for i in run.dataset.item_ids]}).save(run.out / "model.npz")
+                  # The dataset's own item ids: personalization then speaks in them (e.g. movie ids). A text
+                  # model's encoding is in its description (model_spec) instead.
+                  extra={"item_ids": [int(i) for i in run.dataset.item_ids]}
+                  if hasattr(run.dataset, "item_ids") else {}).save(run.out / "model.npz")
         written.append("model.npz")
     if interrupted is None:
         from fedrecon.simulations.plotting import plot_learning_curves

@@ -1,5 +1,10 @@
 """One experiment = one algorithm trained on a federated dataset, selected on validation users and scored
-once on unseen test users. Shared by ``fedrecon simulate`` and the benchmarks."""
+once on unseen test users. Shared by ``fedrecon simulate`` and the benchmarks.
+
+The model is matrix factorization (sized by the spec and the dataset) unless the spec carries a model
+description (a task's ``[model]``, e.g. the Keras next-word model of ``deploy/tasks/nextword.toml``): then
+the very model a coordinator serves is simulated, in process or through a coordinator (``--transport
+grpc``), so a task can be tried before it is deployed."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from fedrecon.core.client_work import selection_value
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.data_split import has_held_out_batch
 from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.privacy import DpOptions, PrivacyLedger
 from fedrecon.simulations.algorithms import Algorithm, Backend, Transport
 from fedrecon.simulations.baselines import (
@@ -30,6 +36,7 @@ from fedrecon.simulations.grpc_transport import GrpcRounds
 from fedrecon.simulations.population import Population
 from fedrecon.simulations.ratings import FederatedRatings
 from fedrecon.simulations.runner import Evaluator, RoundRecord, RoundRunner, Simulation, SimulationSettings
+from fedrecon.simulations.text import FederatedText
 
 ALGORITHMS = tuple(a.value for a in Algorithm)
 
@@ -51,17 +58,26 @@ class ExperimentSpec:
     # User-level DP on the global deltas (``core.privacy``): uniform weights, clipped to
     # aggregation.max_update_norm, Gaussian noise, ε accounted per round. None: no DP.
     privacy: DpOptions | None = None
+    # A described model (``core.model_spec``: a task's Keras model) instead of matrix factorization; the
+    # factor and bias settings above then do not apply.
+    model_description: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose from {ALGORITHMS}")
+        if self.model_description is not None and self.algorithm != "fedrecon":
+            raise ValueError(f"a task's described model trains with fedrecon (its local layers say what is "
+                             f"reconstructed), not {self.algorithm}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"algorithm": self.algorithm, "num_factors": self.num_factors,
                 "use_biases": self.use_biases, "local_init": self.local_init, "config": self.config.to_dict(),
                 "settings": dataclasses.asdict(self.settings), "aggregation": self.aggregation.to_dict(),
                 "centralized": dataclasses.asdict(self.centralized),
-                "privacy": self.privacy.to_dict() if self.privacy is not None else None}
+                "privacy": self.privacy.to_dict() if self.privacy is not None else None,
+                **({"model": {k: v for k, v in self.model_description.items()
+                              if k in ("kind", "local_layers", "objective")}}
+                   if self.model_description is not None else {})}
 
 
 @dataclass
@@ -73,7 +89,7 @@ class ExperimentResult:
     selected: dict[str, float]  # the round/epoch picked on validation users, with its validation metrics
     seconds_per_round: float | None
     globals: list[np.ndarray]
-    model: MatrixFactorization
+    model: ReconstructionModel
     # DP runs: the accounting parameters, ε after each round, ε of the selected round, and why the run
     # stopped early (the budget), if it did.
     privacy: dict[str, Any] | None = None
@@ -98,7 +114,7 @@ class ExperimentInterrupted(Exception):
         self.rounds_done = rounds_done
 
 
-def check_scorable(data: FederatedRatings, spec: ExperimentSpec) -> None:
+def check_scorable(data: FederatedRatings | FederatedText, spec: ExperimentSpec) -> None:
     """Refuse data on which validation or test would score no example (an RMSE of 0 on nothing)."""
     size = spec.settings.batch_size
     for part, users in (("validation", data.validation), ("test", data.test)):
@@ -112,13 +128,20 @@ def selection_key(metrics: dict[str, float]) -> float:
     return selection_value(metrics)
 
 
-def build_model(spec: ExperimentSpec, data: FederatedRatings, *, shared_user: bool) -> MatrixFactorization:
+def build_model(spec: ExperimentSpec, data: FederatedRatings | FederatedText, *, shared_user: bool
+                ) -> ReconstructionModel:
+    """The spec's described model, or matrix factorization sized by the spec and ``data``."""
+    if spec.model_description is not None:
+        from fedrecon.core.model_spec import model_from_config
+
+        return model_from_config(spec.model_description)
+    assert isinstance(data, FederatedRatings), "matrix factorization needs ratings"
     offset = data.mean_rating if spec.use_biases else 0.0
     return MatrixFactorization(data.num_items, spec.num_factors, use_biases=spec.use_biases,
                                shared_user=shared_user, initial_offset=offset, local_init=spec.local_init)
 
 
-def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
+def run_experiment(spec: ExperimentSpec, data: FederatedRatings | FederatedText, *,
                    on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,
                    on_epoch: Callable[[int, float], None] | None = None,
                    transport: str = "inprocess", store_url: str | None = None,
@@ -159,6 +182,9 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
                                                or backend == "tff"):
         raise ValueError("a population generated on demand trains federated algorithms on the fedrecon or "
                          "ray backend, in process: the others would materialise every user")
+    if spec.model_description is not None and backend != "fedrecon":
+        raise ValueError("a task's described model runs on the fedrecon backend (in process or --transport "
+                         f"grpc), not {backend}")
     if transport == "grpc" and (spec.algorithm == "centralized" or initial_globals is not None):
         raise ValueError("the grpc transport runs federated algorithms from a fresh model only")
     check_scorable(data, spec)
@@ -207,6 +233,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         if backend == "tff":
             from fedrecon.simulations.tff_backend import TffEngine, TffRounds
 
+            assert isinstance(model, MatrixFactorization)  # described models are refused above
             engine = stack.enter_context(TffEngine(
                 model, train_config, {**data.train, **data.validation, **data.test},
                 batch_size=spec.settings.batch_size, initial_globals=state.globals,
@@ -242,7 +269,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings, *,
         model=model, privacy=privacy)
 
 
-def _interrupted(spec: ExperimentSpec, sim: Simulation, model: MatrixFactorization) -> ExperimentInterrupted:
+def _interrupted(spec: ExperimentSpec, sim: Simulation, model: ReconstructionModel) -> ExperimentInterrupted:
     history = sim.history
     selected = min(history.validation, key=selection_key) if history.validation else {}
     kept = sim.best_state if history.validation else sim.latest_state
@@ -255,7 +282,7 @@ def _interrupted(spec: ExperimentSpec, sim: Simulation, model: MatrixFactorizati
     return ExperimentInterrupted(partial, len(history.rounds))
 
 
-def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
+def _run_centralized(spec: ExperimentSpec, data: FederatedRatings | FederatedText,
                      on_epoch: Callable[[int, float], None] | None) -> ExperimentResult:
     model = build_model(spec, data, shared_user=False)
     algorithm = FedRecon(model, spec.config)
@@ -270,6 +297,7 @@ def _run_centralized(spec: ExperimentSpec, data: FederatedRatings,
             on_epoch(epoch, metrics["rmse"])
         return metrics["rmse"]
 
+    assert isinstance(model, MatrixFactorization)  # described models train with fedrecon only
     best, history = train_centralized(model, data.train, spec.centralized, on_epoch=score)
     selected = min(validation, key=selection_key) if validation else {}
     test = sim.evaluate(ServerState(best, algorithm.server_optimizer.init([]), 0), data.test)

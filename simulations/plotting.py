@@ -12,26 +12,30 @@ import matplotlib.pyplot as plt
 
 
 def plot_learning_curves(summary: dict[str, Any], path: Path) -> list[str]:
-    """Training loss per round (left) and validation RMSE / accuracy (right), every line in a legend, the
-    round chosen on validation marked on both, and the unseen-test result of that round in the title (so
-    the picture says on its own which model was kept and what it scored). Returns the title and the legend
-    entries drawn, so a test can check what the picture says."""
+    """Training loss per round (left) and validation RMSE (rating models; others: their loss) and accuracy
+    (right), every line in a legend, the round chosen on validation marked on both, and the unseen-test
+    result of that round in the title (so the picture says on its own which model was kept and what it
+    scored). Returns the title and the legend entries drawn, so a test can check what the picture says."""
     unit = "round" if summary.get("algorithm") != "centralized" else "epoch"
     selected = summary.get("selected", {}).get("round")
     test = summary.get("test", {})
+    # Rating models are selected and reported by RMSE (their loss is the MSE); others by their loss.
+    rated = "rmse" in test or any("rmse" in m for m in summary.get("validation", []))
+    key, name, train_name = ("rmse", "RMSE", "MSE") if rated else ("loss", "loss", "loss")
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2))
     loss = summary.get("train_loss", [])
-    ax_loss.plot(range(1, len(loss) + 1), loss, lw=0.8, label="training MSE (clients' post-reconstruction)")
+    ax_loss.plot(range(1, len(loss) + 1), loss, lw=0.8,
+                 label=f"training {train_name} (clients' post-reconstruction)")
     ax_loss.set_xlabel(unit)
-    ax_loss.set_ylabel("training MSE")
+    ax_loss.set_ylabel(f"training {train_name}")
     ax_loss.set_yscale("log")
     ax_loss.set_title("training loss")
     lines = []
     val = summary.get("validation", [])
     if val:
         xs = [m["round"] for m in val]
-        lines += ax_val.plot(xs, [m["rmse"] for m in val], marker="o", ms=3, label="validation RMSE")
-        ax_val.set_ylabel("validation RMSE")
+        lines += ax_val.plot(xs, [m[key] for m in val], marker="o", ms=3, label=f"validation {name}")
+        ax_val.set_ylabel(f"validation {name}")
         ax_acc = ax_val.twinx()
         lines += ax_acc.plot(xs, [m["accuracy"] for m in val], color="tab:orange", marker="s", ms=3,
                              label="validation accuracy")
@@ -47,7 +51,7 @@ def plot_learning_curves(summary: dict[str, Any], path: Path) -> list[str]:
     ax_val.set_xlabel(unit)
     ax_val.set_title(f"{summary.get('algorithm', '')}: validation users")
     if test:
-        fig.suptitle(f"{summary.get('algorithm', '')}: unseen test users RMSE {test['rmse']:.4f}, accuracy "
+        fig.suptitle(f"{summary.get('algorithm', '')}: unseen test users {name} {test[key]:.4f}, accuracy "
                      f"{test['accuracy']:.2%} ({unit} {int(selected) if selected is not None else '-'}, "
                      "chosen on validation)", fontsize=11)
     said = [fig.get_suptitle(), *(t.get_text() for ax in (ax_loss, ax_val) if ax.get_legend()

@@ -20,6 +20,11 @@ the example's second channel.
 An example is one sentence cut into windows of ``seq_len`` tokens: input ``[BOS, w1, ..., w_{T-1}]`` and
 targets ``[w1, ..., EOS]``, padded with 0. ``x`` is ``[n, seq_len, 2]`` (token id, OOV bucket + 1 or 0 for
 known words) and ``y`` ``[n, seq_len]``.
+
+A task served to devices carries its encoding in its model description (``text``: the vocabulary's words,
+``seq_len`` and ``oov_buckets``; ``text_description`` / ``encoding_of``), so a device turns its own text into
+the very ids the model was trained on: the vocabulary always comes from the task, never from the device's
+text (a vocabulary per device would give the same id different words on different devices).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +44,8 @@ from fedrecon.core.batching import ClientExamples
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIAL = 3
+#: Sequences kept per user (the first ones, in text order): bounds a device's step and the simulator's memory.
+MAX_SEQUENCES_PER_USER = 256
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|[.,!?;:]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -183,13 +191,28 @@ class FederatedText:
     dropped_users: int  # users under the minimum-text rule
 
 
-def split_texts(texts: Mapping[str, Sequence[str]], *, vocab_size: int, seq_len: int, seed: int = 42,
-                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), min_words: int = 100,
-                oov_buckets: int = 1, max_examples_per_user: int | None = 256) -> FederatedText:
+@dataclass(frozen=True)
+class UserSplit:
+    """Users' names by part, after the minimum-text rule (``split_users``)."""
+
+    kept: tuple[str, ...]  # users with enough text, sorted: a user's integer id is its index here
+    train: tuple[str, ...]
+    validation: tuple[str, ...]
+    test: tuple[str, ...]
+    dropped_users: int
+
+    def ids(self, part: str) -> list[int]:
+        """The integer ids of ``part``'s users (``train``, ``validation`` or ``test``)."""
+        index = {name: i for i, name in enumerate(self.kept)}
+        return [index[name] for name in getattr(self, part)]
+
+
+def split_users(texts: Mapping[str, Sequence[str]], *, seed: int = 42,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), min_words: int = 100) -> UserSplit:
     """Users split by ``seed`` into train/validation/test after dropping users with under ``min_words``
-    words (tokens, punctuation included); the vocabulary comes from training users only. Validation and
-    test get ``fractions[1]`` and ``fractions[2]`` of the kept users, rounded, but at least one user each;
-    training gets the rest."""
+    words (tokens, punctuation included). Validation and test get ``fractions[1]`` and ``fractions[2]`` of
+    the kept users, rounded, but at least one user each; training gets the rest. Needs no vocabulary, so a
+    device command can pick its users exactly as the simulation that built the task's vocabulary did."""
     names = sorted(texts)
     kept = [n for n in names if sum(len(s) for s in sentences(texts[n])) >= min_words]
     if len(kept) < 3:
@@ -200,10 +223,49 @@ def split_texts(texts: Mapping[str, Sequence[str]], *, vocab_size: int, seq_len:
     n_val = min(max(1, round(fractions[1] * len(kept))), len(kept) - 2)
     n_test = min(max(1, round(fractions[2] * len(kept))), len(kept) - 1 - n_val)
     n_train = len(kept) - n_val - n_test
-    parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
-    vocabulary = build_vocabulary({kept[i]: texts[kept[i]] for i in parts[0]}, vocab_size,
+    parts = [tuple(kept[i] for i in part)
+             for part in (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])]
+    return UserSplit(tuple(kept), parts[0], parts[1], parts[2], len(names) - len(kept))
+
+
+def split_texts(texts: Mapping[str, Sequence[str]], *, vocab_size: int, seq_len: int, seed: int = 42,
+                fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), min_words: int = 100,
+                oov_buckets: int = 1, max_examples_per_user: int | None = MAX_SEQUENCES_PER_USER
+                ) -> FederatedText:
+    """``split_users``, then the vocabulary from training users only, then every user's examples."""
+    users = split_users(texts, seed=seed, fractions=fractions, min_words=min_words)
+    vocabulary = build_vocabulary({name: texts[name] for name in users.train}, vocab_size,
                                   oov_buckets=oov_buckets)
-    ids = {name: i for i, name in enumerate(kept)}
-    split = [{ids[kept[i]]: examples(texts[kept[i]], vocabulary, seq_len, max_examples=max_examples_per_user)
-              for i in part} for part in parts]
-    return FederatedText(vocabulary, split[0], split[1], split[2], tuple(kept), len(names) - len(kept))
+    return encode_split(texts, users, vocabulary, seq_len, max_examples_per_user=max_examples_per_user)
+
+
+def encode_split(texts: Mapping[str, Sequence[str]], users: UserSplit, vocabulary: Vocabulary, seq_len: int,
+                 *, max_examples_per_user: int | None = MAX_SEQUENCES_PER_USER) -> FederatedText:
+    """Every kept user's examples under a given vocabulary (one built from training users, or a task's)."""
+    split = [{i: examples(texts[users.kept[i]], vocabulary, seq_len, max_examples=max_examples_per_user)
+              for i in users.ids(part)} for part in ("train", "validation", "test")]
+    return FederatedText(vocabulary, split[0], split[1], split[2], users.kept, users.dropped_users)
+
+
+def text_description(vocabulary: Vocabulary, seq_len: int) -> dict[str, Any]:
+    """The ``text`` field of a model description: how a device encodes its text for this model."""
+    return {"words": list(vocabulary.words), "seq_len": seq_len, "oov_buckets": vocabulary.oov_buckets}
+
+
+def encoding_of(description: Mapping[str, Any]) -> tuple[Vocabulary, int] | None:
+    """The vocabulary and sequence length a model description's ``text`` field states (None: the model
+    takes no text)."""
+    text = description.get("text")
+    if text is None:
+        return None
+    return Vocabulary(tuple(text["words"]), int(text.get("oov_buckets", 1))), int(text["seq_len"])
+
+
+def load_texts(data: str) -> dict[str, list[str]]:
+    """``synthetic``, a JSON file, a folder holding ``by_speaker.json``, or a folder of per-user texts."""
+    if data == "synthetic":
+        return synthetic_texts()
+    path = Path(data)
+    if path.is_dir() and (path / "by_speaker.json").is_file():
+        path = path / "by_speaker.json"
+    return read_texts(path)

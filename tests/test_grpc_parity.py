@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.core.matrix_factorization import MatrixFactorization
+from fedrecon.core.nextword import NextWordSizes, nextword_model
 from fedrecon.simulations.grpc_transport import GrpcRounds
 from fedrecon.simulations.ratings import load_dataset
 from fedrecon.simulations.runner import Simulation, SimulationSettings
+from fedrecon.simulations.text import split_texts, synthetic_texts, text_description
 
 
 def test_grpc_rounds_equal_in_process_rounds_on_movielens(ml_2998_dir: Path) -> None:
@@ -50,3 +53,80 @@ def test_simulate_command_with_grpc_transport(tmp_path: Path) -> None:
     b = json.loads((tmp_path / "grpc" / "metrics.json").read_text())
     assert (a["transport"], b["transport"]) == ("inprocess", "grpc")
     assert abs(a["test"]["rmse"] - b["test"]["rmse"]) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["personal_layer", "local_oov"])
+def test_grpc_rounds_equal_in_process_rounds_for_next_word_prediction(variant: str) -> None:
+    """The Keras next-word model (a local adapter, or local OOV embeddings drawn from the round's seeds):
+    the devices rebuild it from the task's description, and three rounds of four synthetic speakers
+    through the coordinator (adam on the server) end where the in-process simulator does."""
+    data = split_texts(synthetic_texts(num_users=16, words_per_user=200, vocabulary=30, seed=1),
+                       vocab_size=20, seq_len=6, oov_buckets=4, min_words=50, max_examples_per_user=24)
+    sizes = NextWordSizes(data.vocabulary.size, seq_len=6, embedding=8, hidden=8, oov_buckets=4)
+    model = nextword_model(sizes, variant, accuracy_excludes=data.vocabulary.accuracy_excludes())
+    config = FedReconConfig(reconstruction_optimizer=OptimizerSpec("sgd", 0.5),
+                            client_optimizer=OptimizerSpec("sgd", 0.5),
+                            server_optimizer=OptimizerSpec("adam", 0.01), recon_epochs=1, recon_steps_max=2,
+                            post_recon_epochs=1, post_recon_steps_max=2)
+    settings = SimulationSettings(rounds=3, clients_per_round=4, batch_size=4, seed=3)
+    algorithm = FedRecon(model, config)
+    start = algorithm.initial_state(settings.seed)
+
+    local, _ = Simulation(algorithm, data.train, settings).run(start, keep_best=False)
+    with GrpcRounds(model, config, data.train, settings) as rounds:
+        remote, _ = Simulation(algorithm, data.train, settings, round_runner=rounds).run(
+            start, keep_best=False)
+        stored = rounds.store.list_rounds("simulation")
+    assert [r.num_accepted for r in stored] == [4] * 3
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(local.globals, start.globals, strict=True))
+    assert moved > 1e-3  # training changed the model, so agreement below is not trivial
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(local.globals, remote.globals, strict=True))
+    print(f"{variant}: moved {moved:.4g}, largest in-process/grpc difference {difference:.3g}")
+    assert difference <= 1e-5
+
+
+def test_simulate_command_with_grpc_transport_on_a_next_word_task(tmp_path: Path) -> None:
+    """``fedrecon simulate --config`` a Keras next-word task file (architecture and vocabulary files, as
+    deploy/tasks/nextword.toml has them; small here) on synthetic text: in process and ``--transport grpc``
+    write the same model, within 1e-5."""
+    texts = synthetic_texts()  # what `--data synthetic` reads for a text task
+    vocabulary = split_texts(texts, vocab_size=40, seq_len=6, oov_buckets=4).vocabulary
+    sizes = NextWordSizes(vocabulary.size, seq_len=6, embedding=8, hidden=8, oov_buckets=4)
+    model = nextword_model(sizes, "personal_layer", accuracy_excludes=vocabulary.accuracy_excludes())
+    (tmp_path / "tiny.json").write_text(model.keras_model.to_json())
+    (tmp_path / "tiny.words").write_text("\n".join(text_description(vocabulary, 6)["words"]) + "\n")
+    excludes = list(vocabulary.accuracy_excludes())
+    (tmp_path / "tiny.toml").write_text(f"""
+name = "tiny-nextword"
+batch_size = 4
+[model]
+kind = "keras"
+architecture = "tiny.json"
+local_layers = ["adapter"]
+objective = {{ name = "sparse_categorical_crossentropy", pad_id = 0, accuracy_excludes = {excludes} }}
+text = {{ vocabulary = "tiny.words", seq_len = 6, oov_buckets = 4 }}
+[training]
+server_optimizer = {{ name = "adam", learning_rate = 0.01 }}
+recon_epochs = 1
+recon_steps_max = 2
+post_recon_epochs = 1
+post_recon_steps_max = 2
+[rounds]
+clients_per_round = 4
+""")
+    args = ["simulate", "--config", str(tmp_path / "tiny.toml"), "--data", "synthetic", "--rounds", "2",
+            "--eval-every", "2"]
+    local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
+    remote = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "grpc"), "--transport", "grpc"])
+    assert local.exit_code == 0, local.output
+    assert remote.exit_code == 0, remote.output
+    assert "48 training, 6 validation, 6 unseen test users" in local.output, local.output
+    a = np.load(tmp_path / "local" / "model.npz")
+    b = np.load(tmp_path / "grpc" / "model.npz")
+    names = [n for n in a.files if n != "__meta__"]
+    assert "logits/kernel" in names and "adapter/kernel" not in names  # the globals, never the adapter
+    difference = max(float(np.abs(a[n] - b[n]).max()) for n in names)
+    print(f"simulate in process vs --transport grpc: largest difference {difference:.3g}")
+    assert difference <= 1e-5
+    metrics = json.loads((tmp_path / "grpc" / "metrics.json").read_text())
+    assert metrics["transport"] == "grpc" and set(metrics["test"]) >= {"loss", "accuracy"}

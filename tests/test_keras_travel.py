@@ -22,6 +22,7 @@ from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.core.keras_model import KerasReconstructionModel
 from fedrecon.core.keras_spec import (
     UnsafeModelDescription,
+    _describe_in_subprocess,
     build_keras_model,
     globals_from_keras_file,
     keras_model_from_file,
@@ -210,6 +211,22 @@ def test_the_coordinator_serves_a_keras_task_without_importing_tensorflow(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("False False"), out.stdout
     assert "items/embeddings" in out.stdout and "personal" not in out.stdout
+
+
+def test_the_child_interpreter_ignores_a_fedrecon_folder_in_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fedrecon serve`` started at the root of a checkout: its working directory holds the source tree's
+    ``fedrecon/`` folder, which the child building the model must not import in place of the installed
+    package (it did, and a checkout without generated protocol modules could not serve a Keras task)."""
+    decoy = tmp_path / "fedrecon"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the working directory fedrecon was imported')\n")
+    description = {k: v for k, v in _model().config().items() if k != "variables"}
+    monkeypatch.chdir(tmp_path)
+    table, arrays = _describe_in_subprocess(description, 0)
+    assert [v["name"] for v in table if not v["local"]] == ["items/embeddings", "hidden/kernel",
+                                                            "hidden/bias"]
+    assert len(arrays) == 3
 
 
 def test_simulation_task_of_a_keras_model_is_a_valid_task() -> None:
