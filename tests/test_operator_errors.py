@@ -364,7 +364,8 @@ def test_status_shows_the_live_open_round(tmp_path: Path, task_file: Path, db_ur
     log = server.log_text()
     assert "round 1 opened on model version 0: selecting up to 3 clients for 600 s" in log, log
     # SIGTERM drains: no third client can join, so the round closes with the two it selected, both answered.
-    assert "round 1 committed version 1 (all answered): 2 reports (2 accepted, 0 refused) of 2 selected" in log
+    assert ("round 1 committed version 1 (all answered): 2 reports (2 accepted, 0 refused) of 2 selected"
+            in log)
     assert "shutdown: round 1 committed while draining" in log
     task = _status_until(db_url, lambda t: t["open_round"] is None)
     assert task["open_round"] is None and task["recent_rounds"][-1]["accepted"] == 2, task
