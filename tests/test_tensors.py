@@ -149,9 +149,9 @@ def test_chunk_view_reads_what_protobuf_reads(index: int, offset: int, data: byt
 
 def test_chunk_view_shares_the_message_bytes() -> None:
     """The decoded tensor is a view of the received message: no copy of the tensor's bytes is made."""
-    values = np.arange(1000, dtype=np.float32)
+    values = np.arange(25_000, dtype=np.float32)  # 100,000 bytes: the framing leaves them 8-byte aligned
     message = _chunk_message(0, 0, values.tobytes())
-    assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), (10, 100))])
+    assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), (250, 100))])
     view = chunk_view(message)
     assert view is not None
     assembler.add(view)
@@ -192,3 +192,17 @@ def test_chunk_view_never_disagrees_with_protobuf(message: bytes) -> None:
     view = chunk_view(message)
     if view is not None:
         assert _as_protobuf_says(message) == (view.tensor_index, view.offset, bytes(view.data))
+
+
+def test_a_chunk_view_out_of_alignment_is_copied_once_aligned() -> None:
+    """numpy copies a misaligned array at every dot product: such a view is copied once, up front."""
+    values = np.arange(1000, dtype=np.float32)
+    message = _chunk_message(0, 0, values.tobytes())  # 6 bytes of framing before the tensor's
+    view = chunk_view(message)
+    assert view is not None and np.frombuffer(view.data, np.uint8).ctypes.data % 8 != 0
+    assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), (1000,))])
+    assembler.add(view)
+    (array,) = assembler.finish()
+    np.testing.assert_array_equal(array, values)
+    assert array.flags.aligned and array.ctypes.data % 8 == 0 and not array.flags.writeable
+    assert not np.shares_memory(array, np.frombuffer(message, np.uint8))
