@@ -89,6 +89,73 @@ def tensor_stream(names: Sequence[str], arrays: Sequence[np.ndarray], chunk_byte
         yield pb.TensorStreamMessage(chunk=chunk)
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkView:
+    """A ``TensorChunk`` read straight from the bytes of the message that carried it: ``data`` is a view of
+    those bytes, not a copy (``chunk_view``)."""
+
+    tensor_index: int
+    offset: int
+    data: memoryview
+
+
+#: Field number of the ``TensorChunk`` in ``ReportUpdateRequest`` and in ``TensorStreamMessage`` alike.
+CHUNK_FIELD = 2
+
+
+def chunk_view(message: bytes) -> ChunkView | None:
+    """The chunk of a serialized ``ReportUpdateRequest`` or ``TensorStreamMessage`` that holds one, read
+    without copying its data; None for any other message.
+
+    Parsing such a message with protobuf copies the tensor bytes twice (into the parsed message, then out
+    of it when ``data`` is read); this reads the few bytes of framing around them instead. Only the
+    encoding protobuf itself writes is read here (each field at most once, in field order, no other
+    field, lengths that end exactly where the message does); for any other (valid or not) it returns None
+    and the caller parses the message with protobuf, so what is accepted, and what it means, is exactly
+    what protobuf says."""
+    end = len(message)
+    if end < 2 or message[0] != (CHUNK_FIELD << 3 | 2):
+        return None
+    inner = _varint(message, 1, end)
+    if inner is None or inner[1] + inner[0] != end:
+        return None
+    at = inner[1]
+    index = offset = 0
+    data_start = data_end = at
+    if at < end and message[at] == 0x08:  # tensor_index (uint32)
+        field = _varint(message, at + 1, end)
+        if field is None or field[0] >= 1 << 32:
+            return None
+        index, at = field
+    if at < end and message[at] == 0x10:  # offset (uint64)
+        field = _varint(message, at + 1, end)
+        if field is None:
+            return None
+        offset, at = field
+    if at < end and message[at] == 0x1A:  # data (bytes)
+        field = _varint(message, at + 1, end)
+        if field is None or field[1] + field[0] != end:
+            return None
+        data_start, data_end = field[1], end
+        at = end
+    if at != end:
+        return None
+    return ChunkView(index, offset, memoryview(message)[data_start:data_end])
+
+
+def _varint(buf: bytes, at: int, end: int) -> tuple[int, int] | None:
+    """(value, position after it) of the base-128 varint at ``at``; None if it runs past ``end``, is
+    longer than 10 bytes or does not fit 64 bits."""
+    value = shift = 0
+    for position in range(at, min(at + 10, end)):
+        byte = buf[position]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (value, position + 1) if value < 1 << 64 else None
+        shift += 7
+    return None
+
+
 def layouts_from_manifest(m: pb.TensorManifest, *, max_bytes: int | None = None) -> list[TensorLayout]:
     """The manifest as layouts; refuses unknown dtypes, impossible shapes and totals above ``max_bytes``
     (and above ``MAX_TENSOR_BYTES`` in any case, so a hostile peer cannot make the receiver allocate)."""
@@ -130,8 +197,10 @@ class TensorAssembler:
     """Rebuilds the tensors of one manifest from its chunks, refusing anything out of place.
 
     A tensor that arrives in one chunk (the usual case: chunks are up to a MiB) keeps that chunk's bytes
-    as they are, with no copy; only a tensor split over several chunks is copied into a buffer of its
-    own, allocated when its second chunk arrives."""
+    as they are, with no copy: a ``ChunkView``'s are the received message's own, when they are 8-byte
+    aligned (the first tensor of a message between 16 KiB and 2 MiB is, in protobuf's framing; another is
+    copied once, aligned). Only a tensor split over several chunks is copied into a buffer of its own,
+    allocated when its first chunk arrives."""
 
     def __init__(self, layouts: Sequence[TensorLayout], *,
                  payload_bytes: Sequence[int] | None = None) -> None:
@@ -142,11 +211,12 @@ class TensorAssembler:
                        else list(payload_bytes))
         if len(self._sizes) != len(self.layouts):
             raise ValueError(f"{len(self._sizes)} payload sizes for {len(self.layouts)} tensors")
-        self._buffers: list[bytes | bytearray] = [b""] * len(self.layouts)
+        self._buffers: list[bytes | bytearray | memoryview] = [b""] * len(self.layouts)
         self._filled = [0] * len(self.layouts)
         self._current = 0
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | ChunkView) -> None:
+        """Take the next chunk; a ``ChunkView`` that holds a whole tensor is kept as the view it is."""
         i = chunk.tensor_index
         if i >= len(self.layouts):
             raise TensorDecodeError(f"chunk for tensor {i}, but the manifest has {len(self.layouts)}")
@@ -166,7 +236,10 @@ class TensorAssembler:
             raise TensorDecodeError(f"tensor {self.layouts[i].name!r}: chunk of {len(data)} bytes at "
                                     f"offset {chunk.offset} does not fit its {size} bytes")
         if start == 0 and end == size:
-            self._buffers[i] = data  # the whole tensor in one chunk: kept as it came
+            # The whole tensor in one chunk: kept as it came, unless a view into the message is not
+            # 8-byte aligned, where numpy would copy it (twice, for a dot product) at every use.
+            aligned = not isinstance(data, memoryview) or np.frombuffer(data, np.uint8).ctypes.data % 8 == 0
+            self._buffers[i] = data if aligned else bytes(data)
         else:
             if start == 0:
                 self._buffers[i] = bytearray(size)
@@ -175,7 +248,7 @@ class TensorAssembler:
             buffer[start:end] = data
         self._filled[i] = end
 
-    def finish_payloads(self) -> list[bytes | bytearray]:
+    def finish_payloads(self) -> list[bytes | bytearray | memoryview]:
         """Each tensor's bytes as they arrived, once every byte has (read-only use: a buffer may be the
         chunk's own bytes)."""
         for layout, size, filled in zip(self.layouts, self._sizes, self._filled, strict=True):

@@ -24,7 +24,7 @@ from fedrecon.core.compression import (
     encoded_size,
     scale_count,
 )
-from fedrecon.tensors import TensorAssembler, TensorDecodeError, TensorLayout
+from fedrecon.tensors import ChunkView, TensorAssembler, TensorDecodeError, TensorLayout
 from fedrecon.v1 import coordinator_pb2 as pb
 
 UPLOAD_CODECS: dict[UploadCodec, pb.UploadCodec] = {
@@ -96,7 +96,7 @@ class UpdateAssembler:
             raise TensorDecodeError(f"tensor {name!r}: num_rows is set but the tensor is not row-sparse")
         return _VALUE_DTYPES[e.values]
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | ChunkView) -> None:
         self._assembler.add(chunk)
 
     def finish(self) -> list[UpdateTensor]:
@@ -112,7 +112,7 @@ class UpdateAssembler:
         return out
 
 
-def _parsed(layout: TensorLayout, e: pb.TensorEncoding, dtype: np.dtype, raw: bytes | bytearray
+def _parsed(layout: TensorLayout, e: pb.TensorEncoding, dtype: np.dtype, raw: bytes | bytearray | memoryview
             ) -> EncodedTensor:
     """Split a payload (whose length the assembler already checked) into indices, scales and values."""
     shape = layout.shape

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedrecon.tensors import (
     TensorAssembler,
@@ -12,6 +15,7 @@ from fedrecon.tensors import (
     arrays_from_bytes,
     arrays_to_bytes,
     check_layouts,
+    chunk_view,
     chunks,
     decode_tensor_stream,
     layouts_from_manifest,
@@ -110,3 +114,95 @@ def test_at_rest_round_trip_keeps_order_and_meta() -> None:
     assert meta == {"version": 3}
     for a, name in zip(arrays, names, strict=True):
         np.testing.assert_array_equal(named[name], a)
+
+
+# ----- chunk_view: a chunk read from its message's bytes without a copy ---------------------------------
+def _chunk_message(index: int, offset: int, data: bytes) -> bytes:
+    chunk = pb.TensorChunk(tensor_index=index, offset=offset, data=data)
+    return pb.ReportUpdateRequest(chunk=chunk).SerializeToString()
+
+
+def _as_protobuf_says(message: bytes) -> tuple[int, int, bytes] | None:
+    """What protobuf reads from ``message``: the chunk's fields, or None (not a chunk, or not protobuf)."""
+    try:
+        parsed = pb.ReportUpdateRequest.FromString(message)
+    except DecodeError:
+        return None
+    if parsed.WhichOneof("kind") != "chunk":
+        return None
+    return parsed.chunk.tensor_index, parsed.chunk.offset, parsed.chunk.data
+
+
+@pytest.mark.parametrize(("index", "offset", "data"), [
+    (0, 0, b"\x01\x02\x03\x04"), (1, 0, b"abcd" * 100), (0, 4096, b"x" * 300), (3, 2**40, b"yz"),
+    (2**32 - 1, 2**64 - 1, b"\x00" * 200), (0, 0, b""), (5, 7, b"")])
+def test_chunk_view_reads_what_protobuf_reads(index: int, offset: int, data: bytes) -> None:
+    message = _chunk_message(index, offset, data)
+    view = chunk_view(message)
+    assert view is not None
+    assert (view.tensor_index, view.offset, bytes(view.data)) == (index, offset, data)
+    assert _as_protobuf_says(message) == (index, offset, data)
+    stream_message = pb.TensorStreamMessage(chunk=pb.TensorChunk(
+        tensor_index=index, offset=offset, data=data)).SerializeToString()
+    assert stream_message == message  # the same field number in both messages
+
+
+def test_chunk_view_shares_the_message_bytes() -> None:
+    """The decoded tensor is a view of the received message: no copy of the tensor's bytes is made."""
+    values = np.arange(25_000, dtype=np.float32)  # 100,000 bytes: the framing leaves them 8-byte aligned
+    message = _chunk_message(0, 0, values.tobytes())
+    assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), (250, 100))])
+    view = chunk_view(message)
+    assert view is not None
+    assembler.add(view)
+    (array,) = assembler.finish()
+    np.testing.assert_array_equal(array.reshape(-1), values)
+    assert np.shares_memory(array, np.frombuffer(message, np.uint8))
+    assert not array.flags.writeable
+
+
+@pytest.mark.parametrize("message", [
+    b"",  # the empty message: no chunk
+    pb.ReportUpdateRequest(header=pb.ReportHeader(client_id="c")).SerializeToString(),
+    _chunk_message(1, 2, b"abc") + _chunk_message(1, 5, b"def"),  # two chunks: protobuf merges them
+    _chunk_message(1, 2, b"abc") + b"\x08\x01",  # a field after the chunk
+    b"\x12\x07\x10\x02\x08\x01\x1a\x01z",  # fields out of order
+    b"\x12\x06\x08\x01\x08\x02\x1a\x01z",  # a field twice
+    b"\x12\x05\x1a\x01z\x20\x01",  # an unknown field after the data
+    b"\x12\x08\x08\x80\x80\x80\x80\x10\x1a\x01z",  # tensor_index beyond 32 bits (protobuf truncates it)
+    b"\x12\x05\x1a\x04zz",  # data longer than the message
+    b"\x12\x09\x1a\x01z",  # a chunk longer than the message
+    b"\x12\x03\x1a\x01z\x00",  # bytes after the chunk
+    b"\x12",  # cut inside the framing
+    b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01",  # an 11-byte varint
+])
+def test_chunk_view_leaves_every_other_encoding_to_protobuf(message: bytes) -> None:
+    view = chunk_view(message)
+    if view is not None:  # read here only where protobuf reads the very same chunk
+        assert _as_protobuf_says(message) == (view.tensor_index, view.offset, bytes(view.data))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda i, o, d, cut, extra: (_chunk_message(i, o, d) + extra)[:cut],
+              st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=20),
+              st.integers(0, 60), st.binary(max_size=4))))
+def test_chunk_view_never_disagrees_with_protobuf(message: bytes) -> None:
+    view = chunk_view(message)
+    if view is not None:
+        assert _as_protobuf_says(message) == (view.tensor_index, view.offset, bytes(view.data))
+
+
+def test_a_chunk_view_out_of_alignment_is_copied_once_aligned() -> None:
+    """numpy copies a misaligned array at every dot product: such a view is copied once, up front."""
+    values = np.arange(1000, dtype=np.float32)
+    message = _chunk_message(0, 0, values.tobytes())  # 6 bytes of framing before the tensor's
+    view = chunk_view(message)
+    assert view is not None and np.frombuffer(view.data, np.uint8).ctypes.data % 8 != 0
+    assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), (1000,))])
+    assembler.add(view)
+    (array,) = assembler.finish()
+    np.testing.assert_array_equal(array, values)
+    assert array.flags.aligned and array.ctypes.data % 8 == 0 and not array.flags.writeable
+    assert not np.shares_memory(array, np.frombuffer(message, np.uint8))

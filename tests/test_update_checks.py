@@ -43,3 +43,38 @@ def test_all_finite_is_exact_even_where_the_sum_of_squares_overflows() -> None:
     mixed[3] = np.nan
     assert not all_finite(mixed)
     assert all_finite(np.float32(1.5)) and not all_finite(np.float32(np.inf))
+
+
+def test_a_report_is_decoded_checked_and_folded_without_a_model_sized_copy() -> None:
+    """The coordinator's per-report path (chunk read from the received message, digest, finiteness, fold
+    into the running sum) allocates far less than the update itself: no protobuf copy of the tensor, no
+    dense or float64 temporary of the model's size (tracemalloc sees numpy's and Python's allocations)."""
+    import tracemalloc
+
+    from fedrecon.core.aggregation import AggregationConfig, build_aggregator
+    from fedrecon.tensors import TensorAssembler, TensorLayout, chunk_view
+    from fedrecon.v1 import coordinator_pb2 as pb
+
+    shape = (2047, 256)  # 2 MiB of float32 (4 MiB as float64) in one chunk; protobuf's framing leaves the
+    # tensor bytes 8-byte aligned in the message (see ``TensorAssembler``)
+    update = np.random.default_rng(0).normal(0.0, 1e-3, shape).astype(np.float32)
+    message = pb.ReportUpdateRequest(chunk=pb.TensorChunk(data=update.tobytes())).SerializeToString()
+    aggregator = build_aggregator(AggregationConfig(), [shape], weight_cap=100.0, max_clients=10)
+    dense_bytes = update.nbytes
+    tracemalloc.start()
+    try:
+        assembler = TensorAssembler([TensorLayout("t", np.dtype("<f4"), shape)])
+        chunk = chunk_view(message)
+        assert chunk is not None
+        assembler.add(chunk)
+        delta = assembler.finish()
+        digest = update_digest(3.0, delta)
+        finite = all_finite(delta[0])
+        folded = aggregator.fold_one(delta, 3.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert finite and digest.startswith(DIGEST_PREFIX) and not folded.refused
+    # What remains is the fold's fixed scratch block (``compression.FOLD_BLOCK``), whatever the model's size.
+    assert peak < dense_bytes / 3, f"{peak} bytes allocated for a {dense_bytes}-byte update"
+    np.testing.assert_allclose(aggregator.mean()[0], update, rtol=1e-6)  # type: ignore[index]
