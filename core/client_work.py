@@ -86,6 +86,9 @@ class ClientGroupTraining:
     post_examples: np.ndarray  # [C] examples seen in the global update
     loss_sum: np.ndarray  # [C] Σ loss (squared error, token cross-entropy) before each post-recon step
     finite: np.ndarray  # [C] bool: the update was finite
+    # [C] what loss_sum is a sum over (examples for ratings, non-padding tokens for text): the training
+    # loss is loss_sum / loss_units, per unit as the evaluation's (EvaluationSums) is
+    loss_units: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class ClientGroupResult:
     post_examples: np.ndarray  # [C] examples seen in the global update
     loss_sum: np.ndarray  # [C] Σ loss (squared error, token cross-entropy) before each post-recon step
     finite: np.ndarray  # [C] bool: the update was finite
+    # [C] what loss_sum is a sum over (examples for ratings, non-padding tokens for text): the training
+    # loss is loss_sum / loss_units, per unit as the evaluation's (EvaluationSums) is
+    loss_units: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -266,18 +272,19 @@ class ClientStep:
     # ----- graph pieces --------------------------------------------------------------------------------
     def _run_phase(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                    mask: tf.Tensor, lr: float, train_globals: bool, train_locals: bool,
-                   local_l2: float = 0.0) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor]:
-        """SGD over the step-major batches; returns new views, new locals and Σ loss per client (squared
-        error for ratings, token cross-entropy for next-word prediction)."""
+                   local_l2: float = 0.0
+                   ) -> tuple[list[tf.Tensor], list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """SGD over the step-major batches; returns new views, new locals, Σ loss per client (squared
+        error for ratings, token cross-entropy for next-word prediction) and the units it sums over."""
         model = self.model
         g_idx = list(model.global_trainable) if train_globals else []
         l_idx = list(model.local_trainable) if train_locals else []
         num_clients = tf.shape(y)[1]
         se0 = tf.zeros([num_clients], tf.float32)
         if not g_idx and not l_idx:
-            return gviews, locals_, se0
+            return gviews, locals_, se0, se0
 
-        def body(s: tf.Tensor, gv: list[tf.Tensor], lv: list[tf.Tensor], se: tf.Tensor):
+        def body(s: tf.Tensor, gv: list[tf.Tensor], lv: list[tf.Tensor], se: tf.Tensor, units: tf.Tensor):
             xb, yb, mb = x[s], y[s], mask[s]
             with tf.GradientTape() as tape:
                 watched = [gv[i] for i in g_idx] + [lv[i] for i in l_idx]
@@ -296,17 +303,17 @@ class ClientStep:
                 gv[i] = _sgd(gv[i], grads[k], lr)
             for k, i in enumerate(l_idx):
                 lv[i] = _sgd(lv[i], grads[len(g_idx) + k], lr)
-            se = se + model.objective.sums(yb, pred, mb)[0]
-            return s + 1, gv, lv, se
+            sums = model.objective.sums(yb, pred, mb)
+            return s + 1, gv, lv, se + sums[0], units + sums[1]
 
-        _, gviews, locals_, se = tf.while_loop(
-            lambda s, *_: s < tf.shape(y)[0], body, (tf.constant(0), gviews, locals_, se0))
-        return gviews, locals_, se
+        _, gviews, locals_, se, units = tf.while_loop(
+            lambda s, *_: s < tf.shape(y)[0], body, (tf.constant(0), gviews, locals_, se0, se0))
+        return gviews, locals_, se, units
 
     def _reconstruct(self, gviews: list[tf.Tensor], locals_: list[tf.Tensor], x: tf.Tensor, y: tf.Tensor,
                      mask: tf.Tensor) -> list[tf.Tensor]:
         """Step 2: train the fresh locals with the global views frozen."""
-        _, locals_, _ = self._run_phase(gviews, list(locals_), x, y, mask, self._recon_lr,
+        _, locals_, _, _ = self._run_phase(gviews, list(locals_), x, y, mask, self._recon_lr,
                                         train_globals=False, train_locals=True,
                                         local_l2=self.config.reconstruction_l2)
         return locals_
@@ -318,8 +325,9 @@ class ClientStep:
         gviews = model.gather_views(globals_, view_index, num_clients)
         locals_ = self._reconstruct(gviews, locals_, rx, ry, rm)
         # Global update: locals frozen (or trained jointly), global views trained.
-        new_views, _, se = self._run_phase(gviews, locals_, px, py, pm, self._client_lr, train_globals=True,
-                                           train_locals=self.config.jointly_train_variables)
+        new_views, _, se, units = self._run_phase(gviews, locals_, px, py, pm, self._client_lr,
+                                                  train_globals=True,
+                                                  train_locals=self.config.jointly_train_variables)
         deltas = [new_views[i] - gviews[i] for i in model.global_trainable]
         finite = tf.ones([num_clients], tf.bool)
         for d in deltas:
@@ -338,16 +346,17 @@ class ClientStep:
         for d in deltas:
             flat = tf.cast(tf.reshape(d, [num_clients, -1]), tf.float64)
             squares += tf.reduce_sum(tf.square(flat), axis=1)
-        return deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0), finite
+        return (deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0),
+                tf.where(finite, units, 0.0), finite)
 
     def _train_reduced(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                        rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor,
                        pm: tf.Tensor, weighted: tf.Tensor):
         """``_train`` and the reduction in one graph (one call: what a device's C = 1 step needs)."""
-        views, _, weights, examples, se, finite = self._train(globals_, view_index, locals_, rx, ry, rm,
-                                                              px, py, pm)
+        views, _, weights, examples, se, units, finite = self._train(globals_, view_index, locals_, rx, ry,
+                                                                     rm, px, py, pm)
         reduce_with = tf.where(weighted, weights, tf.cast(finite, tf.float32))
-        return self.model.reduce_views(views, reduce_with, view_index), weights, examples, se, finite
+        return self.model.reduce_views(views, reduce_with, view_index), weights, examples, se, units, finite
 
     def _evaluate(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                   rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, ex: tf.Tensor, ey: tf.Tensor, em: tf.Tensor,
@@ -374,22 +383,23 @@ class ClientStep:
         """Run steps 1-4 for a packed group of clients; per-client deltas stay unreduced for aggregation."""
         p = packed.post_reconstruction
         args = self._common_args(globals_, packed)
-        views, norms, weights, examples, se, finite = self._train_fn(
+        views, norms, weights, examples, se, units, finite = self._train_fn(
             *args, tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y), tf.convert_to_tensor(p.mask))
         return ClientGroupTraining(deltas=ViewDeltas(self, list(views), args[1], norms.numpy()),
                                    weights=weights.numpy(), post_examples=examples.numpy(),
-                                   loss_sum=se.numpy(), finite=finite.numpy())
+                                   loss_sum=se.numpy(), finite=finite.numpy(), loss_units=units.numpy())
 
     def train(self, globals_: Sequence[np.ndarray], packed: PackedClients, *, weighted: bool = True
               ) -> ClientGroupResult:
         """Run steps 1-4 for a packed group of clients; deltas come back as one sum, weighted by the
         clients' weights (or, ``weighted=False``, each finite update counting 1: a device's own Δ)."""
         p = packed.post_reconstruction
-        sums, weights, examples, se, finite = self._train_reduced_fn(
+        sums, weights, examples, se, units, finite = self._train_reduced_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
             tf.convert_to_tensor(p.mask), tf.constant(weighted))
         return ClientGroupResult(weighted_delta_sum=[s.numpy() for s in sums], weights=weights.numpy(),
-                                 post_examples=examples.numpy(), loss_sum=se.numpy(), finite=finite.numpy())
+                                 post_examples=examples.numpy(), loss_sum=se.numpy(), finite=finite.numpy(),
+                                 loss_units=units.numpy())
 
     def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                  clip: tuple[float, float] | None = None) -> EvaluationSums:
@@ -441,6 +451,7 @@ def client_update(step: ClientStep, globals_: Sequence[np.ndarray], examples: Cl
     result = step.train(globals_, packed, weighted=False)
     examples_seen = float(result.post_examples[0])
     metrics = {"post_recon_examples": examples_seen,
-               "loss": float(result.loss_sum[0]) / max(examples_seen, 1.0),
+               # per unit (example; token for text), as evaluation reports it
+               "loss": float(result.loss_sum[0]) / max(float(result.loss_units[0]), 1.0),
                "finite": float(result.finite[0])}
     return ClientUpdate(delta=result.weighted_delta_sum, weight=float(result.weights[0]), metrics=metrics)

@@ -165,13 +165,14 @@ def choose_clients(user_ids: Sequence[int], settings: SimulationSettings, round_
 class ShardTraining:
     """What a group of a round's clients reported besides their updates (summed over the group)."""
 
-    loss_sum: float = 0.0  # Σ squared error over the post-reconstruction examples
+    loss_sum: float = 0.0  # Σ loss (squared error; token cross-entropy) over the post-reconstruction steps
     examples: float = 0.0  # post-reconstruction examples
     non_finite: int = 0  # clients whose update was not finite
+    loss_units: float = 0.0  # what loss_sum sums over: examples, or non-padding tokens for text
 
     def __add__(self, other: ShardTraining) -> ShardTraining:
         return ShardTraining(self.loss_sum + other.loss_sum, self.examples + other.examples,
-                             self.non_finite + other.non_finite)
+                             self.non_finite + other.non_finite, self.loss_units + other.loss_units)
 
 
 def round_aggregate(algorithm: FedRecon, state: ServerState, settings: SimulationSettings, round_num: int,
@@ -203,7 +204,7 @@ def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], examples
                           round_num=round_num)
         aggregate.fold(deltas, result.weights)
     return ShardTraining(float(result.loss_sum.sum()), float(result.post_examples.sum()),
-                         int((~result.finite).sum()))
+                         int((~result.finite).sum()), float(result.loss_units.sum()))
 
 
 def finish_round(algorithm: FedRecon, state: ServerState, aggregate: Aggregator, trained: ShardTraining, *,
@@ -214,7 +215,7 @@ def finish_round(algorithm: FedRecon, state: ServerState, aggregate: Aggregator,
     except NonFiniteUpdate as err:
         raise NonFiniteTraining(f"{err}; {DIVERGENCE_HINT}") from err
     record = RoundRecord(round_num=new_state.round_num, seconds=time.perf_counter() - started,
-                         train_loss=trained.loss_sum / max(trained.examples, 1.0),
+                         train_loss=trained.loss_sum / max(trained.loss_units, 1.0),
                          num_clients=num_clients, total_weight=aggregate.report.total_weight,
                          aggregation=aggregate.report.metrics(), non_finite_clients=trained.non_finite)
     return new_state, record

@@ -282,7 +282,7 @@ class TffRounds:
         # A Keras task's worker also reports fedrecon's definition of the training loss; TFF's own (a mean
         # of batch means) is all there is for matrix factorization.
         record = RoundRecord(round_num=round_num, seconds=float(figures["seconds"]),
-                             train_loss=float(figures.get("loss_per_example", figures["loss"])),
+                             train_loss=float(figures.get("loss_per_target", figures["loss"])),
                              num_clients=len(chosen),
                              total_weight=float("nan"))  # TFF does not report the sum of client weights
         return ServerState(globals_, state.optimizer_state, round_num), record

@@ -202,3 +202,34 @@ def test_personalized_recommendation_for_an_unseen_user() -> None:
     assert top[0][0] == NUM_ITEMS - 1
     scores = model.score_items(globals_, locals_)
     assert top[0][1] == pytest.approx(float(scores[NUM_ITEMS - 1]))
+
+
+def test_the_training_loss_of_text_is_per_token_as_evaluation_reports_it() -> None:
+    """Training and evaluation report loss in the same unit. For next-word prediction that is the token
+    (padding left out): a fresh model scores about ln(classes) per token, where the per-sequence figure
+    reported before was several times that."""
+    from fedrecon.core.client_work import ClientStep
+    from fedrecon.core.nextword import NextWordSizes, nextword_model
+    from fedrecon.simulations.text import split_texts, synthetic_texts
+
+    data = split_texts(synthetic_texts(num_users=16, words_per_user=200, vocabulary=30, seed=1),
+                       vocab_size=20, seq_len=6, oov_buckets=4, min_words=50, max_examples_per_user=24)
+    sizes = NextWordSizes(data.vocabulary.size, seq_len=6, embedding=8, hidden=8, oov_buckets=4)
+    model = nextword_model(sizes, "personal_layer", accuracy_excludes=data.vocabulary.accuracy_excludes())
+    config = FedReconConfig(reconstruction_optimizer=OptimizerSpec("sgd", 0.5),
+                            client_optimizer=OptimizerSpec("sgd", 0.5), post_recon_steps_max=3)
+    step = ClientStep(model, config)
+    clients = list(data.train.values())[:3]
+    packed = pack_clients(model, clients, config, batch_size=4,
+                          local_rngs=[np.random.default_rng(i) for i in range(3)])
+    result = step.train(model.initial_globals(0), packed)
+    post = packed.post_reconstruction
+    mask = np.broadcast_to(post.mask[..., None], post.y.shape)
+    targets = (mask * (post.y != 0)).sum(axis=tuple(i for i in range(post.y.ndim) if i != 1))
+    np.testing.assert_array_equal(result.loss_units, targets)  # every non-padding target, once per step
+    assert (result.loss_units > result.post_examples).all()  # tokens, not sequences
+    per_token = result.loss_sum / result.loss_units
+    np.testing.assert_allclose(per_token, np.log(data.vocabulary.size), atol=0.3)
+    device = client_update(step, model.initial_globals(0), clients[0], batch_size=4,
+                           rng=np.random.default_rng(0))
+    assert device.metrics["loss"] == pytest.approx(np.log(data.vocabulary.size), abs=0.3)

@@ -369,17 +369,9 @@ class _Ratio(tf.keras.metrics.Metric):
         return {**super().get_config(), "pad_id": self.pad_id, "excludes": self.excludes}
 
 
-class LossPerExample(_Ratio):
-    """fedrecon's training loss: token cross-entropy summed over the post-reconstruction batches, per
-    example (sequence) seen (``simulations.runner``: loss sum / post-reconstruction examples)."""
-
-    def parts(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        ce = tf.reduce_sum(_cross_entropy(y_true, y_pred) * _units(y_true, self.pad_id))
-        return ce, tf.cast(tf.shape(y_true)[0], tf.float32)
-
-
 class LossPerTarget(_Ratio):
-    """fedrecon's evaluation loss: cross-entropy per non-padding target."""
+    """fedrecon's loss, in training (over the post-reconstruction batches: ``simulations.runner``, loss sum
+    / loss units) and in evaluation: cross-entropy per non-padding target."""
 
     def parts(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         units = _units(y_true, self.pad_id)
@@ -423,7 +415,7 @@ def build_objective(description: Mapping[str, Any]) -> tuple[Callable[[], tf.ker
     pad_id = None if pad_id is None else int(pad_id)
     excludes = tuple(int(e) for e in config.get("accuracy_excludes", ()))
     return (lambda: MaskedCrossEntropy(pad_id),
-            lambda: [LossPerExample(pad_id, name="loss_per_example")],
+            lambda: [LossPerTarget(pad_id, name="loss_per_target")],
             lambda: [LossPerTarget(pad_id, name="loss_per_target"),
                      CountedAccuracy(pad_id, excludes, name="accuracy"),
                      CountedTargets(pad_id, excludes, name="num_examples")])

@@ -14,7 +14,7 @@ Commands:
   factors of matrix factorization; ``locals`` an ``.npz`` of a Keras task's local variables' start.
 - ``round``: one ``process.next`` over the datasets of the given users; write the new global weights and
   report the seconds ``next`` took and TFF's training loss (``loss``: its mean of batch losses), and for a
-  Keras task also ``loss_per_example``, fedrecon's definition of the training loss.
+  Keras task also ``loss_per_target``, fedrecon's definition of the training loss (per non-padding token).
 - ``evaluate``: reconstruct-then-evaluate the given users under given global weights: TFF's evaluation
   metrics by name (``mse``, ``accuracy``, ``num_examples`` for ratings; ``loss_per_target``, ``accuracy``,
   ``num_examples`` for a Keras task).
@@ -88,7 +88,7 @@ class Worker:
         self._save_weights(self.process.get_model_weights(self.state), cmd["out"])
         train = output.metrics["client_work"]["train"]
         # TFF's loss metric: the mean over post-reconstruction batches of each batch's mean loss; a Keras
-        # task's metrics add fedrecon's own definition (keras_bridge.LossPerExample).
+        # task's metrics add fedrecon's own definition (keras_bridge.LossPerTarget).
         return {"seconds": seconds, **{k: float(v) for k, v in train.items()}}
 
     def get_globals(self, cmd: dict[str, Any]) -> dict[str, Any]:
