@@ -6,9 +6,9 @@ get the same synthetic speakers, the same initial global weights, the same clien
 and the same step caps; the personal adapter starts at zero in both (a start TFF can share with every
 client). A round is then a deterministic function of its inputs and the engines must agree up to float32
 summation order: new global weights within 1e-5 (max abs), and the training loss (cross-entropy per
-non-padding token, which the worker also reports in fedrecon's definition) within 1e-5. The tolerance is shown to
-be tight enough to catch a real difference: one reconstruction step fewer on fedrecon's side moves the
-weights by more than it.
+non-padding token, which the worker also reports in fedrecon's definition) within 1e-5. The tolerance is
+shown to be tight enough to catch a real difference: one reconstruction step fewer on fedrecon's side
+moves the weights by more than it.
 
 Server SGD 1.0, so the new globals are the initial ones plus the clients' weighted mean delta and any
 difference between the client steps shows unscaled (Adam's first step would scale every difference up to
