@@ -217,16 +217,14 @@ class RoundMachine:
         """Assign ``key`` to the open round (opening one if none is), or say when to come back."""
         s = self.settings
         self.advance(now)
-        if self.stopping:  # draining: only a client already selected (retrying its check-in) is answered
-            r = self.round
-            if (r is not None and not r.commit_due and key in r.assigned and key not in r.accepted
-                    and key not in r.refused):
-                return Assigned(r, r.assigned[key])
+        r = self.round
+        # Draining: no one new; a client already selected in the round still taking reports (retrying its
+        # check-in) is answered below, as at any time.
+        if self.stopping and (r is None or r.commit_due or key not in r.assigned):
             return RetryLater(*s.retry_delay_s, reason="the coordinator is shutting down")
         if s.max_rounds is not None and self.committed_rounds >= s.max_rounds:
             return RetryLater(*s.retry_delay_s,
                               reason=f"training finished after {self.committed_rounds} rounds")
-        r = self.round
         if r is None:
             if self._opening:
                 return Busy("a round is being opened")

@@ -20,20 +20,26 @@ from fedrecon.simulations.runner import Simulation, SimulationSettings
 from fedrecon.simulations.text import split_texts, synthetic_texts, text_description
 
 
+def _in_process_and_over_grpc(model, config, train, settings):  # type: ignore[no-untyped-def]
+    """The same rounds from the same start, run by the in-process simulator and through a real coordinator
+    over gRPC: (start, in-process state, gRPC state, gRPC history, the coordinator's stored rounds)."""
+    algorithm = FedRecon(model, config)
+    start = algorithm.initial_state(settings.seed)
+    local, _ = Simulation(algorithm, train, settings).run(start, keep_best=False)
+    with GrpcRounds(model, config, train, settings) as rounds:
+        remote, history = Simulation(algorithm, train, settings, round_runner=rounds).run(
+            start, keep_best=False)
+        stored = rounds.store.list_rounds("simulation")
+    return start, local, remote, history, stored
+
+
 def test_grpc_rounds_equal_in_process_rounds_on_movielens(ml_2998_dir: Path) -> None:
     data = load_dataset(str(ml_2998_dir), seed=42)
     model = MatrixFactorization(data.num_items, 20, use_biases=True, initial_offset=data.mean_rating)
     # An adaptive server optimizer: its state must evolve identically on both sides too.
     config = FedReconConfig(server_optimizer=OptimizerSpec("adam", 0.01))
     settings = SimulationSettings(rounds=4, clients_per_round=20, batch_size=5, seed=3)
-    algorithm = FedRecon(model, config)
-    start = algorithm.initial_state(settings.seed)
-
-    local, _ = Simulation(algorithm, data.train, settings).run(start, keep_best=False)
-    with GrpcRounds(model, config, data.train, settings) as rounds:
-        remote, history = Simulation(algorithm, data.train, settings, round_runner=rounds).run(
-            start, keep_best=False)
-        stored = rounds.store.list_rounds("simulation")
+    start, local, remote, history, stored = _in_process_and_over_grpc(model, config, data.train, settings)
     assert [r.num_accepted for r in stored] == [20] * 4
     assert [r.num_clients for r in history.rounds] == [20] * 4
     moved = max(float(np.abs(a - b).max()) for a, b in zip(local.globals, start.globals, strict=True))
@@ -69,14 +75,7 @@ def test_grpc_rounds_equal_in_process_rounds_for_next_word_prediction(variant: s
                             server_optimizer=OptimizerSpec("adam", 0.01), recon_epochs=1, recon_steps_max=2,
                             post_recon_epochs=1, post_recon_steps_max=2)
     settings = SimulationSettings(rounds=3, clients_per_round=4, batch_size=4, seed=3)
-    algorithm = FedRecon(model, config)
-    start = algorithm.initial_state(settings.seed)
-
-    local, _ = Simulation(algorithm, data.train, settings).run(start, keep_best=False)
-    with GrpcRounds(model, config, data.train, settings) as rounds:
-        remote, _ = Simulation(algorithm, data.train, settings, round_runner=rounds).run(
-            start, keep_best=False)
-        stored = rounds.store.list_rounds("simulation")
+    start, local, remote, _, stored = _in_process_and_over_grpc(model, config, data.train, settings)
     assert [r.num_accepted for r in stored] == [4] * 3
     moved = max(float(np.abs(a - b).max()) for a, b in zip(local.globals, start.globals, strict=True))
     assert moved > 1e-3  # training changed the model, so agreement below is not trivial

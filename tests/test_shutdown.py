@@ -33,7 +33,7 @@ from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
 MODEL = {"kind": "matrix_factorization", "num_items": 6, "num_factors": 2}
 
 
-def _task_file(folder: Path, name: str) -> Path:
+def _task_file(folder: Path, name: str, *, clients: int = 3, minimum: int = 1) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(f"""
 name = "{name}"
@@ -42,9 +42,9 @@ kind = "matrix_factorization"
 num_items = 6
 num_factors = 2
 [rounds]
-clients_per_round = 3
+clients_per_round = {clients}
 over_selection = 1.0
-min_reports = 1
+min_reports = {minimum}
 selection_timeout_s = 600.0
 reporting_timeout_s = 600.0
 """)
@@ -158,22 +158,9 @@ def test_sigterm_drains_the_open_round_so_its_selected_clients_still_count(tmp_p
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     task = "drained"
-    path = tmp_path / f"{task}.toml"
-    path.write_text(f"""
-name = "{task}"
-[model]
-kind = "matrix_factorization"
-num_items = 6
-num_factors = 2
-[rounds]
-clients_per_round = 2
-over_selection = 1.0
-min_reports = 2
-selection_timeout_s = 600.0
-reporting_timeout_s = 600.0
-""")
     url = f"sqlite:///{tmp_path / 'drain.db'}"
-    proc = CoordinatorProcess(path, url, tmp_path, extra_args=["--drain-s", "600"])
+    proc = CoordinatorProcess(_task_file(tmp_path, task, clients=2, minimum=2), url, tmp_path,
+                              extra_args=["--drain-s", "600"])
     try:
         first, second = (_check_in(proc.address, task, who).assignment for who in ("alice", "bob"))
         _report(proc.address, task, "alice", first, 1.0)
