@@ -60,31 +60,47 @@ class PackedClients:
 
 
 def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: Sequence[Sequence[int]],
-                batch_size: int, step_multiple: int = 1) -> StepBatches:
+                batch_size: int, step_multiple: int = 1, step_cap: int | None = None) -> StepBatches:
+    """Step-major padded batches: client c's step s holds batch ``schedules[c][s]`` of its examples.
+
+    ``step_multiple`` pads the step count up to a multiple (all-masked steps are exact no-ops), but never
+    past ``step_cap`` (the most steps any schedule can have): at most one more shape, no wasted steps.
+    All clients are packed with one gather over their concatenated examples (no loop per client)."""
     num_clients = len(xs)
     num_steps = max((len(s) for s in schedules), default=0)
-    num_steps = -(-num_steps // step_multiple) * step_multiple  # all-masked steps are exact no-ops
+    padded = -(-num_steps // step_multiple) * step_multiple
+    if step_cap is not None:
+        padded = max(min(padded, step_cap), num_steps)
     feature_shape = xs[0].shape[1:] if num_clients else ()
     target_shape = ys[0].shape[1:] if num_clients else ()
     dtype = xs[0].dtype if num_clients else np.int32
-    x = np.zeros((num_steps, num_clients, batch_size, *feature_shape), dtype)
-    y = np.zeros((num_steps, num_clients, batch_size, *target_shape), np.float32)
-    mask = np.zeros((num_steps, num_clients, batch_size), np.float32)
-    offsets = np.arange(batch_size)
-    for c, (cx, cy, steps) in enumerate(zip(xs, ys, schedules, strict=True)):
-        if len(cx):
-            # Padding repeats one of the client's own features: a padded slot then reads only this client's
-            # view, so a client whose values went non-finite cannot leak NaN (NaN·0) into another's rows.
-            x[:, c] = cx[0]
-        if not len(steps):
-            continue
-        positions = np.asarray(steps)[:, None] * batch_size + offsets  # [S_c, B]
-        valid = positions < len(cy)
-        positions = np.minimum(positions, len(cy) - 1)
-        x[: len(steps), c] = cx[positions]
-        y[: len(steps), c] = np.where(valid.reshape(valid.shape + (1,) * len(target_shape)), cy[positions],
-                                      0.0)
-        mask[: len(steps), c] = valid
+    x = np.zeros((padded, num_clients, batch_size, *feature_shape), dtype)
+    y = np.zeros((padded, num_clients, batch_size, *target_shape), np.float32)
+    mask = np.zeros((padded, num_clients, batch_size), np.float32)
+    if not num_clients:
+        return StepBatches(x=x, y=y, mask=mask)
+    sizes = np.array([len(cy) for cy in ys], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    all_x = np.concatenate([np.asarray(cx, dtype) for cx in xs])
+    all_y = np.concatenate([np.asarray(cy, np.float32) for cy in ys])
+    # Padding repeats one of the client's own features: a padded slot then reads only this client's view,
+    # so a client whose values went non-finite cannot leak NaN (NaN·0) into another's rows.
+    has_data = sizes > 0
+    x[:, has_data] = all_x[starts[has_data]][None, :, None]
+    steps_per_client = np.array([len(s) for s in schedules], np.int64)
+    if not steps_per_client.sum():
+        return StepBatches(x=x, y=y, mask=mask)
+    client = np.repeat(np.arange(num_clients), steps_per_client)  # one entry per (client, step)
+    step = np.arange(len(client)) - np.repeat(np.cumsum(steps_per_client) - steps_per_client,
+                                              steps_per_client)
+    batch = np.concatenate([np.asarray(s, np.int64) for s in schedules if len(s)])
+    within = batch[:, None] * batch_size + np.arange(batch_size)  # [P, B] positions in the client's data
+    valid = within < sizes[client][:, None]
+    flat = starts[client][:, None] + np.minimum(within, sizes[client][:, None] - 1)
+    x[step, client] = all_x[flat]
+    picked_y = all_y[flat]
+    y[step, client] = np.where(valid.reshape(valid.shape + (1,) * len(target_shape)), picked_y, 0.0)
+    mask[step, client] = valid
     return StepBatches(x=x, y=y, mask=mask)
 
 
@@ -97,6 +113,7 @@ def pack_clients(
     local_rngs: Sequence[np.random.Generator],
     evaluation: bool = False,
     step_multiple: int = 1,
+    bucket_rows: bool = False,
 ) -> PackedClients:
     """Views, fresh locals and padded step batches for ``clients`` under ``config``'s batch schedule.
 
@@ -105,13 +122,14 @@ def pack_clients(
     there, so the step order does not matter).
 
     ``step_multiple`` pads each phase's step count up to a multiple with all-masked steps (exact no-ops):
-    fewer distinct shapes for a compiler that specialises on them (``ClientStep(xla=True)``).
+    fewer distinct shapes for a compiler that specialises on them (``ClientStep(xla=True)``);
+    ``bucket_rows`` does the same for the model's views (``ReconstructionModel.build_views``).
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     if len(local_rngs) != len(clients):
         raise ValueError("one random generator per client is required")
-    views = model.build_views([c.x for c in clients])
+    views = model.build_views([c.x for c in clients], bucket_rows=bucket_rows)
     ys = [np.asarray(c.y, np.float32) for c in clients]
     recon_epochs = config.recon_epochs
     recon_cap = config.recon_steps_max
@@ -130,7 +148,7 @@ def pack_clients(
         )
         recon_schedules.append(schedule.reconstruction)
         post_schedules.append(schedule.post_reconstruction)
-    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size, step_multiple)
+    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size, step_multiple, recon_cap)
     if evaluation:
         # One wide batch per client holding all its evaluation batches.
         widths = [len(s) * batch_size for s in post_schedules]
@@ -144,7 +162,8 @@ def pack_clients(
             eval_y.append(cy[idx])
         post = _pack_steps(eval_x, eval_y, [(0,) if len(f) else () for f in flat], wide)
     else:
-        post = _pack_steps(views.x, ys, post_schedules, batch_size, step_multiple)
+        post = _pack_steps(views.x, ys, post_schedules, batch_size, step_multiple,
+                           config.post_recon_steps_max)
     per_client = [model.initial_locals(rng) for rng in local_rngs]
     locals_ = [
         np.stack([p[i] for p in per_client]) if per_client else np.zeros((0, *spec.shape), np.float32)

@@ -156,13 +156,34 @@ def _sgd(value: tf.Tensor, grad: tf.Tensor | tf.IndexedSlices | None, lr: tf.Ten
     return value - lr * grad
 
 
-def _per_client_finite(t: tf.Tensor, num_clients: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_all(tf.math.is_finite(tf.reshape(t, [num_clients, -1])), axis=1)
+def _rows(t: tf.Tensor) -> tf.Tensor:
+    """``t`` as a matrix of its leading rows (works for zero rows, unlike a reshape to ``[n, -1]``)."""
+    shape = tf.shape(t)
+    return tf.reshape(t, tf.stack([shape[0], tf.reduce_prod(shape[1:])]))
 
 
-def _per_client_where(ok: tf.Tensor, t: tf.Tensor, num_clients: tf.Tensor) -> tf.Tensor:
-    shaped = tf.reshape(t, [num_clients, -1])
-    return tf.reshape(tf.where(ok[:, None], shaped, tf.zeros_like(shaped)), tf.shape(t))
+def _per_client_finite(t: tf.Tensor, owner: tf.Tensor | None, num_clients: tf.Tensor) -> tf.Tensor:
+    """[C] bool: every value of client c's part of view ``t`` is finite (``owner``: see ``view_owners``)."""
+    if owner is None:
+        return tf.reduce_all(tf.math.is_finite(_rows(t)), axis=1)
+    bad_rows = tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(_rows(t)), axis=1)), tf.int32)
+    return tf.math.unsorted_segment_sum(bad_rows, owner, num_clients) == 0
+
+
+def _per_client_where(ok: tf.Tensor, t: tf.Tensor, owner: tf.Tensor | None) -> tf.Tensor:
+    """Client c's part of view ``t`` where ``ok[c]``, zeros elsewhere."""
+    keep = ok if owner is None else tf.gather(ok, owner)
+    rows = _rows(t)
+    return tf.reshape(tf.where(keep[:, None], rows, tf.zeros_like(rows)), tf.shape(t))
+
+
+def _per_client_squares(t: tf.Tensor, owner: tf.Tensor | None, num_clients: tf.Tensor) -> tf.Tensor:
+    """[C] float64: Σ of squares of client c's part of view ``t`` (float64: a huge finite update must not
+    overflow to Inf)."""
+    row_squares = tf.reduce_sum(tf.square(tf.cast(_rows(t), tf.float64)), axis=1)
+    if owner is None:
+        return row_squares
+    return tf.math.unsorted_segment_sum(row_squares, owner, num_clients)
 
 
 ALL = 99  # relax every dimension
@@ -253,7 +274,7 @@ class ClientStep:
         if graphs is None:
             graphs = {"train": _TraceOnce(self._train, _CLIENT_ARGS, xla=xla),
                       "train_reduced": _TraceOnce(self._train_reduced, (*_CLIENT_ARGS, 0)),
-                      "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL)),  # views [rows, ...]
+                      "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL), xla=xla),  # views [rows, ...]
                       "expand": _TraceOnce(model.expand_views, (1, ALL, 0)),
                       "evaluate": _TraceOnce(self._evaluate, (*_CLIENT_ARGS, 0, 0))}
             if key is not None:  # a thread that built the same graphs first wins: one trace per process
@@ -329,23 +350,23 @@ class ClientStep:
                                                   train_globals=True,
                                                   train_locals=self.config.jointly_train_variables)
         deltas = [new_views[i] - gviews[i] for i in model.global_trainable]
+        all_owners = model.view_owners(view_index)
+        owners = [all_owners[i] for i in model.global_trainable]
         finite = tf.ones([num_clients], tf.bool)
-        for d in deltas:
-            finite = tf.logical_and(finite, _per_client_finite(d, num_clients))
-        deltas = [_per_client_where(finite, d, num_clients) for d in deltas]
+        for d, owner in zip(deltas, owners, strict=True):
+            finite = tf.logical_and(finite, _per_client_finite(d, owner, num_clients))
+        deltas = [_per_client_where(finite, d, owner) for d, owner in zip(deltas, owners, strict=True)]
         examples = tf.reduce_sum(pm, axis=[0, 2])
         if self.config.client_weighting == ClientWeighting.NUM_EXAMPLES:
             weights = examples
         else:
             weights = tf.ones([num_clients], tf.float32)
         weights = tf.where(finite, weights, 0.0)
-        # Per-client L2 norms over all tensors, in float64 (a huge finite update must not overflow to Inf).
-        # A view holds each of a client's rows once (padding rows never move), so this is the norm of the
-        # client's dense delta.
+        # Per-client L2 norms over all tensors. A view holds each of a client's rows once (padding rows
+        # never move), so this is the norm of the client's dense delta.
         squares = tf.zeros([num_clients], tf.float64)
-        for d in deltas:
-            flat = tf.cast(tf.reshape(d, [num_clients, -1]), tf.float64)
-            squares += tf.reduce_sum(tf.square(flat), axis=1)
+        for d, owner in zip(deltas, owners, strict=True):
+            squares += _per_client_squares(d, owner, num_clients)
         return (deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0),
                 tf.where(finite, units, 0.0), finite)
 

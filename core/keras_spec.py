@@ -292,8 +292,11 @@ class KerasDescribedModel(ReconstructionModel):
     def initial_locals(self, rng: np.random.Generator) -> list[np.ndarray]:
         return self.built.initial_locals(rng)
 
-    def build_views(self, client_x: Sequence[np.ndarray]) -> ClientViews:
-        return self.built.build_views(client_x)
+    def build_views(self, client_x: Sequence[np.ndarray], *, bucket_rows: bool = False) -> ClientViews:
+        return self.built.build_views(client_x, bucket_rows=bucket_rows)
+
+    def view_owners(self, views_index: Any) -> list[tf.Tensor | None]:
+        return self.built.view_owners(views_index)
 
     def predict(self, global_views: Sequence[tf.Tensor], locals_: Sequence[tf.Tensor], x: tf.Tensor
                 ) -> tf.Tensor:

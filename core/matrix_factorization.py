@@ -4,9 +4,11 @@ Rating ŷ(u, i) = p_u · q_i [+ b_u + b_i + μ]. The user's factors p_u (and bia
 only on the user's device and are reconstructed from its ratings every round. Item factors q_i (and biases
 b_i, offset μ) are *global*. Initialisation is uniform in ±0.05 as in the paper's code.
 
-The per-client view of the global item table holds only the rows of the items the client rated, flattened
-over clients to ``[C*K, F]``: a step then reads ``C*B`` rows with one gather and TensorFlow's gradient of that
-gather is sparse (``IndexedSlices``), so a step costs ``O(C·B·F)`` instead of ``O(C·items·F)``.
+The per-client view of the global item table holds only the rows of the items the client rated, one after
+another over clients (ragged: ``[Σ_c K_c, F]``, each row tagged with its client): a step then reads
+``C*B`` rows with one gather and TensorFlow's gradient of that gather is sparse (``IndexedSlices``), so a
+step costs ``O(C·B·F)`` instead of ``O(C·items·F)``, and a round touches each client's own rows only, never
+the padding of the client with the most items.
 """
 
 from __future__ import annotations
@@ -103,22 +105,38 @@ class MatrixFactorization(ReconstructionModel):
         return [self._init(spec, rng) for spec in self.local_variables]
 
     # ----- views -------------------------------------------------------------------------------------
-    def build_views(self, client_x: Sequence[np.ndarray]) -> ClientViews:
-        """Each client's distinct items become its view rows; item ids map to flat view positions."""
-        uniques = [np.unique(np.asarray(x, np.int64)) for x in client_x]
-        width = max((len(u) for u in uniques), default=1) or 1
-        rows = np.zeros((len(client_x), width), np.int32)
-        remapped = []
-        for c, (x, uniq) in enumerate(zip(client_x, uniques, strict=True)):
-            if len(uniq) and (uniq[0] < 0 or uniq[-1] >= self.num_items):
-                raise ValueError(f"item id out of range [0, {self.num_items})")
-            rows[c, : len(uniq)] = uniq
-            remapped.append((np.searchsorted(uniq, x) + c * width).astype(np.int32))
-        return ClientViews(num_clients=len(client_x), index=rows, x=remapped)
+    def build_views(self, client_x: Sequence[np.ndarray], *, bucket_rows: bool = False) -> ClientViews:
+        """Each client's distinct items become its view rows, client after client; item ids map to flat
+        view positions. ``index`` is ``[2, R]`` int32: the global item row and the owning client of each
+        view row. With ``bucket_rows`` R is padded up to one of four sizes per power of two (at most 25%
+        more rows) with rows of item 0 owned by client 0 that no example reads: their delta is exactly
+        zero, so they change no sum, and a compiler sees a bounded number of shapes."""
+        lengths = np.array([len(x) for x in client_x], np.int64)
+        flat = (np.concatenate([np.asarray(x, np.int64).reshape(-1) for x in client_x]) if len(client_x)
+                else np.zeros(0, np.int64))
+        if flat.size and (flat.min() < 0 or flat.max() >= self.num_items):
+            raise ValueError(f"item id out of range [0, {self.num_items})")
+        owners = np.repeat(np.arange(len(client_x), dtype=np.int64), lengths)
+        # One sort for all clients: distinct (client, item) keys are the view rows in client order, and
+        # the inverse is each example's flat view position.
+        keys, positions = np.unique(owners * self.num_items + flat, return_inverse=True)
+        rows = len(keys)
+        if bucket_rows and rows > 8:
+            granule = 1 << max(int(rows - 1).bit_length() - 3, 0)
+            rows = -(-rows // granule) * granule
+        index = np.zeros((2, rows), np.int32)
+        index[0, : len(keys)] = keys % self.num_items
+        index[1, : len(keys)] = keys // self.num_items
+        remapped = np.split(positions.astype(np.int32).reshape(-1), np.cumsum(lengths)[:-1])
+        return ClientViews(num_clients=len(client_x), index=index, x=remapped)
+
+    def view_owners(self, views_index: tf.Tensor) -> list[tf.Tensor | None]:
+        owners = views_index[1]
+        return [owners if name in ("item_embedding", "item_bias") else None for name in self._names]
 
     def gather_views(self, globals_: Sequence[tf.Tensor], views_index: tf.Tensor, num_clients: tf.Tensor
                      ) -> list[tf.Tensor]:
-        flat_rows = tf.reshape(views_index, [-1])
+        flat_rows = views_index[0]
         views = []
         for name, g in zip(self._names, globals_, strict=True):
             if name in ("item_embedding", "item_bias"):
@@ -129,8 +147,8 @@ class MatrixFactorization(ReconstructionModel):
 
     def reduce_views(self, view_deltas: Sequence[tf.Tensor], weights: tf.Tensor, views_index: tf.Tensor
                      ) -> list[tf.Tensor]:
-        flat_rows = tf.reshape(views_index, [-1])
-        row_weights = tf.repeat(weights, tf.shape(views_index)[1])
+        flat_rows = views_index[0]
+        row_weights = tf.gather(weights, views_index[1])
         sums = []
         for name, d in zip(self._names, view_deltas, strict=True):
             if name == "item_embedding":
@@ -143,9 +161,7 @@ class MatrixFactorization(ReconstructionModel):
 
     def expand_views(self, view_deltas: Sequence[tf.Tensor], views_index: tf.Tensor, num_clients: tf.Tensor
                      ) -> list[tf.Tensor]:
-        flat_rows = tf.reshape(views_index, [-1])
-        client = tf.repeat(tf.range(num_clients), tf.shape(views_index)[1])
-        segments = client * self.num_items + flat_rows  # row r of client c goes to [c, r]
+        segments = views_index[1] * self.num_items + views_index[0]  # a row of client c, item i: [c, i]
         dense = []
         for name, d in zip(self._names, view_deltas, strict=True):
             if name in ("item_embedding", "item_bias"):

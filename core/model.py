@@ -93,9 +93,18 @@ class ReconstructionModel(abc.ABC):
         """Fresh local variables for one client (no leading client axis)."""
 
     # ----- per-client views of the globals ---------------------------------------------------------
-    def build_views(self, client_x: Sequence[np.ndarray]) -> ClientViews:
-        """Default: every client sees the whole global model; features are used as they are."""
+    def build_views(self, client_x: Sequence[np.ndarray], *, bucket_rows: bool = False) -> ClientViews:
+        """Default: every client sees the whole global model; features are used as they are.
+
+        ``bucket_rows``: a model whose views have a data-dependent number of rows pads it up to one of a
+        bounded set of sizes with rows no example reads (for a compiler that specialises on shapes)."""
         return ClientViews(num_clients=len(client_x), index=None, x=list(client_x))
+
+    def view_owners(self, views_index: Any) -> list[tf.Tensor | None]:
+        """For each global variable's view, the client that owns each of its leading rows, or None where
+        the view is client-major (``[C, *shape]``, the default). The client step needs it for what it
+        does per client on a view (the non-finite guard, update norms)."""
+        return [None] * len(self.global_variables)
 
     def gather_views(self, globals_: Sequence[tf.Tensor], views_index: Any, num_clients: tf.Tensor
                      ) -> list[tf.Tensor]:

@@ -49,6 +49,7 @@ from fedrecon.simulations.runner import (
     SimulationSettings,
     choose_clients,
     finish_round,
+    pack_group,
     round_aggregate,
     train_and_fold,
     user_ids_of,
@@ -100,7 +101,9 @@ class ShardWorker:
         """Train ``users`` (all held here) on ``globals_`` and fold them through the round's stages."""
         state = ServerState(globals_, OptimizerState(), round_num - 1, clip_bound)
         aggregate = round_aggregate(self.algorithm, state, self.settings, round_num, len(users))
-        trained = train_and_fold(self.algorithm, globals_, [self.clients[u] for u in users], users, aggregate,
+        packed = pack_group(self.algorithm, [self.clients[u] for u in users], users, settings=self.settings,
+                            round_num=round_num)
+        trained = train_and_fold(self.algorithm, globals_, packed, users, aggregate,
                                  settings=self.settings, round_num=round_num)
         return aggregate.partial(), trained
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedrecon.core.aggregation import Aggregator, ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
-from fedrecon.core.batching import ClientExamples, pack_clients
+from fedrecon.core.batching import ClientExamples, PackedClients, pack_clients
 from fedrecon.core.client_work import EvaluationSums, selection_value
 from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
@@ -184,7 +185,17 @@ def round_aggregate(algorithm: FedRecon, state: ServerState, settings: Simulatio
                                    noise_rng=noise_rng(settings.seed, round_num), state=state)
 
 
-def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], examples: Sequence[ClientExamples],
+def pack_group(algorithm: FedRecon, examples: Sequence[ClientExamples], users: Sequence[int], *,
+               settings: SimulationSettings, round_num: int) -> PackedClients:
+    """A group of a round's clients packed for the lock-step client step, with their fresh locals seeded
+    by (seed, round, user): it depends on nothing but the data and the round, never on the model, so a
+    round can be packed while the one before it trains."""
+    return pack_clients(algorithm.model, examples, algorithm.config, batch_size=settings.batch_size,
+                        local_rngs=[local_rng(settings.seed, round_num, u) for u in users],
+                        step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1, bucket_rows=settings.xla)
+
+
+def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], packed: PackedClients,
                    users: Sequence[int], aggregate: Aggregator, *, settings: SimulationSettings,
                    round_num: int) -> ShardTraining:
     """Run the client step for ``users`` (lock-step, one call) and fold their updates into ``aggregate``.
@@ -192,9 +203,6 @@ def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], examples
     The one implementation of a simulated group of clients: the whole round in process, or one shard of it
     on a Ray worker. Everything a client does is seeded by (seed, round, user), so a client's update does
     not depend on which group it ran in."""
-    packed = pack_clients(algorithm.model, examples, algorithm.config, batch_size=settings.batch_size,
-                          local_rngs=[local_rng(settings.seed, round_num, u) for u in users],
-                          step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1)
     result = algorithm.client_step_for(xla=settings.xla).train_clients(globals_, packed)
     if algorithm.aggregation.secure_aggregation:
         fold_securely(aggregate, algorithm, result.deltas, result.weights, batch_size=settings.batch_size,
@@ -250,16 +258,48 @@ class Simulation:
         self.history = History()
         self.best_state: ServerState | None = None
         self.latest_state: ServerState | None = None
+        # The next round's clients, packed on a background thread while this round trains (packing is
+        # numpy on the host; training is TensorFlow, which leaves the interpreter free meanwhile).
+        self._packer: ThreadPoolExecutor | None = None
+        self._next: tuple[int, list[int], Future[PackedClients | None]] | None = None
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
         t0 = time.perf_counter()
         round_num, chosen, aggregate = self.new_round(state)
         trained = ShardTraining()
-        if chosen:  # a Poisson round may select nobody: the DP sum is then noise alone
-            trained = train_and_fold(self.algorithm, state.globals, [self.train[u] for u in chosen], chosen,
-                                     aggregate, settings=s, round_num=round_num)
+        packed = self._packed(round_num, chosen)
+        self._pack_ahead(round_num + 1)
+        if packed is not None:  # a Poisson round may select nobody: the DP sum is then noise alone
+            trained = train_and_fold(self.algorithm, state.globals, packed, chosen, aggregate, settings=s,
+                                     round_num=round_num)
         return finish_round(self.algorithm, state, aggregate, trained, num_clients=len(chosen), started=t0)
+
+    def _pack(self, round_num: int, chosen: list[int]) -> PackedClients | None:
+        if not chosen:
+            return None
+        return pack_group(self.algorithm, [self.train[u] for u in chosen], chosen, settings=self.settings,
+                          round_num=round_num)
+
+    def _packed(self, round_num: int, chosen: list[int]) -> PackedClients | None:
+        """Round ``round_num``'s packed clients: packed ahead if they were, else now."""
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == round_num and ahead[1] == chosen:
+            return ahead[2].result()
+        return self._pack(round_num, chosen)
+
+    def _pack_ahead(self, round_num: int) -> None:
+        if self._packer is None:
+            self._packer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrecon-pack")
+        chosen = choose_clients(self.user_ids, self.settings, round_num)
+        self._next = (round_num, chosen, self._packer.submit(self._pack, round_num, chosen))
+
+    def close(self) -> None:
+        """Stop the packing thread (a finished ``run`` does this; call it after driving ``run_round``)."""
+        self._next = None
+        if self._packer is not None:
+            self._packer.shutdown(wait=True, cancel_futures=True)
+            self._packer = None
 
     def new_round(self, state: ServerState) -> tuple[int, list[int], Aggregator]:
         """The next round's number, its selected clients and its (empty) aggregation stages."""
@@ -298,31 +338,34 @@ class Simulation:
         history = self.history = History()
         self.latest_state = self.best_state = state
         best_rmse = float("inf")
-        for _ in range(self.settings.rounds):
-            ledger = self.privacy
-            if ledger is not None and not ledger.next_round_fits():
-                history.stopped = (f"privacy budget: another round would spend ε = "
-                                   f"{ledger.epsilon_if_another_round():.3f} > {ledger.epsilon_budget:g} "
-                                   f"(δ = {ledger.parameters.delta:g}); stopped after {len(history.rounds)} "
-                                   f"rounds")
-                break
-            state, record = self.round_runner(state)
-            if self.privacy is not None:
-                record.epsilon = self.privacy.record_round()
-            metrics = None
-            last = (len(history.rounds) + 1 == self.settings.rounds
-                    or (self.privacy is not None and not self.privacy.next_round_fits()))
-            if validation and (record.round_num % self.settings.eval_every == 0 or last):
-                metrics = {"round": record.round_num, **self.evaluate(state, validation)}
-            check_finite(record, metrics)
-            history.rounds.append(record)
-            self.latest_state = state
-            if metrics is not None:
-                history.validation.append(metrics)
-                if selection_value(metrics) < best_rmse:
-                    self.best_state, best_rmse = state, selection_value(metrics)
-            if on_round is not None:
-                on_round(record, metrics)
+        try:
+            for _ in range(self.settings.rounds):
+                ledger = self.privacy
+                if ledger is not None and not ledger.next_round_fits():
+                    history.stopped = (f"privacy budget: another round would spend ε = "
+                                       f"{ledger.epsilon_if_another_round():.3f} > {ledger.epsilon_budget:g} "
+                                       f"(δ = {ledger.parameters.delta:g}); stopped after "
+                                       f"{len(history.rounds)} rounds")
+                    break
+                state, record = self.round_runner(state)
+                if self.privacy is not None:
+                    record.epsilon = self.privacy.record_round()
+                metrics = None
+                last = (len(history.rounds) + 1 == self.settings.rounds
+                        or (self.privacy is not None and not self.privacy.next_round_fits()))
+                if validation and (record.round_num % self.settings.eval_every == 0 or last):
+                    metrics = {"round": record.round_num, **self.evaluate(state, validation)}
+                check_finite(record, metrics)
+                history.rounds.append(record)
+                self.latest_state = state
+                if metrics is not None:
+                    history.validation.append(metrics)
+                    if selection_value(metrics) < best_rmse:
+                        self.best_state, best_rmse = state, selection_value(metrics)
+                if on_round is not None:
+                    on_round(record, metrics)
+        finally:
+            self.close()
         if keep_best and validation and best_rmse < float("inf"):
             return self.best_state, history
         return state, history

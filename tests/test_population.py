@@ -16,7 +16,7 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.population import Population, SyntheticUsers, population_size
 from fedrecon.simulations.ratings import load_dataset
-from fedrecon.simulations.runner import Simulation, SimulationSettings
+from fedrecon.simulations.runner import Simulation, SimulationSettings, choose_clients
 
 
 def test_a_user_is_the_same_whoever_generates_it_and_in_any_order() -> None:
@@ -77,13 +77,18 @@ def test_a_round_materialises_only_its_sampled_clients() -> None:
     population.looked_up = []
     model = MatrixFactorization(users.num_items, 8)
     algorithm = FedRecon(model, FedReconConfig())
-    sim = Simulation(algorithm, population, SimulationSettings(clients_per_round=40))
+    settings = SimulationSettings(clients_per_round=40)
+    sim = Simulation(algorithm, population, settings)
     state = algorithm.initial_state(0)
-    for round_num in (1, 2):
+    for _ in (1, 2):
         state, record = sim.run_round(state)
         assert record.num_clients == 40 and np.isfinite(record.train_loss)
-        assert len(population.looked_up) == 40 * round_num
-    assert len(set(population.looked_up[:40])) == 40
+    sim.close()
+    # Each round's clients are looked up once, in order; the next round's are packed while a round trains,
+    # so after two rounds the third's are materialised too, or not at all if closing cancelled them first.
+    rounds = [choose_clients(population.user_ids, settings, r) for r in (1, 2, 3)]
+    assert len(set(rounds[0])) == 40
+    assert population.looked_up in (rounds[0] + rounds[1], rounds[0] + rounds[1] + rounds[2])
 
 
 def test_cli_simulates_a_population(tmp_path: Path) -> None:
