@@ -118,3 +118,25 @@ def test_the_learning_curve_plot_says_which_round_was_kept_and_its_test_result(t
     assert said[1:] == ["training MSE (clients' post-reconstruction)", "selected round 4",
                         "validation RMSE", "validation accuracy", "selected round 4"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_packing_the_next_round_ahead_changes_nothing(xla: bool) -> None:
+    """Rounds whose clients were packed on the background thread while the round before trained equal
+    rounds packed on the spot by a fresh simulation (nothing packed ahead), bit for bit."""
+    data = load_dataset("synthetic")
+    algorithm = FedRecon(MatrixFactorization(data.num_items, 8), FedReconConfig())
+    settings = SimulationSettings(clients_per_round=30, xla=xla)
+    ahead = Simulation(algorithm, data.train, settings)
+    state_ahead = state_fresh = algorithm.initial_state(0)
+    for _ in range(3):
+        state_ahead, record_ahead = ahead.run_round(state_ahead)
+        fresh = Simulation(algorithm, data.train, settings)
+        state_fresh, record_fresh = fresh.run_round(state_fresh)
+        fresh.close()
+        assert record_ahead.train_loss == record_fresh.train_loss
+        for a, b in zip(state_ahead.globals, state_fresh.globals, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert ahead._next is not None and ahead._next[0] == 4  # round 4 was packed ahead
+    ahead.close()
+    assert ahead._next is None
