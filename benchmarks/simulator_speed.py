@@ -11,7 +11,12 @@ by XLA (``simulate --xla``); ``previous_path`` the same graph run op by op (the 
 added); ``one_client_at_a_time`` calls the client step once per client (what a device does, C = 1) and
 folds each update; ``tff`` is TFF 0.87's ``build_fed_recon`` in its own environment (``process.next`` timed
 inside the TFF process). Figures are medians over the rounds after the first (which includes tracing and
-compilation); compilation is reported separately. Keys other than these (``ray``, ``population_1e6``,
+compilation); compilation is reported separately.
+
+``--reference CHECKOUT`` also times the XLA lock-step path of another checkout of this project (one with its
+own ``.venv`` from ``make setup``, e.g. ``git worktree add ../ref <commit> && make -C ../ref setup``) in a
+subprocess in the same run, with its own code: ``reference`` and ``speedup_vs_reference`` say what a
+change bought on the same machine at the same load. Keys other than these (``ray``, ``population_1e6``,
 written by ``simulator_scale.py``) are kept.
 """
 
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,6 +52,19 @@ def _lockstep(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float,
         state, record = sim.run_round(state)
         seconds.append(record.seconds)
     return statistics.median(seconds[1:]), seconds[0]
+
+
+def _reference(checkout: Path, data: str, rounds: int) -> tuple[str, float, float]:
+    """The XLA lock-step path of another checkout, timed by that checkout's own ``_lockstep``."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from simulator_speed import _lockstep; "
+            "from fedrecon.simulations.ratings import load_dataset; "
+            f"print(json.dumps(_lockstep(load_dataset({str(Path(data).resolve())!r}), {rounds}, xla=True)))")
+    done = subprocess.run([str(checkout / ".venv" / "bin" / "python"), "-c", code], cwd=checkout,
+                          capture_output=True, text=True, check=True)
+    per_round, first = json.loads(done.stdout.strip().splitlines()[-1])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    return commit, float(per_round), float(first)
 
 
 def _one_by_one(data: FederatedRatings, rounds: int) -> float:
@@ -87,6 +106,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--one-by-one-rounds", type=int, default=5)
     parser.add_argument("--tff-rounds", type=int, default=6, help="0 leaves TFF out")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="another checkout (with its .venv) whose XLA lock-step path is timed too")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -95,6 +116,7 @@ def main() -> None:
     xla, xla_first = _lockstep(data, args.rounds, xla=True)
     graph, graph_first = _lockstep(data, args.rounds, xla=False)
     slow = _one_by_one(data, args.one_by_one_rounds)
+    reference = _reference(args.reference, args.data, args.rounds) if args.reference else None
     tff, tff_missing = (_tff(data, args.tff_rounds) if args.tff_rounds
                         else (None, "not asked (--tff-rounds 0)"))
 
@@ -106,6 +128,9 @@ def main() -> None:
         "first_round_seconds": {"fedrecon": xla_first, "previous_path": graph_first},
         "speedup_vs_previous_path": graph / xla,
         "speedup_vs_tff": tff / xla if tff else None,
+        "reference": ({"commit": reference[0], "seconds_per_round": reference[1],
+                       "first_round_seconds": reference[2]} if reference else None),
+        "speedup_vs_reference": reference[1] / xla if reference else None,
         "tff_missing": tff_missing,
         "rounds": args.rounds, "one_by_one_rounds": args.one_by_one_rounds, "tff_rounds": args.tff_rounds,
         "clients_per_round": 100, "data": Path(args.data).name, "cpus": os.cpu_count(),
@@ -115,6 +140,9 @@ def main() -> None:
     print(f"lock-step, XLA (fedrecon):       {xla * 1000:.1f} ms/round (first round {xla_first:.1f} s)")
     print(f"lock-step, op by op (previous):  {graph * 1000:.1f} ms/round ({graph / xla:.2f}x slower)")
     print(f"one client at a time:            {slow * 1000:.1f} ms/round ({slow / xla:.1f}x slower)")
+    if reference:
+        print(f"reference checkout ({reference[0]}):  {reference[1] * 1000:.1f} ms/round "
+              f"({reference[1] / xla:.2f}x slower)")
     if tff:
         print(f"TFF build_fed_recon:             {tff * 1000:.1f} ms/round ({tff / xla:.0f}x slower)")
     else:
