@@ -60,16 +60,22 @@ def test_client_runs_of_different_sizes_trace_once(tf_warnings: list[str]) -> No
         step.evaluate(globals_, packed)
     # One trace of the device's training graph and one of evaluation, for all eight sizes and steps.
     assert steps[-1].tracing_count() == 2
+    _no_retracing_warning_in_a_fresh_process(tf_warnings, "test_client_runs_of_different_sizes_trace_once")
+
+
+def _no_retracing_warning_in_a_fresh_process(tf_warnings: list[str], test: str) -> None:
+    """Assert TensorFlow did not warn about retracing, in a process of its own.
+
+    TensorFlow's retracing warning counts traces of a Python function over the whole process, across every
+    ``tf.function`` wrapping it (a bound method counts for all instances), so earlier tests' own models and
+    configurations, each traced once, would raise it here. A device or a simulation runs one task per
+    process: check the warning where they would see it, in a fresh process running only ``test``."""
     if os.environ.get("FEDRECON_TRACING_CHILD"):
         assert not [m for m in tf_warnings if "retracing" in m], tf_warnings
         return
-    # TensorFlow's retracing warning counts traces of a method over the whole process, so earlier tests'
-    # own models and configurations would raise it here: check the warning where a device would see it,
-    # in a fresh process running these eight clients.
     child = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         f"{Path(__file__)}::test_client_runs_of_different_sizes_trace_once"],
-        env={**os.environ, "FEDRECON_TRACING_CHILD": "1"}, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{Path(__file__)}::{test}"],
+        env={**os.environ, "FEDRECON_TRACING_CHILD": "1"}, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-3000:]
 
 
@@ -86,7 +92,8 @@ def test_simulated_rounds_of_different_group_sizes_trace_once(tf_warnings: list[
         result.deltas.weighted_sum(result.weights)
         result.deltas.stacked()
     assert step.tracing_count() == 3  # client work, weighted sum, dense per-client deltas
-    assert not [m for m in tf_warnings if "retracing" in m], tf_warnings
+    _no_retracing_warning_in_a_fresh_process(tf_warnings,
+                                             "test_simulated_rounds_of_different_group_sizes_trace_once")
 
 
 def test_clients_starting_together_in_threads_trace_once(monkeypatch: pytest.MonkeyPatch) -> None:
