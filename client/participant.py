@@ -22,7 +22,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +37,15 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.model_spec import model_from_config
 from fedrecon.protocol import Assignment, LatestModel, ReportOutcome, RetryLater, RoundOutcome
+from fedrecon.text_encoding import MAX_SEQUENCES_PER_USER, Vocabulary, encoding_of
+from fedrecon.text_encoding import examples as encode_texts
 
 if TYPE_CHECKING:  # TensorFlow: imported when a client step first runs, not with the library
     from fedrecon.core.client_work import ClientStep, ClientUpdate, EvaluationSums
 
 RngFor = Callable[[Assignment], np.random.Generator]
+#: What a device holds: examples, or for a next-word task the user's own texts (strings).
+DeviceData = ClientExamples | Sequence[str]
 
 
 class NoAssignment(Exception):
@@ -69,11 +73,13 @@ class FederatedClient:
     """One device's handle on a task served by a coordinator.
 
     ``data`` holds the device's examples with items as the dataset's own ids when the task has an item
-    vocabulary (the coordinator serves it with the model), as the model's item indices otherwise.
-    ``on_retry`` is told about every automatic retry (see ``transport``)."""
+    vocabulary (the coordinator serves it with the model), as the model's item indices otherwise. For a
+    next-word task it may be the user's texts instead (a list of strings, or a function returning the
+    current ones): they are encoded with the task's own vocabulary (``fedrecon.text_encoding``), never one
+    built from the device's text. ``on_retry`` is told about every automatic retry (see ``transport``)."""
 
     def __init__(self, target: str | None, task: str, client_id: str,
-                 data: ClientExamples | Callable[[], ClientExamples], *,
+                 data: DeviceData | Callable[[], DeviceData], *,
                  channel: grpc.Channel | None = None, retry: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep, token: str | None = None,
                  tls: grpc.ChannelCredentials | None = None,
@@ -96,6 +102,7 @@ class FederatedClient:
         self._sleep = sleep
         self._cache: tuple[int, list[str], list[np.ndarray]] | None = None
         self._vocabulary: ItemVocabulary | None = None
+        self._text: tuple[Vocabulary, int] | None = None  # the task's text encoding (with _vocabulary)
         self.dropped_examples = 0  # examples of the last step whose item the task's vocabulary lacks
 
     def close(self) -> None:
@@ -107,26 +114,43 @@ class FederatedClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def examples(self) -> ClientExamples:
-        """The device's examples as the app gave them (the dataset's item ids)."""
-        return self._data() if callable(self._data) else self._data
+    def examples(self) -> DeviceData:
+        """The device's data as the app gave it (the dataset's item ids, or texts)."""
+        data = self._data() if callable(self._data) else self._data
+        return [data] if isinstance(data, str) else data
 
     def vocabulary(self) -> ItemVocabulary:
         """The task's item vocabulary (fetched once: a task never changes it)."""
         if self._vocabulary is None:
-            self._vocabulary = ItemVocabulary.of(self.transport.latest_model(self.task).item_ids)
+            self._learn_task(self.transport.latest_model(self.task))
+        assert self._vocabulary is not None
         return self._vocabulary
 
+    def _learn_task(self, latest: LatestModel) -> None:
+        """Keep what a task never changes: its item vocabulary and its text encoding."""
+        self._vocabulary = ItemVocabulary.of(latest.item_ids)
+        self._text = encoding_of(json.loads(latest.model_spec_json)) if latest.model_spec_json else None
+
     def model_examples(self) -> ClientExamples:
-        """The device's examples with the model's item indices (unknown items dropped and counted)."""
-        examples, self.dropped_examples = self.vocabulary().examples(self.examples())
+        """The device's examples as the model takes them: item indices (unknown items dropped and counted),
+        or texts encoded with the task's vocabulary (at most ``MAX_SEQUENCES_PER_USER`` sequences)."""
+        vocabulary, data = self.vocabulary(), self.examples()
+        if not isinstance(data, ClientExamples):
+            if self._text is None:
+                raise ValueError(f"the app gave texts, but task {self.task!r}'s model takes no text (its "
+                                 "description has no text encoding): give ClientExamples")
+            self.dropped_examples = 0
+            return encode_texts(data, *self._text, max_examples=MAX_SEQUENCES_PER_USER)
+        examples, self.dropped_examples = vocabulary.examples(data)
         return examples
 
     # ----- rounds --------------------------------------------------------------------------------------
     def check_in(self, *, max_wait_s: float = 600.0) -> Assignment:
         """Check in until assigned, honouring each retry window; ``NoAssignment`` after ``max_wait_s``."""
         give_up = time.monotonic() + max_wait_s
-        capabilities = {"num_examples": str(len(self.examples()))}
+        data = self.examples()
+        count = len(data) if isinstance(data, ClientExamples) else len(self.model_examples())
+        capabilities = {"num_examples": str(count)}
         while True:
             answer = self.transport.check_in(self.task, self.client_id, capabilities)
             if not isinstance(answer, RetryLater):
@@ -233,7 +257,7 @@ class FederatedClient:
     # ----- evaluation and personalization --------------------------------------------------------------
     def _latest(self) -> tuple[LatestModel, list[np.ndarray]]:
         latest = self.transport.latest_model(self.task)
-        self._vocabulary = ItemVocabulary.of(latest.item_ids)
+        self._learn_task(latest)
         _, arrays = self.globals_for(latest.model_version)
         return latest, arrays
 
@@ -254,10 +278,11 @@ class FederatedClient:
 
     def personalize(self, *, rng: np.random.Generator | None = None) -> Personalization:
         """Reconstruct this user's local variables against the latest model, for on-device predictions;
-        its recommendations are in the dataset's item ids."""
+        its recommendations are in the dataset's item ids, and a next-word task's ``next_words`` completes
+        this user's sentences."""
         latest, globals_ = self._latest()
         step = self.step_for(latest.model_spec_json, latest.training_config_json)
         assert self._vocabulary is not None  # set by _latest
         return Personalization.fit(step.model, step.config, globals_, self.examples(),
                                    batch_size=latest.batch_size, version=latest.model_version, rng=rng,
-                                   vocabulary=self._vocabulary)
+                                   vocabulary=self._vocabulary, text=self._text)

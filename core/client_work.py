@@ -276,7 +276,8 @@ class ClientStep:
                       "train_reduced": _TraceOnce(self._train_reduced, (*_CLIENT_ARGS, 0)),
                       "reduce": _TraceOnce(model.reduce_views, (1, ALL, ALL), xla=xla),  # views [rows, ...]
                       "expand": _TraceOnce(model.expand_views, (1, ALL, 0)),
-                      "evaluate": _TraceOnce(self._evaluate, (*_CLIENT_ARGS, 0, 0))}
+                      "evaluate": _TraceOnce(self._evaluate, (*_CLIENT_ARGS, 0, 0)),
+                      "reconstruct": _TraceOnce(self._reconstruct_clients, _CLIENT_ARGS[:6])}
             if key is not None:  # a thread that built the same graphs first wins: one trace per process
                 graphs = _GRAPHS.setdefault(key, graphs)
         self.graphs = graphs
@@ -285,6 +286,7 @@ class ClientStep:
         self._reduce_fn = graphs["reduce"]
         self._expand_fn = graphs["expand"]
         self._eval_fn = graphs["evaluate"]
+        self._reconstruct_fn = graphs["reconstruct"]
 
     def tracing_count(self) -> int:
         """How many times this step's graphs were traced so far (one per graph used: any client size)."""
@@ -338,6 +340,12 @@ class ClientStep:
                                         train_globals=False, train_locals=True,
                                         local_l2=self.config.reconstruction_l2)
         return locals_
+
+    def _reconstruct_clients(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
+                             rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor) -> list[tf.Tensor]:
+        """Personalized inference: only step 2, from the globals (no training phase to follow)."""
+        gviews = self.model.gather_views(globals_, view_index, tf.shape(ry)[1])
+        return self._reconstruct(gviews, locals_, rx, ry, rm)
 
     def _train(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],
                rx: tf.Tensor, ry: tf.Tensor, rm: tf.Tensor, px: tf.Tensor, py: tf.Tensor, pm: tf.Tensor):
@@ -458,10 +466,9 @@ class ClientStep:
         config = self.config.replace(split_dataset=False) if use_all_batches else self.config
         packed = pack_clients(self.model, [examples], config, batch_size=batch_size, local_rngs=[rng],
                               evaluation=True)
-        args = self._common_args(globals_, packed)
-        num_clients = tf.constant(1)
-        gviews = self.model.gather_views(args[0], args[1], num_clients)
-        locals_ = self._reconstruct(gviews, args[2], args[3], args[4], args[5])
+        # Traced once (``_TraceOnce``), like training: run eagerly, the loop body of a Keras model would be
+        # re-traced at every step (seconds per user instead of milliseconds).
+        locals_ = self._reconstruct_fn(*self._common_args(globals_, packed))
         return [v.numpy()[0] for v in locals_]
 
 

@@ -9,7 +9,7 @@ A Keras model travels as JSON (``kind = "keras"``)::
      "variables": [{"name": "items/embeddings", "shape": [10, 4], "trainable": true, "local": false}, ...],
      "text": {"words": ["the", ...], "seq_len": 16, "oov_buckets": 50}}   # optional: see below
 
-``text`` (optional) says how a device turns its own text into the model's input (``simulations.text``):
+``text`` (optional) says how a device turns its own text into the model's input (``fedrecon.text_encoding``):
 the vocabulary's words in id order, the sequence length and the out-of-vocabulary buckets. It travels
 with the model, to every device and into exported model files, because a device must use the task's
 vocabulary: one built from its own text would give ids another meaning than the model learnt. In a task

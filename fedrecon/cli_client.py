@@ -6,7 +6,7 @@ they happen, and ends with what became of the reports: accepted, of those commit
 and refused. It exits 1 when nothing was accepted.
 
 What ``--data`` is depends on the task: ratings (``synthetic`` or a MovieLens folder/file) for a task without
-text, users' texts for a task whose model takes text (its description's ``text``: ``simulations.text``).
+text, users' texts for a task whose model takes text (its description's ``text``: ``fedrecon.text_encoding``).
 Text is encoded with the task's vocabulary, fetched from the coordinator with the model, never with one
 built from the data at hand: a device's ids must mean what they meant in training.
 
@@ -86,13 +86,8 @@ def _load_users(data: str, model_spec_json: str, task_item_ids: tuple[int, ...],
     (its model description's ``text``), so only the chosen users' text is read into examples."""
     import json
 
-    from fedrecon.simulations.text import (
-        MAX_SEQUENCES_PER_USER,
-        encoding_of,
-        examples,
-        load_texts,
-        split_users,
-    )
+    from fedrecon.simulations.text import load_texts, split_users
+    from fedrecon.text_encoding import MAX_SEQUENCES_PER_USER, encoding_of, examples
 
     encoding = encoding_of(json.loads(model_spec_json))
     if encoding is not None:

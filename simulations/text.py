@@ -12,58 +12,37 @@ Readers:
 Users are split into training, validation and unseen test users by a seed, after dropping users with fewer
 than ``min_words`` words (a user must have at least two batches of sequences: one to reconstruct from, one
 to score). The vocabulary is built from training users only: the ``vocab_size`` most frequent words, with
-ties broken alphabetically. Token ids: 0 padding, 1 beginning of sentence, 2 end of sentence, then the
-vocabulary, then one out-of-vocabulary id (the prediction target of every unknown word); a model that
-embeds unknown words per bucket reads the bucket (``hash mod oov_buckets``, stable across processes) from
-the example's second channel.
+ties broken alphabetically.
 
-An example is one sentence cut into windows of ``seq_len`` tokens: input ``[BOS, w1, ..., w_{T-1}]`` and
-targets ``[w1, ..., EOS]``, padded with 0. ``x`` is ``[n, seq_len, 2]`` (token id, OOV bucket + 1 or 0 for
-known words) and ``y`` ``[n, seq_len]``.
-
-A task served to devices carries its encoding in its model description (``text``: the vocabulary's words,
-``seq_len`` and ``oov_buckets``; ``text_description`` / ``encoding_of``), so a device turns its own text into
-the very ids the model was trained on: the vocabulary always comes from the task, never from the device's
-text (a vocabulary per device would give the same id different words on different devices).
+Token ids, examples and the encoding a task carries (``text_description`` / ``encoding_of``) are
+``fedrecon.text_encoding``'s, shared with the client library so that a device encodes its text exactly as
+the simulation did; they are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedrecon.core.batching import ClientExamples
-
-PAD, BOS, EOS = 0, 1, 2
-SPECIAL = 3
-#: Sequences kept per user (the first ones, in text order): bounds a device's step and the simulator's memory.
-MAX_SEQUENCES_PER_USER = 256
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|[.,!?;:]")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased words and punctuation marks of ``text`` (the tokenizer)."""
-    return _WORD.findall(text.lower())
-
-
-def sentences(texts: Sequence[str]) -> list[list[str]]:
-    """A user's texts as tokenized sentences (split after . ! ? and at line ends)."""
-    out = []
-    for text in texts:
-        for part in _SENTENCE_END.split(text):
-            tokens = words(part)
-            if tokens:
-                out.append(tokens)
-    return out
+from fedrecon.text_encoding import (
+    BOS,
+    EOS,
+    MAX_SEQUENCES_PER_USER,
+    PAD,
+    SPECIAL,
+    Vocabulary,
+    encoding_of,
+    examples,
+    sentences,
+    text_description,
+    words,
+)
 
 
 def read_texts(source: str | Path) -> dict[str, list[str]]:
@@ -107,44 +86,6 @@ def synthetic_texts(*, num_users: int = 60, words_per_user: int = 300, vocabular
     return users
 
 
-@dataclass(frozen=True)
-class Vocabulary:
-    """Word ids (``SPECIAL + rank``) of the most frequent training words, plus OOV handling."""
-
-    words: tuple[str, ...]
-    oov_buckets: int = 1
-
-    @property
-    def oov_id(self) -> int:
-        return SPECIAL + len(self.words)
-
-    @property
-    def size(self) -> int:
-        """Number of output classes: padding, BOS, EOS, the words and the OOV id."""
-        return self.oov_id + 1
-
-    def accuracy_excludes(self) -> tuple[int, ...]:
-        """Targets the paper's accuracy does not count (padding is never a target): EOS and OOV."""
-        return (EOS, self.oov_id)
-
-    def bucket(self, word: str) -> int:
-        """The OOV bucket of an unknown word, 1..oov_buckets (0: a known word)."""
-        return 1 + zlib.crc32(word.encode()) % self.oov_buckets
-
-    def encode(self, sentence: Sequence[str]) -> tuple[list[int], list[int]]:
-        index = self._index()
-        ids = [index.get(w, self.oov_id) for w in sentence]
-        buckets = [0 if w in index else self.bucket(w) for w in sentence]
-        return ids, buckets
-
-    def _index(self) -> dict[str, int]:
-        cached = self.__dict__.get("_cached_index")
-        if cached is None:
-            cached = {w: SPECIAL + i for i, w in enumerate(self.words)}
-            object.__setattr__(self, "_cached_index", cached)
-        return cached
-
-
 def build_vocabulary(texts: Mapping[str, Sequence[str]], size: int, *, oov_buckets: int = 1) -> Vocabulary:
     """The ``size`` most frequent words of ``texts`` (call it with training users only)."""
     counts: Counter[str] = Counter()
@@ -153,32 +94,6 @@ def build_vocabulary(texts: Mapping[str, Sequence[str]], size: int, *, oov_bucke
             counts.update(sentence)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return Vocabulary(tuple(w for w, _ in ranked[:size]), oov_buckets)
-
-
-def examples(texts: Sequence[str], vocabulary: Vocabulary, seq_len: int, *, max_examples: int | None = None
-             ) -> ClientExamples:
-    """A user's sentences as next-word examples (see the module docstring), in text order."""
-    xs, ys = [], []
-    for sentence in sentences(texts):
-        ids, buckets = vocabulary.encode(sentence)
-        inputs = [BOS, *ids]
-        in_buckets = [0, *buckets]
-        targets = [*ids, EOS]
-        for start in range(0, len(targets), seq_len):
-            x = np.zeros((seq_len, 2), np.int32)
-            y = np.zeros(seq_len, np.float32)
-            chunk = slice(start, start + seq_len)
-            n = len(targets[chunk])
-            x[:n, 0] = inputs[chunk]
-            x[:n, 1] = in_buckets[chunk]
-            y[:n] = targets[chunk]
-            xs.append(x)
-            ys.append(y)
-    if max_examples is not None:
-        xs, ys = xs[:max_examples], ys[:max_examples]
-    if not xs:
-        return ClientExamples(x=np.zeros((0, seq_len, 2), np.int32), y=np.zeros((0, seq_len), np.float32))
-    return ClientExamples(x=np.stack(xs), y=np.stack(ys))
 
 
 @dataclass(frozen=True)
@@ -247,20 +162,6 @@ def encode_split(texts: Mapping[str, Sequence[str]], users: UserSplit, vocabular
     return FederatedText(vocabulary, split[0], split[1], split[2], users.kept, users.dropped_users)
 
 
-def text_description(vocabulary: Vocabulary, seq_len: int) -> dict[str, Any]:
-    """The ``text`` field of a model description: how a device encodes its text for this model."""
-    return {"words": list(vocabulary.words), "seq_len": seq_len, "oov_buckets": vocabulary.oov_buckets}
-
-
-def encoding_of(description: Mapping[str, Any]) -> tuple[Vocabulary, int] | None:
-    """The vocabulary and sequence length a model description's ``text`` field states (None: the model
-    takes no text)."""
-    text = description.get("text")
-    if text is None:
-        return None
-    return Vocabulary(tuple(text["words"]), int(text.get("oov_buckets", 1))), int(text["seq_len"])
-
-
 def load_texts(data: str) -> dict[str, list[str]]:
     """``synthetic``, a JSON file, a folder holding ``by_speaker.json``, or a folder of per-user texts."""
     if data == "synthetic":
@@ -269,3 +170,9 @@ def load_texts(data: str) -> dict[str, list[str]]:
     if path.is_dir() and (path / "by_speaker.json").is_file():
         path = path / "by_speaker.json"
     return read_texts(path)
+
+
+__all__ = ["BOS", "EOS", "MAX_SEQUENCES_PER_USER", "PAD", "SPECIAL", "FederatedText", "UserSplit",
+           "Vocabulary", "build_vocabulary", "encode_split", "encoding_of", "examples", "load_texts",
+           "read_texts", "sentences", "split_texts", "split_users", "synthetic_texts", "text_description",
+           "words"]

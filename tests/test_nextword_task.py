@@ -10,6 +10,7 @@ committed round works as a user runs it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from fedrecon.cli import app
 from fedrecon.cli_client import _load_users
+from fedrecon.client import FederatedClient
 from fedrecon.server.process import CoordinatorProcess
 from fedrecon.server.task import TaskSpec, read_task_table
 from fedrecon.simulations.text import BOS, SPECIAL
@@ -82,5 +84,33 @@ def test_serve_the_nextword_task_and_devices_train_it_from_their_text(
                                        "3", "--coordinator", server.address, "--max-wait", "120"])
         assert ran.exit_code == 0, ran.output + server.log_text()[-3000:]
         assert ran.output.splitlines()[-1] == "3 clients: accepted 3 (committed 3 into version 1), refused 0"
+    finally:
+        assert server.stop(timeout_s=60) == 0, server.log_text()[-3000:]
+
+
+def test_an_app_gives_its_users_text_and_gets_personal_next_words(tmp_path: Path) -> None:
+    """The client library with a user's raw text (no examples built by the app): it checks in, trains and
+    reports into a committed version, then personalizes against that version and completes a prefix with
+    words of the task's vocabulary, ranked by probability. Needs no data files: the task carries its words."""
+    task = small_rounds_copy(tmp_path, clients=1)
+    words = set(TaskSpec.load(TASK_FILE).model["text"]["words"])
+    my_text = ["Now is the winter of our discontent made glorious summer by this sun of York."] * 20
+    server = CoordinatorProcess(task, f"sqlite:///{tmp_path / 'nextword.db'}", tmp_path, timeout_s=120.0)
+    try:
+        with FederatedClient(server.address, "nextword", "reader-1", my_text) as client:
+            report = client.participate(max_wait_s=120.0)
+            assert report.in_round and report.accepted, report
+            encoded = client.model_examples()
+            assert encoded.x.shape[1:] == (16, 2) and len(encoded) == 40  # BOS, 16 tokens, EOS: 2 windows
+            give_up = time.monotonic() + 120.0  # one report of one: the round commits once it is folded
+            while (settled := client.settle(report)).committed_version is None and time.monotonic() < give_up:
+                time.sleep(0.2)
+            assert settled.committed_version == 1, server.log_text()[-3000:]
+            mine = client.personalize(rng=np.random.default_rng(0))
+            assert mine.version == 1
+            suggestions = mine.next_words("Now is the winter of", k=5)
+        assert len(suggestions) == 5 and {w for w, _ in suggestions} <= words, suggestions
+        probabilities = [p for _, p in suggestions]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
     finally:
         assert server.stop(timeout_s=60) == 0, server.log_text()[-3000:]
