@@ -106,6 +106,43 @@ class ClientGroupResult:
 
 
 @dataclass(frozen=True)
+class ClassSums:
+    """Evaluation sums per class (``Objective.class_sums``: ``[K]`` arrays by name), over the users scored.
+
+    For next-word prediction (``targets``, ``correct``, ``predicted``): per word, recall (correct /
+    targets) and precision (correct / predicted), over the targets accuracy counts. For ratings
+    (``count``, ``squared_error``, ``correct``): per true rating value, RMSE and accuracy."""
+
+    objective: str
+    sums: dict[str, np.ndarray]
+
+    def __add__(self, other: ClassSums) -> ClassSums:
+        if not any(len(v) for v in other.sums.values()):  # a chunk that scored nothing
+            return self
+        if not any(len(v) for v in self.sums.values()):
+            return other
+        return ClassSums(self.objective, {k: v + other.sums[k] for k, v in self.sums.items()})
+
+    def rows(self, labels: Sequence[str] | None = None, *, top: int = 20) -> list[dict[str, Any]]:
+        """The per-class figures as table rows: every rating value that occurs, or the ``top`` words
+        most often targeted or predicted (a model that predicts one word everywhere shows it at once).
+        ``labels`` names the classes (a text vocabulary's ``labels()``)."""
+        s = self.sums
+        if "squared_error" in s:
+            return [{"rating": r, "count": int(n), "rmse": float(np.sqrt(s["squared_error"][r] / n)),
+                     "accuracy": float(s["correct"][r] / n)}
+                    for r, n in enumerate(s["count"]) if n > 0]
+        targets, correct, predicted = s["targets"], s["correct"], s["predicted"]
+        # most often targeted or predicted first; ties: targeted more, then predicted more, then by id
+        order = np.lexsort((-predicted, -targets, -np.maximum(targets, predicted)))[:top]
+        return [{"class": int(k), **({"label": labels[k]} if labels is not None else {}),
+                 "targets": int(targets[k]), "predicted": int(predicted[k]),
+                 "recall": float(correct[k] / targets[k]) if targets[k] else None,
+                 "precision": float(correct[k] / predicted[k]) if predicted[k] else None}
+                for k in order if targets[k] or predicted[k]]
+
+
+@dataclass(frozen=True)
 class EvaluationSums:
     """Example-weighted evaluation sums over a group of clients.
 
@@ -120,14 +157,18 @@ class EvaluationSums:
     num_examples: float
     loss_sum: float | None = None  # None: the MSE objective, whose loss is squared_error / num_examples
     loss_units: float = 0.0
+    # per class (simulation-side; a device reports totals only: per-word counts would reveal its words)
+    per_class: ClassSums | None = None
 
     def __add__(self, other: EvaluationSums) -> EvaluationSums:
         loss_sum = (None if self.loss_sum is None and other.loss_sum is None
                     else (self.loss_sum or 0.0) + (other.loss_sum or 0.0))
+        per_class = (other.per_class if self.per_class is None else self.per_class
+                     if other.per_class is None else self.per_class + other.per_class)
         return EvaluationSums(self.squared_error + other.squared_error,
                               self.num_correct + other.num_correct,
                               self.num_examples + other.num_examples,
-                              loss_sum, self.loss_units + other.loss_units)
+                              loss_sum, self.loss_units + other.loss_units, per_class)
 
     def metrics(self) -> dict[str, float]:
         """MSE, RMSE and rating accuracy (|y - ŷ| ≤ 0.5), weighted by examples over all users; for other
@@ -396,7 +437,8 @@ class ClientStep:
         pred = self.model.predict(gviews, locals_, ex[0])
         if isinstance(self.model.objective, MeanSquaredError):  # ratings may be clipped to their range
             pred = tf.clip_by_value(pred, clip_min, clip_max)
-        return self.model.objective.sums(ey[0], pred, em[0])
+        objective = self.model.objective
+        return (*objective.sums(ey[0], pred, em[0]), *objective.class_sums(ey[0], pred, em[0]))
 
     # ----- numpy entry points --------------------------------------------------------------------------
     def _common_args(self, globals_: Sequence[np.ndarray], packed: PackedClients) -> list:
@@ -433,29 +475,36 @@ class ClientStep:
     def evaluate(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                  clip: tuple[float, float] | None = None) -> EvaluationSums:
         """Reconstruct each client's locals, then score its held-out batches."""
-        loss, units, correct, count = self._evaluate_sums(globals_, packed, clip)
-        if isinstance(self.model.objective, MeanSquaredError):
-            return EvaluationSums(float(loss.sum()), float(correct.sum()), float(count.sum()))
+        (loss, units, correct, count), per_class = self._evaluate_sums(globals_, packed, clip)
+        objective = self.model.objective
+        classes = ClassSums(objective.name, dict(zip(objective.class_names, per_class, strict=True)))
+        if isinstance(objective, MeanSquaredError):
+            return EvaluationSums(float(loss.sum()), float(correct.sum()), float(count.sum()),
+                                  per_class=classes)
         return EvaluationSums(0.0, float(correct.sum()), float(count.sum()), loss_sum=float(loss.sum()),
-                              loss_units=float(units.sum()))
+                              loss_units=float(units.sum()), per_class=classes)
 
     def evaluate_each(self, globals_: Sequence[np.ndarray], packed: PackedClients,
                       clip: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``evaluate`` per client: [C] loss sums (squared error for ratings), correct counts and counted
         predictions (who gains or pays under a change, e.g. users with few ratings against many)."""
-        loss, _, correct, count = self._evaluate_sums(globals_, packed, clip)
+        (loss, _, correct, count), _ = self._evaluate_sums(globals_, packed, clip)
         return loss, correct, count
 
     def _evaluate_sums(self, globals_: Sequence[np.ndarray], packed: PackedClients,
-                       clip: tuple[float, float] | None) -> tuple[np.ndarray, ...]:
+                       clip: tuple[float, float] | None
+                       ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+        """([C] loss sums, loss units, correct, counted), (per-class sums, ``objective.class_names``)."""
         p = packed.post_reconstruction
         if p.num_steps == 0:
-            return tuple(np.zeros(p.mask.shape[1], np.float64) for _ in range(4))
+            return (tuple(np.zeros(p.mask.shape[1], np.float64) for _ in range(4)),
+                    tuple(np.zeros(0, np.float64) for _ in self.model.objective.class_names))
         lo, hi = clip if clip is not None else (-np.inf, np.inf)
         sums = self._eval_fn(
             *self._common_args(globals_, packed), tf.convert_to_tensor(p.x), tf.convert_to_tensor(p.y),
             tf.convert_to_tensor(p.mask), tf.constant(lo, tf.float32), tf.constant(hi, tf.float32))
-        return tuple(t.numpy().astype(np.float64) for t in sums)
+        arrays = tuple(t.numpy().astype(np.float64) for t in sums)
+        return arrays[:4], arrays[4:]
 
     def reconstruct(self, globals_: Sequence[np.ndarray], examples: ClientExamples, *, batch_size: int,
                     rng: np.random.Generator, use_all_batches: bool = True) -> list[np.ndarray]:

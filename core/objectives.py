@@ -10,6 +10,13 @@ JSON ``config()``, so a task can name it and a device rebuild it, and it compute
   batch trains exactly like the unpadded one.
 - ``sums(y, pred, mask)``: per-client sums for reporting and evaluation, ``[C]`` each: the loss summed over
   its units and how many units there were, the correct predictions and how many predictions were counted.
+- ``class_sums(y, pred, mask)``: the same scoring broken down by class, summed over clients, ``[K]`` each
+  (``class_names`` says what they are): for next-word prediction per target word (how often it was the
+  target, how often it was predicted correctly, how often it was predicted at all), for ratings per true
+  rating value (count, squared error, within tolerance). They show what a single accuracy hides: a
+  model that predicts "," everywhere, or ratings pulled to the mean (large errors at 1 and 5 stars).
+  Simulation-side only: a device's evaluation report carries its totals, never per-word counts (they
+  would tell the coordinator which words its user writes).
 
 Accuracy for next-word prediction follows the paper (Singhal et al., 2021, after Reddi et al., 2021):
 targets that are padding, out-of-vocabulary or end-of-sentence tokens are not counted, since predicting
@@ -24,6 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedrecon.core.lazy_tensorflow import tf
+
+#: rating classes of ``MeanSquaredError.class_sums``: true ratings rounded to 0..10
+RATING_CLASSES = 11
 
 
 class Objective(abc.ABC):
@@ -44,6 +54,13 @@ class Objective(abc.ABC):
              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """Per client: (loss sum, loss units, correct predictions, counted predictions), each ``[C]``."""
 
+    #: names of ``class_sums``' outputs, in order
+    class_names: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def class_sums(self, y: tf.Tensor, pred: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """Per class, summed over clients and batches: ``[K]`` each, as named by ``class_names``."""
+
     def prepare(self, pred: tf.Tensor) -> tf.Tensor:
         """The model's raw output per client ``[B, ...]`` into the shape ``loss`` expects."""
         return pred
@@ -55,6 +72,7 @@ class MeanSquaredError(Objective):
 
     tolerance: float = 0.5
     name: str = field(default="mse", init=False)
+    class_names: tuple[str, ...] = field(default=("count", "squared_error", "correct"), init=False)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "tolerance": self.tolerance}
@@ -73,6 +91,15 @@ class MeanSquaredError(Objective):
         correct = tf.reduce_sum(tf.cast(tf.abs(pred - y) <= self.tolerance, tf.float32) * mask, axis=1)
         return se, count, correct, count
 
+    def class_sums(self, y: tf.Tensor, pred: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        # Classes are true ratings rounded to whole values 0..RATING_CLASSES-1 (MovieLens' 1-5 stars).
+        value = tf.reshape(tf.clip_by_value(tf.round(y), 0.0, RATING_CLASSES - 1.0), [-1])
+        segment = tf.cast(value, tf.int32)
+        m = tf.reshape(mask, [-1])
+        se = tf.reshape(tf.square(pred - y), [-1]) * m
+        ok = tf.reshape(tf.cast(tf.abs(pred - y) <= self.tolerance, tf.float32), [-1]) * m
+        return tuple(tf.math.unsorted_segment_sum(t, segment, RATING_CLASSES) for t in (m, se, ok))
+
 
 @dataclass(frozen=True)
 class SparseCategoricalCrossentropy(Objective):
@@ -85,6 +112,7 @@ class SparseCategoricalCrossentropy(Objective):
     pad_id: int | None = 0
     accuracy_excludes: tuple[int, ...] = ()
     name: str = field(default="sparse_categorical_crossentropy", init=False)
+    class_names: tuple[str, ...] = field(default=("targets", "correct", "predicted"), init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accuracy_excludes", tuple(int(i) for i in self.accuracy_excludes))
@@ -126,6 +154,20 @@ class SparseCategoricalCrossentropy(Objective):
         hits = tf.cast(tf.equal(tf.cast(tf.argmax(pred, axis=-1), tf.float32), y), tf.float32) * counted
         return (self._per_client(ce), self._per_client(units), self._per_client(hits),
                 self._per_client(counted))
+
+    def class_sums(self, y: tf.Tensor, pred: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        # Over the targets accuracy counts: per true class, how often it was the target and predicted
+        # correctly (recall = correct / targets); per predicted class, how often it was predicted
+        # (precision = correct / predicted).
+        _, counted = self._weights(y, mask)
+        classes = tf.shape(pred)[-1]
+        counted = tf.reshape(counted, [-1])
+        target = tf.reshape(tf.cast(y, tf.int32), [-1])
+        guess = tf.reshape(tf.cast(tf.argmax(pred, axis=-1), tf.int32), [-1])
+        hits = tf.cast(tf.equal(guess, target), tf.float32) * counted
+        return (tf.math.unsorted_segment_sum(counted, target, classes),
+                tf.math.unsorted_segment_sum(hits, target, classes),
+                tf.math.unsorted_segment_sum(counted, guess, classes))
 
 
 MSE = MeanSquaredError()

@@ -455,6 +455,8 @@ def _run(run: _Run) -> None:
     table.add_row(f"{result.test[score]:.4f}", f"{result.test['accuracy']:.4f}",
                   f"{int(result.test['num_examples'])}", spr)
     console.print(table)
+    if result.test_per_class:
+        console.print(_per_class_line(result.test_per_class), highlight=False, soft_wrap=True)
     if result.privacy is not None:
         p = result.privacy
         console.print(f"user-level DP: noise multiplier {p['noise_multiplier']:.4g}, {p['rounds_run']} "
@@ -467,6 +469,20 @@ def _run(run: _Run) -> None:
         if p["stopped"]:
             console.print(p["stopped"], highlight=False, soft_wrap=True)
     console.print(f"wrote {', '.join(written)} in {run.out}")
+
+
+def _per_class_line(rows: list[dict[str, Any]]) -> str:
+    """The test users' per-class scores in one line (all of them in metrics.json's ``test_per_class``):
+    RMSE per true rating, or recall and precision of the words most often targeted or predicted."""
+    if "rating" in rows[0]:
+        return "per rating: " + ", ".join(f"{r['rating']}: RMSE {r['rmse']:.3f} (n={r['count']})"
+                                          for r in rows)
+
+    def share(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    return "per word (recall / precision): " + ", ".join(
+        f"{r.get('label', r['class'])!r} {share(r['recall'])} / {share(r['precision'])}" for r in rows[:8])
 
 
 def _score(metrics: dict[str, float]) -> str:

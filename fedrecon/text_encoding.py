@@ -68,6 +68,10 @@ class Vocabulary:
         """Number of output classes: padding, BOS, EOS, the words and the OOV id."""
         return self.oov_id + 1
 
+    def labels(self) -> list[str]:
+        """A name for every output class, in id order (per-class metrics name words, not ids)."""
+        return ["<pad>", "<bos>", "<eos>", *self.words, "<oov>"]
+
     def accuracy_excludes(self) -> tuple[int, ...]:
         """Targets the paper's accuracy does not count (padding is never a target): EOS and OOV."""
         return (EOS, self.oov_id)

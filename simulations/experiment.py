@@ -93,6 +93,9 @@ class ExperimentResult:
     # DP runs: the accounting parameters, ε after each round, ε of the selected round, and why the run
     # stopped early (the budget), if it did.
     privacy: dict[str, Any] | None = None
+    # The test users' scores per class (``ClassSums.rows``): per rating value, or per word for the words
+    # most often targeted or predicted; None when another engine scored them (TFF).
+    test_per_class: list[dict[str, Any]] | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {"algorithm": self.algorithm, "test": self.test, "selected": self.selected,
@@ -100,6 +103,8 @@ class ExperimentResult:
                "train_loss": self.train_loss}
         if self.privacy is not None:
             out["privacy"] = self.privacy
+        if self.test_per_class is not None:
+            out["test_per_class"] = self.test_per_class
         return out
 
 
@@ -250,7 +255,7 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings | FederatedText,
         except KeyboardInterrupt:
             raise _interrupted(spec, sim, model) from None
         selected = min(history.validation, key=selection_key) if history.validation else {}
-        test = sim.evaluate(best_state, data.test)
+        test, per_class = score_test(sim, best_state, data)
     times = [r.seconds for r in history.rounds[1:]] or [r.seconds for r in history.rounds]
     privacy = None
     if ledger is not None:
@@ -266,7 +271,19 @@ def run_experiment(spec: ExperimentSpec, data: FederatedRatings | FederatedText,
         algorithm=spec.algorithm, test=test, validation=history.validation,
         train_loss=[r.train_loss for r in history.rounds], selected=selected,
         seconds_per_round=statistics.median(times) if times else None, globals=best_state.globals,
-        model=model, privacy=privacy)
+        model=model, privacy=privacy, test_per_class=per_class)
+
+
+def score_test(sim: Simulation, state: ServerState, data: FederatedRatings | FederatedText
+               ) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
+    """The unseen test users' metrics and, where this process scored them, their per-class rows (words
+    named by the dataset's vocabulary)."""
+    sums = sim.evaluate_sums(state, data.test)
+    if sums is None:
+        return sim.evaluate(state, data.test), None
+    vocabulary = getattr(data, "vocabulary", None)
+    labels = vocabulary.labels() if vocabulary is not None else None
+    return sums.metrics(), sums.per_class.rows(labels) if sums.per_class is not None else None
 
 
 def _interrupted(spec: ExperimentSpec, sim: Simulation, model: ReconstructionModel) -> ExperimentInterrupted:
@@ -300,7 +317,7 @@ def _run_centralized(spec: ExperimentSpec, data: FederatedRatings | FederatedTex
     assert isinstance(model, MatrixFactorization)  # described models train with fedrecon only
     best, history = train_centralized(model, data.train, spec.centralized, on_epoch=score)
     selected = min(validation, key=selection_key) if validation else {}
-    test = sim.evaluate(ServerState(best, algorithm.server_optimizer.init([]), 0), data.test)
+    test, per_class = score_test(sim, ServerState(best, algorithm.server_optimizer.init([]), 0), data)
     return ExperimentResult(algorithm="centralized", test=test, validation=validation,
                             train_loss=[h["train_mse"] for h in history], selected=selected,
-                            seconds_per_round=None, globals=best, model=model)
+                            seconds_per_round=None, globals=best, model=model, test_per_class=per_class)

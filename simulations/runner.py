@@ -313,6 +313,16 @@ class Simulation:
         """Reconstruct-then-evaluate every user in ``users``; example-weighted metrics."""
         if self._evaluator is not None:
             return self._evaluator(state, users)
+        sums = self.evaluate_sums(state, users, eval_seed=eval_seed)
+        assert sums is not None
+        return sums.metrics()
+
+    def evaluate_sums(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
+                      ) -> EvaluationSums | None:
+        """``evaluate``'s sums, per class too (``EvaluationSums.per_class``); None when another engine
+        scores the users (the TFF backend reports metrics only)."""
+        if self._evaluator is not None:
+            return None
         s = self.settings
         ids = sorted(users)
         total = EvaluationSums(0.0, 0.0, 0.0)
@@ -322,7 +332,7 @@ class Simulation:
                                   batch_size=s.batch_size,
                                   local_rngs=[local_rng(eval_seed, 0, u) for u in chunk], evaluation=True)
             total = total + self.algorithm.client_step.evaluate(state.globals, packed, clip=s.eval_clip)
-        return total.metrics()
+        return total
 
     def run(self, state: ServerState, *, validation: Mapping[int, ClientExamples] | None = None,
             on_round: Callable[[RoundRecord, dict[str, float] | None], None] | None = None,

@@ -11,9 +11,10 @@ import tensorflow as tf
 
 from fedrecon.core.algorithm import FedRecon
 from fedrecon.core.batching import ClientExamples, pack_clients
+from fedrecon.core.client_work import ClassSums
 from fedrecon.core.config import FedReconConfig, OptimizerSpec
 from fedrecon.core.keras_model import KerasReconstructionModel
-from fedrecon.core.objectives import SparseCategoricalCrossentropy, objective_from_config
+from fedrecon.core.objectives import MSE, SparseCategoricalCrossentropy, objective_from_config
 
 PAD, EOS, OOV = 0, 2, 7
 CE = SparseCategoricalCrossentropy(pad_id=PAD, accuracy_excludes=(EOS, OOV))
@@ -30,6 +31,35 @@ def test_accuracy_counts_only_real_in_vocabulary_targets() -> None:
     per_target = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[3, 2, 7, 4], logits=tf.one_hot(
         guess[:4], 8) * 10.0).numpy()
     assert loss_sum == pytest.approx(per_target.sum(), rel=1e-6)
+
+
+def test_per_class_sums_count_what_accuracy_counts_by_target_and_by_prediction() -> None:
+    # Client 0 as above: 3 (right), EOS and OOV (not counted, whatever was predicted), 4 (predicted 5),
+    # pad. Client 1: 4 (right), 3 (predicted 4).
+    y = tf.constant([[[3.0, 2.0, 7.0, 4.0, 0.0]], [[4.0, 3.0, 0.0, 0.0, 0.0]]])
+    logits = tf.one_hot([[[3, 2, 5, 5, 5]], [[4, 4, 1, 1, 1]]], 8) * 10.0
+    targets, correct, predicted = (t.numpy() for t in CE.class_sums(y, logits, tf.ones([2, 1])))
+    np.testing.assert_array_equal(targets, [0, 0, 0, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(correct, [0, 0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(predicted, [0, 0, 0, 1, 2, 1, 0, 0])
+    rows = ClassSums(CE.name, dict(zip(CE.class_names, (targets, correct, predicted), strict=True))).rows(
+        [f"w{i}" for i in range(8)], top=2)
+    assert rows == [  # both targeted twice; 4 predicted more often
+        {"class": 4, "label": "w4", "targets": 2, "predicted": 2, "recall": 0.5, "precision": 0.5},
+        {"class": 3, "label": "w3", "targets": 2, "predicted": 1, "recall": 0.5, "precision": 1.0}]
+
+
+def test_rating_classes_are_true_ratings_with_their_own_rmse() -> None:
+    # One client: ratings 1, 5, 5 and a padded slot (mask 0) whose rating 3 is no example.
+    y = tf.constant([[1.0, 5.0, 5.0, 3.0]])
+    pred = tf.constant([[2.0, 4.8, 5.0, 3.0]])
+    mask = tf.constant([[1.0, 1.0, 1.0, 0.0]])
+    sums = dict(zip(MSE.class_names, (t.numpy() for t in MSE.class_sums(y, pred, mask)), strict=True))
+    assert sums["count"][[1, 3, 5]].tolist() == [1, 0, 2]
+    rows = ClassSums(MSE.name, sums).rows()
+    assert [r["rating"] for r in rows] == [1, 5] and [r["count"] for r in rows] == [1, 2]
+    assert rows[0]["rmse"] == pytest.approx(1.0) and rows[0]["accuracy"] == 0.0
+    assert rows[1]["rmse"] == pytest.approx(np.sqrt(0.04 / 2), rel=1e-5) and rows[1]["accuracy"] == 1.0
 
 
 def test_padding_changes_neither_loss_nor_gradient() -> None:
@@ -90,6 +120,9 @@ def test_reconstruct_then_evaluate_a_keras_sequence_model() -> None:
         return FedRecon(model, config).client_step.evaluate(globals_, packed).metrics()
 
     scored = evaluate(client, 0)
+    config0 = FedReconConfig(eval_recon_epochs=0, eval_recon_steps_max=0)
+    sums = FedRecon(model, config0).client_step.evaluate(globals_, pack_clients(
+        model, [client], config0, batch_size=3, local_rngs=[np.random.default_rng(0)], evaluation=True))
     held_out = np.concatenate([np.arange(3, 6), np.arange(9, 12)])  # odd batches of 3
     logits = model.keras_model(seqs[held_out, :5]).numpy()
     targets = seqs[held_out, 1:]
@@ -99,6 +132,14 @@ def test_reconstruct_then_evaluate_a_keras_sequence_model() -> None:
     assert scored["loss"] == pytest.approx(ce[real].mean(), rel=1e-5)
     assert scored["accuracy"] == pytest.approx((logits.argmax(-1) == targets)[counted].mean(), abs=1e-6)
     assert scored["num_examples"] == counted.sum()
+    # Per class: the same predictions, counted by their target and by their guess.
+    assert sums.per_class is not None
+    per_class = sums.per_class.sums
+    guesses = logits.argmax(-1)
+    np.testing.assert_array_equal(per_class["targets"], np.bincount(targets[counted], minlength=8))
+    np.testing.assert_array_equal(per_class["predicted"], np.bincount(guesses[counted], minlength=8))
+    np.testing.assert_array_equal(per_class["correct"], np.bincount(
+        targets[counted & (guesses == targets)], minlength=8))
     # On the unpadded pattern, reconstructing the adapter lowers the loss on the held-out batches.
     plain = ClientExamples(x=pattern[:, :5], y=pattern[:, 1:].astype(np.float32))
     assert evaluate(plain, 20)["loss"] < evaluate(plain, 0)["loss"] - 0.01

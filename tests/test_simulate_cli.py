@@ -39,6 +39,12 @@ def test_a_simulated_model_continues_in_simulate_init_model(tmp_path: Path) -> N
     assert code == 0, output
     exported = ModelFile.load(tmp_path / "a" / "model.npz")
     assert exported.meta()["format"] == FORMAT and exported.model_spec["use_biases"] is True
+    # The test users' scores per true rating: every scored rating in exactly one row.
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    rows = metrics["test_per_class"]
+    assert sum(r["count"] for r in rows) == metrics["test"]["num_examples"] > 0
+    assert all(1 <= r["rating"] <= 5 and np.isfinite(r["rmse"]) for r in rows), rows
+    assert "per rating: " in output
     # No --biases, no --factors: the model is the file's (item_embedding, item_bias, global_bias).
     code, output = _simulate("--rounds", "2", "--init-model", str(tmp_path / "a" / "model.npz"),
                              "--out", str(tmp_path / "b"), "--clients-per-round", "20", "--eval-every", "2")
