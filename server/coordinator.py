@@ -117,6 +117,42 @@ BUSY_WAIT_S = 10.0
 FINISHED_ROUNDS_CACHED = 4096  # GetRound answers of finished rounds kept (a few hundred bytes each)
 
 
+@dataclass
+class PendingCheck:
+    """What ``Coordinator.begin_check`` leaves for ``settle_check``."""
+
+    key: str
+    round_id: int
+    effects: list[Effect]
+    ask_store: bool
+    error: Exception | None = None
+
+    @property
+    def needs_io(self) -> bool:
+        """Whether ``settle_check`` may call the store (else it takes the lock briefly at most)."""
+        return bool(self.effects) or self.ask_store
+
+
+@dataclass
+class PendingReport:
+    """What ``Coordinator.fold_report`` leaves for ``settle_report``."""
+
+    key: str
+    round_id: int
+    digest: str
+    effects: list[Effect]
+    outcome: ReportOutcome | None = None
+    round: OpenRoundState | None = None
+    answered: bool = False  # ``outcome`` is the machine's whole answer (a retry, say)
+    error: Exception | None = None
+
+    @property
+    def needs_io(self) -> bool:
+        """Whether ``settle_report`` may call the store (a commit, a round to look up); else it takes the
+        lock briefly at most."""
+        return bool(self.effects) or (not self.answered and (self.outcome is None or self.round is None))
+
+
 class Coordinator:
     """Runs the rounds of one task against a store. Thread-safe: gRPC workers call it concurrently."""
 
@@ -595,18 +631,41 @@ class Coordinator:
     def check_report(self, task_name: str, client: str | Caller, round_id: int, token: str) -> str:
         """Refuse early (before any tensor bytes are read) a report that cannot be accepted; the client key.
         """
+        return self.settle_check(self.begin_check(task_name, client, round_id, token))
+
+    def begin_check(self, task_name: str, client: str | Caller, round_id: int, token: str) -> PendingCheck:
+        """``check_report`` up to its first I/O: the machine's answer under the lock; no store call. Raises
+        ``Refusal`` only when nothing is left for ``settle_check`` to perform. What remains (effects the
+        admission emitted, a round to look up in the store) is in the result: ``needs_io`` says whether
+        ``settle_check`` may block on the store, so an event loop can run this part itself and hand only
+        the rest to a thread."""
         self._check_task(task_name)
         self._require_leader()
         key = self.client_key(client)
-        with self._lock:
-            admission = self.machine.admit(key, round_id, token, None, self._clock())
-            effects = self.machine.take_effects()
-        self._perform(effects)
-        if isinstance(admission, AskStore):  # a round this process does not remember: ask the store
-            stored = self._stored_round(round_id, key)  # outside the lock: a read
+        effects: list[Effect] = []
+        try:
             with self._lock:
-                self.machine.answer_closed(round_id, key, None, stored)  # refuses unless a retry
-        return key
+                try:
+                    admission = self.machine.admit(key, round_id, token, None, self._clock())
+                finally:
+                    effects = self.machine.take_effects()
+        except Exception as err:
+            if not effects:
+                raise
+            return PendingCheck(key, round_id, effects, ask_store=False, error=err)
+        return PendingCheck(key, round_id, effects, ask_store=isinstance(admission, AskStore))
+
+    def settle_check(self, pending: PendingCheck) -> str:
+        """The rest of ``check_report`` (see ``begin_check``): perform the effects, ask the store if the
+        round is not remembered; the client key."""
+        self._perform(pending.effects)
+        if pending.error is not None:
+            raise pending.error
+        if pending.ask_store:  # a round this process does not remember: ask the store
+            stored = self._stored_round(pending.round_id, pending.key)  # outside the lock: a read
+            with self._lock:  # refuses unless a retry
+                self.machine.answer_closed(pending.round_id, pending.key, None, stored)
+        return pending.key
 
     def report(self, task_name: str, client: str | Caller, round_id: int, token: str, weight: float,
                metrics: Mapping[str, float], delta: Sequence[UpdateTensor]) -> ReportOutcome:
@@ -616,32 +675,58 @@ class Coordinator:
         Every check of ``check_report`` is made again here, under the lock, since the round may have moved
         on while the tensor bytes were read. The report that completes a round waits for its commit (outside
         the lock) and is told if the commit failed."""
+        pending = self.fold_report(task_name, client, round_id, token, weight, metrics, delta)
+        return self.settle_report(pending)
+
+    def fold_report(self, task_name: str, client: str | Caller, round_id: int, token: str, weight: float,
+                    metrics: Mapping[str, float], delta: Sequence[UpdateTensor]) -> PendingReport:
+        """``report`` up to its first I/O: the update checked and folded under the lock, no store call.
+        Raises ``Refusal`` only when nothing is left for ``settle_report`` to perform; otherwise the
+        effects the fold emitted (the commit of the round it completed), or the round to look up in the
+        store, are left for ``settle_report`` (``needs_io`` says whether it may block on the store)."""
         self._check_task(task_name)
         self._require_leader()
         key = self.client_key(client)
         digest = update_digest(weight, delta)
         problem = _invalid_update(weight, metrics, delta, self._delta_layouts)
         outcome: ReportOutcome | None = None
+        answered: ReportOutcome | None = None
+        r: OpenRoundState | None = None
         effects: list[Effect] = []
         try:
             with self._lock:
                 try:
                     admission = self.machine.admit(key, round_id, token, digest, self._clock())
                     if isinstance(admission, ReportOutcome):
-                        return admission
-                    if isinstance(admission, Fold):
+                        answered = admission
+                    elif isinstance(admission, Fold):
                         r = admission.round
                         if problem is not None:
                             self.machine.refuse_report(r, key, Status.INVALID_ARGUMENT, *problem)
                         outcome = self.machine.fold(r, key, digest, weight, metrics, delta, self._clock())
                 finally:  # in the same hold: a refusal may have closed the round, and this thread commits it
                     effects = self.machine.take_effects()
-        finally:
-            self._perform(effects)
-        if outcome is None:  # AskStore: a round this process does not remember
-            stored = self._stored_round(round_id, key)
+        except Exception as err:
+            if not effects:
+                raise
+            return PendingReport(key, round_id, digest, effects, error=err)
+        if answered is not None:
+            return PendingReport(key, round_id, digest, effects, outcome=answered, answered=True)
+        return PendingReport(key, round_id, digest, effects, outcome=outcome, round=r)
+
+    def settle_report(self, pending: PendingReport) -> ReportOutcome:
+        """The rest of ``report`` (see ``fold_report``): perform the effects outside the lock (a round's
+        commit), ask the store about a round not remembered; the report's outcome."""
+        self._perform(pending.effects)
+        if pending.error is not None:
+            raise pending.error
+        if pending.answered and pending.outcome is not None:
+            return pending.outcome
+        r, outcome = pending.round, pending.outcome
+        if outcome is None or r is None:  # AskStore: a round this process does not remember
+            stored = self._stored_round(pending.round_id, pending.key)
             with self._lock:
-                return self.machine.answer_closed(round_id, key, digest, stored)
+                return self.machine.answer_closed(pending.round_id, pending.key, pending.digest, stored)
         with self._lock:
             closed = self.machine.closed.get(r.round_id)
             if closed is not None and closed.state == "failed":

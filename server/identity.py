@@ -87,6 +87,8 @@ class Identifier:
         self.tokens = tokens
         self.client_certs = client_certs
         self._devices_of = functools.lru_cache(maxsize=cache_size)(devices_of or (lambda _credential_id: 1))
+        self._known_devices: dict[int, int] = {}  # what _devices_of answered (read without calling it)
+        self._cache_size = cache_size
 
     @property
     def authenticated(self) -> bool:
@@ -114,8 +116,27 @@ class Identifier:
         group, authenticated = self.group_of(token=token, client_cert_pem=client_cert_pem, peer=peer)
         if not authenticated:
             return Caller.trusted(claimed_id, peer_host(peer))
-        devices = self._devices_of(int(group.removeprefix("cred:"))) if group.startswith("cred:") else 1
+        devices = 1
+        if group.startswith("cred:"):
+            credential_id = int(group.removeprefix("cred:"))
+            devices = self._devices_of(credential_id)
+            if len(self._known_devices) >= self._cache_size:
+                self._known_devices.clear()  # rare (that many credentials): they are looked up again
+            self._known_devices[credential_id] = devices
         return self._for_group(group, claimed_id, devices)
+
+    def identify_known(self, claimed_id: str, *, token: str | None, client_cert_pem: bytes | None, peer: str
+                       ) -> Caller | None:
+        """``identify`` without any store query: None when it would need one (a credential whose number
+        of devices was not looked up yet). Lets the servicer identify a caller on its event loop."""
+        check_client_id(claimed_id)
+        group, authenticated = self.group_of(token=token, client_cert_pem=client_cert_pem, peer=peer)
+        if not authenticated:
+            return Caller.trusted(claimed_id, peer_host(peer))
+        if not group.startswith("cred:"):
+            return self._for_group(group, claimed_id, 1)
+        devices = self._known_devices.get(int(group.removeprefix("cred:")))
+        return None if devices is None else self._for_group(group, claimed_id, devices)
 
     @staticmethod
     def _for_group(group: str, claimed_id: str, devices: int) -> Caller:

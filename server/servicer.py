@@ -4,8 +4,12 @@ Kept thin on purpose (as Flower does): every rule of the round lives in ``Coordi
 transport must own:
 
 * Calls run on an event loop, so a stream that waits for its client holds no thread. The coordinator is
-  thread-safe but blocking (a lock, store I/O): every call into it goes to a bounded thread pool
-  (``run_in_executor``), never on the loop, so a slow store delays calls but never the loop itself.
+  thread-safe but blocking (a lock, store I/O): every call into it that may touch the store goes to a
+  bounded thread pool (``run_in_executor``), never on the loop, so a slow store delays calls but never the
+  loop itself. The report path is the exception that proves it: its header check and its fold are split
+  by the coordinator into a part with no I/O (run on the loop: each trip to the pool and back costs two
+  thread wake-ups and a wait on the coordinator's lock among the pool's threads, more than the work) and
+  the rest (a commit, a round to look up in the store), which still goes to the pool.
 * Capacity the streams cannot take from the unary calls: report streams, downloads and unary calls each have
   their own count (``ServerLimits``), and one caller group (a credential, a certificate, or a network peer
   in the trusted-network mode) holds at most a few streams. No free slot: RESOURCE_EXHAUSTED at once, with
@@ -267,8 +271,7 @@ class CoordinatorServicer:
             raise Refusal(Status.INVALID_ARGUMENT, "no_header", "a report stream must start with its header")
         header = opening.header
         try:
-            caller, expected = await self._as_caller(
-                context, header.client_id, lambda caller: (caller, self._check_report(header, caller)))
+            caller, expected = await self._checked_header(context, header)
             layouts = layouts_from_manifest(header.manifest, max_bytes=sum(x.num_bytes for x in expected))
             check_layouts(layouts, expected)
             # Plain float32, or encoded (quantised / row-sparse) as the header's encodings say; strict.
@@ -287,11 +290,37 @@ class CoordinatorServicer:
                     assembler.add(chunk)
             delta = assembler.finish()
         except TensorDecodeError:
-            await self._run(coordinator.count_refusal, "bad_tensors")
+            coordinator.count_refusal("bad_tensors")  # a counter under the lock: no I/O
             raise
-        outcome = await self._run(coordinator.report, header.task_name, caller, header.round_id,
-                                  header.assignment_token, header.weight, dict(header.metrics), delta)
+        # Checked and folded here on the loop (no I/O, about 0.25 ms of numpy for a MovieLens update); only
+        # what needs the store (the commit of the round this report completes) goes to the pool.
+        pending = coordinator.fold_report(header.task_name, caller, header.round_id, header.assignment_token,
+                                          header.weight, dict(header.metrics), delta)
+        outcome = (await self._run(coordinator.settle_report, pending) if pending.needs_io
+                   else coordinator.settle_report(pending))
         return pb.ReportUpdateResponse(accepted=outcome.accepted, message=outcome.message)
+
+    async def _checked_header(self, context: grpc.aio.ServicerContext, header: pb.ReportHeader
+                              ) -> tuple[Caller, list[Any]]:
+        """Who reports, and the layouts its update must have, once the coordinator has checked the header
+        (before any tensor byte is read). Done on the loop when it needs no store (the caller's identity
+        known without a query, the round in memory, no effect due); else on the pool as before."""
+        token, cert = self._credentials(context)
+        try:
+            caller = self.identifier.identify_known(header.client_id, token=token, client_cert_pem=cert,
+                                                    peer=context.peer())
+        except ValueError as err:  # identify's word for "the transport proved no identity"
+            raise Unauthenticated(str(err)) from err
+        if caller is None:  # a credential not seen yet: its device count is in the store
+            return await self._as_caller(
+                context, header.client_id, lambda caller: (caller, self._check_report(header, caller)))
+        coordinator = self.coordinator
+        pending = coordinator.begin_check(header.task_name, caller, header.round_id, header.assignment_token)
+        if pending.needs_io:
+            await self._run(coordinator.settle_check, pending)
+        else:
+            coordinator.settle_check(pending)
+        return caller, coordinator.delta_layouts
 
     async def ReportEvaluation(self, request: pb.ReportEvaluationRequest, context: grpc.aio.ServicerContext
                                ) -> pb.ReportEvaluationResponse:

@@ -266,3 +266,23 @@ def test_a_given_model_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="needs"):
             Coordinator(store, _task(), initial_globals=[np.zeros((6, 3), np.float32)])
         assert store.list_tasks() == []  # nothing was created
+
+
+def test_a_report_is_folded_without_io_and_only_the_commit_is_left_to_settle(store: SqlStore) -> None:
+    """The servicer folds on its event loop what needs no store, and sends to its thread pool only what
+    does: here the second of two reports, whose fold completes the round and leaves its commit."""
+    c = Coordinator(store, _task(AggregationConfig(norm_policy="none")), clock=ManualClock())
+    a, b = _assign(c, "alice"), _assign(c, "bob")
+    metrics = {"loss": 1.0, "post_recon_examples": 1.0}
+    check = c.begin_check("movies", "alice", a.round_id, a.token)
+    assert not check.needs_io and c.settle_check(check) == c.client_key("alice")
+    first = c.fold_report("movies", "alice", a.round_id, a.token, 1.0, metrics, _delta(1.0))
+    assert not first.needs_io and c.settle_report(first).accepted and c.version == 0
+    second = c.fold_report("movies", "bob", b.round_id, b.token, 1.0, metrics, _delta(3.0))
+    assert second.needs_io and c.version == 0  # folded; the commit waits for settle_report
+    assert c.settle_report(second).accepted and c.version == 1
+    # A retry of an accepted report is answered from memory (no I/O), as report() answers it.
+    retry = c.fold_report("movies", "alice", a.round_id, a.token, 1.0, metrics, _delta(1.0))
+    assert not retry.needs_io
+    answer = c.report("movies", "alice", a.round_id, a.token, 1.0, metrics, _delta(1.0))
+    assert c.settle_report(retry) == answer and "already accepted" in answer.message

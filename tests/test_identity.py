@@ -335,3 +335,21 @@ def test_the_client_command_says_when_a_token_is_short_of_devices(tmp_path: Path
         assert f"accepted {accepted}" in ran.output
         capped = "2 of 3 users were capped" in ran.output and "token issue --max-devices 3" in ran.output
         assert capped == (max_devices == 1), ran.output
+
+
+def test_a_caller_is_identified_without_the_store_only_once_its_credential_is_known() -> None:
+    calls: Counter[int] = Counter()
+
+    def devices_of(credential_id: int) -> int:
+        calls[credential_id] += 1
+        return 2
+
+    identifier = Identifier(tokens=True, devices_of=devices_of)
+    ask = {"token": "frc_9_secret", "client_cert_pem": None, "peer": "ipv4:127.0.0.1:5"}
+    assert identifier.identify_known("a", **ask) is None and not calls  # unknown: the store must say
+    looked_up = identifier.identify("a", **ask)
+    assert identifier.identify_known("a", **ask) == looked_up and calls == {9: 1}
+    trusted = {"token": None, "client_cert_pem": None, "peer": "ipv4:10.0.0.1:5"}
+    assert Identifier().identify_known("a", **trusted) == Identifier().identify("a", **trusted)
+    with pytest.raises(ValueError):
+        identifier.identify_known("a", token=None, client_cert_pem=None, peer="ipv4:127.0.0.1:5")
