@@ -77,11 +77,12 @@ ROWS = ("fedavg", "fedavg_finetune", "fedrecon_local_oov", "fedrecon_personal_la
 STEPS = ("0", "1", "5", "default")
 
 
-def training_config(variant: str, lr: float, args: argparse.Namespace) -> FedReconConfig:
-    """FedRecon's settings for ``variant`` at client (and reconstruction) learning rate ``lr``. The
-    all-global model trains on every batch (FedAvg); the others reconstruct on even batches, train on odd."""
+def training_config(variant: str, lr: float, recon_lr: float, args: argparse.Namespace) -> FedReconConfig:
+    """FedRecon's settings for ``variant`` at client learning rate ``lr`` and reconstruction rate
+    ``recon_lr`` (unused by the all-global model, which has nothing to reconstruct). The all-global model
+    trains on every batch (FedAvg); the others reconstruct on even batches, train on odd."""
     return FedReconConfig(
-        reconstruction_optimizer=OptimizerSpec("sgd", lr), client_optimizer=OptimizerSpec("sgd", lr),
+        reconstruction_optimizer=OptimizerSpec("sgd", recon_lr), client_optimizer=OptimizerSpec("sgd", lr),
         server_optimizer=OptimizerSpec(args.server_optimizer, args.server_lr),
         recon_epochs=1, recon_steps_max=args.steps_max, post_recon_epochs=1,
         post_recon_steps_max=args.steps_max,
@@ -99,7 +100,7 @@ def evaluation_config(config: FedReconConfig, steps: str) -> FedReconConfig:
 
 def settings_of(args: argparse.Namespace, rounds: int) -> SimulationSettings:
     return SimulationSettings(rounds=rounds, clients_per_round=args.clients_per_round,
-                              batch_size=args.batch_size,
+                              batch_size=args.batch_size, shuffle_each_round=True,
                               eval_every=max(1, rounds // args.evaluations), seed=args.seed)
 
 
@@ -126,6 +127,7 @@ class Run:
     sim: Simulation
     config: FedReconConfig
     lr: float
+    recon_lr: float
     state: ServerState
     best: ServerState
     best_metrics: dict[str, float]
@@ -134,7 +136,8 @@ class Run:
     wall_seconds: float = 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"client_lr": self.lr, "rounds": self.state.round_num, "wall_seconds": self.wall_seconds,
+        return {"client_lr": self.lr, "reconstruction_lr": self.recon_lr, "rounds": self.state.round_num,
+                "wall_seconds": self.wall_seconds,
                 "seconds_per_round": statistics.mean(self.seconds[1:] or self.seconds),
                 "first_round_seconds": self.seconds[0], "selected_round": int(self.best_metrics["round"]),
                 "validation_accuracy": self.best_metrics["accuracy"],
@@ -142,16 +145,17 @@ class Run:
                 "validation": [{k: m[k] for k in ("round", "loss", "accuracy")} for m in self.validation]}
 
 
-def start(variant: str, lr: float, sizes: NextWordSizes, data: FederatedText, args: argparse.Namespace,
-          *, rounds: int, eval_every: int) -> Run:
-    """The first ``rounds`` rounds of ``variant`` at client learning rate ``lr`` (a trial)."""
+def start(variant: str, lr: float, recon_lr: float, sizes: NextWordSizes, data: FederatedText,
+          args: argparse.Namespace, *, rounds: int, eval_every: int) -> Run:
+    """The first ``rounds`` rounds of ``variant`` at client learning rate ``lr`` and reconstruction rate
+    ``recon_lr`` (a trial)."""
     model = build(variant, sizes, data, args.seed)
-    config = training_config(variant, lr, args)
+    config = training_config(variant, lr, recon_lr, args)
     algorithm = FedRecon(model, config)
     sim = Simulation(algorithm, data.train, settings_of(args, 1),
                      eval_config=evaluation_config(config, "default"))
     state = algorithm.initial_state(args.seed)
-    run = Run(sim, config, lr, state, state, {"loss": float("inf"), "accuracy": -1.0, "round": 0})
+    run = Run(sim, config, lr, recon_lr, state, state, {"loss": float("inf"), "accuracy": -1.0, "round": 0})
     return extend(run, data, rounds=rounds, eval_every=eval_every)
 
 
@@ -260,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-rounds", type=int, default=10, help="rounds of each learning-rate trial")
     parser.add_argument("--clients-per-round", type=int, default=20)
     parser.add_argument("--client-lrs", default="0.5,1.0", help="client learning rates tried per variant")
+    parser.add_argument("--recon-lrs", default="0.1,0.5",
+                        help="reconstruction rates tried with each client rate for the FedRecon variants "
+                             "(empty: the client rate)")
     parser.add_argument("--finetune-lrs", default="0.1,0.5,1.0", help="fine-tuning rates tried on FedAvg")
     parser.add_argument("--server-optimizer", default="adam", choices=("sgd", "adam", "yogi", "adagrad"))
     parser.add_argument("--server-lr", type=float, default=0.01)
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         write_task_files(args.write_task, args.task_variant, sizes, data)
         return
     client_lrs = [float(v) for v in args.client_lrs.split(",")]
+    recon_lrs = [float(v) for v in args.recon_lrs.split(",") if v.strip()]
     finetune_lrs = [float(v) for v in args.finetune_lrs.split(",")]
     print(f"{args.data}: {len(texts)} speakers, {data.dropped_users} under {args.min_words} tokens dropped; "
           f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test; "
@@ -303,16 +311,22 @@ def main(argv: list[str] | None = None) -> None:
     steps: dict[str, dict[str, float]] = {}
     fedavg_trained = None
     for row, variant in TRAINED.items():
-        trials = [start(variant, lr, sizes, data, args, rounds=args.tune_rounds, eval_every=args.tune_rounds)
-                  for lr in client_lrs]
+        grid = [(lr, lr) for lr in client_lrs] if variant == "global" else \
+            [(lr, rlr) for lr in client_lrs for rlr in (recon_lrs or [lr])]
+        trials = [start(variant, lr, rlr, sizes, data, args, rounds=args.tune_rounds,
+                        eval_every=args.tune_rounds) for lr, rlr in grid]
         for trial in trials:
-            print(f"  {row} trial lr {trial.lr:g}: validation loss {trial.best_metrics['loss']:.4f}, "
+            print(f"  {row} trial lr {trial.lr:g} reconstruction {trial.recon_lr:g}: "
+                  f"validation loss {trial.best_metrics['loss']:.4f}, "
                   f"accuracy {trial.best_metrics['accuracy']:.4f} after {args.tune_rounds} rounds",
                   flush=True)
         run = min(trials, key=lambda t: t.best_metrics["loss"])
-        lr = run.lr
-        kept = ("client_lr", "validation_accuracy", "validation_loss", "selected_round", "wall_seconds")
+        lr, recon_lr = run.lr, run.recon_lr
+        kept = ("client_lr", "reconstruction_lr", "validation_accuracy", "validation_loss", "selected_round",
+                "wall_seconds")
         tuning[row] = {"trials": [{k: t.info()[k] for k in kept} for t in trials], "client_lr": lr}
+        if variant != "global":
+            tuning[row]["reconstruction_lr"] = recon_lr
         del trials
         run = extend(run, data, rounds=args.rounds - args.tune_rounds,
                      eval_every=max(1, args.rounds // args.evaluations))
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                           for s in STEPS}
         else:
             fedavg_trained = (model, config, state)
-        print(f"{row}: lr {lr:g}, test accuracy {test['accuracy']:.4f}, "
+        print(f"{row}: lr {lr:g} (reconstruction {recon_lr:g}), test accuracy {test['accuracy']:.4f}, "
               f"down {wire['download_bytes_per_client']:,.0f} B, "
               f"up {wire['upload_bytes_per_client']:,.0f} B, "
               f"{info['seconds_per_round']:.2f} s/round", flush=True)
@@ -380,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
             "clients_per_round": args.clients_per_round,
             "batch_size": args.batch_size, "steps_max": args.steps_max, "seed": args.seed,
             "server_optimizer": {"name": args.server_optimizer, "learning_rate": args.server_lr},
-            "client_lr_grid": client_lrs, "finetune_lr_grid": finetune_lrs,
+            "client_lr_grid": client_lrs, "reconstruction_lr_grid": recon_lrs or "the client rate",
+            "finetune_lr_grid": finetune_lrs,
+            "client_data_order": "each chosen client's sequences shuffled afresh every training round "
+                                 "(by seed, round and speaker) before the step caps apply; evaluation "
+                                 "batches are never shuffled",
             "selection": "client learning rate by validation loss after tune_rounds; round by validation "
                          "loss; fine-tuning rate by validation accuracy; test speakers scored once per "
                          "row",
@@ -390,7 +408,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{args.byte_clients} clients' TCP connections (loopback relay), whole "
                               "participation in round 1 of a real coordinator, gRPC/HTTP/2 framing included",
             "tuning": tuning, "runs": runs,
-            "training": {row: training_config(variant, tuning[row]["client_lr"], args).to_dict()
+            "training": {row: training_config(variant, tuning[row]["client_lr"],
+                                              tuning[row].get("reconstruction_lr", tuning[row]["client_lr"]),
+                                              args).to_dict()
                          for row, variant in TRAINED.items()},
         },
         "machine": {**facts_before, "load_average_end": list(os.getloadavg())},
