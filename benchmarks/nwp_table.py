@@ -6,7 +6,9 @@
 Speakers are users (``simulations.text``: ``by_speaker.json`` of a folder, a JSON file, a folder of per-user
 texts, or ``synthetic``); speakers with fewer than ``--min-words`` tokens are dropped, the rest split by
 seed into training, validation and unseen test speakers; the vocabulary comes from training speakers only.
-One architecture (``core.nextword``), four rows:
+Every training round shuffles each chosen speaker's sequences afresh (``shuffle_each_round``) before the
+step caps apply: without it a speaker with more batches than ``--steps-max`` would train on its first few
+batches every round and never on the rest of its text. One architecture (``core.nextword``), four rows:
 
 - ``fedavg``: everything global, every client trains on all its batches (FedAvg with ``--server-optimizer``);
 - ``fedavg_finetune``: the same trained model, fine-tuned (every variable) on each test speaker's
@@ -17,11 +19,12 @@ One architecture (``core.nextword``), four rows:
 Every row is scored on the same held-out batches (odd batches) of every unseen test speaker; accuracy
 excludes padding, out-of-vocabulary and end-of-sentence targets (the paper's convention). Hyper-parameters
 are chosen on validation speakers only: for each trained variant the client learning rate from
-``--client-lrs`` by validation loss after ``--tune-rounds`` rounds (reconstruction uses the same rate; so
-early, accuracy is still flat: the arg-max is often an excluded class such as OOV or EOS);
-the chosen trial then goes on to ``--rounds`` rounds (the same run as one started for the total: selection is
-seeded by round), and the round with the lowest validation loss is kept; the fine-tuning rate from
-``--finetune-lrs`` by validation accuracy. Test speakers are scored once per row.
+``--client-lrs`` (for the FedRecon variants, each paired with every reconstruction rate of ``--recon-lrs``)
+by validation loss after ``--tune-rounds`` rounds (loss, because so early accuracy is still flat: the
+arg-max is often an excluded class such as OOV or EOS); the chosen trial then goes on to ``--rounds``
+rounds (the same run as one started for the total: selection and shuffling are seeded by round), and the
+round with the lowest validation loss is kept; the fine-tuning rate from ``--finetune-lrs`` by validation
+accuracy. Test speakers are scored once per row.
 
 Bytes: each trained variant's task is served by a real coordinator (``fedrecon.server``) on loopback, and
 ``--byte-clients`` training speakers take part in its first round with the client library
@@ -260,18 +263,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="only write the architecture and vocabulary files of a coordinator's task for "
                              "--task-variant (deploy/tasks/nextword.toml names them), then stop")
     parser.add_argument("--task-variant", default="personal_layer", choices=sorted(set(TRAINED.values())))
-    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--tune-rounds", type=int, default=10, help="rounds of each learning-rate trial")
-    parser.add_argument("--clients-per-round", type=int, default=20)
+    parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--client-lrs", default="0.5,1.0", help="client learning rates tried per variant")
     parser.add_argument("--recon-lrs", default="0.1,0.5",
                         help="reconstruction rates tried with each client rate for the FedRecon variants "
                              "(empty: the client rate)")
     parser.add_argument("--finetune-lrs", default="0.1,0.5,1.0", help="fine-tuning rates tried on FedAvg")
     parser.add_argument("--server-optimizer", default="adam", choices=("sgd", "adam", "yogi", "adagrad"))
-    parser.add_argument("--server-lr", type=float, default=0.01)
+    parser.add_argument("--server-lr", type=float, default=0.03)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps-max", type=int, default=4, help="cap on each client phase's steps")
+    parser.add_argument("--steps-max", type=int, default=8, help="cap on each client phase's steps")
     parser.add_argument("--vocab", type=int, default=2000, help="words in the vocabulary")
     parser.add_argument("--oov-buckets", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=16)
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--min-words", type=int, default=100, help="speakers with fewer tokens are dropped")
     parser.add_argument("--max-examples", type=int, default=256, help="sequences kept per speaker")
-    parser.add_argument("--evaluations", type=int, default=4, help="validation evaluations per run")
+    parser.add_argument("--evaluations", type=int, default=8, help="validation evaluations per run")
     parser.add_argument("--byte-clients", type=int, default=5, help="clients whose bytes are counted")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
