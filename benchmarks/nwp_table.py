@@ -319,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         trials = [start(variant, lr, rlr, sizes, data, args, rounds=args.tune_rounds,
                         eval_every=args.tune_rounds) for lr, rlr in grid]
         for trial in trials:
-            print(f"  {row} trial lr {trial.lr:g} reconstruction {trial.recon_lr:g}: "
+            recon = "" if variant == "global" else f", reconstruction {trial.recon_lr:g}"
+            rates = f"lr {trial.lr:g}{recon}"
+            print(f"  {row} trial {rates}: "
                   f"validation loss {trial.best_metrics['loss']:.4f}, "
                   f"accuracy {trial.best_metrics['accuracy']:.4f} after {args.tune_rounds} rounds",
                   flush=True)
@@ -346,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
                           for s in STEPS}
         else:
             fedavg_trained = (model, config, state)
-        print(f"{row}: lr {lr:g} (reconstruction {recon_lr:g}), test accuracy {test['accuracy']:.4f}, "
+        rates = f"lr {lr:g}" + ("" if variant == "global" else f", reconstruction {recon_lr:g}")
+        print(f"{row}: {rates}, test accuracy {test['accuracy']:.4f}, "
               f"down {wire['download_bytes_per_client']:,.0f} B, "
               f"up {wire['upload_bytes_per_client']:,.0f} B, "
               f"{info['seconds_per_round']:.2f} s/round", flush=True)
