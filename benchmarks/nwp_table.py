@@ -6,7 +6,9 @@
 Speakers are users (``simulations.text``: ``by_speaker.json`` of a folder, a JSON file, a folder of per-user
 texts, or ``synthetic``); speakers with fewer than ``--min-words`` tokens are dropped, the rest split by
 seed into training, validation and unseen test speakers; the vocabulary comes from training speakers only.
-One architecture (``core.nextword``), four rows:
+Every training round shuffles each chosen speaker's sequences afresh (``shuffle_each_round``) before the
+step caps apply: without it a speaker with more batches than ``--steps-max`` would train on its first few
+batches every round and never on the rest of its text. One architecture (``core.nextword``), four rows:
 
 - ``fedavg``: everything global, every client trains on all its batches (FedAvg with ``--server-optimizer``);
 - ``fedavg_finetune``: the same trained model, fine-tuned (every variable) on each test speaker's
@@ -17,11 +19,12 @@ One architecture (``core.nextword``), four rows:
 Every row is scored on the same held-out batches (odd batches) of every unseen test speaker; accuracy
 excludes padding, out-of-vocabulary and end-of-sentence targets (the paper's convention). Hyper-parameters
 are chosen on validation speakers only: for each trained variant the client learning rate from
-``--client-lrs`` by validation loss after ``--tune-rounds`` rounds (reconstruction uses the same rate; so
-early, accuracy is still flat: the arg-max is often an excluded class such as OOV or EOS);
-the chosen trial then goes on to ``--rounds`` rounds (the same run as one started for the total: selection is
-seeded by round), and the round with the lowest validation loss is kept; the fine-tuning rate from
-``--finetune-lrs`` by validation accuracy. Test speakers are scored once per row.
+``--client-lrs`` (for the FedRecon variants, each paired with every reconstruction rate of ``--recon-lrs``)
+by validation loss after ``--tune-rounds`` rounds (loss, because so early accuracy is still flat: the
+arg-max is often an excluded class such as OOV or EOS); the chosen trial then goes on to ``--rounds``
+rounds (the same run as one started for the total: selection and shuffling are seeded by round), and the
+round with the lowest validation loss is kept; the fine-tuning rate from ``--finetune-lrs`` by validation
+accuracy. Test speakers are scored once per row.
 
 Bytes: each trained variant's task is served by a real coordinator (``fedrecon.server``) on loopback, and
 ``--byte-clients`` training speakers take part in its first round with the client library
@@ -77,11 +80,12 @@ ROWS = ("fedavg", "fedavg_finetune", "fedrecon_local_oov", "fedrecon_personal_la
 STEPS = ("0", "1", "5", "default")
 
 
-def training_config(variant: str, lr: float, args: argparse.Namespace) -> FedReconConfig:
-    """FedRecon's settings for ``variant`` at client (and reconstruction) learning rate ``lr``. The
-    all-global model trains on every batch (FedAvg); the others reconstruct on even batches, train on odd."""
+def training_config(variant: str, lr: float, recon_lr: float, args: argparse.Namespace) -> FedReconConfig:
+    """FedRecon's settings for ``variant`` at client learning rate ``lr`` and reconstruction rate
+    ``recon_lr`` (unused by the all-global model, which has nothing to reconstruct). The all-global model
+    trains on every batch (FedAvg); the others reconstruct on even batches, train on odd."""
     return FedReconConfig(
-        reconstruction_optimizer=OptimizerSpec("sgd", lr), client_optimizer=OptimizerSpec("sgd", lr),
+        reconstruction_optimizer=OptimizerSpec("sgd", recon_lr), client_optimizer=OptimizerSpec("sgd", lr),
         server_optimizer=OptimizerSpec(args.server_optimizer, args.server_lr),
         recon_epochs=1, recon_steps_max=args.steps_max, post_recon_epochs=1,
         post_recon_steps_max=args.steps_max,
@@ -99,7 +103,7 @@ def evaluation_config(config: FedReconConfig, steps: str) -> FedReconConfig:
 
 def settings_of(args: argparse.Namespace, rounds: int) -> SimulationSettings:
     return SimulationSettings(rounds=rounds, clients_per_round=args.clients_per_round,
-                              batch_size=args.batch_size,
+                              batch_size=args.batch_size, shuffle_each_round=True,
                               eval_every=max(1, rounds // args.evaluations), seed=args.seed)
 
 
@@ -126,6 +130,7 @@ class Run:
     sim: Simulation
     config: FedReconConfig
     lr: float
+    recon_lr: float
     state: ServerState
     best: ServerState
     best_metrics: dict[str, float]
@@ -134,7 +139,8 @@ class Run:
     wall_seconds: float = 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"client_lr": self.lr, "rounds": self.state.round_num, "wall_seconds": self.wall_seconds,
+        return {"client_lr": self.lr, "reconstruction_lr": self.recon_lr, "rounds": self.state.round_num,
+                "wall_seconds": self.wall_seconds,
                 "seconds_per_round": statistics.mean(self.seconds[1:] or self.seconds),
                 "first_round_seconds": self.seconds[0], "selected_round": int(self.best_metrics["round"]),
                 "validation_accuracy": self.best_metrics["accuracy"],
@@ -142,16 +148,17 @@ class Run:
                 "validation": [{k: m[k] for k in ("round", "loss", "accuracy")} for m in self.validation]}
 
 
-def start(variant: str, lr: float, sizes: NextWordSizes, data: FederatedText, args: argparse.Namespace,
-          *, rounds: int, eval_every: int) -> Run:
-    """The first ``rounds`` rounds of ``variant`` at client learning rate ``lr`` (a trial)."""
+def start(variant: str, lr: float, recon_lr: float, sizes: NextWordSizes, data: FederatedText,
+          args: argparse.Namespace, *, rounds: int, eval_every: int) -> Run:
+    """The first ``rounds`` rounds of ``variant`` at client learning rate ``lr`` and reconstruction rate
+    ``recon_lr`` (a trial)."""
     model = build(variant, sizes, data, args.seed)
-    config = training_config(variant, lr, args)
+    config = training_config(variant, lr, recon_lr, args)
     algorithm = FedRecon(model, config)
     sim = Simulation(algorithm, data.train, settings_of(args, 1),
                      eval_config=evaluation_config(config, "default"))
     state = algorithm.initial_state(args.seed)
-    run = Run(sim, config, lr, state, state, {"loss": float("inf"), "accuracy": -1.0, "round": 0})
+    run = Run(sim, config, lr, recon_lr, state, state, {"loss": float("inf"), "accuracy": -1.0, "round": 0})
     return extend(run, data, rounds=rounds, eval_every=eval_every)
 
 
@@ -256,15 +263,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="only write the architecture and vocabulary files of a coordinator's task for "
                              "--task-variant (deploy/tasks/nextword.toml names them), then stop")
     parser.add_argument("--task-variant", default="personal_layer", choices=sorted(set(TRAINED.values())))
-    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--tune-rounds", type=int, default=10, help="rounds of each learning-rate trial")
-    parser.add_argument("--clients-per-round", type=int, default=20)
+    parser.add_argument("--clients-per-round", type=int, default=10)
     parser.add_argument("--client-lrs", default="0.5,1.0", help="client learning rates tried per variant")
+    parser.add_argument("--recon-lrs", default="0.1,0.5",
+                        help="reconstruction rates tried with each client rate for the FedRecon variants "
+                             "(empty: the client rate)")
     parser.add_argument("--finetune-lrs", default="0.1,0.5,1.0", help="fine-tuning rates tried on FedAvg")
     parser.add_argument("--server-optimizer", default="adam", choices=("sgd", "adam", "yogi", "adagrad"))
-    parser.add_argument("--server-lr", type=float, default=0.01)
+    parser.add_argument("--server-lr", type=float, default=0.03)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps-max", type=int, default=4, help="cap on each client phase's steps")
+    parser.add_argument("--steps-max", type=int, default=8, help="cap on each client phase's steps")
     parser.add_argument("--vocab", type=int, default=2000, help="words in the vocabulary")
     parser.add_argument("--oov-buckets", type=int, default=50)
     parser.add_argument("--seq-len", type=int, default=16)
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=96)
     parser.add_argument("--min-words", type=int, default=100, help="speakers with fewer tokens are dropped")
     parser.add_argument("--max-examples", type=int, default=256, help="sequences kept per speaker")
-    parser.add_argument("--evaluations", type=int, default=4, help="validation evaluations per run")
+    parser.add_argument("--evaluations", type=int, default=8, help="validation evaluations per run")
     parser.add_argument("--byte-clients", type=int, default=5, help="clients whose bytes are counted")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -291,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         write_task_files(args.write_task, args.task_variant, sizes, data)
         return
     client_lrs = [float(v) for v in args.client_lrs.split(",")]
+    recon_lrs = [float(v) for v in args.recon_lrs.split(",") if v.strip()]
     finetune_lrs = [float(v) for v in args.finetune_lrs.split(",")]
     print(f"{args.data}: {len(texts)} speakers, {data.dropped_users} under {args.min_words} tokens dropped; "
           f"{len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test; "
@@ -303,16 +314,24 @@ def main(argv: list[str] | None = None) -> None:
     steps: dict[str, dict[str, float]] = {}
     fedavg_trained = None
     for row, variant in TRAINED.items():
-        trials = [start(variant, lr, sizes, data, args, rounds=args.tune_rounds, eval_every=args.tune_rounds)
-                  for lr in client_lrs]
+        grid = [(lr, lr) for lr in client_lrs] if variant == "global" else \
+            [(lr, rlr) for lr in client_lrs for rlr in (recon_lrs or [lr])]
+        trials = [start(variant, lr, rlr, sizes, data, args, rounds=args.tune_rounds,
+                        eval_every=args.tune_rounds) for lr, rlr in grid]
         for trial in trials:
-            print(f"  {row} trial lr {trial.lr:g}: validation loss {trial.best_metrics['loss']:.4f}, "
+            recon = "" if variant == "global" else f", reconstruction {trial.recon_lr:g}"
+            rates = f"lr {trial.lr:g}{recon}"
+            print(f"  {row} trial {rates}: "
+                  f"validation loss {trial.best_metrics['loss']:.4f}, "
                   f"accuracy {trial.best_metrics['accuracy']:.4f} after {args.tune_rounds} rounds",
                   flush=True)
         run = min(trials, key=lambda t: t.best_metrics["loss"])
-        lr = run.lr
-        kept = ("client_lr", "validation_accuracy", "validation_loss", "selected_round", "wall_seconds")
+        lr, recon_lr = run.lr, run.recon_lr
+        kept = ("client_lr", "reconstruction_lr", "validation_accuracy", "validation_loss", "selected_round",
+                "wall_seconds")
         tuning[row] = {"trials": [{k: t.info()[k] for k in kept} for t in trials], "client_lr": lr}
+        if variant != "global":
+            tuning[row]["reconstruction_lr"] = recon_lr
         del trials
         run = extend(run, data, rounds=args.rounds - args.tune_rounds,
                      eval_every=max(1, args.rounds // args.evaluations))
@@ -329,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
                           for s in STEPS}
         else:
             fedavg_trained = (model, config, state)
-        print(f"{row}: lr {lr:g}, test accuracy {test['accuracy']:.4f}, "
+        rates = f"lr {lr:g}" + ("" if variant == "global" else f", reconstruction {recon_lr:g}")
+        print(f"{row}: {rates}, test accuracy {test['accuracy']:.4f}, "
               f"down {wire['download_bytes_per_client']:,.0f} B, "
               f"up {wire['upload_bytes_per_client']:,.0f} B, "
               f"{info['seconds_per_round']:.2f} s/round", flush=True)
@@ -380,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
             "clients_per_round": args.clients_per_round,
             "batch_size": args.batch_size, "steps_max": args.steps_max, "seed": args.seed,
             "server_optimizer": {"name": args.server_optimizer, "learning_rate": args.server_lr},
-            "client_lr_grid": client_lrs, "finetune_lr_grid": finetune_lrs,
+            "client_lr_grid": client_lrs, "reconstruction_lr_grid": recon_lrs or "the client rate",
+            "finetune_lr_grid": finetune_lrs,
+            "client_data_order": "each chosen client's sequences shuffled afresh every training round "
+                                 "(by seed, round and speaker) before the step caps apply; evaluation "
+                                 "batches are never shuffled",
             "selection": "client learning rate by validation loss after tune_rounds; round by validation "
                          "loss; fine-tuning rate by validation accuracy; test speakers scored once per "
                          "row",
@@ -390,7 +414,9 @@ def main(argv: list[str] | None = None) -> None:
                               f"{args.byte_clients} clients' TCP connections (loopback relay), whole "
                               "participation in round 1 of a real coordinator, gRPC/HTTP/2 framing included",
             "tuning": tuning, "runs": runs,
-            "training": {row: training_config(variant, tuning[row]["client_lr"], args).to_dict()
+            "training": {row: training_config(variant, tuning[row]["client_lr"],
+                                              tuning[row].get("reconstruction_lr", tuning[row]["client_lr"]),
+                                              args).to_dict()
                          for row, variant in TRAINED.items()},
         },
         "machine": {**facts_before, "load_average_end": list(os.getloadavg())},

@@ -17,8 +17,9 @@ def test_nwp_table_writes_the_issues_json_with_measured_bytes(tmp_path: Path) ->
     out = tmp_path / "nwp.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "nwp_table.py"), "--data", "synthetic", "--out", str(out),
-         "--rounds", "2", "--tune-rounds", "1", "--client-lrs", "0.5", "--finetune-lrs", "0.5",
-         "--clients-per-round", "3", "--vocab", "60", "--oov-buckets", "5", "--embedding", "8",
+         "--rounds", "2", "--tune-rounds", "1", "--client-lrs", "0.5", "--recon-lrs", "0.5",
+         "--finetune-lrs", "0.5", "--clients-per-round", "3", "--vocab", "60", "--oov-buckets", "5",
+         "--embedding", "8",
          "--hidden", "8", "--byte-clients", "2", "--evaluations", "1", "--max-examples", "32"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

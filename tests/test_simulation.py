@@ -140,3 +140,25 @@ def test_packing_the_next_round_ahead_changes_nothing(xla: bool) -> None:
     assert ahead._next is not None and ahead._next[0] == 4  # round 4 was packed ahead
     ahead.close()
     assert ahead._next is None
+
+
+def test_shuffle_each_round_varies_a_capped_clients_batches_and_keeps_its_examples() -> None:
+    """With a step cap below a client's batches, an unshuffled client trains on the same first batches every
+    round; ``shuffle_each_round`` draws a new order per round (the same for the same seed and round)."""
+    from fedrecon.core.batching import ClientExamples
+    from fedrecon.simulations.runner import pack_group
+
+    config = FedReconConfig(split_dataset=False, post_recon_steps_max=1)
+    algorithm = FedRecon(MatrixFactorization(4, 2), config)
+    client = ClientExamples(x=np.arange(40, dtype=np.int32).reshape(40, 1) % 4,
+                            y=np.arange(40, dtype=np.float32))
+
+    def first_batch(round_num: int, shuffle: bool) -> list[float]:
+        settings = SimulationSettings(batch_size=5, shuffle_each_round=shuffle)
+        packed = pack_group(algorithm, [client], [3], settings=settings, round_num=round_num)
+        return sorted(packed.post_reconstruction.y[0, 0].tolist())
+
+    assert first_batch(1, False) == first_batch(2, False) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert first_batch(1, True) != first_batch(2, True)
+    assert first_batch(1, True) == first_batch(1, True)
+    assert set(first_batch(1, True)) <= set(client.y.tolist())
