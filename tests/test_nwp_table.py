@@ -44,3 +44,20 @@ def test_nwp_table_writes_the_issues_json_with_measured_bytes(tmp_path: Path) ->
     speakers = table["config"]["speakers"]
     assert speakers["validation"] >= 1 and speakers["test"] >= 1
     assert table["machine"]["cpus"] >= 1
+
+
+def test_nwp_central_keeps_the_epoch_of_lowest_validation_loss(tmp_path: Path) -> None:
+    """``benchmarks/nwp_central.py`` (the table's model trained centrally, the ceiling the table is read
+    against), small: every epoch scored on validation, the lowest-loss one kept and scored on test."""
+    out = tmp_path / "central.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "nwp_central.py"), "--data", "synthetic",
+         "--out", str(out), "--epochs", "3", "--vocab", "60", "--oov-buckets", "5", "--embedding", "8",
+         "--hidden", "8", "--max-examples", "32"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    losses = [e["validation_loss"] for e in result["epochs"]]
+    assert len(losses) == 3 and result["selected_epoch"] == 1 + losses.index(min(losses))
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0 and result["test"]["num_examples"] > 0
+    assert result["config"]["parameters"]["local"] == 0  # the all-global model, as the table's FedAvg row
