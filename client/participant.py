@@ -37,8 +37,7 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.model import ReconstructionModel
 from fedrecon.core.model_spec import model_from_config
 from fedrecon.protocol import Assignment, LatestModel, ReportOutcome, RetryLater, RoundOutcome
-from fedrecon.text_encoding import MAX_SEQUENCES_PER_USER, Vocabulary, encoding_of
-from fedrecon.text_encoding import examples as encode_texts
+from fedrecon.text_encoding import Vocabulary, device_examples, encoding_of
 
 if TYPE_CHECKING:  # TensorFlow: imported when a client step first runs, not with the library
     from fedrecon.core.client_work import ClientStep, ClientUpdate, EvaluationSums
@@ -136,11 +135,8 @@ class FederatedClient:
         or texts encoded with the task's vocabulary (at most ``MAX_SEQUENCES_PER_USER`` sequences)."""
         vocabulary, data = self.vocabulary(), self.examples()
         if not isinstance(data, ClientExamples):
-            if self._text is None:
-                raise ValueError(f"the app gave texts, but task {self.task!r}'s model takes no text (its "
-                                 "description has no text encoding): give ClientExamples")
             self.dropped_examples = 0
-            return encode_texts(data, *self._text, max_examples=MAX_SEQUENCES_PER_USER)
+            return device_examples(data, self._text, model=f"task {self.task!r}'s model")
         examples, self.dropped_examples = vocabulary.examples(data)
         return examples
 

@@ -24,15 +24,12 @@ from fedrecon.core.model_spec import model_from_config
 from fedrecon.text_encoding import (
     BOS,
     EOS,
-    MAX_SEQUENCES_PER_USER,
     PAD,
     SPECIAL,
     Vocabulary,
+    device_examples,
     encoding_of,
     prefix_window,
-)
-from fedrecon.text_encoding import (
-    examples as encode_texts,
 )
 
 if TYPE_CHECKING:
@@ -64,10 +61,7 @@ class Personalization:
 
         vocabulary = vocabulary or ItemVocabulary()
         if not isinstance(examples, ClientExamples):
-            if text is None:
-                raise ValueError("texts were given, but this model takes no text (its description has no "
-                                 "text encoding): give ClientExamples")
-            examples = encode_texts(examples, *text, max_examples=MAX_SEQUENCES_PER_USER)
+            examples = device_examples(examples, text, model="this model")
             if not len(examples):
                 raise ValueError("the texts hold no words to personalize from")
         dense, dropped = vocabulary.examples(examples)

@@ -87,14 +87,13 @@ def _load_users(data: str, model_spec_json: str, task_item_ids: tuple[int, ...],
     import json
 
     from fedrecon.simulations.text import load_texts, split_users
-    from fedrecon.text_encoding import MAX_SEQUENCES_PER_USER, encoding_of, examples
+    from fedrecon.text_encoding import device_examples, encoding_of
 
     encoding = encoding_of(json.loads(model_spec_json))
-    if encoding is not None:
-        vocabulary, seq_len = encoding
+    if encoding is not None:  # encoded as the client library encodes an app's texts
         texts = load_texts(data)
         parts = split_users(texts, seed=split_seed)
-        return ({i: examples(texts[parts.kept[i]], vocabulary, seq_len, max_examples=MAX_SEQUENCES_PER_USER)
+        return ({i: device_examples(texts[parts.kept[i]], encoding, model="the task's model")
                  for i in sorted(parts.ids(split))[:users]}, None)
     from fedrecon.simulations.ratings import load_dataset
 

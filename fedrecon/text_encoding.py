@@ -120,6 +120,17 @@ def examples(texts: Sequence[str], vocabulary: Vocabulary, seq_len: int, *, max_
     return ClientExamples(x=np.stack(xs), y=np.stack(ys))
 
 
+def device_examples(texts: Sequence[str], encoding: tuple[Vocabulary, int] | None, *, model: str
+                    ) -> ClientExamples:
+    """The texts an app gave the client library as ``model``'s examples, encoded with its task's
+    ``encoding`` (``encoding_of`` of its description) and capped as the simulation caps a user; a model
+    with no text encoding refuses them (``ValueError``: the app must give examples)."""
+    if encoding is None:
+        raise ValueError(f"texts were given, but {model} takes no text (its description has no text "
+                         "encoding): give ClientExamples")
+    return examples(texts, *encoding, max_examples=MAX_SEQUENCES_PER_USER)
+
+
 def text_description(vocabulary: Vocabulary, seq_len: int) -> dict[str, Any]:
     """The ``text`` field of a model description: how a device encodes its text for this model."""
     return {"words": list(vocabulary.words), "seq_len": seq_len, "oov_buckets": vocabulary.oov_buckets}
