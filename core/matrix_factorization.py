@@ -179,7 +179,9 @@ class MatrixFactorization(ReconstructionModel):
         if not self.shared_user:
             named.update(zip([v.name for v in self.local_variables], locals_, strict=True))
         user = named["user_embedding"]  # [C, F]
-        pred = tf.reduce_sum(tf.gather(named["item_embedding"], x) * user[:, None, :], axis=-1)
+        # One batched dot per step, not a product then a sum over F: XLA emits the sum as two kernels
+        # (F > 32 is split for precision), and per-step kernels are most of a lock-step round's cost.
+        pred = tf.einsum("cbf,cf->cb", tf.gather(named["item_embedding"], x), user)
         if self.use_biases:
             pred += tf.gather(named["item_bias"], x) + (named["user_bias"] + named["global_bias"])[:, None]
         return pred
