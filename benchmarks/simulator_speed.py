@@ -11,7 +11,8 @@ by XLA (``simulate --xla``); ``previous_path`` the same graph run op by op (the 
 added); ``one_client_at_a_time`` calls the client step once per client (what a device does, C = 1) and
 folds each update; ``tff`` is TFF 0.87's ``build_fed_recon`` in its own environment (``process.next`` timed
 inside the TFF process). Figures are medians over the rounds after the first (which includes tracing and
-compilation); compilation is reported separately.
+compilation); compilation is reported separately. The two lock-step paths also report the process's CPU
+seconds per round (every thread), steadier than wall time on a shared machine.
 
 ``--reference CHECKOUT`` also times the XLA lock-step path of another checkout of this project (one with its
 own ``.venv`` from ``make setup``, e.g. ``git worktree add ../ref <commit> && make -C ../ref setup``) in a
@@ -43,15 +44,28 @@ from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rn
 
 def _lockstep(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float]:
     """(median seconds per round after the first, seconds of the first round)."""
+    per_round, first, _ = _lockstep_with_cpu(data, rounds, xla=xla)
+    return per_round, first
+
+
+def _lockstep_with_cpu(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float, float]:
+    """``_lockstep`` and the median CPU seconds of the process per round after the first (every thread:
+    the round, the packing thread and TensorFlow's own). CPU time moves less than wall time when other
+    work shares the machine, so it is the steadier figure for comparing changes."""
     algorithm = FedRecon(MatrixFactorization(data.num_items, 50), FedReconConfig())
     sim = Simulation(algorithm, data.train, SimulationSettings(rounds=rounds, clients_per_round=100,
                                                                batch_size=5, xla=xla))
     state = algorithm.initial_state(0)
-    seconds = []
-    for _ in range(rounds + 1):
-        state, record = sim.run_round(state)
-        seconds.append(record.seconds)
-    return statistics.median(seconds[1:]), seconds[0]
+    seconds, cpu = [], []
+    try:
+        for _ in range(rounds + 1):
+            cpu_start = time.process_time()
+            state, record = sim.run_round(state)
+            cpu.append(time.process_time() - cpu_start)
+            seconds.append(record.seconds)
+    finally:
+        sim.close()
+    return statistics.median(seconds[1:]), seconds[0], statistics.median(cpu[1:])
 
 
 def _reference(checkout: Path, data: str, rounds: int) -> tuple[str, float, float]:
@@ -113,8 +127,8 @@ def main() -> None:
 
     data = load_dataset(args.data)
     load_start = os.getloadavg()
-    xla, xla_first = _lockstep(data, args.rounds, xla=True)
-    graph, graph_first = _lockstep(data, args.rounds, xla=False)
+    xla, xla_first, xla_cpu = _lockstep_with_cpu(data, args.rounds, xla=True)
+    graph, graph_first, graph_cpu = _lockstep_with_cpu(data, args.rounds, xla=False)
     slow = _one_by_one(data, args.one_by_one_rounds)
     reference = _reference(args.reference, args.data, args.rounds) if args.reference else None
     tff, tff_missing = (_tff(data, args.tff_rounds) if args.tff_rounds
@@ -126,6 +140,7 @@ def main() -> None:
         "seconds_per_round": {"fedrecon": xla, "previous_path": graph, "one_client_at_a_time": slow,
                               "tff": tff},
         "first_round_seconds": {"fedrecon": xla_first, "previous_path": graph_first},
+        "cpu_seconds_per_round": {"fedrecon": xla_cpu, "previous_path": graph_cpu},
         "speedup_vs_previous_path": graph / xla,
         "speedup_vs_tff": tff / xla if tff else None,
         "reference": ({"commit": reference[0], "seconds_per_round": reference[1],
@@ -137,8 +152,10 @@ def main() -> None:
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
         **kept,
     }
-    print(f"lock-step, XLA (fedrecon):       {xla * 1000:.1f} ms/round (first round {xla_first:.1f} s)")
-    print(f"lock-step, op by op (previous):  {graph * 1000:.1f} ms/round ({graph / xla:.2f}x slower)")
+    print(f"lock-step, XLA (fedrecon):       {xla * 1000:.1f} ms/round, CPU {xla_cpu * 1000:.1f} ms "
+          f"(first round {xla_first:.1f} s)")
+    print(f"lock-step, op by op (previous):  {graph * 1000:.1f} ms/round ({graph / xla:.2f}x slower), "
+          f"CPU {graph_cpu * 1000:.1f} ms")
     print(f"one client at a time:            {slow * 1000:.1f} ms/round ({slow / xla:.1f}x slower)")
     if reference:
         print(f"reference checkout ({reference[0]}):  {reference[1] * 1000:.1f} ms/round "
