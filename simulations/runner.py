@@ -16,7 +16,7 @@ import numpy as np
 from fedrecon.core.aggregation import Aggregator, ClientDeltas
 from fedrecon.core.algorithm import FedRecon, NonFiniteUpdate, ServerState
 from fedrecon.core.batching import ClientExamples, PackedClients, pack_clients
-from fedrecon.core.client_work import EvaluationSums, selection_value
+from fedrecon.core.client_work import EvaluationSums, StagedClients, selection_value
 from fedrecon.core.compression import DecodedUpdates, UploadCodec, roundtrip
 from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
@@ -215,9 +215,9 @@ def pack_group(algorithm: FedRecon, examples: Sequence[ClientExamples], users: S
                         step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1, bucket_rows=settings.xla)
 
 
-def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray], packed: PackedClients,
-                   users: Sequence[int], aggregate: Aggregator, *, settings: SimulationSettings,
-                   round_num: int) -> ShardTraining:
+def train_and_fold(algorithm: FedRecon, globals_: Sequence[np.ndarray],
+                   packed: PackedClients | StagedClients, users: Sequence[int], aggregate: Aggregator, *,
+                   settings: SimulationSettings, round_num: int) -> ShardTraining:
     """Run the client step for ``users`` (lock-step, one call) and fold their updates into ``aggregate``.
 
     The one implementation of a simulated group of clients: the whole round in process, or one shard of it
@@ -281,7 +281,7 @@ class Simulation:
         # The next round's clients, packed on a background thread while this round trains (packing is
         # numpy on the host; training is TensorFlow, which leaves the interpreter free meanwhile).
         self._packer: ThreadPoolExecutor | None = None
-        self._next: tuple[int, list[int], Future[PackedClients | None]] | None = None
+        self._next: tuple[int, list[int], Future[StagedClients | None]] | None = None
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
@@ -295,13 +295,14 @@ class Simulation:
                                      round_num=round_num)
         return finish_round(self.algorithm, state, aggregate, trained, num_clients=len(chosen), started=t0)
 
-    def _pack(self, round_num: int, chosen: list[int]) -> PackedClients | None:
+    def _pack(self, round_num: int, chosen: list[int]) -> StagedClients | None:
+        """Round ``round_num``'s group packed and staged as tensors (on the packing thread when ahead)."""
         if not chosen:
             return None
-        return pack_group(self.algorithm, [self.train[u] for u in chosen], chosen, settings=self.settings,
-                          round_num=round_num)
+        return StagedClients(pack_group(self.algorithm, [self.train[u] for u in chosen], chosen,
+                                        settings=self.settings, round_num=round_num))
 
-    def _packed(self, round_num: int, chosen: list[int]) -> PackedClients | None:
+    def _packed(self, round_num: int, chosen: list[int]) -> StagedClients | None:
         """Round ``round_num``'s packed clients: packed ahead if they were, else now."""
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == round_num and ahead[1] == chosen:
