@@ -2,8 +2,8 @@
 
 Each round selects the same users with the same seeds as the in-process simulator; each selected user is a
 ``FederatedClient`` that checks in, downloads, runs the shared client step with the same local initialisation
-(``local_rng(seed, round, user)``), and, when the task shuffles each round, the same order of its examples
-(``shuffle_rng(seed, round, user)``), and reports over gRPC. The coordinator folds the reports, applies the
+(``local_rng(seed, round, user)``) and, when the task shuffles each round, the same order of its examples
+(``shuffle_rng(seed, round, user)``), then reports over gRPC. The coordinator folds the reports, applies the
 same server step and commits to its store, and the simulation continues from the downloaded new version.
 So with the same seeds the model after N rounds equals the in-process one up to float summation order.
 """
