@@ -6,9 +6,10 @@
 Speakers are users (``simulations.text``: ``by_speaker.json`` of a folder, a JSON file, a folder of per-user
 texts, or ``synthetic``); speakers with fewer than ``--min-words`` tokens are dropped, the rest split by
 seed into training, validation and unseen test speakers; the vocabulary comes from training speakers only.
-Every training round shuffles each chosen speaker's sequences afresh (``shuffle_each_round``) before the
-step caps apply: without it a speaker with more batches than ``--steps-max`` would train on its first few
-batches every round and never on the rest of its text. One architecture (``core.nextword``), four rows:
+Every training round shuffles each chosen speaker's sequences afresh (``FedReconConfig.shuffle_each_round``,
+so the devices of the byte measurement shuffle too) before the step caps apply: without it a speaker with
+more batches than ``--steps-max`` would train on its first few batches every round and never on the rest
+of its text. One architecture (``core.nextword``), four rows:
 
 - ``fedavg``: everything global, every client trains on all its batches (FedAvg with ``--server-optimizer``);
 - ``fedavg_finetune``: the same trained model, fine-tuned (every variable) on each test speaker's
@@ -69,7 +70,7 @@ from fedrecon.server.app import start_server
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.store import SqlStore
 from fedrecon.simulations.grpc_transport import simulation_task
-from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rng, select_clients
+from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rng, select_clients, shuffle_rng
 from fedrecon.simulations.text import FederatedText, load_texts, split_texts, text_description
 from fedrecon.simulations.wire_tap import WireTap
 
@@ -89,7 +90,7 @@ def training_config(variant: str, lr: float, recon_lr: float, args: argparse.Nam
         server_optimizer=OptimizerSpec(args.server_optimizer, args.server_lr),
         recon_epochs=1, recon_steps_max=args.steps_max, post_recon_epochs=1,
         post_recon_steps_max=args.steps_max,
-        split_dataset=variant != "global")
+        split_dataset=variant != "global", shuffle_each_round=True)
 
 
 def evaluation_config(config: FedReconConfig, steps: str) -> FedReconConfig:
@@ -103,7 +104,7 @@ def evaluation_config(config: FedReconConfig, steps: str) -> FedReconConfig:
 
 def settings_of(args: argparse.Namespace, rounds: int) -> SimulationSettings:
     return SimulationSettings(rounds=rounds, clients_per_round=args.clients_per_round,
-                              batch_size=args.batch_size, shuffle_each_round=True,
+                              batch_size=args.batch_size,
                               eval_every=max(1, rounds // args.evaluations), seed=args.seed)
 
 
@@ -203,6 +204,7 @@ def measure_bytes(variant: str, model: Any, config: FedReconConfig, data: Federa
             with FederatedClient(None, task.name, f"speaker-{user}", data.train[user],
                                  channel=channel) as client:
                 report = client.participate(rng_for=lambda _a, u=user: local_rng(args.seed, 1, u),
+                                            order_rng_for=lambda _a, u=user: shuffle_rng(args.seed, 1, u),
                                             max_wait_s=120.0)
                 if not report.in_round:
                     raise RuntimeError(f"speaker {user}: {report.status} {report.message}")

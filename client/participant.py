@@ -162,9 +162,11 @@ class FederatedClient:
             self._cache = (version, names, arrays)
         return self._cache[1], self._cache[2]
 
-    def train(self, assignment: Assignment, rng: np.random.Generator | None = None
-              ) -> tuple[list[str], ClientUpdate]:
-        """Download and run the FedRecon client step for ``assignment``; nothing is sent."""
+    def train(self, assignment: Assignment, rng: np.random.Generator | None = None, *,
+              order_rng: np.random.Generator | None = None) -> tuple[list[str], ClientUpdate]:
+        """Download and run the FedRecon client step for ``assignment``; nothing is sent. ``rng`` draws the
+        fresh local variables and, when the task shuffles each round, ``order_rng`` the order of this
+        device's examples (both fresh entropy when absent: a new order every round)."""
         from fedrecon.core.client_work import client_update
 
         step = self.step_for(assignment.model_spec_json, assignment.training_config_json)
@@ -173,7 +175,7 @@ class FederatedClient:
         if names != expected:
             raise ValueError(f"coordinator sent variables {names}, the task's model has {expected}")
         update = client_update(step, globals_, self.model_examples(), batch_size=assignment.batch_size,
-                               rng=rng if rng is not None else np.random.default_rng())
+                               rng=rng if rng is not None else np.random.default_rng(), order_rng=order_rng)
         trainable = [names[i] for i in step.model.global_trainable]
         return trainable, update
 
@@ -197,14 +199,16 @@ class FederatedClient:
         return self._own_steps[key]
 
     def participate(self, *, rng_for: RngFor | None = None, upload_rng_for: RngFor | None = None,
-                    max_wait_s: float = 600.0) -> ReportOutcome:
+                    order_rng_for: RngFor | None = None, max_wait_s: float = 600.0) -> ReportOutcome:
         """Take part in one round: check in, download, reconstruct and train, report. A refused report is
         an outcome with its ``status`` (the round's answer), not an exception; an unreachable coordinator
         (retries spent) raises ``grpc.RpcError``. ``rng_for`` seeds the fresh local variables and
         ``upload_rng_for`` the stochastic rounding of a quantised upload (simulations reproduce a round
-        with them; a device leaves both to fresh entropy)."""
+        with them; a device leaves both to fresh entropy). ``order_rng_for`` likewise draws the order of the
+        device's examples when the task shuffles them each round (``FedReconConfig.shuffle_each_round``)."""
         assignment = self.check_in(max_wait_s=max_wait_s)
-        names, update = self.train(assignment, rng_for(assignment) if rng_for else None)
+        names, update = self.train(assignment, rng_for(assignment) if rng_for else None,
+                                   order_rng=order_rng_for(assignment) if order_rng_for else None)
         try:
             if assignment.secure_aggregation:  # masked, through the round's secure stages (secure_report)
                 try:

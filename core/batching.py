@@ -35,6 +35,12 @@ class ClientExamples:
         return len(self.y)
 
 
+def shuffled(examples: ClientExamples, rng: np.random.Generator) -> ClientExamples:
+    """``examples`` in an order drawn from ``rng`` (``FedReconConfig.shuffle_each_round``)."""
+    order = rng.permutation(len(examples))
+    return ClientExamples(x=examples.x[order], y=examples.y[order])
+
+
 @dataclass(frozen=True)
 class StepBatches:
     """Padded batches, step-major: ``x`` ``[S, C, B, ...]``, ``y`` ``[S, C, B, ...]`` and ``mask``
@@ -111,6 +117,7 @@ def pack_clients(
     *,
     batch_size: int,
     local_rngs: Sequence[np.random.Generator],
+    order_rngs: Sequence[np.random.Generator] | None = None,
     evaluation: bool = False,
     step_multiple: int = 1,
     bucket_rows: bool = False,
@@ -124,11 +131,21 @@ def pack_clients(
     ``step_multiple`` pads each phase's step count up to a multiple with all-masked steps (exact no-ops):
     fewer distinct shapes for a compiler that specialises on them (``ClientStep(xla=True)``);
     ``bucket_rows`` does the same for the model's views (``ReconstructionModel.build_views``).
+
+    With ``config.shuffle_each_round`` a training pack first puts each client's examples in an order drawn
+    from its ``order_rngs`` generator: the one place data order is decided, for the simulator (generators
+    seeded by seed, round and user) and a device (fresh entropy, ``client_update``). They must be given
+    then, so that no caller shuffles from an unseeded generator by accident. An evaluation pack never
+    shuffles (held-out batches stay fixed).
     """
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     if len(local_rngs) != len(clients):
         raise ValueError("one random generator per client is required")
+    if config.shuffle_each_round and not evaluation:
+        if order_rngs is None or len(order_rngs) != len(clients):
+            raise ValueError("shuffle_each_round: one order generator per client is required (order_rngs)")
+        clients = [shuffled(c, rng) for c, rng in zip(clients, order_rngs, strict=True)]
     views = model.build_views([c.x for c in clients], bucket_rows=bucket_rows)
     ys = [np.asarray(c.y, np.float32) for c in clients]
     recon_epochs = config.recon_epochs

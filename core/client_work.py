@@ -537,9 +537,18 @@ class ClientStep:
 
 
 def client_update(step: ClientStep, globals_: Sequence[np.ndarray], examples: ClientExamples, *,
-                  batch_size: int, rng: np.random.Generator) -> ClientUpdate:
-    """One device's FedRecon work: the same graph as the simulator, with one client."""
-    packed = pack_clients(step.model, [examples], step.config, batch_size=batch_size, local_rngs=[rng])
+                  batch_size: int, rng: np.random.Generator,
+                  order_rng: np.random.Generator | None = None) -> ClientUpdate:
+    """One device's FedRecon work: the same graph as the simulator, with one client.
+
+    ``rng`` draws the fresh local variables. When the task shuffles (``shuffle_each_round``) ``order_rng``
+    draws this round's order of the examples; absent, a generator of fresh entropy does, so each round a
+    device trains on a new order (a simulation passes one seeded by (seed, round, user) to match the
+    in-process run)."""
+    if step.config.shuffle_each_round and order_rng is None:
+        order_rng = np.random.default_rng()
+    packed = pack_clients(step.model, [examples], step.config, batch_size=batch_size, local_rngs=[rng],
+                          order_rngs=None if order_rng is None else [order_rng])
     result = step.train(globals_, packed, weighted=False)
     examples_seen = float(result.post_examples[0])
     metrics = {"post_recon_examples": examples_seen,

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
+#: ``FedReconConfig``'s on/off settings: a task file must give each as a boolean.
+BOOLEAN_FIELDS = ("split_dataset", "jointly_train_variables", "shuffle_each_round")
+
 
 class ClientWeighting(StrEnum):
     """How a client's update is weighted in the server's mean."""
@@ -69,8 +74,20 @@ class FedReconConfig:
     # Evaluation of unseen users reconstructs with these settings (defaults: same as training).
     eval_recon_epochs: int | None = None
     eval_recon_steps_max: int | None = None
+    # Put the client's examples in a fresh order every training round, before its batches are scheduled.
+    # Off, both phases always start from the client's first batch, so with a step cap a client holding
+    # more batches than the cap trains on the same first batches every round and never on the rest. It is
+    # part of the training recipe, so it travels with the task to devices (which draw the order from fresh
+    # entropy; the simulator from (seed, round, user)). Evaluation never shuffles: held-out batches stay
+    # the same for every model scored.
+    shuffle_each_round: bool = False
 
     def __post_init__(self) -> None:
+        for name in BOOLEAN_FIELDS:  # TOML/JSON hand-written: "yes" or 1 must not pass as a switch
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"{name} must be true or false, not {value!r}")
+            object.__setattr__(self, name, bool(value))
         if self.recon_epochs < 0 or self.post_recon_epochs < 0:
             raise ValueError("epochs must be non-negative")
         for name in ("recon_steps_max", "post_recon_steps_max", "eval_recon_steps_max"):

@@ -92,6 +92,11 @@ def simulate(
         help="even batches reconstruct, odd batches train/evaluate (default on)")] = None,
     joint: Annotated[bool | None, typer.Option(help="train local variables in the global update too")]
     = None,
+    shuffle_each_round: Annotated[bool | None, typer.Option(
+        help="put each chosen client's examples in a fresh order every training round before the step caps "
+             "apply (by seed, round and user; a served task's devices draw it at random): without it a "
+             "client with more batches than a cap trains on the same first ones every round (default off, "
+             "or the task's [training] shuffle_each_round)")] = None,
     uniform_weights: Annotated[bool | None, typer.Option(help="weight clients equally, not by examples")]
     = None,
     clip: Annotated[bool, typer.Option(help="clip predictions to the rating range at evaluation")] = False,
@@ -261,7 +266,8 @@ def _resolve(f: dict[str, Any]) -> _Run:
     cli: dict[str, Any] = {}
     for flag, key in (("recon_epochs", "recon_epochs"), ("post_recon_epochs", "post_recon_epochs"),
                       ("recon_l2", "reconstruction_l2"), ("eval_recon_epochs", "eval_recon_epochs"),
-                      ("split", "split_dataset"), ("joint", "jointly_train_variables")):
+                      ("split", "split_dataset"), ("joint", "jointly_train_variables"),
+                      ("shuffle_each_round", "shuffle_each_round")):
         if f[flag] is not None:
             cli[key] = f[flag]
     for flag in ("recon_steps_max", "post_recon_steps_max", "eval_recon_steps_max"):

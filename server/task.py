@@ -14,6 +14,7 @@ Written by people as TOML (or JSON), for example::
     [training]                       # FedReconConfig fields; omitted ones keep the reference defaults
     recon_epochs = 5
     server_optimizer = { name = "sgd", learning_rate = 1.0 }
+    shuffle_each_round = true        # devices put their examples in a fresh order every round (default false)
 
     [rounds]
     clients_per_round = 100

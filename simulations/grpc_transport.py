@@ -2,7 +2,8 @@
 
 Each round selects the same users with the same seeds as the in-process simulator; each selected user is a
 ``FederatedClient`` that checks in, downloads, runs the shared client step with the same local initialisation
-(``local_rng(seed, round, user)``) and reports over gRPC. The coordinator folds the reports, applies the
+(``local_rng(seed, round, user)``) and, when the task shuffles each round, the same order of its examples
+(``shuffle_rng(seed, round, user)``), then reports over gRPC. The coordinator folds the reports, applies the
 same server step and commits to its store, and the simulation continues from the downloaded new version.
 So with the same seeds the model after N rounds equals the in-process one up to float summation order.
 """
@@ -29,6 +30,7 @@ from fedrecon.simulations.runner import (
     SimulationSettings,
     local_rng,
     select_clients,
+    shuffle_rng,
     upload_rng,
 )
 
@@ -97,6 +99,7 @@ class GrpcRounds:
         client = FederatedClient(None, self.task.name, f"user-{user}", self.train[user], channel=self.channel)
         report = client.participate(rng_for=lambda _a: local_rng(self.settings.seed, round_num, user),
                                     upload_rng_for=lambda _a: upload_rng(self.settings.seed, round_num, user),
+                                    order_rng_for=lambda _a: shuffle_rng(self.settings.seed, round_num, user),
                                     max_wait_s=60.0)
         if not report.in_round:
             raise RuntimeError(f"user {user}: report refused in round {round_num}: {report.status} "

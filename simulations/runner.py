@@ -43,12 +43,8 @@ class SimulationSettings:
     # Compile the training rounds' client step with XLA (``ClientStep(xla=True)``): same results within
     # float rounding, several times less CPU per round once compiled (a few seconds, once per shape).
     xla: bool = False
-    # Shuffle each chosen client's examples afresh every training round (by seed, round and user) before
-    # its batches are scheduled. Off, a client's phases always start from its first batch, so with a step
-    # cap a client with more batches than the cap trains on the same first few batches every round and
-    # never sees the rest (the next-word table lost most of its text that way). Evaluation never shuffles:
-    # held-out batches stay the same for every model scored.
-    shuffle_each_round: bool = False
+    # (Shuffling a client's examples each round is a training setting: ``FedReconConfig.shuffle_each_round``,
+    # so a task sends it to devices and ``--transport grpc`` shuffles as this simulator does.)
 
 @dataclass
 class RoundRecord:
@@ -101,14 +97,9 @@ def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
 
 
 def shuffle_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
-    """The generator of a client's example order in a training round (``shuffle_each_round``)."""
+    """The generator of a client's example order in a training round (``FedReconConfig.shuffle_each_round``;
+    the same in process and over gRPC)."""
     return np.random.default_rng([seed, round_num, user_id, 0x5F1E])
-
-
-def shuffled(examples: ClientExamples, rng: np.random.Generator) -> ClientExamples:
-    """``examples`` in an order drawn from ``rng``."""
-    order = rng.permutation(len(examples))
-    return ClientExamples(x=examples.x[order], y=examples.y[order])
 
 
 def upload_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
@@ -205,13 +196,13 @@ def pack_group(algorithm: FedRecon, examples: Sequence[ClientExamples], users: S
                settings: SimulationSettings, round_num: int) -> PackedClients:
     """A group of a round's clients packed for the lock-step client step, with their fresh locals seeded
     by (seed, round, user): it depends on nothing but the data and the round, never on the model, so a
-    round can be packed while the one before it trains. With ``settings.shuffle_each_round`` each client's
-    examples are first put in an order drawn by (seed, round, user)."""
-    if settings.shuffle_each_round:
-        examples = [shuffled(c, shuffle_rng(settings.seed, round_num, u))
-                    for c, u in zip(examples, users, strict=True)]
+    round can be packed while the one before it trains. With ``config.shuffle_each_round`` each client's
+    examples are first put in an order drawn by (seed, round, user) (``shuffle_rng``: a device over
+    ``--transport grpc`` is given the same one)."""
     return pack_clients(algorithm.model, examples, algorithm.config, batch_size=settings.batch_size,
                         local_rngs=[local_rng(settings.seed, round_num, u) for u in users],
+                        order_rngs=([shuffle_rng(settings.seed, round_num, u) for u in users]
+                                    if algorithm.config.shuffle_each_round else None),
                         step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1, bucket_rows=settings.xla)
 
 

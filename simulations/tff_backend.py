@@ -127,6 +127,10 @@ class TffEngine:
             raise ValueError("TFF's build_fed_recon draws the local variables' start once, when it builds "
                              "the client computation, so every client starts from the same vector: run the "
                              "TFF backend with local_init 'shared' (what TFF does) or 'zeros'")
+        if config.shuffle_each_round:  # TFF batches the examples in the order sent once (see above)
+            raise ValueError("the TFF backend batches each user's examples in one fixed order: it cannot "
+                             "shuffle them each round: run it without shuffle_each_round "
+                             "(--no-shuffle-each-round)")
         self.model = model
         interpreter = python or tff_python()  # before anything is created that would need cleaning up
         if not WORKER.is_file():

@@ -48,6 +48,28 @@ def test_grpc_rounds_equal_in_process_rounds_on_movielens(ml_2998_dir: Path) -> 
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_grpc_rounds_equal_in_process_rounds_when_clients_shuffle_each_round() -> None:
+    """With ``shuffle_each_round`` and one-step phases (so the order decides what a client trains on), the
+    devices behind the coordinator are handed the simulator's (seed, round, user) order: the same model
+    within 1e-5, and a different one from the same rounds unshuffled."""
+    data = load_dataset("synthetic", seed=42)
+    model = MatrixFactorization(data.num_items, 8, use_biases=True, initial_offset=data.mean_rating)
+    config = FedReconConfig(recon_epochs=1, recon_steps_max=1, post_recon_epochs=1, post_recon_steps_max=1,
+                            shuffle_each_round=True)
+    settings = SimulationSettings(rounds=3, clients_per_round=10, batch_size=5, seed=3)
+    start, local, remote, _, stored = _in_process_and_over_grpc(model, config, data.train, settings)
+    assert [r.num_accepted for r in stored] == [10] * 3
+    unshuffled = FedRecon(model, config.replace(shuffle_each_round=False))
+    fixed_order, _ = Simulation(unshuffled, data.train, settings).run(start, keep_best=False)
+    order_matters = max(float(np.abs(a - b).max())
+                        for a, b in zip(local.globals, fixed_order.globals, strict=True))
+    assert order_matters > 1e-3  # shuffling changed what was trained on, so agreement is not trivial
+    difference = max(float(np.abs(a - b).max()) for a, b in zip(local.globals, remote.globals, strict=True))
+    print(f"shuffled: order changed the model by {order_matters:.4g}, in-process/grpc difference "
+          f"{difference:.3g}")
+    assert difference <= 1e-5
+
+
 def test_simulate_command_with_grpc_transport(tmp_path: Path) -> None:
     args = ["simulate", "--data", "synthetic", "--rounds", "2", "--clients-per-round", "10", "--factors", "8",
             "--eval-every", "2", "--out", str(tmp_path)]
@@ -87,7 +109,8 @@ def test_grpc_rounds_equal_in_process_rounds_for_next_word_prediction(variant: s
 def test_simulate_command_with_grpc_transport_on_a_next_word_task(tmp_path: Path) -> None:
     """``fedrecon simulate --config`` a Keras next-word task file (architecture and vocabulary files, as
     deploy/tasks/nextword.toml has them; small here) on synthetic text: in process and ``--transport grpc``
-    write the same model, within 1e-5."""
+    write the same model, within 1e-5, with each device's sequences shuffled every round (as nextword.toml
+    does)."""
     texts = synthetic_texts()  # what `--data synthetic` reads for a text task
     vocabulary = split_texts(texts, vocab_size=40, seq_len=6, oov_buckets=4).vocabulary
     sizes = NextWordSizes(vocabulary.size, seq_len=6, embedding=8, hidden=8, oov_buckets=4)
@@ -110,6 +133,7 @@ recon_epochs = 1
 recon_steps_max = 2
 post_recon_epochs = 1
 post_recon_steps_max = 2
+shuffle_each_round = true
 [rounds]
 clients_per_round = 4
 """)

@@ -53,6 +53,9 @@ def test_the_deploy_task_agrees_with_its_vocabulary() -> None:
     assert layers["logits"]["config"]["units"] == classes
     assert layers["embedding"]["config"]["input_dim"] == classes
     assert spec.model["local_layers"] == ["adapter"]
+    # Up to 256 sequences (16 batches of 16) a device against 8-step phases: devices must shuffle.
+    assert spec.training.shuffle_each_round is True
+    assert spec.batch_size * spec.training.post_recon_steps_max < 256
 
 
 def test_a_device_encodes_its_text_with_the_tasks_vocabulary() -> None:

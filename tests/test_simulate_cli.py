@@ -91,7 +91,7 @@ def test_task_file_configures_simulate_and_flags_override_it(tmp_path: Path) -> 
                     '[model]\nkind = "matrix_factorization"\nnum_items = 600\nnum_factors = 6\n'
                     'use_biases = true\n'
                     '[training]\nrecon_epochs = 2\nrecon_steps_max = 7\nreconstruction_l2 = 0.01\n'
-                    'client_optimizer = { learning_rate = 0.3 }\n'
+                    'client_optimizer = { learning_rate = 0.3 }\nshuffle_each_round = true\n'
                     '[rounds]\nclients_per_round = 15\nmax_rounds = 3\n'
                     '[aggregation]\nmax_update_norm = 5.0\n')
     code, output = _simulate("--config", str(task), "--recon-steps-max", "none", "--post-recon-steps-max",
@@ -108,6 +108,7 @@ def test_task_file_configures_simulate_and_flags_override_it(tmp_path: Path) -> 
     assert (config["eval_recon_epochs"], config["eval_recon_steps_max"]) == (3, 9)
     assert config["client_optimizer"] == {**config["client_optimizer"], "name": "sgd", "learning_rate": 0.3}
     assert config["server_optimizer"]["learning_rate"] == 0.5
+    assert config["shuffle_each_round"] is True  # the task's, which no flag overrides here
     assert spec["aggregation"]["max_update_norm"] == 5.0
 
 
@@ -119,8 +120,15 @@ def test_bad_configuration_is_one_line(tmp_path: Path) -> None:
     assert code == 2 and "nope" in _error_line(output), output
     code, output = _simulate("--recon-steps-max", "lots", "--out", str(tmp_path / "run"))
     assert code == 2 and "--recon-steps-max takes a number of steps or 'none'" in _error_line(output)
-    code, output = _simulate("--recon-l2", "0.5", "--rounds", "1", "--out", str(tmp_path / "run"), *SMALL)
+    bad.write_text('name = "sim"\n[model]\nkind = "matrix_factorization"\nnum_items = 3\n'
+                   '[training]\nshuffle_each_round = "yes"\n')
+    code, output = _simulate("--config", str(bad), "--out", str(tmp_path / "run"))
+    assert code == 2 and "shuffle_each_round must be true or false" in _error_line(output), output
+    code, output = _simulate("--recon-l2", "0.5", "--shuffle-each-round", "--rounds", "1", "--out",
+                             str(tmp_path / "run"), *SMALL)
     assert code == 0, output
+    config = json.loads((tmp_path / "run" / "metrics.json").read_text())["spec"]["config"]
+    assert config["shuffle_each_round"] is True and config["reconstruction_l2"] == 0.5
 
 
 def test_bad_data_is_one_line(tmp_path: Path) -> None:

@@ -144,17 +144,18 @@ def test_packing_the_next_round_ahead_changes_nothing(xla: bool) -> None:
 
 def test_shuffle_each_round_varies_a_capped_clients_batches_and_keeps_its_examples() -> None:
     """With a step cap below a client's batches, an unshuffled client trains on the same first batches every
-    round; ``shuffle_each_round`` draws a new order per round (the same for the same seed and round)."""
+    round; ``shuffle_each_round`` draws a new order per round (the same for the same seed and round).
+    Evaluation packs never shuffle."""
     from fedrecon.core.batching import ClientExamples
     from fedrecon.simulations.runner import pack_group
 
-    config = FedReconConfig(split_dataset=False, post_recon_steps_max=1)
-    algorithm = FedRecon(MatrixFactorization(4, 2), config)
     client = ClientExamples(x=np.arange(40, dtype=np.int32).reshape(40, 1) % 4,
                             y=np.arange(40, dtype=np.float32))
+    settings = SimulationSettings(batch_size=5)
 
     def first_batch(round_num: int, shuffle: bool) -> list[float]:
-        settings = SimulationSettings(batch_size=5, shuffle_each_round=shuffle)
+        config = FedReconConfig(split_dataset=False, post_recon_steps_max=1, shuffle_each_round=shuffle)
+        algorithm = FedRecon(MatrixFactorization(4, 2), config)
         packed = pack_group(algorithm, [client], [3], settings=settings, round_num=round_num)
         return sorted(packed.post_reconstruction.y[0, 0].tolist())
 
@@ -162,3 +163,8 @@ def test_shuffle_each_round_varies_a_capped_clients_batches_and_keeps_its_exampl
     assert first_batch(1, True) != first_batch(2, True)
     assert first_batch(1, True) == first_batch(1, True)
     assert set(first_batch(1, True)) <= set(client.y.tolist())
+    shuffling = FedRecon(MatrixFactorization(4, 2), FedReconConfig(shuffle_each_round=True))
+    sim = Simulation(shuffling, {}, settings)
+    held_out = [sim.evaluate_sums(shuffling.initial_state(0), {3: client}) for _ in range(2)]
+    assert held_out[0] is not None and held_out[1] is not None
+    assert held_out[0].squared_error == held_out[1].squared_error  # the same held-out batches, unshuffled
