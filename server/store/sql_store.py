@@ -856,7 +856,7 @@ def _participation_values(round_id: int, p: Participation) -> dict[str, Any]:
     values = {"round_id": round_id, "client_key": p.client_key, "outcome": Outcome(p.outcome),
               "weight": float(p.weight), "metrics": _json_metrics(p.metrics), "reason": p.reason,
               "update_digest": p.digest}
-    check_values(ParticipationRow.__table__, values)
+    check_values(ParticipationRow, values)
     return values
 
 
