@@ -58,6 +58,14 @@ the phases, so per N:
 - ``peak_rss_mb``: the coordinator's VmHWM at the end of the run; ``peak_rss_ratio`` (top level) = peak
   RSS at the largest N / at the smallest N (target: 1.5 at most from 100 to 10,000).
 
+- ``grpc_floor`` (unless ``--no-floor``): after the coordinator, the same rounds (same N, rounds,
+  over-selection, prepared reports, generator) against a bare grpc.aio server (``grpc_floor.py``: the same
+  service and server options, a ReportUpdate that reads the stream and discards it, a CheckIn and a
+  DownloadModel that answer with bytes made at start), its process CPU read the same way:
+  ``cpu_ms_per_report`` and ``cpu_ms_per_selected_client`` are what gRPC itself costs here, and
+  ``coordinator_over_floor_per_report`` / ``_per_selected_client`` = coordinator / floor. The floor's
+  download must be the coordinator's, byte for byte in size, or the run fails.
+
 Rounds per N default to enough for about 2,000 reports (CPU time is read in clock ticks of 10 ms). The
 machine's load average is recorded: the CPU figures are CPU time, so other load slows the run but does
 not enter them (beyond cache effects).
@@ -77,6 +85,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +105,8 @@ from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.tensors import DEFAULT_CHUNK_BYTES, TensorLayout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the generator module beside this script
-from load_generator import Generator, prepare_update, realistic_delta
+from grpc_floor import FloorProcess
+from load_generator import Generator, PreparedUpdate, prepare_update, realistic_delta
 
 TASK_NAME = "movielens-load"
 LIGHT_REPORTS_TARGET = 2000  # default rounds per N give about this many reports
@@ -305,10 +315,77 @@ def delta_layouts(spec: TaskSpec) -> list[TensorLayout]:
                          tuple(model.global_variables[i].shape)) for i in model.global_trainable]
 
 
+@dataclass
+class PhaseTotals:
+    """CPU (of the serving process) and wall seconds of the selection and report phases of a run's rounds."""
+
+    select_cpu: float = 0.0
+    report_cpu: float = 0.0
+    select_wall: float = 0.0
+    report_wall: float = 0.0
+    downloaded: int = 0
+    retries: int = 0
+    rss_after_round_mb: list[float] = field(default_factory=list)
+
+
+def drive_rounds(label: str, pid: int, generator: Generator, ids: list[str], n: int, rounds: int
+                 ) -> PhaseTotals:
+    """``rounds`` rounds against the server ``pid``: every id checks in and downloads, then the first
+    ``n`` report; its CPU read between the phases (``proc_cpu_s``), so each phase is measured alone."""
+    goal, reporting = len(ids), ids[:n]
+    totals = PhaseTotals()
+    for k in range(1, rounds + 1):
+        cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
+        assigned, down, waits = generator.select(ids)
+        cpu1, t1 = proc_cpu_s(pid), time.perf_counter()
+        if assigned != goal:
+            raise RuntimeError(f"{label} round {k}: {assigned} of {goal} clients assigned")
+        accepted, refused = generator.report(reporting)
+        cpu2, t2 = proc_cpu_s(pid), time.perf_counter()
+        if accepted != n or refused:
+            raise RuntimeError(f"{label} round {k}: {accepted} of {n} reports accepted, {refused} refused")
+        totals.select_cpu += cpu1 - cpu0
+        totals.report_cpu += cpu2 - cpu1
+        totals.select_wall += t1 - t0
+        totals.report_wall += t2 - t1
+        totals.downloaded += down
+        totals.retries += waits
+        totals.rss_after_round_mb.append(proc_memory_kb(pid)["VmRSS"] / 1024)
+        print(f"  {label} N={n} round {k}/{rounds}: select {t1 - t0:.2f} s "
+              f"({1000 * (cpu1 - cpu0) / goal:.2f} ms CPU/client), report {t2 - t1:.2f} s "
+              f"({1000 * (cpu2 - cpu1) / n:.2f} ms CPU/report), "
+              f"RSS {totals.rss_after_round_mb[-1]:.0f} MB", flush=True)
+    return totals
+
+
+def run_floor(task_file: Path, workdir: Path, updates: list[PreparedUpdate], ids: list[str], n: int,
+              rounds: int, *, processes: int, threads: int) -> dict[str, Any]:
+    """The same rounds, reports and generator against the bare gRPC server (``grpc_floor``): what gRPC
+    alone costs per report and per selected client on this machine, in this run."""
+    floor = FloorProcess(task_file, workdir)
+    generator = None
+    try:
+        time.sleep(1.0)  # as for the coordinator: start-up settles before the first reading
+        generator = Generator(floor.address, TASK_NAME, updates, processes=processes, threads=threads)
+        totals = drive_rounds("floor", floor.proc.pid, generator, ids, n, rounds)
+    finally:
+        if generator is not None:
+            generator.close()
+        code = floor.stop()
+    if code != 0:
+        raise RuntimeError(f"the gRPC floor server exited with status {code}")
+    return {"cpu_ms_per_report": 1000 * totals.report_cpu / (n * rounds),
+            "cpu_ms_per_selected_client": 1000 * totals.select_cpu / (len(ids) * rounds),
+            "reports_per_s_wall": n * rounds / totals.report_wall,
+            "download_bytes_per_client": totals.downloaded / (len(ids) * rounds),
+            "cpu_s": {"select": totals.select_cpu, "report": totals.report_cpu}}
+
+
 def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, workdir: Path, *,
-                    over_selection: float, processes: int, threads: int, codec: UploadCodec
-                    ) -> dict[str, Any]:
-    """One coordinator process, ``rounds`` rounds of N reports from the lightweight generator."""
+                    over_selection: float, processes: int, threads: int, codec: UploadCodec,
+                    floor: bool = True) -> dict[str, Any]:
+    """One coordinator process, ``rounds`` rounds of N reports from the lightweight generator; then (with
+    ``floor``) the same against the bare gRPC server."""
     task_file = workdir / "task.toml"
     spec = write_task(task_file, data, n, rounds, factors, over_selection=over_selection, codec=codec)
     goal = spec.rounds.selection_goal
@@ -317,7 +394,6 @@ def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, w
     updates = [prepare_update(layouts, realistic_delta(layouts, rng), codec, rng=rng) for _ in range(8)]
     store_url = f"sqlite:///{workdir / 'coordinator.db'}"
     ids = [f"load-{i}" for i in range(goal)]
-    reporting, stragglers = ids[:n], ids[n:]
 
     coordinator = CoordinatorProcess(task_file, store_url, workdir, timeout_s=180.0)
     pid = coordinator.proc.pid
@@ -326,29 +402,7 @@ def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, w
         time.sleep(1.0)  # let start-up settle before the baseline reading
         startup = proc_memory_kb(pid)
         generator = Generator(coordinator.address, TASK_NAME, updates, processes=processes, threads=threads)
-        select_cpu = report_cpu = select_wall = report_wall = 0.0
-        downloaded = retries = 0
-        rss_after_round_mb = []
-        for k in range(1, rounds + 1):
-            cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
-            assigned, down, waits = generator.select(ids)
-            cpu1, t1 = proc_cpu_s(pid), time.perf_counter()
-            if assigned != goal:
-                raise RuntimeError(f"round {k}: {assigned} of {goal} clients assigned")
-            accepted, refused = generator.report(reporting)
-            cpu2, t2 = proc_cpu_s(pid), time.perf_counter()
-            if accepted != n or refused:
-                raise RuntimeError(f"round {k}: {accepted} of {n} reports accepted, {refused} refused")
-            select_cpu += cpu1 - cpu0
-            report_cpu += cpu2 - cpu1
-            select_wall += t1 - t0
-            report_wall += t2 - t1
-            downloaded += down
-            retries += waits
-            rss_after_round_mb.append(proc_memory_kb(pid)["VmRSS"] / 1024)
-            print(f"  N={n} round {k}/{rounds}: select {t1 - t0:.2f} s ({1000 * (cpu1 - cpu0) / goal:.2f} ms "
-                  f"CPU/client), report {t2 - t1:.2f} s ({1000 * (cpu2 - cpu1) / n:.2f} ms CPU/report), "
-                  f"RSS {rss_after_round_mb[-1]:.0f} MB", flush=True)
+        totals = drive_rounds("coordinator", pid, generator, ids, n, rounds)
         peak = proc_memory_kb(pid)
     except BaseException:
         print(coordinator.log_text()[-3000:], file=sys.stderr)
@@ -370,29 +424,49 @@ def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, w
         raise RuntimeError(f"store check failed for N={n}: {len(committed)} of {rounds} rounds committed "
                            f"with {n} reports; rounds {seen}")
     reports = n * rounds
-    cpu_ms = 1000 * report_cpu / reports
-    return {
+    cpu_ms = 1000 * totals.report_cpu / reports
+    result = {
         "clients": n,
         "selected_per_round": goal,
-        "stragglers_per_round": len(stragglers),
+        "stragglers_per_round": goal - n,
         "rounds": rounds,
         "rounds_committed": len(committed),
         "upload_codec": codec.value,
         "report_bytes": updates[0].payload_bytes,
         "coordinator_cpu_ms_per_report": cpu_ms,
         "reports_per_s_per_core": 1000 / cpu_ms if cpu_ms > 0 else None,
-        "reports_per_s_wall": reports / report_wall,
-        "coordinator_cpu_ms_per_selected_client": 1000 * select_cpu / (goal * rounds),
-        "selected_per_s_wall": goal * rounds / select_wall,
-        "download_bytes_per_client": downloaded / (goal * rounds),
+        "reports_per_s_wall": reports / totals.report_wall,
+        "coordinator_cpu_ms_per_selected_client": 1000 * totals.select_cpu / (goal * rounds),
+        "selected_per_s_wall": goal * rounds / totals.select_wall,
+        "download_bytes_per_client": totals.downloaded / (goal * rounds),
         "coordinator_seconds_per_round": statistics.median(float(r.metrics["seconds"]) for r in committed),
         "startup_rss_mb": startup["VmRSS"] / 1024,
         "peak_rss_mb": peak["VmHWM"] / 1024,
         "peak_growth_mb": (peak["VmHWM"] - startup["VmRSS"]) / 1024,
-        "rss_after_round_mb": rss_after_round_mb,
-        "client_retry_waits": retries,
-        "coordinator_cpu_s": {"select": select_cpu, "report": report_cpu},
+        "rss_after_round_mb": totals.rss_after_round_mb,
+        "client_retry_waits": totals.retries,
+        "coordinator_cpu_s": {"select": totals.select_cpu, "report": totals.report_cpu},
     }
+    if floor:
+        result["grpc_floor"] = floor_figures = run_floor(task_file, workdir, updates, ids, n, rounds,
+                                                         processes=processes, threads=threads)
+        if floor_figures["download_bytes_per_client"] != result["download_bytes_per_client"]:
+            raise RuntimeError(f"the floor server's download "
+                               f"({floor_figures['download_bytes_per_client']} B) is not the "
+                               f"coordinator's ({result['download_bytes_per_client']} B)")
+        result.update(ratios(result, floor_figures))
+    return result
+
+
+def ratios(run: dict[str, Any], floor: dict[str, Any]) -> dict[str, float | None]:
+    """Coordinator / floor CPU per report and per selected client (None when the floor read 0 ticks)."""
+    def ratio(ours: float, theirs: float) -> float | None:
+        return ours / theirs if theirs > 0 else None
+
+    return {"coordinator_over_floor_per_report": ratio(run["coordinator_cpu_ms_per_report"],
+                                                       floor["cpu_ms_per_report"]),
+            "coordinator_over_floor_per_selected_client": ratio(run["coordinator_cpu_ms_per_selected_client"],
+                                                                floor["cpu_ms_per_selected_client"])}
 
 
 def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[str, Any]:
@@ -407,20 +481,14 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
             runs.append(run_lightweight(n, r, args.factors, data, Path(tmp),
                                         over_selection=args.over_selection,
                                         processes=args.generator_processes, threads=args.generator_threads,
-                                        codec=UploadCodec(args.upload_codec)))
+                                        codec=UploadCodec(args.upload_codec), floor=args.floor))
             runs[-1]["wall_s"] = time.perf_counter() - t0
             runs[-1]["load_average_after"] = os.getloadavg()[0]
-    print(f"{'clients':>8} {'rounds':>6} {'report B':>10} {'CPU ms/report':>14} {'reports/s/core':>15} "
-          f"{'reports/s wall':>15} {'CPU ms/selected':>16} {'peak RSS MB':>12}")
-    for r in runs:
-        print(f"{r['clients']:>8} {r['rounds']:>6} {r['report_bytes']:>10,} "
-              f"{r['coordinator_cpu_ms_per_report']:>14.3f} "
-              f"{r['reports_per_s_per_core'] or 0:>15.1f} {r['reports_per_s_wall']:>15.1f} "
-              f"{r['coordinator_cpu_ms_per_selected_client']:>16.3f} {r['peak_rss_mb']:>12.1f}")
+    print_lightweight_table(runs)
+    summary = ("coordinator_cpu_ms_per_report", "reports_per_s_per_core", "peak_rss_mb")
     result: dict[str, Any] = {"mode": "lightweight", "runs": runs,
-                              "by_clients": {str(r["clients"]): {
-                                  k: r[k] for k in ("coordinator_cpu_ms_per_report", "reports_per_s_per_core",
-                                                    "peak_rss_mb")} for r in runs}}
+                              "by_clients": {str(r["clients"]): {k: r[k] for k in summary} | floor_summary(r)
+                                             for r in runs}}
     if len(runs) > 1:
         small, large = min(runs, key=lambda x: x["clients"]), max(runs, key=lambda x: x["clients"])
         result["peak_rss_ratio"] = large["peak_rss_mb"] / small["peak_rss_mb"]
@@ -438,6 +506,35 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def floor_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The floor's figures beside the coordinator's in ``by_clients`` (nothing when it was not run)."""
+    if "grpc_floor" not in run:
+        return {}
+    return {"floor_cpu_ms_per_report": run["grpc_floor"]["cpu_ms_per_report"],
+            "coordinator_over_floor_per_report": run["coordinator_over_floor_per_report"],
+            "coordinator_cpu_ms_per_selected_client": run["coordinator_cpu_ms_per_selected_client"],
+            "floor_cpu_ms_per_selected_client": run["grpc_floor"]["cpu_ms_per_selected_client"],
+            "coordinator_over_floor_per_selected_client": run["coordinator_over_floor_per_selected_client"]}
+
+
+def print_lightweight_table(runs: list[dict[str, Any]]) -> None:
+    def ms(value: float | None, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+    print(f"{'clients':>8} {'rounds':>6} {'report B':>10} {'CPU ms/report':>14} {'floor':>7} {'ratio':>6} "
+          f"{'reports/s/core':>15} {'reports/s wall':>15} {'CPU ms/selected':>16} {'floor':>7} {'ratio':>6} "
+          f"{'peak RSS MB':>12}")
+    for r in runs:
+        floor = r.get("grpc_floor", {})
+        print(f"{r['clients']:>8} {r['rounds']:>6} {r['report_bytes']:>10,} "
+              f"{r['coordinator_cpu_ms_per_report']:>14.3f} {ms(floor.get('cpu_ms_per_report'), 7)} "
+              f"{ms(r.get('coordinator_over_floor_per_report'), 6)} "
+              f"{r['reports_per_s_per_core'] or 0:>15.1f} {r['reports_per_s_wall']:>15.1f} "
+              f"{r['coordinator_cpu_ms_per_selected_client']:>16.3f} "
+              f"{ms(floor.get('cpu_ms_per_selected_client'), 7)} "
+              f"{ms(r.get('coordinator_over_floor_per_selected_client'), 6)} {r['peak_rss_mb']:>12.1f}")
 
 
 def code_version() -> dict[str, Any]:
@@ -503,6 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--generator-threads", type=int, default=8, help="threads per generator process")
     parser.add_argument("--upload-codec", default="none", choices=[c.value for c in UploadCodec],
                         help="--lightweight: the task's upload codec")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="--lightweight: skip the bare gRPC server run (grpc_floor.py) after each N")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("benchmarks/results/coordinator_load_lightweight.json" if args.lightweight

@@ -279,12 +279,27 @@ class DecodedUpdates:
 FOLD_BLOCK = 1 << 16
 
 
+#: A dense tensor with non-zero values in at most this share of its rows is folded row by row.
+SPARSE_ROW_SHARE = 0.25
+
+
 def add_scaled_into(acc: np.ndarray, x: np.ndarray, a: float | np.floating) -> None:
     """``acc += x * a`` in float64, block by block: the same values as the one-line form (each block is
     the float64 product, then the add), without a float64 temporary the size of the whole model per
-    report. ``acc`` is a float64 running sum of ``x``'s shape."""
+    report. ``acc`` is a float64 running sum of ``x``'s shape.
+
+    A matrix whose rows are mostly all zero (a matrix-factorization client's item embeddings: only the
+    items it trained on move) has only its non-zero rows added (``_add_rows_into``), so the fold reads
+    and writes a few rows of the float64 sums instead of all of them. The values are the same bit for
+    bit: a zero row adds ``±0.0``, which changes no running sum (they start at ``+0.0``, and a float64 sum
+    that comes back to zero is ``+0.0``)."""
+    values = np.asarray(x)
+    rows = _non_zero_rows(values)
+    if rows is not None:
+        _add_rows_into(acc.reshape(len(values), -1), values.reshape(len(values), -1), rows, a)
+        return
     flat = acc.reshape(-1)  # a view: the running sums are contiguous
-    values = np.asarray(x).reshape(-1)
+    values = values.reshape(-1)
     if values.size <= FOLD_BLOCK:
         flat += values * np.float64(a)
         return
@@ -294,6 +309,30 @@ def add_scaled_into(acc: np.ndarray, x: np.ndarray, a: float | np.floating) -> N
         part = scratch[:end - start]
         np.multiply(values[start:end], np.float64(a), out=part)
         np.add(flat[start:end], part, out=flat[start:end])
+
+
+def _non_zero_rows(values: np.ndarray) -> np.ndarray | None:
+    """The indices of the rows of a float32 matrix (or higher) with a non-zero bit, when they are at most
+    `SPARSE_ROW_SHARE` of its rows; else None (fold it densely). Read as integers (OR of each row's
+    bits): a float reduction along the rows is several times slower, and -0.0 merely counts as
+    non-zero."""
+    if values.ndim < 2 or values.dtype != np.float32 or not values.flags.c_contiguous or len(values) < 2:
+        return None
+    bits = values.reshape(len(values), -1).view(np.uint32)
+    if np.count_nonzero(bits) > SPARSE_ROW_SHARE * bits.size:  # surely dense: one fast pass says so
+        return None
+    rows = np.flatnonzero(np.bitwise_or.reduce(bits, axis=1))
+    return rows if len(rows) <= SPARSE_ROW_SHARE * len(values) else None
+
+
+def _add_rows_into(acc: np.ndarray, values: np.ndarray, rows: np.ndarray, a: float | np.floating) -> None:
+    """``acc[rows] += values[rows] * a`` in float64 (rows unique), a block of rows at a time: temporaries of
+    at most `FOLD_BLOCK` values."""
+    step = max(1, FOLD_BLOCK // max(1, values.shape[1]))
+    scale = np.float64(a)
+    for start in range(0, len(rows), step):
+        block = rows[start:start + step]
+        acc[block] += np.multiply(values[block], scale, dtype=np.float64)
 
 
 def _shape(t: UpdateTensor) -> tuple[int, ...]:

@@ -177,6 +177,18 @@ class RunningServer:
         self.stop()
 
 
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive: Keepalive | None = None
+                   ) -> list[tuple[str, int]]:
+    """The grpc.aio server's options (message limits, no BDP probing, keepalive): one list, so that the
+    coordinator and the bare gRPC server its load benchmark compares it with (``benchmarks/grpc_floor.py``)
+    run on the same settings."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.so_reuseport", 0),
+            *(keepalive or Keepalive()).channel_options()]
+
+
 def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  tick_s: float = 0.2, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
@@ -234,11 +246,7 @@ def start_server(coordinator: Coordinator, *, host: str = "127.0.0.1", port: int
     if health_probe_s is not None:
         health = StoreHealth(coordinator.store.ping, [SERVICE], every_s=health_probe_s)
         health.probe_now()  # the first health check is answered with what the store says
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.http2.bdp_probe", 0),
-               ("grpc.so_reuseport", 0),
-               *keepalive.channel_options()]
+    options = server_options(max_message_bytes, keepalive)
     started: Future[tuple[grpc.aio.Server, asyncio.AbstractEventLoop, int]] = Future()
 
     async def serve() -> tuple[grpc.aio.Server, int]:

@@ -86,6 +86,9 @@ class CoordinatorServicer:
         # Every client of a round downloads the same version: encode it once, not once per client.
         self._downloads: OrderedDict[tuple[int, int], list[bytes]] = OrderedDict()
         self._downloads_lock = threading.Lock()
+        # A round's first downloads arrive together, all missing the cache: one of them encodes the
+        # version while the others wait for it, instead of each encoding its own copy.
+        self._encoding_lock = threading.Lock()
 
     def streams_open(self) -> dict[str, int]:
         """Report streams and downloads holding a slot now (read from other threads for tests and figures:
@@ -388,23 +391,29 @@ class CoordinatorServicer:
         """The encoded stream of a version; only the server's own chunk size is cached, so no caller can
         fill the cache with odd encodings."""
         names, arrays = self.coordinator.model_arrays(task, version)  # refuses unknown tasks and versions
-        key = (version, chunk)
-        with self._downloads_lock:
-            if key in self._downloads:
-                self._downloads.move_to_end(key)
-                return self._downloads[key]
-        messages = [m.SerializeToString() for m in tensor_stream(names, arrays, chunk)]
         if chunk != self.max_chunk_bytes:
-            return messages
-        with self._downloads_lock:
-            self._downloads[key] = messages
-            while len(self._downloads) > 2:  # the current version and perhaps the one before
-                self._downloads.popitem(last=False)
+            return _encoded(names, arrays, chunk)
+        key = (version, chunk)
+        with self._encoding_lock:
+            with self._downloads_lock:
+                if key in self._downloads:
+                    self._downloads.move_to_end(key)
+                    return self._downloads[key]
+            messages = _encoded(names, arrays, chunk)
+            with self._downloads_lock:
+                self._downloads[key] = messages
+                while len(self._downloads) > 2:  # the current version and perhaps the one before
+                    self._downloads.popitem(last=False)
         return messages
 
 
 _ROUND_STATES = {RoundState.OPEN: pb.ROUND_STATE_OPEN, RoundState.COMMITTED: pb.ROUND_STATE_COMMITTED,
                  RoundState.FAILED: pb.ROUND_STATE_FAILED}
+
+
+def _encoded(names: list[str], arrays: list[Any], chunk: int) -> list[bytes]:
+    """A version's download stream, serialized."""
+    return [m.SerializeToString() for m in tensor_stream(names, arrays, chunk)]
 
 
 def _parse(message_type: type[M], data: bytes) -> M:

@@ -130,9 +130,20 @@ def test_coordinator_load_lightweight_smoke_writes_the_documented_json(tmp_path:
         assert run["report_bytes"] > (600 * 9 + 1) * 4  # the plain float32 delta, plus framing
         assert run["download_bytes_per_client"] > (600 * 9 + 1) * 4
         assert run["coordinator_cpu_ms_per_report"] >= 0 and run["peak_rss_mb"] >= run["startup_rss_mb"] > 10
+        # The bare gRPC server, driven by the same generator: its download the coordinator's size, its CPU
+        # read, the ratio the coordinator's over it (None only when the floor read no clock tick at all).
+        floor = run["grpc_floor"]
+        assert floor["download_bytes_per_client"] == run["download_bytes_per_client"]
+        assert floor["cpu_ms_per_report"] >= 0 and floor["cpu_ms_per_selected_client"] >= 0
+        if floor["cpu_ms_per_report"] > 0:
+            assert run["coordinator_over_floor_per_report"] == (run["coordinator_cpu_ms_per_report"]
+                                                                / floor["cpu_ms_per_report"])
     for n in ("4", "8"):
-        assert set(result["by_clients"][n]) == {"coordinator_cpu_ms_per_report", "reports_per_s_per_core",
-                                                "peak_rss_mb"}
+        assert set(result["by_clients"][n]) == {
+            "coordinator_cpu_ms_per_report", "reports_per_s_per_core", "peak_rss_mb",
+            "floor_cpu_ms_per_report", "coordinator_over_floor_per_report",
+            "coordinator_cpu_ms_per_selected_client", "floor_cpu_ms_per_selected_client",
+            "coordinator_over_floor_per_selected_client"}
     assert result["peak_rss_ratio"] == large["peak_rss_mb"] / small["peak_rss_mb"]
     assert len(result["setup"]["load_average_before"]) == 3
 

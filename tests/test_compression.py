@@ -30,6 +30,7 @@ from fedrecon.core.compression import (
     EncodedTensor,
     RowSparse,
     UploadCodec,
+    add_scaled_into,
     decode,
     encode,
     encode_update,
@@ -428,3 +429,28 @@ def test_a_retried_compressed_report_is_idempotent(tmp_path: Path) -> None:
         channel.close()
     assert first.accepted and not again.accepted and "already accepted" in again.message
     assert other.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("shape", "touched", "row_by_row"), [
+    ((3615, 51), 150, True), ((40, 3, 4), 5, True), ((64, 8), 16, True), ((64, 8), 17, False),
+    ((64, 8), 0, True), ((2047, 256), 2047, False), ((300,), 10, False)])
+def test_folding_a_mostly_zero_update_row_by_row_gives_the_dense_sums_bit_for_bit(
+        shape: tuple[int, ...], touched: int, row_by_row: bool) -> None:
+    """``add_scaled_into`` adds only the non-zero rows of a matrix whose rows are mostly zero (at most
+    ``SPARSE_ROW_SHARE``: 16 of 64 rows here, not 17): successive folds, one with a row of -0.0, match
+    ``acc += float64(x) * a`` exactly, whichever path each took."""
+    from fedrecon.core.compression import _non_zero_rows
+
+    rng = np.random.default_rng(touched)
+    acc, expected = np.zeros(shape), np.zeros(shape)
+    for fold in range(4):
+        x = np.zeros(shape, np.float32)
+        rows = rng.choice(shape[0], touched, replace=False)
+        x[rows] = rng.normal(0.0, 1.0, (touched, *shape[1:]))
+        if fold == 2:
+            x[rows[:1] if touched else 0] = -0.0
+        assert (_non_zero_rows(x) is not None) == row_by_row
+        a = float(rng.uniform(0.0, 100.0))
+        add_scaled_into(acc, x, a)
+        expected += x.astype(np.float64) * np.float64(a)
+        assert acc.tobytes() == expected.tobytes()

@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,3 +233,38 @@ def test_idle_connections_are_closed_by_the_server(tmp_path: Path) -> None:
     finally:
         server.stop()
         store.close()
+
+
+def test_a_version_is_encoded_once_when_its_first_downloads_arrive_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round's first downloads all miss the cache at once: one encodes the version, the others wait for
+    it and get the same messages (each encoding only starts once every caller has arrived, so without the
+    single encoder every caller would encode)."""
+    from fedrecon.server import servicer as servicer_module
+
+    callers = 8
+    encodings: list[int] = []
+    arrived, everyone = [0], threading.Event()
+    lock = threading.Lock()
+    real = servicer_module._encoded
+
+    def counted(*args: object) -> list[bytes]:
+        encodings.append(1)
+        assert everyone.wait(timeout=120)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(servicer_module, "_encoded", counted)
+    with SqlStore(f"sqlite:///{tmp_path / 's.db'}") as store:
+        servicer = servicer_module.CoordinatorServicer(Coordinator(store, _task()))
+
+        def download() -> list[bytes]:
+            with lock:
+                arrived[0] += 1
+                if arrived[0] == callers:
+                    everyone.set()
+            return servicer._download_messages("streams", 0, servicer.max_chunk_bytes)
+
+        with ThreadPoolExecutor(max_workers=callers) as pool:
+            streams = list(pool.map(lambda _: download(), range(callers)))
+    assert len(encodings) == 1
+    assert all(s is streams[0] for s in streams) and len(streams[0]) >= 2  # the manifest, then chunks

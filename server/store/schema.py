@@ -11,6 +11,7 @@ These classes never leave the store: `sql_store` converts rows into the plain re
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -243,11 +244,16 @@ def check_fits(row: Base) -> None:
     Called for every new or changed row before a flush, so a bad value is refused in Python with a message
     naming the column, the same way on every backend, and never reaches the database as a ``DataError``.
     """
-    for column in row.__table__.columns:
-        value = getattr(row, column.key, None)
+    check_values(type(row), {column.key: getattr(row, column.key, None) for column in row.__table__.columns})
+
+
+def check_values(model: type[Base], values: Mapping[str, Any]) -> None:
+    """``check_fits`` for a row of ``model`` given as column values (a bulk insert, which no flush sees)."""
+    for column in model.__table__.columns:
+        value = values.get(column.key)
         if value is None or isinstance(value, bool):
             continue
-        where = f"{row.__tablename__}.{column.key}"
+        where = f"{model.__tablename__}.{column.key}"
         kind = column.type
         if isinstance(kind, Integer) and isinstance(value, int):
             lo, hi = INTEGER_RANGE
