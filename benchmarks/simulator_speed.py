@@ -12,12 +12,16 @@ added); ``one_client_at_a_time`` calls the client step once per client (what a d
 folds each update; ``tff`` is TFF 0.87's ``build_fed_recon`` in its own environment (``process.next`` timed
 inside the TFF process). Figures are medians over the rounds after the first (which includes tracing and
 compilation); compilation is reported separately. The two lock-step paths also report the process's CPU
-seconds per round (every thread), steadier than wall time on a shared machine.
+seconds per round (every thread), steadier than wall time on a shared machine. A whole process runs fast or
+slow on this shared machine (a run's median moved by a third from one process to the next), so the XLA path
+runs ``--repeats`` times (the first in this process, the others in fresh processes) and its figure is the
+median over those runs; ``runs_seconds_per_round`` lists them.
 
 ``--reference CHECKOUT`` also times the XLA lock-step path of another checkout of this project (one with its
 own ``.venv`` from ``make setup``, e.g. ``git worktree add ../ref <commit> && make -C ../ref setup``) in a
-subprocess in the same run, with its own code: ``reference`` and ``speedup_vs_reference`` say what a
-change bought on the same machine at the same load. Keys other than these (``ray``, ``population_1e6``,
+subprocess in the same run, with its own code, ``--repeats`` times alternating with this checkout's runs:
+``reference`` and ``speedup_vs_reference`` (medians over runs) say what a change bought on the same machine
+at the same load. Keys other than these (``ray``, ``population_1e6``,
 written by ``simulator_scale.py``) are kept.
 """
 
@@ -28,6 +32,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +45,8 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.matrix_factorization import MatrixFactorization
 from fedrecon.simulations.ratings import FederatedRatings, load_dataset
 from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rng, select_clients
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _lockstep(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float]:
@@ -68,17 +75,26 @@ def _lockstep_with_cpu(data: FederatedRatings, rounds: int, *, xla: bool) -> tup
     return statistics.median(seconds[1:]), seconds[0], statistics.median(cpu[1:])
 
 
-def _reference(checkout: Path, data: str, rounds: int) -> tuple[str, float, float]:
-    """The XLA lock-step path of another checkout, timed by that checkout's own ``_lockstep``."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); from simulator_speed import _lockstep; "
+def _fresh_run(checkout: Path, data: str, rounds: int, python: str | None = None
+               ) -> tuple[float, float, float | None]:
+    """The XLA lock-step path of a checkout (this one or a reference with its own ``.venv``) in a fresh
+    process, timed by that checkout's own code: (median seconds per round, first round, median CPU
+    seconds per round, or None from a checkout that does not measure CPU)."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import simulator_speed as s; "
             "from fedrecon.simulations.ratings import load_dataset; "
-            f"print(json.dumps(_lockstep(load_dataset({str(Path(data).resolve())!r}), {rounds}, xla=True)))")
-    done = subprocess.run([str(checkout / ".venv" / "bin" / "python"), "-c", code], cwd=checkout,
+            f"d = load_dataset({str(Path(data).resolve())!r}); "
+            "f = getattr(s, '_lockstep_with_cpu', None); "
+            f"r = f(d, {rounds}, xla=True) if f else (*s._lockstep(d, {rounds}, xla=True), None); "
+            "print(json.dumps(r))")
+    done = subprocess.run([python or str(checkout / ".venv" / "bin" / "python"), "-c", code], cwd=checkout,
                           capture_output=True, text=True, check=True)
-    per_round, first = json.loads(done.stdout.strip().splitlines()[-1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    return commit, float(per_round), float(first)
+    per_round, first, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(per_round), float(first), None if cpu is None else float(cpu)
+
+
+def _commit(checkout: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=checkout, capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def _one_by_one(data: FederatedRatings, rounds: int) -> float:
@@ -122,15 +138,30 @@ def main() -> None:
     parser.add_argument("--tff-rounds", type=int, default=6, help="0 leaves TFF out")
     parser.add_argument("--reference", type=Path, default=None,
                         help="another checkout (with its .venv) whose XLA lock-step path is timed too")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the XLA path (the first in this process, the others and every "
+                             "reference run each in a fresh process, alternating); the figure: their median")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     data = load_dataset(args.data)
     load_start = os.getloadavg()
-    xla, xla_first, xla_cpu = _lockstep_with_cpu(data, args.rounds, xla=True)
+    xla_runs = [_lockstep_with_cpu(data, args.rounds, xla=True)]
     graph, graph_first, graph_cpu = _lockstep_with_cpu(data, args.rounds, xla=False)
     slow = _one_by_one(data, args.one_by_one_rounds)
-    reference = _reference(args.reference, args.data, args.rounds) if args.reference else None
+    # A fresh process runs fast or slow as a whole on this shared machine (a run's median moved by a third
+    # between processes): the figure is the median over runs, alternating with the reference's.
+    reference_runs = []
+    for repeat in range(args.repeats):
+        if args.reference:
+            reference_runs.append(_fresh_run(args.reference, args.data, args.rounds))
+        if repeat:
+            xla_runs.append(_fresh_run(REPO, args.data, args.rounds, python=sys.executable))
+    xla = statistics.median(r[0] for r in xla_runs)
+    xla_first = xla_runs[0][1]
+    xla_cpu = statistics.median(r[2] for r in xla_runs if r[2] is not None)
+    reference = ((_commit(args.reference), statistics.median(r[0] for r in reference_runs),
+                  reference_runs[0][1]) if args.reference else None)
     tff, tff_missing = (_tff(data, args.tff_rounds) if args.tff_rounds
                         else (None, "not asked (--tff-rounds 0)"))
 
@@ -147,6 +178,9 @@ def main() -> None:
                        "first_round_seconds": reference[2]} if reference else None),
         "speedup_vs_reference": reference[1] / xla if reference else None,
         "tff_missing": tff_missing,
+        "repeats": args.repeats,
+        "runs_seconds_per_round": {"fedrecon": [r[0] for r in xla_runs],
+                                   "reference": [r[0] for r in reference_runs] or None},
         "rounds": args.rounds, "one_by_one_rounds": args.one_by_one_rounds, "tff_rounds": args.tff_rounds,
         "clients_per_round": 100, "data": Path(args.data).name, "cpus": os.cpu_count(),
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
@@ -157,9 +191,11 @@ def main() -> None:
     print(f"lock-step, op by op (previous):  {graph * 1000:.1f} ms/round ({graph / xla:.2f}x slower), "
           f"CPU {graph_cpu * 1000:.1f} ms")
     print(f"one client at a time:            {slow * 1000:.1f} ms/round ({slow / xla:.1f}x slower)")
+    print(f"  runs: {', '.join(f'{r[0] * 1000:.1f}' for r in xla_runs)} ms/round")
     if reference:
         print(f"reference checkout ({reference[0]}):  {reference[1] * 1000:.1f} ms/round "
-              f"({reference[1] / xla:.2f}x slower)")
+              f"({reference[1] / xla:.2f}x slower; runs: "
+              f"{', '.join(f'{r[0] * 1000:.1f}' for r in reference_runs)})")
     if tff:
         print(f"TFF build_fed_recon:             {tff * 1000:.1f} ms/round ({tff / xla:.0f}x slower)")
     else:
