@@ -49,16 +49,11 @@ from fedrecon.simulations.runner import Simulation, SimulationSettings, local_rn
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _lockstep(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float]:
-    """(median seconds per round after the first, seconds of the first round)."""
-    per_round, first, _ = _lockstep_with_cpu(data, rounds, xla=xla)
-    return per_round, first
-
-
 def _lockstep_with_cpu(data: FederatedRatings, rounds: int, *, xla: bool) -> tuple[float, float, float]:
-    """``_lockstep`` and the median CPU seconds of the process per round after the first (every thread:
-    the round, the packing thread and TensorFlow's own). CPU time moves less than wall time when other
-    work shares the machine, so it is the steadier figure for comparing changes."""
+    """(median seconds per round after the first, seconds of the first round, median CPU seconds of the
+    process per round after the first). The CPU counts every thread: the round, the packing thread and
+    TensorFlow's own. It moves less than wall time when other work shares the machine, so it is the
+    steadier figure for comparing changes."""
     algorithm = FedRecon(MatrixFactorization(data.num_items, 50), FedReconConfig())
     sim = Simulation(algorithm, data.train, SimulationSettings(rounds=rounds, clients_per_round=100,
                                                                batch_size=5, xla=xla))
