@@ -134,6 +134,22 @@ class PendingCheck:
 
 
 @dataclass
+class PendingCheckIn:
+    """What ``Coordinator.begin_check_in`` leaves for ``settle_check_in``."""
+
+    caller: Caller
+    key: str
+    decision: Assigned | RetryLater | Busy
+    effects: list[Effect]
+    started: float  # time.monotonic() at the check-in: the bound on waiting for a busy round starts here
+
+    @property
+    def needs_io(self) -> bool:
+        """Whether ``settle_check_in`` may call the store or wait (else it only builds the answer)."""
+        return bool(self.effects) or isinstance(self.decision, Busy)
+
+
+@dataclass
 class PendingReport:
     """What ``Coordinator.fold_report`` leaves for ``settle_report``."""
 
@@ -568,6 +584,14 @@ class Coordinator:
 
         While a round is being opened or committed (a store write, outside the lock) the check-in waits for
         it, up to `BUSY_WAIT_S`, instead of being sent away for a whole retry window."""
+        return self.settle_check_in(self.begin_check_in(task_name, client, protocol_version))
+
+    def begin_check_in(self, task_name: str, client: str | Caller, protocol_version: int) -> PendingCheckIn:
+        """``check_in`` up to its first I/O or wait: the refusals, the caller's check-in budget and the
+        machine's decision, under the lock; no store call. A check-in into an open round (every check-in
+        of a round but the one that opens it) needs nothing more, so the servicer answers it on its event
+        loop; ``needs_io`` says whether ``settle_check_in`` may block (a round to open in the store, or
+        someone else's store write to wait for) and so belongs on a thread."""
         if protocol_version != PROTOCOL_VERSION:
             self._count("protocol_version")
             raise Refusal(Status.FAILED_PRECONDITION, "protocol_version",
@@ -577,24 +601,33 @@ class Coordinator:
         self._require_leader()
         caller = client if isinstance(client, Caller) else Caller.trusted(client)
         key = self.client_key(caller)
-        give_up = time.monotonic() + BUSY_WAIT_S
+        started = time.monotonic()
         with self._lock:
-            self._admit_check_in(caller, key, self._clock())
+            now = self._clock()
+            self._admit_check_in(caller, key, now)  # spent once, however long the check-in then waits
+            decision = self.machine.check_in(key, caller, now)
+            effects = self.machine.take_effects()
+        return PendingCheckIn(caller, key, decision, effects, started)
+
+    def settle_check_in(self, pending: PendingCheckIn) -> Assignment | RetryLater:
+        """The rest of ``check_in`` (see ``begin_check_in``): perform the effects outside the lock (opening
+        the round), wait for another caller's store write (``Busy``) and ask the machine again."""
+        decision, effects = pending.decision, pending.effects
+        give_up = pending.started + BUSY_WAIT_S
         while True:
-            with self._lock:
-                decision = self.machine.check_in(key, caller, self._clock())
-                effects = self.machine.take_effects()
-                if isinstance(decision, Busy) and not effects:  # someone else's write is out: wait for it
-                    remaining = give_up - time.monotonic()
-                    if remaining <= 0:
-                        return RetryLater(*self.task.rounds.retry_delay_s, reason=decision.why)
-                    self._changed.wait(min(remaining, 1.0))
-                    continue
             self._perform(effects)
             if isinstance(decision, Assigned):
                 return self._assignment(decision.round, decision.token)
             if isinstance(decision, RetryLater):
                 return decision
+            with self._lock:
+                if not effects:  # Busy: someone else's write is out: wait for it
+                    remaining = give_up - time.monotonic()
+                    if remaining <= 0:
+                        return RetryLater(*self.task.rounds.retry_delay_s, reason=decision.why)
+                    self._changed.wait(min(remaining, 1.0))
+                decision = self.machine.check_in(pending.key, pending.caller, self._clock())
+                effects = self.machine.take_effects()
 
     def _admit_check_in(self, caller: Caller, key: str, now: float) -> None:
         """Refuse (RESOURCE_EXHAUSTED) a check-in over its budget. With authentication the budget is the

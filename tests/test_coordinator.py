@@ -286,3 +286,37 @@ def test_a_report_is_folded_without_io_and_only_the_commit_is_left_to_settle(sto
     assert not retry.needs_io
     answer = c.report("movies", "alice", a.round_id, a.token, 1.0, metrics, _delta(1.0))
     assert c.settle_report(retry) == answer and "already accepted" in answer.message
+
+
+class _NoStore:
+    """A store that fails any use: what must not be touched while a check-in is decided on the loop."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the store was used ({name}) by a check-in that needs no I/O")
+
+
+def test_check_ins_into_an_open_round_are_decided_without_io(store: SqlStore) -> None:
+    """The servicer answers on its event loop the check-ins that need no store (all but the one that
+    opens a round) and sends only the rest to its thread pool: ``needs_io`` must say which is which, and
+    a check-in said to need none must not touch the store, whatever its answer."""
+    c = Coordinator(store, _task(clients_per_round=2, over_selection=1.0), clock=ManualClock())
+    opener = c.begin_check_in("movies", "alice", 1)
+    assert opener.needs_io  # the round is opened in the store by settle_check_in
+    first = c.settle_check_in(opener)
+    assert isinstance(first, Assignment)
+    real, c.store = c.store, _NoStore()  # type: ignore[assignment]
+    try:
+        second = c.begin_check_in("movies", "bob", 1)
+        assert not second.needs_io
+        assigned = c.settle_check_in(second)
+        assert isinstance(assigned, Assignment) and assigned.round_id == first.round_id
+        again = c.begin_check_in("movies", "alice", 1)  # a repeat: the same assignment, from memory
+        assert not again.needs_io and c.settle_check_in(again) == first
+        full = c.begin_check_in("movies", "carol", 1)  # the round is full: a retry window, from memory
+        assert not full.needs_io
+        refused = c.settle_check_in(full)
+        assert isinstance(refused, RetryLater), refused
+    finally:
+        c.store = real  # type: ignore[assignment]
+    assert c.check_in("movies", "bob", 1) == assigned  # the same answers as check_in gives
+    c.shut_down()

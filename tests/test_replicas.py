@@ -233,7 +233,8 @@ def test_a_client_leaves_a_coordinator_that_holds_its_calls(tmp_path: Path) -> N
             SqlStore(f"sqlite:///{tmp_path / 'live.db'}") as live_store:
         stuck = start_server(_coordinator(stuck_store, "stuck"), tick_s=0.05)
         live = start_server(_coordinator(live_store, "live"), tick_s=0.05)
-        stuck.coordinator.check_in = lambda *a, **k: released.wait(60)  # type: ignore[method-assign]
+        # Stuck on its store: the check-in that opens a round waits on the store write, on the pool.
+        stuck.coordinator.settle_check_in = lambda *a, **k: released.wait(60)  # type: ignore[method-assign]
         try:
             channel = CoordinatorChannel(f"{stuck.address},{live.address}", retry=RetryPolicy(
                 initial_s=0.05, max_s=0.2, give_up_after_s=60.0, rpc_timeout_s=1.0))
