@@ -311,8 +311,62 @@ def test_a_leader_paused_inside_a_transaction_does_not_hold_its_successor_back(p
         stuck.invalidate()  # the server ended this session
 
 
-def store_lease_expired(store: SqlStore) -> bool:
+def store_lease_expired(store: SqlStore, task: str = "shared") -> bool:
     from datetime import UTC, datetime
 
-    lease = store.get_lease("shared")
+    lease = store.get_lease(task)
     return lease is not None and lease.expires_at <= datetime.now(UTC)
+
+
+def test_a_leader_cut_off_inside_a_pipeline_does_not_hold_its_successor_back(postgres_url: str) -> None:
+    """A leader cut off from the database between the statements of a pipeline keeps that transaction's row
+    locks with no timeout at all: psycopg's ``executemany`` (a round's participations, in ``commit_round``
+    and ``fail_round``) sends each row's Execute as it goes and the Sync only at the end, and PostgreSQL arms
+    ``idle_in_transaction_session_timeout`` only after a Sync, so the session waits "active" for the rest,
+    holding the task, round and lease rows, until the network heals or TCP gives up (a relay or proxy in
+    between keeps TCP alive for ever). The standby that finds the lease expired but its row still locked
+    ends that transaction (`SqlStore.acquire_lease`) and takes over."""
+    from dataclasses import replace
+
+    from sqlalchemy import text
+
+    task = replace(TASK, name="cut-off")  # the module's database holds the other tests' "shared" task
+    with SqlStore(postgres_url) as old, SqlStore(postgres_url) as new:
+        a = Coordinator(old, task, clock=ManualClock(), replica_id="replica-a", lease_ttl_s=1.0)
+        assert a.leading
+        stuck = old._engine.connect()
+        stuck.begin()
+        stuck.execute(text("SELECT id FROM tasks FOR NO KEY UPDATE")).all()  # as commit_round locks them
+        stuck.execute(text("SELECT epoch FROM task_leases FOR UPDATE")).all()
+        session = stuck.connection.driver_connection
+        pid = session.info.backend_pid
+        pipeline = session.pipeline()
+        pipeline.__enter__()  # never left: the Sync that would end it is cut off (kept: a dropped one syncs)
+        session.execute("SELECT 1 AS first_row_of_a_pipeline")
+        # The server ran it and waits for the rest, outside any timeout.
+        _until(lambda: _activity(new, pid) == ("active", "ClientRead", "SELECT 1 AS first_row_of_a_pipeline"),
+               "the pipeline's first statement ran on the server")
+        taken: list[object] = []
+
+        def take_over() -> None:
+            _until(lambda: (time.sleep(0.2), store_lease_expired(new, "cut-off"))[1], "the lease runs out")
+            taken.append(new.acquire_lease("cut-off", "replica-b", 5.0))
+
+        worker = threading.Thread(target=take_over, daemon=True)
+        worker.start()
+        worker.join(120)
+        assert taken, "the standby is still waiting for the cut-off leader's pipeline"
+        assert taken[0].epoch == 2  # type: ignore[attr-defined]
+        _until(lambda: _activity(new, pid) is None, "the cut-off session is gone")  # ended, not left behind
+        stuck.invalidate()
+
+
+def _activity(store: SqlStore, pid: int) -> tuple[str, str, str] | None:
+    """(state, wait event, query) of a PostgreSQL session, None once it ended (read in a transaction of
+    its own: pg_stat_activity is a snapshot per transaction)."""
+    from sqlalchemy import text
+
+    with store._engine.connect() as watch:
+        row = watch.execute(text("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = :pid"),
+                            {"pid": pid}).one_or_none()
+    return None if row is None else (row[0], row[1], row[2])
