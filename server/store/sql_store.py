@@ -93,7 +93,9 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 """PostgreSQL ends a session of the store that stays idle inside a transaction this long (unless the URL
 sets ``options``): the store's transactions send their statements back to back, so only a coordinator that
 was paused (SIGSTOP), cut off from the server or starved mid-transaction idles there, and the row locks it
-holds (the task's lease, a round) would otherwise keep a standby from taking over until it woke up."""
+holds (the task's lease, a round) would otherwise keep a standby from taking over until it woke up. The
+server arms this timeout only after a statement's Sync, so it does not cover a session cut off in the middle
+of a pipeline (``executemany``): `SqlStore.acquire_lease` ends those."""
 
 LEASE_LOCK_WAIT_S = 5.0
 """How long a coordinator taking over an *expired* lease waits for the lease row while another session
@@ -452,10 +454,11 @@ class SqlStore:
         ``executemany`` (a round's participations, in `commit_round` and `fail_round`) pipelines its rows
         with one Sync at the end, so a leader cut off between them leaves its session "active" with the
         task's, the round's and the lease's rows locked until the network heals or TCP gives up, and a
-        relay or proxy in between keeps TCP alive for ever. The failover drill's store cut saw exactly that
-        once on a loaded machine: the standby found the lease expired, waited on its row, and no version
-        was committed for the 90 s the drill waits. Without the privilege to end another session (the same
-        role, or ``pg_signal_backend``), this raises `StoreFault` and the coordinator keeps standing by."""
+        relay or proxy in between keeps TCP alive for ever (server-side TCP keepalives would not see a dead
+        peer either). That is how the failover drill's store cut once committed nothing for the 90 s it
+        waits, on a loaded machine: the standby waited on the row from the lease's expiry on, and took the
+        lease only when the cut healed. Without the privilege to end another session (the same role, or
+        ``pg_signal_backend``), this raises `StoreFault` and the coordinator keeps standing by."""
         _require_holder(holder, ttl_s)
         current = self.get_lease(task)
         if current is not None and current.holder != holder and current.expires_at > utc_now():
@@ -507,8 +510,8 @@ class SqlStore:
                 "AND a.xact_start <= clock_timestamp() - make_interval(secs => :held_s)"),
                 {"task_id": task_row.id, "application": APPLICATION_NAME, "held_s": held_s}).all()
         for pid, age, _ended in ended:
-            log.warning("ended PostgreSQL session %d, %.0f s into a transaction that kept task %r's "
-                        "expired lease locked: its coordinator was cut off from the database mid-transaction",
+            log.warning("ended PostgreSQL session %d, %.0f s into a transaction that kept the expired lease "
+                        "of task %r locked: its coordinator was cut off from the database mid-transaction",
                         pid, age.total_seconds(), task)
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
