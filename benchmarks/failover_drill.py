@@ -19,7 +19,11 @@ Each fault hits the coordinator holding the task's lease, mid-round (a round is 
 - pause: SIGSTOP until a new leader committed, then SIGCONT: the woken leader, whose lease ran out while it
   slept, must neither commit nor keep clients (fencing); a direct check-in to it must be refused;
 - store cut: its relay stops carrying bytes (a partition: held, delivered when it heals) or resets every
-  connection (alternating); healed once a new leader committed; the old leader must then stand by.
+  connection (``--store-cut-modes``, in turn; default ``partition,reset``); healed once a new leader
+  committed; the old leader must then stand by. ``mid_pipeline`` is a partition at the worst moment: once
+  the leader sent the database the first row of a pipelined insert (a round's participations) and not
+  the rest, so its transaction holds the task's rows with no server timeout armed (the cause of a store
+  cut with no takeover within 90 s, once in CI: see ``SqlStore.acquire_lease``).
 
 Measured: ``takeover_seconds``, from the fault to the first version committed after it (its ``created_at``,
 written by the new leader), median and max over all faults; ``versions_lost``: committed versions seen
@@ -42,7 +46,6 @@ import os
 import platform
 import secrets
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,7 +53,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,7 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from fedrecon.server.identity import Caller
-from fedrecon.server.process import CoordinatorProcess
+from fedrecon.server.process import CoordinatorProcess, StoreRelay
 from fedrecon.server.store import Outcome, RoundState, SqlStore, UnknownRound
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
@@ -86,87 +89,6 @@ retry_delay_s = [0.05, 0.3]
 max_check_ins_per_minute = 600.0
 """
 FAULT_WAIT_S = 90.0  # a fault with no new commit this long after it counts as a takeover that never came
-
-
-# ----- the store relay --------------------------------------------------------------------------------------
-class StoreRelay:
-    """A TCP relay 127.0.0.1:<port> -> the database server, that the drill can cut and heal.
-
-    ``cut("partition")`` stops carrying bytes both ways (sent bytes wait in the relay and arrive when it
-    heals, as TCP retransmits across a healed network partition; new connections are accepted and hang);
-    ``cut("reset")`` closes every connection and refuses new ones at once (a crashed proxy)."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._reset = False
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name=f"relay-{self.port}", daemon=True).start()
-
-    def cut(self, mode: str) -> None:
-        with self._lock:
-            self._flowing.clear()
-            self._reset = mode == "reset"
-            if self._reset:
-                for s in self._sockets:
-                    _close(s)
-                self._sockets.clear()
-
-    def heal(self) -> None:
-        with self._lock:
-            self._reset = False
-            self._flowing.set()
-
-    def close(self) -> None:
-        _close(self._listener)
-        self.heal()
-        with self._lock:
-            for s in self._sockets:
-                _close(s)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._reset:
-                    _close(downstream)
-                    continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                _close(downstream)
-                continue
-            with self._lock:
-                self._sockets |= {downstream, upstream}
-            for src, dst in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self._flowing.wait()  # a partition: the bytes wait here until it heals
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                _close(s)
-            with self._lock:
-                self._sockets -= {src, dst}
-
-
-def _close(s: socket.socket) -> None:
-    with suppress(OSError):
-        s.shutdown(socket.SHUT_RDWR)
-    s.close()
 
 
 # ----- a fresh database -------------------------------------------------------------------------------------
@@ -243,8 +165,10 @@ class Drill:
         self.task_file = folder / "task.toml"
         self.task_file.write_text(TASK.format(num_items=load_dataset(args.data, seed=42).num_items))
         self.relays = [StoreRelay((url.host or "127.0.0.1", url.port or 5432)) for _ in range(args.replicas)]
-        self.urls = [url.set(host="127.0.0.1", port=r.port).render_as_string(hide_password=False)
-                     for r in self.relays]
+        # The mid-pipeline cut reads the protocol's framing: the relayed connections must not use TLS.
+        clear = {"sslmode": "disable"} if "mid_pipeline" in args.store_cut_modes else {}
+        self.urls = [url.set(host="127.0.0.1", port=r.port).update_query_dict(clear)
+                     .render_as_string(hide_password=False) for r in self.relays]
         self.replicas: list[CoordinatorProcess | None] = [None] * args.replicas
         self.ports = [0] * args.replicas
         self.clients: list[Any] = []
@@ -363,7 +287,8 @@ class Drill:
         self.remember_versions()
         proc = self.replicas[leader]
         assert proc is not None
-        mode = ("partition" if repeat % 2 == 0 else "reset") if kind == "store_cut" else None
+        modes = self.args.store_cut_modes
+        mode = modes[repeat % len(modes)] if kind == "store_cut" else None
         round_open = [r.round_num for r in self.store.list_rounds(TASK_NAME, limit=2)
                       if r.state == RoundState.OPEN]
         t0 = time.time()
@@ -371,6 +296,10 @@ class Drill:
             proc.kill()
         elif kind == "pause":
             os.kill(proc.proc.pid, signal.SIGSTOP)
+        elif mode == "mid_pipeline":
+            if not self.relays[leader].cut_mid_pipeline().wait(120.0):
+                raise RuntimeError(f"replica-{leader} sent no pipelined insert within 120 s to cut it in")
+            t0 = time.time()
         else:
             self.relays[leader].cut(mode or "partition")
 
@@ -485,6 +414,18 @@ def _gist(message: str) -> str:
     return "".join("#" if ch.isdigit() else ch for ch in message)[:90]
 
 
+@contextmanager
+def _run_folder(keep: Path | None) -> Iterator[Path]:
+    """The run's working folder (task file, logs, client outcomes): ``keep`` (created, never deleted), else
+    a temporary folder deleted after the run."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="fedrecon-failover-") as tmp:
+        yield Path(tmp)
+
+
 def machine_facts(url: str) -> dict[str, Any]:
     from coordinator_load import code_version
 
@@ -504,11 +445,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/failover_drill.json"))
     parser.add_argument("--repeats", type=int, default=3, help="times each fault is repeated")
     parser.add_argument("--faults", default="kill,pause,store_cut", help="which faults, comma-separated")
+    parser.add_argument("--store-cut-modes", default="partition,reset",
+                        help="the store cuts' modes, in turn: partition, reset, mid_pipeline")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--lease-ttl-s", type=float, default=5.0)
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--clients-per-process", type=int, default=3)
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a MovieLens folder")
+    parser.add_argument("--keep-logs", type=Path, default=None,
+                        help="a folder to keep the run's coordinator and client logs in (default: deleted)")
     # The client process's own arguments (the drill starts it as this script with --client-worker).
     parser.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--addresses", help=argparse.SUPPRESS)
@@ -525,9 +470,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
     if not kinds or set(kinds) - {"kill", "pause", "store_cut"}:
         parser.error(f"--faults takes kill, pause and store_cut, got {args.faults!r}")
+    args.store_cut_modes = [m.strip() for m in args.store_cut_modes.split(",") if m.strip()]
+    if not args.store_cut_modes or set(args.store_cut_modes) - {"partition", "reset", "mid_pipeline"}:
+        parser.error("--store-cut-modes takes partition, reset and mid_pipeline")
     t_start = time.monotonic()
-    with fresh_database(args.store) as url, tempfile.TemporaryDirectory(prefix="fedrecon-failover-") as tmp:
-        drill = Drill(args, url, Path(tmp))
+    with fresh_database(args.store) as url, _run_folder(args.keep_logs) as folder:
+        drill = Drill(args, url, folder)
         try:
             facts = machine_facts(url)
             drill.start()

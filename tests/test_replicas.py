@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -312,8 +313,147 @@ def test_a_leader_paused_inside_a_transaction_does_not_hold_its_successor_back(p
         stuck.invalidate()  # the server ended this session
 
 
-def store_lease_expired(store: SqlStore) -> bool:
+def store_lease_expired(store: SqlStore, task: str = "shared") -> bool:
     from datetime import UTC, datetime
 
-    lease = store.get_lease("shared")
+    lease = store.get_lease(task)
     return lease is not None and lease.expires_at <= datetime.now(UTC)
+
+
+def test_a_leader_cut_off_inside_a_pipeline_does_not_hold_its_successor_back(postgres_url: str) -> None:
+    """A leader cut off from the database between the statements of a pipeline keeps that transaction's row
+    locks with no timeout at all: psycopg's ``executemany`` (a round's participations, in ``commit_round``
+    and ``fail_round``) sends each row's Execute as it goes and the Sync only at the end, and PostgreSQL arms
+    ``idle_in_transaction_session_timeout`` only after a Sync, so the session waits "active" for the rest,
+    holding the task, round and lease rows, until the network heals or TCP gives up (a relay or proxy in
+    between keeps TCP alive for ever). The standby that finds the lease expired but its row still locked
+    ends that transaction (`SqlStore.acquire_lease`) and takes over."""
+    from dataclasses import replace
+
+    from sqlalchemy import text
+
+    task = replace(TASK, name="cut-off")  # the module's database holds the other tests' "shared" task
+    with SqlStore(postgres_url) as old, SqlStore(postgres_url) as new:
+        a = Coordinator(old, task, clock=ManualClock(), replica_id="replica-a", lease_ttl_s=1.0)
+        assert a.leading
+        stuck = old._engine.connect()
+        stuck.begin()
+        stuck.execute(text("SELECT id FROM tasks FOR NO KEY UPDATE")).all()  # as commit_round locks them
+        stuck.execute(text("SELECT epoch FROM task_leases FOR UPDATE")).all()
+        session = stuck.connection.driver_connection
+        pid = session.info.backend_pid
+        pipeline = session.pipeline()
+        pipeline.__enter__()  # never left: the Sync that would end it is cut off (kept: a dropped one syncs)
+        session.execute("SELECT 1 AS first_row_of_a_pipeline")
+        # The server ran it and waits for the rest, outside any timeout.
+        _until(lambda: _activity(new, pid) == ("active", "ClientRead", "SELECT 1 AS first_row_of_a_pipeline"),
+               "the pipeline's first statement ran on the server")
+        taken: list[object] = []
+
+        def take_over() -> None:
+            _until(lambda: (time.sleep(0.2), store_lease_expired(new, "cut-off"))[1], "the lease runs out")
+            taken.append(new.acquire_lease("cut-off", "replica-b", 5.0))
+
+        worker = threading.Thread(target=take_over, daemon=True)
+        worker.start()
+        worker.join(120)
+        assert taken, "the standby is still waiting for the cut-off leader's pipeline"
+        assert taken[0].epoch == 2  # type: ignore[attr-defined]
+        _until(lambda: _activity(new, pid) is None, "the cut-off session is gone")  # ended, not left behind
+        stuck.invalidate()
+
+
+def _activity(store: SqlStore, pid: int) -> tuple[str, str, str] | None:
+    """(state, wait event, query) of a PostgreSQL session, None once it ended (read in a transaction of
+    its own: pg_stat_activity is a snapshot per transaction)."""
+    from sqlalchemy import text
+
+    with store._engine.connect() as watch:
+        row = watch.execute(text("SELECT state, wait_event, query FROM pg_stat_activity WHERE pid = :pid"),
+                            {"pid": pid}).one_or_none()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def test_a_standby_commits_after_the_leader_is_cut_off_in_the_middle_of_a_commit(
+        postgres_url: str, tmp_path: Path) -> None:
+    """Real gRPC and PostgreSQL: the failover drill's store cut at its worst moment. The leader reaches the
+    database through a relay that stops carrying bytes (held, as in a network partition) just after the
+    first participation row of a commit reached the server, so its session holds the task, round and lease
+    rows mid-pipeline with no server timeout armed. Clients given both addresses leave it; the standby
+    takes the expired lease (ending that transaction) and commits, with each version committed once."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import make_url
+
+    from fedrecon.server.process import StoreRelay
+
+    data = load_dataset("synthetic", seed=42)
+    users = sorted(data.train)[:3]
+    task = TaskSpec(name="mid-commit", model={"kind": "matrix_factorization", "num_items": data.num_items,
+                                              "num_factors": 4},
+                    rounds=RoundSettings(clients_per_round=2, over_selection=1.0, min_reports=2,
+                                         retry_delay_s=(0.05, 0.2)))
+    url = make_url(postgres_url)
+    relay = StoreRelay((url.host or "127.0.0.1", url.port or 5432))
+    cut_off: list[int] = []  # the leader's session, once cut off
+
+    def cut_after_the_first_row(connection: Any, _cursor: Any, statement: str, parameters: Any,
+                                _context: Any, executemany: bool) -> tuple[str, Any]:
+        if not (executemany and statement.startswith("INSERT INTO participations") and not cut_off):
+            return statement, parameters
+        pid = connection.connection.driver_connection.info.backend_pid
+
+        def rows() -> Iterator[Any]:
+            yield parameters[0]
+            _until(lambda: _activity(standby_store, pid) is not None and _activity(standby_store, pid)[:2]
+                   == ("active", "ClientRead"), "the first row ran and the server waits for the next")
+            relay.cut("partition")
+            cut_off.append(pid)
+            yield from parameters[1:]
+
+        return statement, rows()
+
+    # The client step runs in this process: TensorFlow is loaded before the leases start (see above).
+    import fedrecon.core.client_work  # noqa: F401
+
+    leader_store = SqlStore(url.set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False))
+    standby_store = SqlStore(postgres_url)
+    event.listen(leader_store._engine, "before_cursor_execute", cut_after_the_first_row, retval=True)
+    leader = start_server(Coordinator(leader_store, task, replica_id="replica-a", lease_ttl_s=TTL_S),
+                          tick_s=0.05)
+    standby = start_server(Coordinator(standby_store, task, replica_id="replica-b", lease_ttl_s=TTL_S),
+                           tick_s=0.05)
+    stop = threading.Event()
+    retry = RetryPolicy(initial_s=0.05, max_s=0.5, give_up_after_s=120.0, rpc_timeout_s=3.0)
+
+    def device(user: int) -> None:
+        client = FederatedClient(f"{leader.address},{standby.address}", "mid-commit", f"u{user}",
+                                 data.train[user], retry=retry)
+        while not stop.is_set():
+            try:
+                client.participate(max_wait_s=30)
+            except Exception:  # a round lost to the cut, a refusal: the next one is what counts
+                time.sleep(0.1)
+
+    devices = [threading.Thread(target=device, args=(u,), daemon=True) for u in users]
+    try:
+        assert leader.coordinator.leading and not standby.coordinator.leading
+        for d in devices:
+            d.start()
+        _until(lambda: bool(cut_off), "the leader is cut off in the middle of a commit", 300.0)
+        base = leader.coordinator.version
+        _until(lambda: standby.coordinator.leading and standby.coordinator.version > base,
+               "the standby leads and commits", 180.0)
+    finally:
+        stop.set()
+        relay.heal()
+        for d in devices:
+            d.join(120)
+        standby.stop()
+        leader.stop()
+        relay.close()
+        leader_store.close()
+    versions = standby_store.list_versions("mid-commit")
+    assert [v.version for v in versions] == list(range(len(versions)))  # each once, no gap
+    rounds = {r.round_id: r for r in standby_store.list_rounds("mid-commit")}
+    assert all(rounds[v.round_id].state == RoundState.COMMITTED for v in versions[1:] if v.round_id)
+    standby_store.close()

@@ -93,7 +93,20 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 5000
 """PostgreSQL ends a session of the store that stays idle inside a transaction this long (unless the URL
 sets ``options``): the store's transactions send their statements back to back, so only a coordinator that
 was paused (SIGSTOP), cut off from the server or starved mid-transaction idles there, and the row locks it
-holds (the task's lease, a round) would otherwise keep a standby from taking over until it woke up."""
+holds (the task's lease, a round) would otherwise keep a standby from taking over until it woke up. The
+server arms this timeout only after a statement's Sync, so it does not cover a session cut off in the middle
+of a pipeline (``executemany``): `SqlStore.acquire_lease` ends those."""
+
+LEASE_LOCK_WAIT_S = 5.0
+"""How long a coordinator taking over an *expired* lease waits for the lease row while another session
+holds it locked (PostgreSQL ``lock_timeout``), before it ends that session's transaction (`acquire_lease`).
+A healthy leader holds the row for milliseconds; one that holds it this long past its lease was cut off
+mid-transaction, where ``IDLE_IN_TRANSACTION_TIMEOUT_MS`` may not apply (see `acquire_lease`)."""
+
+APPLICATION_NAME = "fedrecon"
+"""The ``application_name`` of the store's PostgreSQL sessions (unless the URL sets one): what tells an
+operator's ``pg_stat_activity`` which sessions are coordinators', and the only sessions `acquire_lease`
+ever ends."""
 
 MIGRATION_LOCK_KEY = 0x66656472_65636F6E  # "fedrecon" in ASCII: a 64-bit advisory lock key of our own
 """The PostgreSQL advisory lock that serialises schema migrations (`SqlStore.migrate`)."""
@@ -428,9 +441,43 @@ class SqlStore:
         when ``holder`` already holds it (then it is extended under the same epoch). A new holder gets the
         next epoch, which fences off every write of earlier holders. Raises `LeaseHeld` while another
         holder's lease runs, `UnknownTask`. Expiry is judged by this process's clock (UTC): replicas must
-        keep their clocks in sync to well under ``ttl_s``."""
+        keep their clocks in sync to well under ``ttl_s``.
+
+        A lease another holder still holds is refused from a plain read, without waiting for any lock. An
+        expired one is taken under its row lock; on PostgreSQL, if another transaction keeps that row
+        locked for ``LEASE_LOCK_WAIT_S``, that transaction is a former leader's that was cut off from the
+        database mid-transaction (every round write of a leader locks the lease row to check its epoch),
+        and it is ended (``pg_terminate_backend``; the store's own sessions only, see `APPLICATION_NAME`)
+        before one more try. Ending it is safe: nothing of it was committed, and its coordinator finds the
+        lease taken when it reconnects. Waiting would not be: PostgreSQL arms
+        ``idle_in_transaction_session_timeout`` only once a statement's Sync arrived, and psycopg's
+        ``executemany`` (a round's participations, in `commit_round` and `fail_round`) pipelines its rows
+        with one Sync at the end, so a leader cut off between them leaves its session "active" with the
+        task's, the round's and the lease's rows locked until the network heals or TCP gives up, and a
+        relay or proxy in between keeps TCP alive for ever (server-side TCP keepalives would not see a dead
+        peer either). That is how the failover drill's store cut once committed nothing for the 90 s it
+        waits, on a loaded machine: the standby waited on the row from the lease's expiry on, and took the
+        lease only when the cut healed. Without the privilege to end another session (the same role, or
+        ``pg_signal_backend``), this raises `StoreFault` and the coordinator keeps standing by."""
         _require_holder(holder, ttl_s)
+        current = self.get_lease(task)
+        if current is not None and current.holder != holder and current.expires_at > utc_now():
+            raise LeaseHeld(task, current.holder, current.expires_at)
+        if self._engine.dialect.name != "postgresql":
+            return self._take_lease(task, holder, ttl_s)
+        try:
+            return self._take_lease(task, holder, ttl_s, lock_wait_s=LEASE_LOCK_WAIT_S)
+        except _LockWaitTimedOut:
+            self._end_stuck_transactions(task, LEASE_LOCK_WAIT_S)
+        return self._take_lease(task, holder, ttl_s, lock_wait_s=LEASE_LOCK_WAIT_S)
+
+    def _take_lease(self, task: str, holder: str, ttl_s: float, *, lock_wait_s: float | None = None
+                    ) -> Lease:
+        """`acquire_lease`'s transaction; with ``lock_wait_s`` (PostgreSQL) a row lock that long in coming
+        raises `_LockWaitTimedOut`."""
         with self._write() as s:
+            if lock_wait_s is not None:
+                s.execute(select(func.set_config("lock_timeout", f"{round(lock_wait_s * 1000)}ms", True)))
             task_row = _task(s, task, lock=True)
             row = s.get(TaskLease, task_row.id, with_for_update=True)
             now = utc_now()
@@ -445,6 +492,27 @@ class SqlStore:
             row.expires_at = now + timedelta(seconds=ttl_s)
             s.flush()
             return Lease(task, row.holder, row.epoch, row.expires_at)
+
+    def _end_stuck_transactions(self, task: str, held_s: float) -> None:
+        """End the transaction that has held ``task``'s lease row locked (``xmax``, a live transaction in
+        ``pg_locks``) for at least ``held_s`` seconds, if it is one of the store's sessions; see
+        `acquire_lease`."""
+        with self._write() as s:
+            task_row = _task(s, task)
+            ended = s.execute(text(
+                "SELECT a.pid, clock_timestamp() - a.xact_start, pg_terminate_backend(a.pid) "
+                "FROM task_leases AS lease "
+                "JOIN pg_locks AS l ON l.locktype = 'transactionid' AND l.transactionid = lease.xmax "
+                "AND l.mode = 'ExclusiveLock' AND l.granted "
+                "JOIN pg_stat_activity AS a ON a.pid = l.pid "
+                "WHERE lease.task_id = :task_id AND a.pid <> pg_backend_pid() "
+                "AND a.datname = current_database() AND a.application_name = :application "
+                "AND a.xact_start <= clock_timestamp() - make_interval(secs => :held_s)"),
+                {"task_id": task_row.id, "application": APPLICATION_NAME, "held_s": held_s}).all()
+        for pid, age, _ended in ended:
+            log.warning("ended PostgreSQL session %d, %.0f s into a transaction that kept the expired lease "
+                        "of task %r locked: its coordinator was cut off from the database mid-transaction",
+                        pid, age.total_seconds(), task)
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> Lease:
         """Extend ``lease`` by ``ttl_s`` from now; `LeaseLost` if another holder took the task meanwhile
@@ -688,6 +756,8 @@ def _create_engine(url: str) -> Engine:
         if libpq and parsed.get_backend_name() == "postgresql" and "options" not in parsed.query:
             connect_args["options"] = (
                 f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}")
+        if libpq and parsed.get_backend_name() == "postgresql" and "application_name" not in parsed.query:
+            connect_args["application_name"] = APPLICATION_NAME
         return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     memory = _is_memory_sqlite(url)
     extra: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
@@ -744,6 +814,13 @@ def is_outage(exc: SQLAlchemyError) -> bool:
     return True
 
 
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
+
+
+class _LockWaitTimedOut(StoreUnavailable):
+    """A row lock did not come within the transaction's ``lock_timeout`` (only `acquire_lease` sets one)."""
+
+
 @contextmanager
 def _refusals_as_store_errors() -> Iterator[None]:
     """Database errors become the store's own, so that callers handle one family of errors and never
@@ -755,6 +832,8 @@ def _refusals_as_store_errors() -> Iterator[None]:
     except IntegrityError as exc:
         raise StoreError(f"the database refused the change: {exc.orig}") from exc
     except SQLAlchemyError as exc:
+        if getattr(exc.orig if isinstance(exc, DBAPIError) else None, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise _LockWaitTimedOut(f"the database is unavailable: {_first_line(exc)}") from exc
         if is_outage(exc):
             raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
         log.error("store fault (not an outage; retrying will not help)", exc_info=exc)
