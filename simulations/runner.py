@@ -22,6 +22,7 @@ from fedrecon.core.config import FedReconConfig
 from fedrecon.core.privacy import PrivacyLedger, Sampling
 from fedrecon.core.secagg.local import secure_round_sum
 from fedrecon.simulations.population import Population
+from fedrecon.simulations.seeding import keyed_generators
 
 #: With XLA, each phase's step count is padded up to a multiple of this (all-masked steps are no-ops), so a
 #: run compiles at most ``ceil(max steps / 8)`` shapes per phase instead of one per distinct step count.
@@ -91,15 +92,30 @@ def noise_rng(seed: int, round_num: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_num, 0xD9])
 
 
+_LOCAL_KEY = 0x10CA1
+_SHUFFLE_KEY = 0x5F1E
+
+
 def local_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     """The generator of a client's fresh local variables in a round (independent of transport)."""
-    return np.random.default_rng([seed, round_num, user_id, 0x10CA1])
+    return np.random.default_rng([seed, round_num, user_id, _LOCAL_KEY])
+
+
+def local_rngs(seed: int, round_num: int, users: Sequence[int]) -> list[np.random.Generator]:
+    """``local_rng`` of each of ``users``: the same generators, built together (``keyed_generators``:
+    a sixth of the cost of building them one by one)."""
+    return keyed_generators([seed, round_num], users, [_LOCAL_KEY])
 
 
 def shuffle_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
     """The generator of a client's example order in a training round (``FedReconConfig.shuffle_each_round``;
     the same in process and over gRPC)."""
-    return np.random.default_rng([seed, round_num, user_id, 0x5F1E])
+    return np.random.default_rng([seed, round_num, user_id, _SHUFFLE_KEY])
+
+
+def shuffle_rngs(seed: int, round_num: int, users: Sequence[int]) -> list[np.random.Generator]:
+    """``shuffle_rng`` of each of ``users``, built together (as ``local_rngs``)."""
+    return keyed_generators([seed, round_num], users, [_SHUFFLE_KEY])
 
 
 def upload_rng(seed: int, round_num: int, user_id: int) -> np.random.Generator:
@@ -200,8 +216,8 @@ def pack_group(algorithm: FedRecon, examples: Sequence[ClientExamples], users: S
     examples are first put in an order drawn by (seed, round, user) (``shuffle_rng``: a device over
     ``--transport grpc`` is given the same one)."""
     return pack_clients(algorithm.model, examples, algorithm.config, batch_size=settings.batch_size,
-                        local_rngs=[local_rng(settings.seed, round_num, u) for u in users],
-                        order_rngs=([shuffle_rng(settings.seed, round_num, u) for u in users]
+                        local_rngs=local_rngs(settings.seed, round_num, users),
+                        order_rngs=(shuffle_rngs(settings.seed, round_num, users)
                                     if algorithm.config.shuffle_each_round else None),
                         step_multiple=XLA_STEP_MULTIPLE if settings.xla else 1, bucket_rows=settings.xla)
 
@@ -342,7 +358,7 @@ class Simulation:
             chunk = ids[start:start + s.eval_chunk]
             packed = pack_clients(self.algorithm.model, [users[u] for u in chunk], self.eval_config,
                                   batch_size=s.batch_size,
-                                  local_rngs=[local_rng(eval_seed, 0, u) for u in chunk], evaluation=True)
+                                  local_rngs=local_rngs(eval_seed, 0, chunk), evaluation=True)
             total = total + self.algorithm.client_step.evaluate(state.globals, packed, clip=s.eval_clip)
         return total
 
