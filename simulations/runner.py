@@ -285,42 +285,45 @@ class Simulation:
         self.history = History()
         self.best_state: ServerState | None = None
         self.latest_state: ServerState | None = None
-        # The next round's clients, packed on a background thread while this round trains (packing is
-        # numpy on the host; training is TensorFlow, which leaves the interpreter free meanwhile).
+        # The next round's clients, chosen and packed on a background thread while this round trains
+        # (selection and packing are numpy on the host; training is TensorFlow, which leaves the
+        # interpreter free meanwhile).
         self._packer: ThreadPoolExecutor | None = None
-        self._next: tuple[int, list[int], Future[StagedClients | None]] | None = None
+        self._next: tuple[int, Future[tuple[list[int], StagedClients | None]]] | None = None
 
     def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
         s = self.settings
         t0 = time.perf_counter()
-        round_num, chosen, aggregate = self.new_round(state)
-        trained = ShardTraining()
-        packed = self._packed(round_num, chosen)
+        round_num = state.round_num + 1
+        chosen, packed = self._chosen_and_packed(round_num)
         self._pack_ahead(round_num + 1)
+        aggregate = round_aggregate(self.algorithm, state, s, round_num, len(chosen))
+        trained = ShardTraining()
         if packed is not None:  # a Poisson round may select nobody: the DP sum is then noise alone
             trained = train_and_fold(self.algorithm, state.globals, packed, chosen, aggregate, settings=s,
                                      round_num=round_num)
         return finish_round(self.algorithm, state, aggregate, trained, num_clients=len(chosen), started=t0)
 
-    def _pack(self, round_num: int, chosen: list[int]) -> StagedClients | None:
-        """Round ``round_num``'s group packed and staged as tensors (on the packing thread when ahead)."""
+    def _choose_and_pack(self, round_num: int) -> tuple[list[int], StagedClients | None]:
+        """Round ``round_num``'s clients (seeded by seed and round), packed and staged as tensors (on the
+        packing thread when ahead); None for a round that selected nobody."""
+        chosen = choose_clients(self.user_ids, self.settings, round_num)
         if not chosen:
-            return None
-        return StagedClients(pack_group(self.algorithm, [self.train[u] for u in chosen], chosen,
-                                        settings=self.settings, round_num=round_num))
+            return chosen, None
+        return chosen, StagedClients(pack_group(self.algorithm, [self.train[u] for u in chosen], chosen,
+                                                settings=self.settings, round_num=round_num))
 
-    def _packed(self, round_num: int, chosen: list[int]) -> StagedClients | None:
-        """Round ``round_num``'s packed clients: packed ahead if they were, else now."""
+    def _chosen_and_packed(self, round_num: int) -> tuple[list[int], StagedClients | None]:
+        """Round ``round_num``'s clients and their pack: chosen and packed ahead if they were, else now."""
         ahead, self._next = self._next, None
-        if ahead is not None and ahead[0] == round_num and ahead[1] == chosen:
-            return ahead[2].result()
-        return self._pack(round_num, chosen)
+        if ahead is not None and ahead[0] == round_num:
+            return ahead[1].result()
+        return self._choose_and_pack(round_num)
 
     def _pack_ahead(self, round_num: int) -> None:
         if self._packer is None:
             self._packer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedrecon-pack")
-        chosen = choose_clients(self.user_ids, self.settings, round_num)
-        self._next = (round_num, chosen, self._packer.submit(self._pack, round_num, chosen))
+        self._next = (round_num, self._packer.submit(self._choose_and_pack, round_num))
 
     def close(self) -> None:
         """Stop the packing thread (a finished ``run`` does this; call it after driving ``run_round``)."""
@@ -328,13 +331,6 @@ class Simulation:
         if self._packer is not None:
             self._packer.shutdown(wait=True, cancel_futures=True)
             self._packer = None
-
-    def new_round(self, state: ServerState) -> tuple[int, list[int], Aggregator]:
-        """The next round's number, its selected clients and its (empty) aggregation stages."""
-        round_num = state.round_num + 1
-        chosen = choose_clients(self.user_ids, self.settings, round_num)
-        aggregate = round_aggregate(self.algorithm, state, self.settings, round_num, len(chosen))
-        return round_num, chosen, aggregate
 
     def evaluate(self, state: ServerState, users: Mapping[int, ClientExamples], *, eval_seed: int = 7
                  ) -> dict[str, float]:
