@@ -8,6 +8,7 @@ client that has run out of steps sees an all-zero mask (an exact no-op under SGD
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,43 +71,66 @@ def _pack_steps(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], schedules: S
     """Step-major padded batches: client c's step s holds batch ``schedules[c][s]`` of its examples.
 
     ``step_multiple`` pads the step count up to a multiple (all-masked steps are exact no-ops), but never
-    past ``step_cap`` (the most steps any schedule can have): at most one more shape, no wasted steps.
-    All clients are packed with one gather over their concatenated examples (no loop per client)."""
-    num_clients = len(xs)
-    num_steps = max((len(s) for s in schedules), default=0)
+    past ``step_cap`` (the most steps any schedule can have): at most one more shape, no wasted steps."""
+    return _pack_joined(_Joined.of(xs, ys), schedules, batch_size, step_multiple, step_cap)
+
+
+@dataclass(frozen=True)
+class _Joined:
+    """A group's examples end to end: every client's features in one array, targets in another, and how
+    many each client has (so both phases of a pack gather from one copy)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    sizes: np.ndarray  # [C] examples per client
+
+    @classmethod
+    def of(cls, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> _Joined:
+        if not len(xs):
+            return cls(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+        dtype = xs[0].dtype
+        return cls(np.concatenate([np.asarray(cx, dtype) for cx in xs]),
+                   np.concatenate([np.asarray(cy, np.float32) for cy in ys]),
+                   np.fromiter(map(len, ys), np.int64, len(ys)))
+
+
+def _pack_joined(joined: _Joined, schedules: Sequence[Sequence[int]], batch_size: int,
+                 step_multiple: int = 1, step_cap: int | None = None) -> StepBatches:
+    """``_pack_steps`` from examples already joined: all clients are packed with one gather over their
+    concatenated examples (no loop per client)."""
+    num_clients = len(joined.sizes)
+    steps_per_client = np.fromiter(map(len, schedules), np.int64, len(schedules))
+    num_steps = int(steps_per_client.max(initial=0))
     padded = -(-num_steps // step_multiple) * step_multiple
     if step_cap is not None:
         padded = max(min(padded, step_cap), num_steps)
-    feature_shape = xs[0].shape[1:] if num_clients else ()
-    target_shape = ys[0].shape[1:] if num_clients else ()
-    dtype = xs[0].dtype if num_clients else np.int32
-    x = np.zeros((padded, num_clients, batch_size, *feature_shape), dtype)
-    y = np.zeros((padded, num_clients, batch_size, *target_shape), np.float32)
-    mask = np.zeros((padded, num_clients, batch_size), np.float32)
-    if not num_clients:
-        return StepBatches(x=x, y=y, mask=mask)
-    sizes = np.array([len(cy) for cy in ys], np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    all_x = np.concatenate([np.asarray(cx, dtype) for cx in xs])
-    all_y = np.concatenate([np.asarray(cy, np.float32) for cy in ys])
+    feature_shape, target_shape = joined.x.shape[1:], joined.y.shape[1:]
+    sizes = joined.sizes
+    starts = np.cumsum(sizes) - sizes
     # Padding repeats one of the client's own features: a padded slot then reads only this client's view,
     # so a client whose values went non-finite cannot leak NaN (NaN·0) into another's rows.
     has_data = sizes > 0
-    x[:, has_data] = all_x[starts[has_data]][None, :, None]
-    steps_per_client = np.array([len(s) for s in schedules], np.int64)
-    if not steps_per_client.sum():
+    first = np.zeros((num_clients, *feature_shape), joined.x.dtype)
+    first[has_data] = joined.x[starts[has_data]]
+    x = np.empty((padded, num_clients, batch_size, *feature_shape), joined.x.dtype)
+    x[...] = first[None, :, None]
+    y = np.zeros((padded, num_clients, batch_size, *target_shape), np.float32)
+    mask = np.zeros((padded, num_clients, batch_size), np.float32)
+    total = int(steps_per_client.sum())
+    if not total:
         return StepBatches(x=x, y=y, mask=mask)
     client = np.repeat(np.arange(num_clients), steps_per_client)  # one entry per (client, step)
-    step = np.arange(len(client)) - np.repeat(np.cumsum(steps_per_client) - steps_per_client,
-                                              steps_per_client)
-    batch = np.concatenate([np.asarray(s, np.int64) for s in schedules if len(s)])
+    step = np.arange(total) - np.repeat(np.cumsum(steps_per_client) - steps_per_client, steps_per_client)
+    batch = np.fromiter(itertools.chain.from_iterable(schedules), np.int64, total)
     within = batch[:, None] * batch_size + np.arange(batch_size)  # [P, B] positions in the client's data
-    valid = within < sizes[client][:, None]
-    flat = starts[client][:, None] + np.minimum(within, sizes[client][:, None] - 1)
-    x[step, client] = all_x[flat]
-    picked_y = all_y[flat]
-    y[step, client] = np.where(valid.reshape(valid.shape + (1,) * len(target_shape)), picked_y, 0.0)
-    mask[step, client] = valid
+    client_size = sizes[client][:, None]
+    valid = within < client_size
+    flat = starts[client][:, None] + np.minimum(within, client_size - 1)
+    slot = step * num_clients + client  # the (step, client) entry, with steps and clients flattened
+    x.reshape(padded * num_clients, batch_size, *feature_shape)[slot] = joined.x[flat]
+    y.reshape(padded * num_clients, batch_size, *target_shape)[slot] = np.where(
+        valid.reshape(valid.shape + (1,) * len(target_shape)), joined.y[flat], 0.0)
+    mask.reshape(padded * num_clients, batch_size)[slot] = valid
     return StepBatches(x=x, y=y, mask=mask)
 
 
@@ -165,7 +189,8 @@ def pack_clients(
         )
         recon_schedules.append(schedule.reconstruction)
         post_schedules.append(schedule.post_reconstruction)
-    reconstruction = _pack_steps(views.x, ys, recon_schedules, batch_size, step_multiple, recon_cap)
+    joined = _Joined.of(views.x, ys)
+    reconstruction = _pack_joined(joined, recon_schedules, batch_size, step_multiple, recon_cap)
     if evaluation:
         # One wide batch per client holding all its evaluation batches.
         widths = [len(s) * batch_size for s in post_schedules]
@@ -179,8 +204,7 @@ def pack_clients(
             eval_y.append(cy[idx])
         post = _pack_steps(eval_x, eval_y, [(0,) if len(f) else () for f in flat], wide)
     else:
-        post = _pack_steps(views.x, ys, post_schedules, batch_size, step_multiple,
-                           config.post_recon_steps_max)
+        post = _pack_joined(joined, post_schedules, batch_size, step_multiple, config.post_recon_steps_max)
     per_client = [model.initial_locals(rng) for rng in local_rngs]
     locals_ = [
         np.stack([p[i] for p in per_client]) if per_client else np.zeros((0, *spec.shape), np.float32)

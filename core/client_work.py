@@ -221,14 +221,6 @@ def _rows(t: tf.Tensor) -> tf.Tensor:
     return tf.reshape(t, tf.stack([shape[0], tf.reduce_prod(shape[1:])]))
 
 
-def _per_client_finite(t: tf.Tensor, owner: tf.Tensor | None, num_clients: tf.Tensor) -> tf.Tensor:
-    """[C] bool: every value of client c's part of view ``t`` is finite (``owner``: see ``view_owners``)."""
-    if owner is None:
-        return tf.reduce_all(tf.math.is_finite(_rows(t)), axis=1)
-    bad_rows = tf.cast(tf.logical_not(tf.reduce_all(tf.math.is_finite(_rows(t)), axis=1)), tf.int32)
-    return tf.math.unsorted_segment_sum(bad_rows, owner, num_clients) == 0
-
-
 def _per_client_where(ok: tf.Tensor, t: tf.Tensor, owner: tf.Tensor | None) -> tf.Tensor:
     """Client c's part of view ``t`` where ``ok[c]``, zeros elsewhere."""
     keep = ok if owner is None else tf.gather(ok, owner)
@@ -238,7 +230,7 @@ def _per_client_where(ok: tf.Tensor, t: tf.Tensor, owner: tf.Tensor | None) -> t
 
 def _per_client_squares(t: tf.Tensor, owner: tf.Tensor | None, num_clients: tf.Tensor) -> tf.Tensor:
     """[C] float64: Σ of squares of client c's part of view ``t`` (float64: a huge finite update must not
-    overflow to Inf)."""
+    overflow to Inf, so the sum is finite exactly when client c's part is)."""
     row_squares = tf.reduce_sum(tf.square(tf.cast(_rows(t), tf.float64)), axis=1)
     if owner is None:
         return row_squares
@@ -419,9 +411,15 @@ class ClientStep:
         deltas = [new_views[i] - gviews[i] for i in model.global_trainable]
         all_owners = model.view_owners(view_index)
         owners = [all_owners[i] for i in model.global_trainable]
-        finite = tf.ones([num_clients], tf.bool)
+        # Per-client Σ of squares over all tensors, in float64. A view holds each of a client's rows once
+        # (padding rows never move), so its square root is the norm of the client's dense delta. The same
+        # sum tells which updates are finite, with no pass of its own over the views: the square of a
+        # finite float32 is at most 1.2e77 in float64, so a client's sum is finite exactly when every
+        # value of its update is (Inf and NaN propagate, and squares cannot cancel).
+        squares = tf.zeros([num_clients], tf.float64)
         for d, owner in zip(deltas, owners, strict=True):
-            finite = tf.logical_and(finite, _per_client_finite(d, owner, num_clients))
+            squares += _per_client_squares(d, owner, num_clients)
+        finite = tf.math.is_finite(squares)
         deltas = [_per_client_where(finite, d, owner) for d, owner in zip(deltas, owners, strict=True)]
         examples = tf.reduce_sum(pm, axis=[0, 2])
         if self.config.client_weighting == ClientWeighting.NUM_EXAMPLES:
@@ -429,12 +427,7 @@ class ClientStep:
         else:
             weights = tf.ones([num_clients], tf.float32)
         weights = tf.where(finite, weights, 0.0)
-        # Per-client L2 norms over all tensors. A view holds each of a client's rows once (padding rows
-        # never move), so this is the norm of the client's dense delta.
-        squares = tf.zeros([num_clients], tf.float64)
-        for d, owner in zip(deltas, owners, strict=True):
-            squares += _per_client_squares(d, owner, num_clients)
-        return (deltas, tf.sqrt(squares), weights, examples, tf.where(finite, se, 0.0),
+        return (deltas, tf.sqrt(tf.where(finite, squares, 0.0)), weights, examples, tf.where(finite, se, 0.0),
                 tf.where(finite, units, 0.0), finite)
 
     def _train_reduced(self, globals_: list[tf.Tensor], view_index: tf.Tensor, locals_: list[tf.Tensor],

@@ -10,6 +10,7 @@ the simulator, the device and the tests agree on it exactly.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -28,6 +29,9 @@ def _repeat_capped(batches: list[int], epochs: int, steps_max: int | None) -> tu
     return tuple(steps)
 
 
+# A round packs a hundred clients and most share a batch count with a client seen before: the schedule
+# (immutable) is computed once per (batch count, settings).
+@functools.lru_cache(maxsize=4096)
 def build_batch_schedule(
     num_batches: int,
     *,

@@ -169,6 +169,24 @@ def test_non_finite_update_gets_weight_zero_and_does_not_touch_the_model() -> No
     assert only_bad and np.all(result.weighted_delta_sum[0][only_bad] == 0)
 
 
+def test_a_client_s_float64_sum_of_squares_is_finite_exactly_when_its_update_is() -> None:
+    """The client step tells finite updates by their float64 sum of squares (no pass of its own): the
+    largest float32 squared stays finite in float64, and Inf or NaN anywhere in a client's rows makes its
+    sum non-finite. Rows: client 0 huge but finite, client 1 one Inf, client 2 one NaN, client 3 zeros."""
+    import tensorflow as tf
+
+    from fedrecon.core.client_work import _per_client_squares
+
+    big = np.finfo(np.float32).max
+    rows = np.array([[big, -big, big], [1.0, 2.0, 3.0], [1.0, np.inf, 0.0], [np.nan, 0.0, 0.0],
+                     [0.0, 0.0, 0.0]], np.float32)
+    owner = tf.constant([0, 0, 1, 2, 3])
+    squares = _per_client_squares(tf.constant(rows), owner, tf.constant(4)).numpy()
+    assert squares.dtype == np.float64
+    assert np.isfinite(squares).tolist() == [True, False, False, True]
+    assert squares[0] == 3 * float(big) ** 2 + 14.0 and squares[3] == 0.0
+
+
 def test_jointly_trained_locals_still_never_leave() -> None:
     model = MatrixFactorization(NUM_ITEMS, FACTORS)
     algorithm = FedRecon(model, _config(jointly_train_variables=True))
