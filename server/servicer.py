@@ -218,6 +218,17 @@ class CoordinatorServicer:
 
         return await self._run(identified)
 
+    def _known_caller(self, context: grpc.aio.ServicerContext, claimed_id: str) -> Caller | None:
+        """Who is calling, from what the transport verified, when that needs no store query (read on the
+        loop); None for a credential whose device count was never looked up (``_as_caller`` does that on
+        the pool)."""
+        token, cert = self._credentials(context)
+        try:
+            return self.identifier.identify_known(claimed_id, token=token, client_cert_pem=cert,
+                                                  peer=context.peer())
+        except ValueError as err:  # identify's word for "the transport proved no identity"
+            raise Unauthenticated(str(err)) from err
+
     # ----- the calls -----------------------------------------------------------------------------------
     async def CheckIn(self, request: pb.CheckInRequest, context: grpc.aio.ServicerContext
                       ) -> pb.CheckInResponse:
@@ -245,12 +256,7 @@ class CoordinatorServicer:
         The rest go to the pool, as every check-in did before (about a third of a selected client's
         coordinator CPU was the two thread hand-overs)."""
         coordinator = self.coordinator
-        token, cert = self._credentials(context)
-        try:
-            caller = self.identifier.identify_known(request.client_id, token=token, client_cert_pem=cert,
-                                                    peer=context.peer())
-        except ValueError as err:  # identify's word for "the transport proved no identity"
-            raise Unauthenticated(str(err)) from err
+        caller = self._known_caller(context, request.client_id)
         if caller is None:  # a credential not seen yet: its device count is in the store
             return await self._as_caller(context, request.client_id, lambda caller: coordinator.check_in(
                 request.task_name, caller, request.protocol_version))
@@ -327,12 +333,7 @@ class CoordinatorServicer:
         """Who reports, and the layouts its update must have, once the coordinator has checked the header
         (before any tensor byte is read). Done on the loop when it needs no store (the caller's identity
         known without a query, the round in memory, no effect due); else on the pool as before."""
-        token, cert = self._credentials(context)
-        try:
-            caller = self.identifier.identify_known(header.client_id, token=token, client_cert_pem=cert,
-                                                    peer=context.peer())
-        except ValueError as err:  # identify's word for "the transport proved no identity"
-            raise Unauthenticated(str(err)) from err
+        caller = self._known_caller(context, header.client_id)
         if caller is None:  # a credential not seen yet: its device count is in the store
             return await self._as_caller(
                 context, header.client_id, lambda caller: (caller, self._check_report(header, caller)))

@@ -24,7 +24,7 @@ from fedrecon.server.app import start_server
 from fedrecon.server.clock import ManualClock
 from fedrecon.server.coordinator import Coordinator
 from fedrecon.server.refusals import Refusal, Status
-from fedrecon.server.store import RoundState, SqlStore
+from fedrecon.server.store import Lease, RoundState, SqlStore
 from fedrecon.server.task import RoundSettings, TaskSpec
 from fedrecon.simulations.ratings import load_dataset
 
@@ -297,20 +297,27 @@ def test_a_leader_paused_inside_a_transaction_does_not_hold_its_successor_back(p
         stuck = old._engine.connect()
         stuck.begin()
         stuck.execute(text("SELECT epoch FROM task_leases FOR UPDATE")).all()  # ...and the process stops
-        taken: list[object] = []
         started = time.monotonic()
-
-        def take_over() -> None:
-            _until(lambda: (time.sleep(0.2), store_lease_expired(new))[1], "the lease runs out")
-            taken.append(new.acquire_lease("shared", "replica-b", 5.0))
-
-        worker = threading.Thread(target=take_over, daemon=True)
-        worker.start()
-        worker.join(120)
-        assert taken, "the standby is still waiting for the stopped leader's transaction"
-        assert taken[0].epoch == 2  # type: ignore[attr-defined]
+        taken = _standby_takes_expired_lease(new, "shared")
+        assert taken is not None, "the standby is still waiting for the stopped leader's transaction"
+        assert taken.epoch == 2
         assert time.monotonic() - started >= IDLE_IN_TRANSACTION_TIMEOUT_MS / 1000 * 0.9
         stuck.invalidate()  # the server ended this session
+
+
+def _standby_takes_expired_lease(store: SqlStore, task: str) -> Lease | None:
+    """The lease ``replica-b`` takes through ``store`` once ``task``'s lease ran out, or None if taking it
+    is still blocked after 120 s (on a thread, so a blocked take cannot hang the test)."""
+    taken: list[Lease] = []
+
+    def take_over() -> None:
+        _until(lambda: (time.sleep(0.2), store_lease_expired(store, task))[1], "the lease runs out")
+        taken.append(store.acquire_lease(task, "replica-b", 5.0))
+
+    worker = threading.Thread(target=take_over, daemon=True)
+    worker.start()
+    worker.join(120)
+    return taken[0] if taken else None
 
 
 def store_lease_expired(store: SqlStore, task: str = "shared") -> bool:
@@ -348,17 +355,9 @@ def test_a_leader_cut_off_inside_a_pipeline_does_not_hold_its_successor_back(pos
         # The server ran it and waits for the rest, outside any timeout.
         _until(lambda: _activity(new, pid) == ("active", "ClientRead", "SELECT 1 AS first_row_of_a_pipeline"),
                "the pipeline's first statement ran on the server")
-        taken: list[object] = []
-
-        def take_over() -> None:
-            _until(lambda: (time.sleep(0.2), store_lease_expired(new, "cut-off"))[1], "the lease runs out")
-            taken.append(new.acquire_lease("cut-off", "replica-b", 5.0))
-
-        worker = threading.Thread(target=take_over, daemon=True)
-        worker.start()
-        worker.join(120)
-        assert taken, "the standby is still waiting for the cut-off leader's pipeline"
-        assert taken[0].epoch == 2  # type: ignore[attr-defined]
+        taken = _standby_takes_expired_lease(new, "cut-off")
+        assert taken is not None, "the standby is still waiting for the cut-off leader's pipeline"
+        assert taken.epoch == 2
         _until(lambda: _activity(new, pid) is None, "the cut-off session is gone")  # ended, not left behind
         stuck.invalidate()
 
