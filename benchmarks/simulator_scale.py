@@ -65,7 +65,7 @@ def part_ray(data_dir: str, rounds: int) -> dict[str, Any]:
     from fedrecon.core.config import FedReconConfig
     from fedrecon.core.matrix_factorization import MatrixFactorization
     from fedrecon.simulations.ratings import load_dataset
-    from fedrecon.simulations.ray_backend import RayRounds
+    from fedrecon.simulations.ray_backend import RayRounds, start_local_ray
     from fedrecon.simulations.runner import Simulation, SimulationSettings
 
     start_load = load()
@@ -75,7 +75,7 @@ def part_ray(data_dir: str, rounds: int) -> dict[str, Any]:
     sim = Simulation(algorithm, data.train, settings)
     local_s, local_models = _timed_rounds(sim.run_round, algorithm.initial_state(0), rounds)
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(2)
     ray_start_s = time.perf_counter() - t0
     out: dict[str, Any] = {"in_process": statistics.median(local_s)}
     worst = 0.0
@@ -111,11 +111,9 @@ def part_population(num_users: int, rounds: int, workers: int) -> dict[str, Any]
         sim = Simulation(algorithm, population, settings)
         seconds, _ = _timed_rounds(sim.run_round, algorithm.initial_state(0), rounds)
     else:
-        import ray
+        from fedrecon.simulations.ray_backend import RayRounds, start_local_ray
 
-        from fedrecon.simulations.ray_backend import RayRounds
-
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        ray = start_local_ray(workers)
         with RayRounds(algorithm, population, settings, workers=workers) as runner:
             seconds, _ = _timed_rounds(runner, algorithm.initial_state(0), rounds)
             out["worker_peak_rss_mb"] = runner.worker_peak_rss_mb()

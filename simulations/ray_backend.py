@@ -29,6 +29,7 @@ none).
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,8 @@ from fedrecon.simulations.runner import (
     user_ids_of,
 )
 
+log = logging.getLogger(__name__)
+
 MISSING_RAY = ("the ray backend needs Ray: pip install 'fedrecon[sim-ray]' (or the package 'ray' in the "
                "version pyproject.toml's sim-ray extra names)")
 
@@ -66,6 +69,30 @@ def import_ray() -> Any:
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(MISSING_RAY, name="ray") from err
     return ray
+
+
+LOCAL_START_ATTEMPTS = 3
+"""How many times `start_local_ray` tries to start a local Ray. Ray waits a fixed 30 s for the node it
+starts to register (not configurable); on a loaded 2-core machine its processes (GCS, raylet, workers) can
+take longer than that to start, and a second start, with their code now in the page cache, goes through."""
+
+
+def start_local_ray(num_cpus: int | None) -> Any:
+    """Start a local Ray with ``num_cpus`` CPUs (None: the machine's), no dashboard, workers' logs not
+    copied here; the ``ray`` module. A start that times out is shut down and tried again, up to
+    `LOCAL_START_ATTEMPTS` times, so a busy machine delays a simulation rather than failing it."""
+    ray = import_ray()
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return ray
+        except Exception as err:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("a local Ray did not start within Ray's 30 s (attempt %d of %d, busy machine?): "
+                        "trying again", attempt, LOCAL_START_ATTEMPTS)
+            ray.shutdown()
+    raise AssertionError("unreachable")
 
 
 def owner(user_id: int, workers: int) -> int:
@@ -129,8 +156,7 @@ class RayRounds:
             raise ValueError("--ray-workers must be at least 1")
         if not ray.is_initialized():
             if address is None:
-                ray.init(num_cpus=(workers or 1) * threads_per_worker if workers else None,
-                         include_dashboard=False, log_to_driver=False)
+                start_local_ray((workers or 1) * threads_per_worker if workers else None)
             else:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             self._started_ray = True

@@ -33,9 +33,9 @@ def local_ray(require: Callable[[bool, str], None]) -> Iterator[Any]:
     """A local Ray with 2 CPUs for the module; the backend joins it (and leaves it running)."""
     require(importlib.util.find_spec("ray") is not None,
             "Ray is not installed (pip install 'fedrecon[sim-ray]'; make setup installs it)")
-    import ray
+    from fedrecon.simulations.ray_backend import start_local_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray(2)
     yield ray
     ray.shutdown()
 
@@ -121,3 +121,38 @@ def test_cli_ray_backend_writes_the_in_process_outputs(local_ray: Any, tmp_path:
 def test_ray_options_need_the_ray_backend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--ray-workers", "2", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--backend ray" in result.output
+
+
+def test_a_local_ray_that_times_out_starting_is_started_again(require: Callable[[bool, str], None],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray gives its node a fixed 30 s to start, which a loaded 2-core machine can miss: the start is shut
+    down and tried again (Ray's own init and shutdown replaced here, so the timeout happens on cue); any
+    other error, and the last attempt's, is raised."""
+    require(importlib.util.find_spec("ray") is not None, "Ray is not installed")
+    import ray
+
+    from fedrecon.simulations import ray_backend
+
+    calls: list[str] = []
+    outcomes = [Exception("The current node timed out during startup. This could happen ..."), None]
+
+    def init(**kwargs: Any) -> None:
+        calls.append(f"init {kwargs['num_cpus']}")
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    assert ray_backend.start_local_ray(2) is ray
+    assert calls == ["init 2", "shutdown", "init 2"]
+    calls.clear()
+    outcomes[:] = [RuntimeError("no such option")]
+    with pytest.raises(RuntimeError, match="no such option"):  # not a startup timeout: not retried
+        ray_backend.start_local_ray(2)
+    assert calls == ["init 2"]
+    calls.clear()
+    outcomes[:] = [Exception("timed out during startup")] * ray_backend.LOCAL_START_ATTEMPTS
+    with pytest.raises(Exception, match="timed out during startup"):
+        ray_backend.start_local_ray(2)
+    assert calls.count("init 2") == ray_backend.LOCAL_START_ATTEMPTS
