@@ -77,14 +77,24 @@ starts to register (not configurable); on a loaded 2-core machine its processes 
 take longer than that to start, and a second start, with their code now in the page cache, goes through."""
 
 
+LOCAL_WORKER_NICENESS = 0
+"""The niceness of a local Ray's workers. Ray starts its workers at niceness 15 by default, so that a
+driver doing the real work keeps priority; here the workers *are* the simulation (every client trains in
+one), and at 15 any other process at normal priority starves them: measured on this 2-core machine with
+four busy loops beside it, the workers' actors took over 7 minutes to build their client step, and a
+round did not finish in 9 minutes. At 0 they share the machine like the process that started them."""
+
+
 def start_local_ray(num_cpus: int | None) -> Any:
     """Start a local Ray with ``num_cpus`` CPUs (None: the machine's), no dashboard, workers' logs not
-    copied here; the ``ray`` module. A start that times out is shut down and tried again, up to
-    `LOCAL_START_ATTEMPTS` times, so a busy machine delays a simulation rather than failing it."""
+    copied here, workers at normal priority (`LOCAL_WORKER_NICENESS`); the ``ray`` module. A start that
+    times out is shut down and tried again, up to `LOCAL_START_ATTEMPTS` times, so a busy machine delays
+    a simulation rather than failing it."""
     ray = import_ray()
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     _system_config={"worker_niceness": LOCAL_WORKER_NICENESS})
             return ray
         except Exception as err:  # Ray raises a bare Exception for this
             if "timed out during startup" not in str(err) or attempt == LOCAL_START_ATTEMPTS:
