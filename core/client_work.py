@@ -259,6 +259,12 @@ class _TraceOnce:
     Threads share it (many clients in one process, a server personalizing several requests): the first
     calls race to build the function, so building is under a lock; otherwise each racing thread would make
     and trace a function of its own (ten clients, ten traces, seconds each on a busy machine).
+
+    Calls go to the one concrete function straight away, not through ``tf.function``'s dispatch, which
+    binds and checks the call's nested arguments against the signature in Python on every call: measured
+    on a 100-client MovieLens round, 0.7-1.4 ms of a 4-5 ms training call and 0.15 ms of a 1 ms reduction.
+    An argument that does not fit the signature is refused by the concrete function as it would have been
+    by ``tf.function`` (a fixed signature never retraces).
     """
 
     def __init__(self, fn: Any, leading: Sequence[int], *, xla: bool = False) -> None:
@@ -266,19 +272,21 @@ class _TraceOnce:
         self._leading = tuple(leading)
         self._xla = xla
         self._function: Any = None
+        self._concrete: Any = None
         self._building = threading.Lock()
 
     def __call__(self, *args: Any) -> Any:
-        function = self._function
-        if function is None:
+        concrete = self._concrete
+        if concrete is None:
             with self._building:
-                if self._function is None:
+                if self._concrete is None:
                     signature = [tf.nest.map_structure(lambda t, n=n: _relaxed(t, n), a)
                                  for a, n in zip(args, self._leading, strict=True)]
                     self._function = tf.function(self._python, input_signature=signature,
                                                  jit_compile=self._xla)
-                function = self._function
-        return function(*args)
+                    self._concrete = self._function.get_concrete_function()
+                concrete = self._concrete
+        return concrete(*args)
 
     def tracing_count(self) -> int:
         return 0 if self._function is None else int(self._function.experimental_get_tracing_count())
