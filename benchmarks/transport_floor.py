@@ -10,8 +10,9 @@ them, and its process CPU (user + system, ``/proc/<pid>/stat``) per call is the 
 interleaved, ``--repeats`` times each, so a change in the machine's load touches them all alike:
 
 - ``grpc_aio_stream``: the coordinator's call: a ``grpc.aio`` server with the coordinator's options
-  (``server.app.server_options``), a client-streaming call of a 300-byte header message and the update as
-  one message, read with ``context.read()`` to the end (what ``grpc_floor`` does).
+  (``server.app.server_options``), a client-streaming call of the messages a report sends (a 300-byte
+  header, then the chunks of the item embeddings, the item biases and the global bias), read with
+  ``context.read()`` to the end (what ``grpc_floor`` does).
 - ``grpc_aio_unary``: the same bytes as one unary request (header and update in one message).
 - ``grpc_aio_empty``: a unary call of 300 bytes: what any call costs before its payload.
 - ``grpc_sync_stream``: the stream of ``grpc_aio_stream`` on gRPC's synchronous server (a thread pool).
@@ -21,14 +22,18 @@ interleaved, ``--repeats`` times each, so a change in the machine's load touches
   no call. The reference each ratio is taken against.
 
 Every client thread (``--threads``) has its own connection, as each device has; ``--warmup`` calls per
-variant are sent before its CPU is read. The JSON holds each variant's CPU ms per call in every repeat, the
-median, the median's ratio to ``tcp_socket``'s, and the machine (CPUs, load average before and after).
+variant are sent before its CPU is read. A server ends when it is sent SIGTERM or when its standard input
+(a pipe from this script) closes, so none outlives a script that was killed. The JSON holds the calls
+measured per variant and repeat, each variant's CPU ms per call in every repeat, the median, the median's
+ratio to ``tcp_socket``'s, the run's wall time, and the machine (CPUs, load average before and after, the
+commit, and this script's SHA-256).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -47,10 +52,12 @@ from typing import Any
 
 import grpc
 
-from fedrecon.server.app import DEFAULT_MAX_MESSAGE_BYTES, server_options
-
-REPORT_BYTES = 737_486  # a MovieLens ml-1m-2998u report's update (3615 items x 51 floats + 1, as float32)
+# A MovieLens ml-1m-2998u report's chunk messages as the load generator sends them (737,464 float32 bytes
+# and their framing): the item embeddings (3615 x 50), the item biases (3615), the global bias.
+CHUNK_BYTES = (723_008, 14_468, 10)
+REPORT_BYTES = sum(CHUNK_BYTES)  # 737,486
 HEADER_BYTES = 300  # about a report header's size (task, client, round, token, weight, manifest)
+MAX_FRAME_BYTES = 4 << 20  # the largest frame the TCP server takes: gRPC's default message limit
 SERVICE = "fedrecon.bench.TransportFloor"
 VARIANTS = ("grpc_aio_stream", "grpc_aio_unary", "grpc_aio_empty", "grpc_sync_stream", "tcp_socket")
 REFERENCE = "tcp_socket"
@@ -63,6 +70,15 @@ def _publish(port: int, port_file: Path) -> None:
     partial = port_file.with_suffix(".tmp")
     partial.write_text(str(port))
     partial.rename(port_file)
+
+
+def _stop_when_parent_goes(stop: Callable[[], object]) -> None:
+    """Call ``stop`` (from a thread of its own) once standard input, a pipe from the parent, closes."""
+    def watch() -> None:
+        sys.stdin.buffer.read()
+        stop()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _handlers(read_stream: Callable[..., Any], unary: Callable[..., Any]) -> grpc.GenericRpcHandler:
@@ -82,13 +98,17 @@ def serve_grpc_aio(port_file: Path) -> None:
         return b"ok"
 
     async def main() -> None:
+        from fedrecon.server.app import DEFAULT_MAX_MESSAGE_BYTES, server_options
+
         server = grpc.aio.server(options=server_options(DEFAULT_MAX_MESSAGE_BYTES))
         server.add_generic_rpc_handlers((_handlers(read_stream, unary),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        _publish(port, port_file)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        _stop_when_parent_goes(lambda: loop.call_soon_threadsafe(stop.set))
+        _publish(port, port_file)
         await stop.wait()
         await server.stop(grace=1.0)
 
@@ -105,12 +125,15 @@ def serve_grpc_sync(port_file: Path) -> None:
     def unary(_request: bytes, _context: grpc.ServicerContext) -> bytes:
         return b"ok"
 
+    from fedrecon.server.app import DEFAULT_MAX_MESSAGE_BYTES, server_options
+
     server = grpc.server(ThreadPoolExecutor(8), options=server_options(DEFAULT_MAX_MESSAGE_BYTES))
     server.add_generic_rpc_handlers((_handlers(read_stream, unary),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_when_parent_goes(stop.set)
     _publish(port, port_file)
     stop.wait()
     server.stop(grace=1.0)
@@ -121,7 +144,7 @@ class _FramedReceiver(asyncio.BufferedProtocol):
     per connection (``get_buffer``); a whole frame is answered with one byte."""
 
     def __init__(self) -> None:
-        self.buffer = memoryview(bytearray(DEFAULT_MAX_MESSAGE_BYTES))
+        self.buffer = memoryview(bytearray(MAX_FRAME_BYTES))
         self.need, self.got, self.in_body = _PREFIX.size, 0, False
         self.transport: asyncio.Transport | None = None
 
@@ -140,7 +163,7 @@ class _FramedReceiver(asyncio.BufferedProtocol):
         if not self.in_body:
             (length,) = _PREFIX.unpack(self.buffer[:_PREFIX.size])
             if not 0 < length <= len(self.buffer):
-                self.transport.close()  # over the gRPC message limit: not a frame this server takes
+                self.transport.close()  # empty, or over MAX_FRAME_BYTES: not a frame this server takes
                 return
             self.need, self.got, self.in_body = length, 0, True
             return
@@ -152,10 +175,12 @@ def serve_tcp(port_file: Path) -> None:
     """A plain TCP server on an asyncio loop (one thread, as ``grpc.aio``'s): a 4-byte length, then that many
     bytes received into a buffer allocated once per connection, and a one-byte answer."""
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(_FramedReceiver, "127.0.0.1", 0)
-        _publish(server.sockets[0].getsockname()[1], port_file)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_FramedReceiver, "127.0.0.1", 0)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        _stop_when_parent_goes(lambda: loop.call_soon_threadsafe(stop.set))
+        _publish(server.sockets[0].getsockname()[1], port_file)
         await stop.wait()
         server.close()
 
@@ -171,7 +196,7 @@ def _caller(variant: str, port: int, index: int) -> tuple[Callable[[], None], Ca
     """(one call, close) for a client thread of ``variant``, on a connection of its own."""
     header, update = os.urandom(HEADER_BYTES), os.urandom(REPORT_BYTES)
     if variant == "tcp_socket":
-        conn = socket.create_connection(("127.0.0.1", port))
+        conn = socket.create_connection(("127.0.0.1", port), timeout=60)  # as the gRPC calls' deadline
         framed = _PREFIX.pack(HEADER_BYTES + REPORT_BYTES) + header + update
 
         def call_tcp() -> None:
@@ -180,15 +205,17 @@ def _caller(variant: str, port: int, index: int) -> tuple[Callable[[], None], Ca
                 raise RuntimeError("the TCP server closed the connection")
 
         return call_tcp, conn.close
-    limit = DEFAULT_MAX_MESSAGE_BYTES
+    limit = MAX_FRAME_BYTES
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
         ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
         ("fedrecon.bench.connection", index)])  # distinct arguments: a connection of its own
     if variant.endswith("_stream"):
         stream = channel.stream_unary(f"/{SERVICE}/Stream")
+        ends = list(itertools.accumulate(CHUNK_BYTES, initial=0))
+        messages = (header, *(update[a:b] for a, b in itertools.pairwise(ends)))
 
         def call_stream() -> None:
-            stream(iter((header, update)), timeout=60)
+            stream(iter(messages), timeout=60)
 
         return call_stream, channel.close
     unary = channel.unary_unary(f"/{SERVICE}/Unary")
@@ -202,20 +229,29 @@ def _caller(variant: str, port: int, index: int) -> tuple[Callable[[], None], Ca
 
 def _drive(calls: list[Callable[[], None]], per_thread: int) -> None:
     """Every caller makes ``per_thread`` calls, all threads at once; the first error is raised."""
+    def repeat(call: Callable[[], None]) -> None:
+        for _ in range(per_thread):
+            call()
+
     with ThreadPoolExecutor(len(calls)) as pool:
-        for done in [pool.submit(lambda c=c: [c() for _ in range(per_thread)]) for c in calls]:
+        for done in [pool.submit(repeat, call) for call in calls]:
             done.result()
 
 
+def measured_calls(calls: int, threads: int) -> int:
+    """The calls ``measure`` makes for ``calls`` asked: a whole number per thread, at least one each."""
+    return max(1, calls // threads) * threads
+
+
 def measure(variant: str, workdir: Path, *, calls: int, threads: int, warmup: int) -> float:
-    """Server CPU ms per call of ``variant`` over ``calls`` calls (after ``warmup``), its server started
-    for this measurement and stopped after it."""
+    """Server CPU ms per call of ``variant`` over ``measured_calls(calls, threads)`` calls (after
+    ``warmup``), its server started for this measurement and stopped after it."""
     from coordinator_load import proc_cpu_s  # the parent's only: servers stay lean
 
     port_file = workdir / f"{variant}.port"
     port_file.unlink(missing_ok=True)
     server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", variant,
-                               "--port-file", str(port_file)])
+                               "--port-file", str(port_file)], stdin=subprocess.PIPE)
     closers: list[Callable[[], None]] = []
     try:
         give_up = time.monotonic() + 120
@@ -224,16 +260,20 @@ def measure(variant: str, workdir: Path, *, calls: int, threads: int, warmup: in
                 raise RuntimeError(f"the {variant} server did not start (exit {server.poll()})")
             time.sleep(0.05)
         port = int(port_file.read_text())
-        callers = [_caller(variant, port, k) for k in range(threads)]
-        closers = [close for _, close in callers]
-        _drive([call for call, _ in callers], max(1, warmup // threads))
-        per_thread = max(1, calls // threads)
+        callers = []
+        for k in range(threads):
+            call, close = _caller(variant, port, k)
+            callers.append(call)
+            closers.append(close)
+        _drive(callers, max(1, warmup // threads))
         before = proc_cpu_s(server.pid)
-        _drive([call for call, _ in callers], per_thread)
-        return 1000 * (proc_cpu_s(server.pid) - before) / (per_thread * threads)
+        _drive(callers, measured_calls(calls, threads) // threads)
+        return 1000 * (proc_cpu_s(server.pid) - before) / measured_calls(calls, threads)
     finally:
         for close in closers:
             close()
+        assert server.stdin is not None
+        server.stdin.close()
         server.terminate()
         try:
             server.wait(timeout=30)
@@ -245,8 +285,11 @@ def measure(variant: str, workdir: Path, *, calls: int, threads: int, warmup: in
 def run(*, calls: int, repeats: int, threads: int, warmup: int, variants: tuple[str, ...],
         workdir: Path) -> dict[str, Any]:
     """Every variant ``repeats`` times, interleaved; the figures as the JSON holds them."""
+    import hashlib
+
     from coordinator_load import code_version
-    load_before = os.getloadavg()
+
+    load_before, started = os.getloadavg(), time.monotonic()
     runs: dict[str, list[float]] = {v: [] for v in variants}
     for k in range(repeats):
         for variant in variants:
@@ -256,13 +299,15 @@ def run(*, calls: int, repeats: int, threads: int, warmup: int, variants: tuple[
     medians = {v: statistics.median(r) for v, r in runs.items()}
     reference = medians.get(REFERENCE)
     return {
-        "payload_bytes": REPORT_BYTES, "header_bytes": HEADER_BYTES, "calls": calls, "threads": threads,
+        "payload_bytes": REPORT_BYTES, "header_bytes": HEADER_BYTES, "threads": threads,
+        "calls": measured_calls(calls, threads), "seconds": time.monotonic() - started,
         "cpu_ms_per_call": {v: {"runs": runs[v], "median": medians[v],
                                 "ratio_vs_tcp_socket": medians[v] / reference if reference else None}
                             for v in variants},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
                     "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                    "code": code_version()},
+                    "code": code_version(),
+                    "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
     }
 
 

@@ -153,24 +153,27 @@ def test_transport_floor_runs_every_transport_and_writes_the_documented_json(tmp
     with an error) and its CPU is read; ratios are taken against the plain TCP socket's median."""
     out = tmp_path / "transport.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "transport_floor.py"), "--calls", "12", "--repeats", "2",
+        [sys.executable, str(REPO / "benchmarks" / "transport_floor.py"), "--calls", "13", "--repeats", "1",
          "--threads", "2", "--warmup", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    # 13 calls asked of 2 threads: 6 each, and the JSON says 12 were measured.
     assert (result["payload_bytes"], result["calls"], result["threads"]) == (737_486, 12, 2)
     figures = result["cpu_ms_per_call"]
     assert set(figures) == {"grpc_aio_stream", "grpc_aio_unary", "grpc_aio_empty", "grpc_sync_stream",
                             "tcp_socket"}
     reference = figures["tcp_socket"]["median"]
     for variant in figures.values():
-        assert len(variant["runs"]) == 2 and all(r >= 0 for r in variant["runs"])
-        assert math.isclose(variant["median"], sum(variant["runs"]) / 2)
+        assert len(variant["runs"]) == 1 and variant["median"] == variant["runs"][0] >= 0
         if reference > 0:
             assert variant["ratio_vs_tcp_socket"] == variant["median"] / reference
         else:  # no clock tick read at all over the socket's calls: no ratio rather than a division by 0
             assert variant["ratio_vs_tcp_socket"] is None
-    assert len(result["machine"]["load_average_before"]) == 3
+    # The servers' CPU was read: the gRPC ones use about 15 ms for 12 calls of 738 KB, over a 10 ms tick.
+    assert sum(v["median"] for v in figures.values()) > 0
+    assert result["seconds"] > 0 and len(result["machine"]["load_average_before"]) == 3
+    assert len(result["machine"]["script_sha256"]) == 64
 
 
 def test_fault_drill_loses_nothing_and_holds_against_hostile_clients(tmp_path: Path) -> None:
