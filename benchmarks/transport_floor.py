@@ -10,10 +10,9 @@ them, and its process CPU (user + system, ``/proc/<pid>/stat``) per call is the 
 interleaved, ``--repeats`` times each, so a change in the machine's load touches them all alike:
 
 - ``grpc_aio_stream``: the coordinator's call: a ``grpc.aio`` server with the coordinator's options
-  (``server.app.server_options``), a client-streaming call of the messages a report sent before chunk
-  batches, as clients that predate them still do (a 300-byte header, then a message each for the chunks of
-  the item embeddings, the item biases and the global bias), read with ``context.read()`` to the end (what
-  ``grpc_floor`` does).
+  (``server.app.server_options``), a client-streaming call of the messages a report sends (a 300-byte
+  header, then the chunks of the item embeddings, the item biases and the global bias), read with
+  ``context.read()`` to the end (what ``grpc_floor`` does).
 - ``grpc_aio_unary``: the same bytes as one unary request (header and update in one message).
 - ``grpc_aio_empty``: a unary call of 300 bytes: what any call costs before its payload.
 - ``grpc_sync_stream``: the stream of ``grpc_aio_stream`` on gRPC's synchronous server (a thread pool).
