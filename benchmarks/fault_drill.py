@@ -309,22 +309,16 @@ class Drill:
         nan = [good[0].copy()]
         nan[0][3, 3] = np.nan
         big_metrics = {f"m{i}": 1.0 for i in range(100_000)}
-        # The kinds whose check needs the round still open come first: on a loaded machine the first pass
-        # over all the kinds once outlasted the 15 s reporting window, and the last kind met a closed round
-        # (ABORTED) instead of its own check.
         cases: dict[str, Callable[[], object]] = {
+            "garbage stream": lambda: stub.ReportUpdate(iter([pb.ReportUpdateRequest(
+                chunk=pb.TensorChunk(data=rng.bytes(64)))]), timeout=10, metadata=auth),
             "local variable": lambda: report(["user_embedding"], good),
             "wrong shape": lambda: report(NAMES, [good[0][:10]]),
             "forged assignment": lambda: report(NAMES, good, assignment_token="forged"),
-            "wrong round": lambda: report(NAMES, good, round_id=devices["mallory-a"].round_id + 1000),
-            "bad weight": lambda: report(NAMES, good, device="mallory-w", weight=float("inf")),
-            "nan": lambda: report(NAMES, nan, device="mallory-n"),
-            "100,000 metrics": lambda: report(NAMES, good, device="mallory-m", metrics=big_metrics),
-            "garbage stream": lambda: stub.ReportUpdate(iter([pb.ReportUpdateRequest(
-                chunk=pb.TensorChunk(data=rng.bytes(64)))]), timeout=10, metadata=auth),
             "forged credential": lambda: report(NAMES, good, metadata=(("authorization", "Bearer frc_1_x"),)),
             "credential id overflow": lambda: report(
                 NAMES, good, metadata=(("authorization", "Bearer frc_99999999999999999999999_x"),)),
+            "wrong round": lambda: report(NAMES, good, round_id=devices["mallory-a"].round_id + 1000),
             "oversized": lambda: stub.ReportUpdate(iter([pb.ReportUpdateRequest(
                 chunk=pb.TensorChunk(data=b"\0" * (5 << 20)))]), timeout=10, metadata=auth),
             "protocol": lambda: stub.CheckIn(pb.CheckInRequest(
@@ -337,6 +331,9 @@ class Drill:
                                                                num_examples=1e300),
             "evaluation near 1e308": lambda: evaluation(squared_error=1.7e308, num_correct=1.0,
                                                         num_examples=1.0),
+            "bad weight": lambda: report(NAMES, good, device="mallory-w", weight=float("inf")),
+            "nan": lambda: report(NAMES, nan, device="mallory-n"),
+            "100,000 metrics": lambda: report(NAMES, good, device="mallory-m", metrics=big_metrics),
         }
         kinds = list(cases)
         for i in range(count):
