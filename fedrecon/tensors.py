@@ -148,8 +148,13 @@ def chunk_view(message: bytes) -> ChunkView | None:
     field, lengths that end exactly where the message does); for any other (valid or not) it returns None
     and the caller parses the message with protobuf, so what is accepted, and what it means, is exactly
     what protobuf says."""
-    start = _only_field(message, CHUNK_FIELD)
-    return None if start is None else _chunk_at(message, start, len(message))
+    end = len(message)
+    if end < 2 or message[0] != (CHUNK_FIELD << 3 | 2):
+        return None
+    inner = _varint(message, 1, end)
+    if inner is None or inner[1] + inner[0] != end:
+        return None
+    return _chunk_at(message, inner[1], end)
 
 
 def chunk_views(message: bytes, max_chunks: int) -> list[ChunkView] | None:
@@ -161,11 +166,14 @@ def chunk_views(message: bytes, max_chunks: int) -> list[ChunkView] | None:
     single = chunk_view(message)
     if single is not None:
         return [single]
-    start = _only_field(message, CHUNKS_FIELD)
-    if start is None:
+    end = len(message)
+    if end < 2 or message[0] != (CHUNKS_FIELD << 3 | 2):
+        return None
+    inner = _varint(message, 1, end)
+    if inner is None or inner[1] + inner[0] != end:
         return None
     views: list[ChunkView] = []
-    at, end = start, len(message)
+    at = inner[1]
     while at < end:
         if message[at] != 0x0A:  # chunks (repeated TensorChunk), nothing else
             return None
@@ -180,16 +188,6 @@ def chunk_views(message: bytes, max_chunks: int) -> list[ChunkView] | None:
         views.append(view)
         at = field[1] + field[0]
     return views
-
-
-def _only_field(message: bytes, field: int) -> int | None:
-    """Where the contents of length-delimited field ``field`` start, when the message is that one field
-    and nothing else (its length ending exactly where the message does); else None."""
-    end = len(message)
-    if end < 2 or message[0] != (field << 3 | 2):
-        return None
-    inner = _varint(message, 1, end)
-    return None if inner is None or inner[1] + inner[0] != end else inner[1]
 
 
 def _chunk_at(message: bytes, at: int, end: int) -> ChunkView | None:
