@@ -66,10 +66,6 @@ the phases, so per N:
   ``coordinator_over_floor_per_report`` / ``_per_selected_client`` = coordinator / floor. The floor's
   download must be the coordinator's, byte for byte in size, or the run fails.
 
-Reports go as the client library sends them to this coordinator: the header, then the chunks packed
-several per message (``tensors.chunk_batches``: one message for a MovieLens update);
-``--one-chunk-per-message`` sends them as clients that predate chunk batches do (a message per tensor).
-
 Rounds per N default to enough for about 2,000 reports (CPU time is read in clock ticks of 10 ms). The
 machine's load average is recorded: the CPU figures are CPU time, so other load slows the run but does
 not enter them (beyond cache effects).
@@ -387,7 +383,6 @@ def run_floor(task_file: Path, workdir: Path, updates: list[PreparedUpdate], ids
 
 def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, workdir: Path, *,
                     over_selection: float, processes: int, threads: int, codec: UploadCodec,
-                    chunk_batches: bool = True,
                     floor: bool = True) -> dict[str, Any]:
     """One coordinator process, ``rounds`` rounds of N reports from the lightweight generator; then (with
     ``floor``) the same against the bare gRPC server."""
@@ -396,8 +391,7 @@ def run_lightweight(n: int, rounds: int, factors: int, data: FederatedRatings, w
     goal = spec.rounds.selection_goal
     layouts = delta_layouts(spec)
     rng = np.random.default_rng(0)
-    updates = [prepare_update(layouts, realistic_delta(layouts, rng), codec, rng=rng, batches=chunk_batches)
-               for _ in range(8)]
+    updates = [prepare_update(layouts, realistic_delta(layouts, rng), codec, rng=rng) for _ in range(8)]
     store_url = f"sqlite:///{workdir / 'coordinator.db'}"
     ids = [f"load-{i}" for i in range(goal)]
 
@@ -487,8 +481,7 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
             runs.append(run_lightweight(n, r, args.factors, data, Path(tmp),
                                         over_selection=args.over_selection,
                                         processes=args.generator_processes, threads=args.generator_threads,
-                                        codec=UploadCodec(args.upload_codec), floor=args.floor,
-                                        chunk_batches=args.chunk_batches))
+                                        codec=UploadCodec(args.upload_codec), floor=args.floor))
             runs[-1]["wall_s"] = time.perf_counter() - t0
             runs[-1]["load_average_after"] = os.getloadavg()[0]
     print_lightweight_table(runs)
@@ -504,7 +497,6 @@ def lightweight_main(args: argparse.Namespace, data: FederatedRatings) -> dict[s
               f"{result['peak_rss_ratio']:.3f} (target <= 1.5)")
     result["setup"] = {"data": Path(args.data).name, "train_users": len(data.train), "items": data.num_items,
                        "factors": args.factors, "over_selection": args.over_selection,
-                       "chunk_batches": args.chunk_batches,
                        "generator": {"processes": args.generator_processes,
                                      "threads": args.generator_threads},
                        "coordinator_max_workers": 32, "cpus": os.cpu_count(),
@@ -608,9 +600,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--generator-threads", type=int, default=8, help="threads per generator process")
     parser.add_argument("--upload-codec", default="none", choices=[c.value for c in UploadCodec],
                         help="--lightweight: the task's upload codec")
-    parser.add_argument("--one-chunk-per-message", dest="chunk_batches", action="store_false",
-                        help="--lightweight: a message per tensor chunk, as clients that predate chunk "
-                             "batches send (default: several chunks per message, as clients send now)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="--lightweight: skip the bare gRPC server run (grpc_floor.py) after each N")
     args = parser.parse_args(argv)

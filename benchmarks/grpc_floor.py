@@ -55,7 +55,7 @@ def assignment_reply(spec: TaskSpec) -> bytes:
         reporting_deadline=Timestamp(seconds=int(time.time()) + 3600),
         model_spec_json=json.dumps(spec.model, sort_keys=True),
         training_config_json=json.dumps(spec.training.to_dict(), sort_keys=True), batch_size=spec.batch_size,
-        max_chunk_bytes=DEFAULT_CHUNK_BYTES, accepts_chunk_batches=True)).SerializeToString()
+        max_chunk_bytes=DEFAULT_CHUNK_BYTES)).SerializeToString()
 
 
 def download_messages(spec: TaskSpec, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from fedrecon.core.compression import UploadCodec, encode_update
 from fedrecon.protocol import PROTOCOL_VERSION
-from fedrecon.tensors import DEFAULT_CHUNK_BYTES, TensorLayout, manifest, report_chunk_messages
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES, TensorLayout, chunks, manifest
 from fedrecon.update_encoding import payload_arrays, tensor_encoding
 from fedrecon.v1 import coordinator_pb2 as pb
 
@@ -74,9 +74,8 @@ def realistic_delta(layouts: Sequence[TensorLayout], rng: np.random.Generator, *
 
 def prepare_update(layouts: Sequence[TensorLayout], delta: Sequence[np.ndarray], codec: UploadCodec, *,
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, weight: float = 50.0,
-                   rng: np.random.Generator | None = None, batches: bool = True) -> PreparedUpdate:
-    """Encode ``delta`` once as a client sending with ``codec`` would (``client.transport.report``), to a
-    coordinator that takes several chunks per message (``batches``) or not."""
+                   rng: np.random.Generator | None = None) -> PreparedUpdate:
+    """Encode ``delta`` once as a client sending with ``codec`` would (``client.transport.report``)."""
     names = [layout.name for layout in layouts]
     payload: Sequence[np.ndarray] = delta
     encodings: list[pb.TensorEncoding] = []
@@ -84,8 +83,8 @@ def prepare_update(layouts: Sequence[TensorLayout], delta: Sequence[np.ndarray],
         encoded = encode_update(delta, codec, rng if rng is not None else np.random.default_rng(0))
         encodings = [tensor_encoding(e) for e in encoded]
         payload = payload_arrays(encoded)
-    messages = tuple(m.SerializeToString()
-                     for m in report_chunk_messages(payload, chunk_bytes, batches=batches))
+    messages = tuple(pb.ReportUpdateRequest(chunk=c).SerializeToString()
+                     for c in chunks(payload, chunk_bytes))
     return PreparedUpdate(manifest(names, delta).SerializeToString(),
                           tuple(e.SerializeToString() for e in encodings), messages, weight,
                           {"loss": 1.0, "post_recon_examples": weight})

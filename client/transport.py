@@ -41,7 +41,7 @@ from fedrecon.protocol import (
     RoundState,
     retry_after_ms,
 )
-from fedrecon.tensors import DEFAULT_CHUNK_BYTES, decode_tensor_stream, manifest, report_chunk_messages
+from fedrecon.tensors import DEFAULT_CHUNK_BYTES, chunks, decode_tensor_stream, manifest
 from fedrecon.update_encoding import codec_from_wire, payload_arrays, tensor_encoding
 from fedrecon.v1 import coordinator_pb2 as pb
 from fedrecon.v1 import coordinator_pb2_grpc as pb_grpc
@@ -278,8 +278,7 @@ class CoordinatorChannel:
                               model_spec_json=a.model_spec_json, training_config_json=a.training_config_json,
                               batch_size=a.batch_size, max_chunk_bytes=a.max_chunk_bytes,
                               upload_codec=codec_from_wire(a.upload_codec).value,
-                              secure_aggregation=a.secure_aggregation,
-                              accepts_chunk_batches=a.accepts_chunk_batches)
+                              secure_aggregation=a.secure_aggregation)
         w = response.retry
         lo = w.delay_min.ToNanoseconds() / 1e9
         return RetryLater(lo, max(lo, w.delay_max.ToNanoseconds() / 1e9), w.reason)
@@ -321,8 +320,8 @@ class CoordinatorChannel:
             first = pb.ReportUpdateRequest(header=header)
             self.bytes_uploaded += first.ByteSize()
             yield first
-            for message in report_chunk_messages(payload, assignment.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
-                                                 batches=assignment.accepts_chunk_batches):
+            for chunk in chunks(payload, assignment.max_chunk_bytes or DEFAULT_CHUNK_BYTES):
+                message = pb.ReportUpdateRequest(chunk=chunk)
                 self.bytes_uploaded += message.ByteSize()
                 yield message
 

@@ -67,9 +67,6 @@ class Assignment:
     upload_codec: str = "none"
     # The round uses secure aggregation: the update is masked and sent through ``SecureAggregation``.
     secure_aggregation: bool = False
-    # The coordinator takes several chunks per report message (``tensors.chunk_batches``); False for one
-    # that predates them, to which the client sends one chunk per message.
-    accepts_chunk_batches: bool = False
 
 
 @dataclass(frozen=True)

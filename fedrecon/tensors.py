@@ -81,39 +81,6 @@ def chunks(arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES)
             yield pb.TensorChunk(tensor_index=index, offset=offset, data=piece)
 
 
-def chunk_batches(arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-                  ) -> Iterator[list[pb.TensorChunk]]:
-    """``chunks(arrays, chunk_bytes)`` grouped for sending several per message: consecutive chunks whose
-    data add up to at most ``chunk_bytes`` travel together (a chunk that fills a message travels alone).
-
-    Every message of a stream costs the receiver about what 100 KB of its bytes do, so a report of one
-    large tensor and a few small ones (a matrix factorization's item embeddings, item biases and global
-    bias) goes as one message instead of one per tensor."""
-    batch: list[pb.TensorChunk] = []
-    size = 0
-    for chunk in chunks(arrays, chunk_bytes):
-        if batch and size + len(chunk.data) > chunk_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(chunk)
-        size += len(chunk.data)
-    if batch:
-        yield batch
-
-
-def report_chunk_messages(arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES, *,
-                          batches: bool) -> Iterator[pb.ReportUpdateRequest]:
-    """A report's messages after its header: with ``batches`` (the coordinator takes ``chunks``), the
-    chunks packed as ``chunk_batches`` groups them, a lone chunk as ``chunk``; else a message per chunk."""
-    if not batches:
-        for chunk in chunks(arrays, chunk_bytes):
-            yield pb.ReportUpdateRequest(chunk=chunk)
-        return
-    for batch in chunk_batches(arrays, chunk_bytes):
-        yield (pb.ReportUpdateRequest(chunk=batch[0]) if len(batch) == 1
-               else pb.ReportUpdateRequest(chunks=pb.TensorChunks(chunks=batch)))
-
-
 def tensor_stream(names: Sequence[str], arrays: Sequence[np.ndarray], chunk_bytes: int = DEFAULT_CHUNK_BYTES
                   ) -> Iterator[pb.TensorStreamMessage]:
     """A manifest message, then the chunk messages: what ``DownloadModel`` streams."""
@@ -134,8 +101,6 @@ class ChunkView:
 
 #: Field number of the ``TensorChunk`` in ``ReportUpdateRequest`` and in ``TensorStreamMessage`` alike.
 CHUNK_FIELD = 2
-#: Field number of the ``TensorChunks`` (several chunks) in ``ReportUpdateRequest``.
-CHUNKS_FIELD = 3
 
 
 def chunk_view(message: bytes) -> ChunkView | None:
@@ -154,45 +119,7 @@ def chunk_view(message: bytes) -> ChunkView | None:
     inner = _varint(message, 1, end)
     if inner is None or inner[1] + inner[0] != end:
         return None
-    return _chunk_at(message, inner[1], end)
-
-
-def chunk_views(message: bytes, max_chunks: int) -> list[ChunkView] | None:
-    """The chunks of a serialized ``ReportUpdateRequest`` that holds one chunk or several (``TensorChunks``),
-    in order, read without copying their data (as ``chunk_view``); None for any other message, which the
-    caller parses with protobuf. More than ``max_chunks`` chunks in one message raise `TensorDecodeError`
-    before the rest is read: a well-formed report never packs more chunks than it has tensors, and a
-    message of thousands of tiny chunks would hold up whoever reads it."""
-    single = chunk_view(message)
-    if single is not None:
-        return [single]
-    end = len(message)
-    if end < 2 or message[0] != (CHUNKS_FIELD << 3 | 2):
-        return None
-    inner = _varint(message, 1, end)
-    if inner is None or inner[1] + inner[0] != end:
-        return None
-    views: list[ChunkView] = []
     at = inner[1]
-    while at < end:
-        if message[at] != 0x0A:  # chunks (repeated TensorChunk), nothing else
-            return None
-        field = _varint(message, at + 1, end)
-        if field is None or field[1] + field[0] > end:
-            return None
-        view = _chunk_at(message, field[1], field[1] + field[0])
-        if view is None:
-            return None
-        if len(views) == max_chunks:
-            raise TensorDecodeError(f"more than {max_chunks} chunks in one message")
-        views.append(view)
-        at = field[1] + field[0]
-    return views
-
-
-def _chunk_at(message: bytes, at: int, end: int) -> ChunkView | None:
-    """The ``TensorChunk`` serialized in ``message[at:end]``, if protobuf itself could have written it
-    (fields in order, each at most once, nothing else); else None."""
     index = offset = 0
     data_start = data_end = at
     if at < end and message[at] == 0x08:  # tensor_index (uint32)

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -52,10 +52,9 @@ from fedrecon.server.slots import Slots
 from fedrecon.server.statuses import CallStatus, StreamRefused, Unauthenticated, status_of
 from fedrecon.tensors import (
     DEFAULT_CHUNK_BYTES,
-    ChunkView,
     TensorDecodeError,
     check_layouts,
-    chunk_views,
+    chunk_view,
     layouts_from_manifest,
     tensor_stream,
 )
@@ -244,7 +243,7 @@ class CoordinatorServicer:
                 training_config_json=result.training_config_json, batch_size=result.batch_size,
                 max_chunk_bytes=self.max_chunk_bytes,
                 upload_codec=UPLOAD_CODECS[UploadCodec(result.upload_codec)],
-                secure_aggregation=result.secure_aggregation, accepts_chunk_batches=True))
+                secure_aggregation=result.secure_aggregation))
         lo, hi = Duration(), Duration()
         lo.FromNanoseconds(int(result.delay_min_s * 1e9))
         hi.FromNanoseconds(int(result.delay_max_s * 1e9))
@@ -308,9 +307,14 @@ class CoordinatorServicer:
             gap = f"no message for {limits.chunk_gap_s:g} s"
             while (data := await next_message(limits.chunk_gap_s, gap)) is not None:
                 # A chunk's tensor bytes stay where they arrived (a view, no copy); any message that is not
-                # plainly encoded chunks is parsed by protobuf, and refused if it holds no chunks. A message
-                # holds at most one chunk per tensor (``tensors.chunk_batches`` never packs more).
-                for chunk in _chunks_of(data, max_chunks=len(layouts)):
+                # a plainly encoded chunk is parsed by protobuf, and refused if it is not a chunk.
+                chunk = chunk_view(data)
+                if chunk is None:
+                    message = _parse(pb.ReportUpdateRequest, data)
+                    if message.WhichOneof("kind") != "chunk":
+                        raise TensorDecodeError("only tensor chunks may follow the header")
+                    assembler.add(message.chunk)
+                else:
                     assembler.add(chunk)
             delta = assembler.finish()
         except TensorDecodeError:
@@ -430,27 +434,6 @@ _ROUND_STATES = {RoundState.OPEN: pb.ROUND_STATE_OPEN, RoundState.COMMITTED: pb.
 def _encoded(names: list[str], arrays: list[Any], chunk: int) -> list[bytes]:
     """A version's download stream, serialized."""
     return [m.SerializeToString() for m in tensor_stream(names, arrays, chunk)]
-
-
-def _chunks_of(data: bytes, *, max_chunks: int) -> Sequence[pb.TensorChunk | ChunkView]:
-    """The chunks of a report's message after its header: one (``chunk``) or several (``chunks``), at least
-    one and at most ``max_chunks``; `TensorDecodeError` for anything else."""
-    views = chunk_views(data, max_chunks)
-    if views is not None:
-        chunks: Sequence[pb.TensorChunk | ChunkView] = views
-    else:
-        message = _parse(pb.ReportUpdateRequest, data)
-        kind = message.WhichOneof("kind")
-        if kind == "chunk":
-            chunks = [message.chunk]
-        elif kind == "chunks":
-            chunks = list(message.chunks.chunks)
-        else:
-            raise TensorDecodeError("only tensor chunks may follow the header")
-    if not 0 < len(chunks) <= max_chunks:
-        raise TensorDecodeError(f"a message of {len(chunks)} chunks (1 to {max_chunks}: at most one per "
-                                "tensor)")
-    return chunks
 
 
 def _parse(message_type: type[M], data: bytes) -> M:

@@ -15,14 +15,11 @@ from fedrecon.tensors import (
     arrays_from_bytes,
     arrays_to_bytes,
     check_layouts,
-    chunk_batches,
     chunk_view,
-    chunk_views,
     chunks,
     decode_tensor_stream,
     layouts_from_manifest,
     manifest,
-    report_chunk_messages,
     tensor_stream,
 )
 from fedrecon.v1 import coordinator_pb2 as pb
@@ -209,93 +206,3 @@ def test_a_chunk_view_out_of_alignment_is_copied_once_aligned() -> None:
     np.testing.assert_array_equal(array, values)
     assert array.flags.aligned and array.ctypes.data % 8 == 0 and not array.flags.writeable
     assert not np.shares_memory(array, np.frombuffer(message, np.uint8))
-
-
-# ----- several chunks per message (TensorChunks) --------------------------------------------------------
-def _views_as_protobuf_says(message: bytes) -> list[tuple[int, int, bytes]] | None:
-    """What protobuf reads from a report message after the header: its chunks, or None (neither kind)."""
-    try:
-        parsed = pb.ReportUpdateRequest.FromString(message)
-    except DecodeError:
-        return None
-    kind = parsed.WhichOneof("kind")
-    found = ([parsed.chunk] if kind == "chunk" else list(parsed.chunks.chunks) if kind == "chunks" else None)
-    return None if found is None else [(c.tensor_index, c.offset, c.data) for c in found]
-
-
-def _batch_message(*chunk_fields: tuple[int, int, bytes]) -> bytes:
-    return pb.ReportUpdateRequest(chunks=pb.TensorChunks(chunks=[
-        pb.TensorChunk(tensor_index=i, offset=o, data=d) for i, o, d in chunk_fields])).SerializeToString()
-
-
-@pytest.mark.parametrize("chunk_bytes", [1 << 20, 200, 64, 7])
-def test_batched_report_messages_round_trip_exactly(chunk_bytes: int) -> None:
-    """Packed as a client packs them and read back as the coordinator reads them (views, no protobuf), the
-    arrays come back bit for bit; no message carries more than ``chunk_bytes`` of data or more chunks
-    than there are tensors, and packing only ever joins chunks (the same chunks, in the same order)."""
-    names, arrays = _arrays()
-    layouts = layouts_from_manifest(manifest(names, arrays))
-    messages = [m.SerializeToString() for m in report_chunk_messages(arrays, chunk_bytes, batches=True)]
-    assembler = TensorAssembler(layouts)
-    seen = []
-    for message in messages:
-        views = chunk_views(message, max_chunks=len(layouts))
-        assert views is not None
-        assert [(v.tensor_index, v.offset, bytes(v.data)) for v in views] == _views_as_protobuf_says(message)
-        assert 0 < sum(len(v.data) for v in views) <= chunk_bytes and len(views) <= len(layouts)
-        for view in views:
-            assembler.add(view)
-            seen.append((view.tensor_index, view.offset, bytes(view.data)))
-    assert seen == [(c.tensor_index, c.offset, c.data) for c in chunks(arrays, chunk_bytes)]
-    for got, sent in zip(assembler.finish(), arrays, strict=True):
-        np.testing.assert_array_equal(got, sent)
-        assert got.dtype == sent.dtype
-    if chunk_bytes == 1 << 20:  # everything fits one message: the whole report after its header is one
-        assert len(messages) == 1 and len(list(chunk_batches(arrays, chunk_bytes))) == 1
-    unbatched = list(report_chunk_messages(arrays, chunk_bytes, batches=False))
-    assert [m.WhichOneof("kind") for m in unbatched] == ["chunk"] * len(list(chunks(arrays, chunk_bytes)))
-
-
-def test_a_lone_chunk_travels_as_a_plain_chunk_message() -> None:
-    """A batch of one is sent as ``chunk``: a coordinator that predates batches reads it as before."""
-    big = np.arange(300, dtype=np.float32)
-    messages = list(report_chunk_messages([big, np.float32(1.0)], 1200, batches=True))
-    assert [m.WhichOneof("kind") for m in messages] == ["chunk", "chunk"]
-
-
-def test_chunk_views_refuses_more_chunks_than_allowed_before_reading_them_all() -> None:
-    message = _batch_message(*[(0, k, b"x") for k in range(1000)])
-    assert len(chunk_views(message, max_chunks=1000) or []) == 1000
-    with pytest.raises(TensorDecodeError, match="more than 3 chunks"):
-        chunk_views(message, max_chunks=3)
-
-
-@pytest.mark.parametrize("message", [
-    _batch_message(),  # no chunk at all: protobuf reads an empty list
-    _batch_message((0, 0, b"")),  # an empty chunk
-    _batch_message((1, 2, b"abc")) + _batch_message((1, 5, b"def")),  # two batches: protobuf merges them
-    _batch_message((1, 2, b"abc")) + _chunk_message(1, 5, b"def"),  # a batch, then a chunk: the last wins
-    _batch_message((1, 2, b"abc")) + b"\x08\x01",  # a field after the batch
-    b"\x1a\x05\x12\x03\x1a\x01z",  # a field other than chunks inside the batch
-    b"\x1a\x07\x0a\x05\x10\x02\x08\x01",  # a chunk's fields out of order
-    b"\x1a\x04\x0a\x05\x1a\x01z",  # a chunk longer than the batch
-    b"\x1a\x06\x0a\x03\x1a\x01z\x00",  # a byte after the last chunk
-    b"\x1a",  # cut inside the framing
-])
-def test_chunk_views_leaves_every_other_encoding_to_protobuf(message: bytes) -> None:
-    views = chunk_views(message, max_chunks=10)
-    if views is not None:  # read here only where protobuf reads the very same chunks
-        assert [(v.tensor_index, v.offset, bytes(v.data)) for v in views] == _views_as_protobuf_says(message)
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=40),
-    st.builds(lambda fields, cut, extra: (_batch_message(*fields) + extra)[:cut],
-              st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
-                                 st.binary(max_size=12)), max_size=4),
-              st.integers(0, 80), st.binary(max_size=4))))
-def test_chunk_views_never_disagrees_with_protobuf(message: bytes) -> None:
-    views = chunk_views(message, max_chunks=10)
-    if views is not None:
-        assert [(v.tensor_index, v.offset, bytes(v.data)) for v in views] == _views_as_protobuf_says(message)
